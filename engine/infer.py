@@ -1,0 +1,106 @@
+"""Prediction: the model's own eval transform, eval() + inference_mode(), batched top-k."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from engine.errors import EngineError
+from engine.images import ImageSource, open_image
+from engine.models import ModelHandle, ModelSpec
+
+
+@dataclass
+class TopK:
+    label: str
+    index: int
+    prob: float
+
+
+@dataclass
+class FilePrediction:
+    file: str
+    topk: list[TopK] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.error is None:
+            data.pop("error")
+        return data
+
+
+def eval_transform(spec: ModelSpec, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize, center-crop, normalise exactly as the weights expect (timm's transform factory)."""
+    from timm.data import create_transform
+
+    return create_transform(**spec.data_config(image_size), is_training=False)
+
+
+def model_device(module: torch.nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def predict_images(
+    handle: ModelHandle,
+    images: Sequence[Image.Image],
+    top_k: int = 5,
+    batch_size: int = 32,
+    image_size: int | None = None,
+) -> list[list[TopK]]:
+    """Top-k classes for each PIL image (any mode: converted to RGB by the caller or here)."""
+    if not images:
+        return []
+    transform = eval_transform(handle.spec, image_size)
+    k = max(1, min(top_k, handle.spec.num_classes))
+    module = handle.module
+    device = model_device(module)
+    was_training = module.training
+    module.eval()
+    results: list[list[TopK]] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start:start + batch_size]
+                batch = torch.stack([transform(im.convert("RGB")) for im in chunk]).to(device)
+                logits = module(batch)
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                probs = logits.float().softmax(dim=-1)
+                values, indices = probs.topk(k, dim=-1)
+                for vals, idxs in zip(values.tolist(), indices.tolist()):
+                    results.append([
+                        TopK(label=handle.spec.class_names[i], index=i, prob=float(v))
+                        for v, i in zip(vals, idxs)
+                    ])
+    finally:
+        module.train(was_training)
+    return results
+
+
+def predict_sources(
+    handle: ModelHandle,
+    sources: Sequence[tuple[str, ImageSource]],
+    top_k: int = 5,
+    batch_size: int = 32,
+) -> list[FilePrediction]:
+    """Predict for (name, path-or-bytes) pairs; unreadable ones get an error, the rest a top-k."""
+    out: list[FilePrediction] = []
+    good: list[tuple[int, Image.Image]] = []
+    for name, src in sources:
+        try:
+            good.append((len(out), open_image(src, name=name)))
+            out.append(FilePrediction(file=name))
+        except EngineError as exc:
+            out.append(FilePrediction(file=name, error=str(exc)))
+    preds = predict_images(handle, [im for _, im in good], top_k=top_k, batch_size=batch_size)
+    for (slot, _), topk in zip(good, preds):
+        out[slot].topk = topk
+    return out
+
+
+def predict_files(handle: ModelHandle, paths: Sequence[str | Path], top_k: int = 5) -> list[FilePrediction]:
+    return predict_sources(handle, [(str(p), Path(p)) for p in paths], top_k=top_k)

@@ -1,0 +1,44 @@
+"""Shared fixtures: real photos that ship in scikit-image, tiny timm models, temp images."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub: make that explicit so nothing waits on network retries.
+os.environ.setdefault("WORKBENCH_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def photo_dir() -> Path:
+    """Folder of sample photos shipped inside the scikit-image wheel."""
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def cat_photo(photo_dir: Path) -> Path:
+    return photo_dir / "chelsea.png"  # a tabby cat
+
+
+@pytest.fixture(scope="session")
+def coffee_photo(photo_dir: Path) -> Path:
+    return photo_dir / "coffee.png"  # a cup of espresso
+
+
+@pytest.fixture(scope="session")
+def default_handle():
+    """The offline default: efficientnet_lite0 with packaged ImageNet weights (loaded once)."""
+    from engine.models import create_model
+
+    return create_model()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
