@@ -150,7 +150,8 @@ def module_tree(model: nn.Module, max_depth: int | None = None) -> dict[str, Any
                 node(f"{name}.{child}" if name else child, sub, depth + 1)
                 for child, sub in module.named_children()
             ]
+        own = sum(p.numel() for p in module.parameters(recurse=False))
         return {"name": name, "type": type(module).__name__, "params": total,
-                "trainable": trainable, "children": kids}
+                "own_params": own, "trainable": trainable, "children": kids}
 
     return node("", model, 0)

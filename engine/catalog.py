@@ -75,8 +75,20 @@ def count_params_meta(qualified: str) -> int | None:
 
                 model = tvm.get_model(arch, weights=None)
     except Exception:
-        return None
+        return _torchvision_meta_count(source, arch)
     return sum(p.numel() for p in model.parameters())
+
+
+def _torchvision_meta_count(source: str, arch: str) -> int | None:
+    """Some builders (RegNet) cannot run on meta; their weights enum records the count."""
+    if source != "tv":
+        return None
+    from torchvision import models as tvm
+
+    try:
+        return int(tvm.get_model_weights(arch).DEFAULT.meta["num_params"])
+    except Exception:
+        return None
 
 
 def param_count(qualified: str, compute_missing: bool = True) -> int | None:

@@ -1,0 +1,58 @@
+"""The CLI as a user runs it: a subprocess, JSON on stdout, one-line errors on stderr."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def test_models_filter_is_fast_and_json():
+    start = time.perf_counter()
+    proc = run_cli("models", "--filter", "resnet", "--json")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert any(r["name"] == "tv:resnet18" and r["params"] == 11_689_512 for r in rows)
+    assert elapsed < 15, f"models --filter took {elapsed:.1f}s"
+
+
+def test_predict_json_on_a_real_photo_offline(cat_photo, coffee_photo):
+    proc = run_cli("predict", str(cat_photo), str(coffee_photo), "--json", "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [r["file"] for r in out] == [str(cat_photo), str(coffee_photo)]
+    assert out[0]["topk"][0]["index"] in {281, 282, 283, 284, 285}
+    assert out[1]["topk"][0]["label"] == "espresso"
+    assert set(out[0]["topk"][0]) == {"label", "index", "prob"}
+
+
+def test_summary_json_has_totals_and_rows():
+    proc = run_cli("summary", "tv:resnet18", "--input-size", "224", "--num-classes", "10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["output_shape"] == [1, 10]
+    assert data["total_params"] == data["trainable_params"] == 11_181_642
+    assert any(m["name"] == "layer4" and m["output_shape"] == [1, 512, 7, 7] for m in data["modules"])
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    proc = run_cli("summary", "resnet_nope")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "Unknown model" in proc.stderr
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    proc = run_cli("predict", str(bad), "--model", "timm:test_resnet", "--weights", "none", "--json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "not an image" in json.loads(proc.stdout)[0]["error"]
+    proc = run_cli("predict", str(bad), "--model", "timm:test_resnet", "--weights", "hub")
+    assert proc.returncode == 2 and "offline" in proc.stderr and "Traceback" not in proc.stderr
