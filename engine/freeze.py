@@ -210,7 +210,7 @@ def _eval_pre_hook(module: nn.Module, _inputs: Any) -> None:
 
 
 def _clear_hooks(model: nn.Module) -> None:
-    for handle in getattr(model, _HOOKS_ATTR, []):
+    for _module, handle in getattr(model, _HOOKS_ATTR, []):
         handle.remove()
     setattr(model, _HOOKS_ATTR, [])
 
@@ -245,9 +245,9 @@ def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: i
             continue  # a pattern made this module trainable
         if is_batchnorm(module) and plan.bn_policy != "freeze":
             continue  # BN adapts to the new data on purpose
-        if next(module.children(), None) is not None:
-            continue  # leaves only: a container's flag does not change what it computes
-        hooks.append(module.register_forward_pre_hook(_eval_pre_hook))
+        if next(module.children(), None) is not None and not is_batchnorm(module):
+            continue  # a container's own flag changes nothing (BN+act fusions like timm's do)
+        hooks.append((module, module.register_forward_pre_hook(_eval_pre_hook)))
         module.training = False
         if is_batchnorm(module):
             frozen_bn.append(name)
@@ -280,18 +280,9 @@ def build_report(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch:
 def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
     """``model.train(mode)`` that leaves frozen parts in eval (the hooks would anyway at forward)."""
     model.train(mode)
-    for handle in getattr(model, _HOOKS_ATTR, []):
-        module = _hooked_module(model, handle)
-        if module is not None:
-            module.training = False
+    for module, _handle in getattr(model, _HOOKS_ATTR, []):
+        module.training = False
     return model
-
-
-def _hooked_module(model: nn.Module, handle: Any) -> nn.Module | None:
-    for module in model.modules():
-        if handle.id in module._forward_pre_hooks:
-            return module
-    return None
 
 
 # ------------------------------------------------------------------ optimizer
@@ -355,3 +346,18 @@ def unfreeze_for_epoch(model: nn.Module, stages: list[Stage], plan: FreezePlan, 
         optimizer.add_param_group(group)
         added.append(group["name"])
     return report, added
+
+
+def build_optimizer(model: nn.Module, stages: list[Stage], plan: FreezePlan, weight_decay: float = 0.01,
+                    kind: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+    """An optimizer over the plan's groups (trainable parameters only)."""
+    groups = param_groups(model, stages, plan, weight_decay)
+    if not groups:
+        raise EngineError("Nothing to train: the plan freezes every parameter.")
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=plan.head_lr)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=plan.head_lr, momentum=momentum, nesterov=True)
+    raise EngineError(f"Unknown optimizer '{kind}'. Use adamw or sgd.")
