@@ -85,6 +85,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
+def cmd_freeze(args: argparse.Namespace) -> int:
+    from engine.freeze import FreezePlan, apply_plan
+    from engine.models import create_model
+    from engine.stages import model_stages
+
+    handle = create_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                          check_output=False)
+    extra = {"bn_policy": args.bn, "head_lr": args.head_lr, "backbone_lr_ratio": args.backbone_lr_ratio,
+             "stage_lr_decay": args.stage_lr_decay}
+    plan = FreezePlan.parse(args.strategy, **extra)
+    if plan.strategy == "custom":
+        plan = FreezePlan.custom(stages=_split(args.stages), patterns=_split(args.patterns), **extra)
+    report = apply_plan(handle.module, model_stages(handle.module, handle.spec.head), plan)
+    if args.json:
+        data = report.to_dict()
+        data["model"] = handle.spec.name
+        _print_json(data)
+        return 0
+    print(f"{handle.spec.name}: {plan.strategy}, BN in frozen stages: {plan.bn_policy}")
+    print(f"{'stage':<34} {'params':>12} {'trainable':>12} {'lr':>10} {'BN fixed':>9}")
+    for row in report.stages:
+        lr = f"{row.lr:.2e}" if row.lr else "frozen"
+        print(f"{row.name:<34} {row.params:>12,} {row.trainable:>12,} {lr:>10} {row.bn_fixed:>4}/{row.bn_layers}")
+    print(f"trainable {report.trainable_params:,} of {report.total_params:,} "
+          f"({report.trainable_pct:.1f}%), frozen BN layers: {len(report.frozen_bn)}")
+    return 0
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine",
                                      description="Transfer-learning workbench engine.")
@@ -106,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="only list modules up to this depth")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("freeze", help="apply a freeze plan and report what trains")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--strategy", default="feature-extraction",
+                   help="feature-extraction | full | last-n:N | custom")
+    p.add_argument("--stages", help="custom: comma-separated stage names that train")
+    p.add_argument("--patterns", help="custom: comma-separated globs of parameter names that train")
+    p.add_argument("--bn", default="freeze", choices=["freeze", "adapt", "train"],
+                   help="BatchNorm in frozen stages")
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr-ratio", type=float, default=0.1)
+    p.add_argument("--stage-lr-decay", type=float, default=1.0)
+    p.add_argument("--weights", default="none", help="packaged|hub|none|PATH (counts do not depend on it)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_freeze)
 
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("images", nargs="+")

@@ -215,6 +215,15 @@ def _clear_hooks(model: nn.Module) -> None:
     setattr(model, _HOOKS_ATTR, [])
 
 
+def release_frozen_eval(model: nn.Module) -> None:
+    """Drop the eval-mode hooks (e.g. on a deepcopy) without touching any other model's."""
+    for module, _handle in getattr(model, _HOOKS_ATTR, []):
+        for key, fn in list(module._forward_pre_hooks.items()):
+            if fn is _eval_pre_hook:
+                del module._forward_pre_hooks[key]
+    setattr(model, _HOOKS_ATTR, [])
+
+
 def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> FreezeReport:
     """Make ``model`` follow ``plan`` at ``epoch``; safe to call again (e.g. each epoch)."""
     train_stages = set(plan.trainable_stage_names(stages, epoch))

@@ -64,7 +64,7 @@ def _timm_stages(model: nn.Module, head: str) -> list[Stage] | None:
             name = "stem"
         else:
             others = [n for j, group in enumerate(ordered) if j != i for n in group]
-            name = _shortest_unique_prefix(names, others) or f"stage{i}"
+            name = _shortest_unique_prefix(names, others) or "+".join(_top_modules(names)[:3])
         stages.append(Stage(name=name, params=names, modules=_top_modules(names), is_head=is_head))
     return _dedupe_names(stages)
 

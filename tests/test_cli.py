@@ -56,3 +56,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert "not an image" in json.loads(proc.stdout)[0]["error"]
     proc = run_cli("predict", str(bad), "--model", "timm:test_resnet", "--weights", "hub")
     assert proc.returncode == 2 and "offline" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_freeze_json_reports_stages_and_frozen_bn():
+    proc = run_cli("freeze", "timm:test_resnet", "--strategy", "last-n:1", "--num-classes", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    rows = {r["name"]: r for r in data["stages"]}
+    assert rows["layer4"]["trainable"] == rows["layer4"]["params"] > 0
+    assert rows["layer1"]["trainable"] == 0
+    assert data["trainable_params"] == rows["layer4"]["params"] + rows["head"]["params"]
+    assert data["frozen_bn_count"] > 0
+    proc = run_cli("freeze", "timm:test_resnet", "--strategy", "bogus")
+    assert proc.returncode == 2 and "Unknown freeze strategy" in proc.stderr
