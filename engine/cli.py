@@ -117,6 +117,15 @@ def _split(text: str | None) -> tuple[str, ...]:
     return tuple(t.strip() for t in (text or "").split(",") if t.strip())
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL, --weights (none: structure does not depend on weights), --num-classes, --json."""
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--weights", default="none",
+                   help="packaged|hub|none|PATH (shapes and counts do not depend on weights)")
+    p.add_argument("--num-classes", type=int, help="replace the head with one of this size")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine",
                                      description="Transfer-learning workbench engine.")
@@ -130,17 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="module tree, parameter counts and output shapes")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--weights", default="none",
-                   help="packaged|hub|none|PATH (shapes and counts do not depend on weights)")
+    _add_model_args(p)
     p.add_argument("--input-size", type=int, help="square input size (default: the model's)")
-    p.add_argument("--num-classes", type=int, help="replace the head with one of this size")
     p.add_argument("--depth", type=int, help="only list modules up to this depth")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("freeze", help="apply a freeze plan and report what trains")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_model_args(p)
     p.add_argument("--strategy", default="feature-extraction",
                    help="feature-extraction | full | last-n:N | custom")
     p.add_argument("--stages", help="custom: comma-separated stage names that train")
@@ -150,9 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr-ratio", type=float, default=0.1)
     p.add_argument("--stage-lr-decay", type=float, default=1.0)
-    p.add_argument("--weights", default="none", help="packaged|hub|none|PATH (counts do not depend on it)")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_freeze)
 
     p = sub.add_parser("predict", help="top-k classes for images")
