@@ -1,0 +1,138 @@
+"""Data: built-in real sets, folders with junk, safe zip extraction, validation, split."""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from engine.data import (
+    DataError, TransformDataset, ZipLimits, load_digits_set, load_folder, load_lfw_set, load_source,
+    safe_extract_zip, stratified_split, validate,
+)
+
+
+def _png(color=(10, 200, 30), size=(12, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _make_folder(root, spec):
+    for cls, n in spec.items():
+        d = root / cls
+        d.mkdir(parents=True)
+        for i in range(n):
+            (d / f"{i}.png").write_bytes(_png((i * 20 % 255, 0, 0)))
+    return root
+
+
+def test_builtin_sets_are_real_and_lazy():
+    digits = load_digits_set()
+    assert len(digits) == 1797 and digits.class_names == [str(i) for i in range(10)]
+    img = digits.image(0)
+    assert img.mode == "RGB" and img.size == (8, 8)
+    lfw = load_lfw_set()
+    assert len(lfw) == 200 and Counter(lfw.labels) == {0: 100, 1: 100}
+    assert validate(digits).ok and validate(lfw).ok
+
+
+def test_folder_skips_hidden_non_images_and_corrupt_files(tmp_path):
+    root = _make_folder(tmp_path / "pets", {"cat": 3, "dog": 4})
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "x.png").write_bytes(_png())
+    (root / "cat" / "notes.txt").write_text("hi")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "dog" / ".hidden.png").write_bytes(_png())
+    ds = load_folder(root)
+    assert ds.class_names == ["cat", "dog"]
+    assert ds.counts() == {"cat": 3, "dog": 4}
+    reasons = dict(ds.skipped)
+    assert reasons["cat/notes.txt"] == "not an image file type"
+    assert reasons["dog/broken.jpg"].startswith("unreadable")
+    report = validate(ds)
+    assert report.ok and report.warnings
+
+
+def test_validation_blocks_bad_datasets(tmp_path):
+    one = load_folder(_make_folder(tmp_path / "one", {"only": 5}))
+    assert any("one class" in p for p in validate(one).problems)
+    root = _make_folder(tmp_path / "mixed", {"a": 5, "b": 1})
+    (root / "empty").mkdir()
+    report = validate(load_folder(root))
+    assert not report.ok
+    assert any("no images: empty" in p for p in report.problems)
+    assert any("fewer than 2" in p for p in report.problems)
+    with pytest.raises(DataError, match="no class folders"):
+        load_folder(tmp_path / "mixed" / "a")
+    case = _make_folder(tmp_path / "case", {"Cat": 2, "cat": 2})
+    with pytest.raises(DataError, match="only by case"):
+        load_folder(case)
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    labels = [0] * 50 + [1] * 30 + [2] * 5
+    tr, va, te = stratified_split(labels, 0.2, 0.1, seed=3)
+    assert set(tr).isdisjoint(va) and set(tr).isdisjoint(te) and set(va).isdisjoint(te)
+    assert sorted(tr + va + te) == list(range(len(labels)))
+    val_counts = Counter(labels[i] for i in va)
+    assert val_counts == {0: 10, 1: 6, 2: 1}
+    assert stratified_split(labels, 0.2, 0.1, seed=3) == (tr, va, te)
+    assert stratified_split(labels, 0.2, 0.1, seed=4) != (tr, va, te)
+    with pytest.raises(DataError):
+        stratified_split(labels, 0.0)
+
+
+def _zip(path, entries):
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_zip_of_a_folder_loads(tmp_path):
+    archive = _zip(tmp_path / "flowers.zip", {
+        "flowers/rose/1.png": _png(), "flowers/rose/2.png": _png(),
+        "flowers/tulip/1.png": _png(), "flowers/tulip/2.png": _png(),
+        "__MACOSX/flowers/._1.png": b"junk",
+    })
+    ds = load_source(str(archive), work_dir=tmp_path / "work")
+    assert ds.class_names == ["rose", "tulip"] and len(ds) == 4
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "/abs/evil.png", "a/../../evil.png", "C:/evil.png"])
+def test_zip_path_escapes_are_refused(tmp_path, name):
+    archive = _zip(tmp_path / "bad.zip", {"ok/a.png": _png(), name: _png()})
+    with pytest.raises(DataError, match="outside"):
+        safe_extract_zip(archive, tmp_path / "out")
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_zip_size_and_count_limits_and_non_zip(tmp_path):
+    archive = _zip(tmp_path / "big.zip", {f"c/{i}.png": _png() for i in range(5)})
+    with pytest.raises(DataError, match="5 files"):
+        safe_extract_zip(archive, tmp_path / "o1", ZipLimits(max_files=4))
+    with pytest.raises(DataError, match="unpacks to"):
+        safe_extract_zip(archive, tmp_path / "o2", ZipLimits(max_total_bytes=100))
+    bomb = _zip(tmp_path / "bomb.zip", {"c/zeros.png": b"\0" * (20 * 1024**2)})
+    with pytest.raises(DataError, match="ratio"):
+        safe_extract_zip(bomb, tmp_path / "o3")
+    fake = tmp_path / "fake.zip"
+    fake.write_text("not a zip")
+    with pytest.raises(DataError, match="not a readable zip"):
+        safe_extract_zip(fake, tmp_path / "o4")
+
+
+def test_transform_dataset_decodes_lazily(default_handle):
+    from engine.infer import eval_transform
+
+    ds = load_digits_set()
+    calls = []
+    original = ds.loaders[5]
+    ds.loaders[5] = lambda: calls.append(1) or original()
+    tds = TransformDataset(ds, [4, 5, 6], eval_transform(default_handle.spec, 32))
+    assert calls == []
+    x, y = tds[1]
+    assert calls == [1] and tuple(x.shape) == (3, 32, 32) and y == ds.labels[5]
