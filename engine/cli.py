@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from engine.errors import EngineError
+from engine.paths import runs_root
 from engine.registry import DEFAULT_MODEL
 
 
@@ -70,7 +71,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from engine.infer import predict_files
     from engine.models import create_model
 
-    handle = create_model(args.model, weights=args.weights)
+    if args.run:
+        from engine.infer import load_run_model
+        from engine.runs import open_run
+
+        handle = load_run_model(open_run(args.out, args.run).path)
+    else:
+        handle = create_model(args.model, weights=args.weights)
     results = predict_files(handle, args.images, top_k=args.top_k)
     if args.json:
         _print_json([r.to_dict() for r in results])
@@ -110,6 +117,119 @@ def cmd_freeze(args: argparse.Namespace) -> int:
         print(f"{row.name:<34} {row.params:>12,} {row.trainable:>12,} {lr:>10} {row.bn_fixed:>4}/{row.bn_layers}")
     print(f"trainable {report.trainable_params:,} of {report.total_params:,} "
           f"({report.trainable_pct:.1f}%), frozen BN layers: {len(report.frozen_bn)}")
+    return 0
+
+
+def _progress_printer(enabled: bool):
+    """A one-line progress bar on a terminal; epoch lines always."""
+    from engine.events import EpochEnded, RunFinished, StepLogged
+
+    def emit(event) -> None:
+        if isinstance(event, StepLogged) and enabled:
+            filled = int(30 * event.step / event.steps)
+            sys.stderr.write(f"\repoch {event.epoch} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{event.step}/{event.steps} loss {event.loss:.3f} "
+                             f"{event.images_per_s:.0f} img/s ETA {event.eta_s:.0f}s ")
+            sys.stderr.flush()
+        elif isinstance(event, EpochEnded):
+            sys.stderr.write(("\n" if enabled else "") + f"epoch {event.epoch}: train loss {event.train_loss:.3f} "
+                             f"acc {event.train_acc:.3f} | val loss {event.val_loss:.3f} acc {event.val_acc:.3f} "
+                             f"| {event.epoch_s:.1f}s {event.images_per_s:.0f} img/s\n")
+        elif isinstance(event, RunFinished):
+            sys.stderr.write(f"{event.status}: {event.reason} ({event.seconds:.1f}s)\n")
+    return emit
+
+
+def _config_from_args(args: argparse.Namespace):
+    from engine.freeze import FreezePlan
+    from engine.train import TrainConfig
+
+    plan = FreezePlan.parse(args.strategy, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
+                            bn_policy=args.bn, unfreeze_schedule=_schedule(args.unfreeze))
+    return TrainConfig(
+        model=args.model, weights=args.weights, data=args.data, plan=plan.to_dict(), epochs=args.epochs,
+        batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, split_seed=args.seed,
+        val_fraction=args.val_fraction, max_per_class=args.max_per_class, augment=args.augment,
+        device=args.device, feature_cache=args.feature_cache, patience=args.patience,
+        monitor=args.monitor, num_workers=args.workers,
+    )
+
+
+def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
+    """'2:1,4:3' -> ((2, 1), (4, 3)): from epoch 2 one backbone stage trains, from epoch 4 three."""
+    pairs = []
+    for item in _split(text):
+        epoch, _, n = item.partition(":")
+        try:
+            pairs.append((int(epoch), int(n)))
+        except ValueError as exc:
+            raise EngineError(f"--unfreeze expects EPOCH:STAGES pairs like 2:1,4:3 (got '{item}').") from exc
+    return tuple(pairs)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine.fit import fit
+    from engine.runs import DeviceLock, create_run, open_run, start_background
+    from engine.train import TrainConfig, resolve_device
+
+    resume = False
+    if args.run_dir:  # worker mode: the config is already in the run directory
+        run = open_run(args.out, args.run_dir)
+        config = TrainConfig.from_dict(run.config())
+        resume = args.resume_flag or run.checkpoint("last").is_file()
+    elif args.resume:
+        run = open_run(args.out, args.resume)
+        data = run.config()
+        if args.epochs_given:
+            data["epochs"] = args.epochs
+        from engine.runs import atomic_write_json
+
+        atomic_write_json(run.config_path, data)
+        config, resume = TrainConfig.from_dict(data), True
+    else:
+        config = _config_from_args(args)
+        config.freeze_plan()  # validate before creating anything on disk
+        run = create_run(args.out, config.to_dict())
+    if args.background:
+        pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
+        _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid}) if args.json else print(run.path)
+        return 0
+    import os
+
+    run.cancel_path.unlink(missing_ok=True)
+    device = resolve_device(config.device)
+    try:
+        with DeviceLock(args.out, device.type):
+            run.write_status(state="running", pid=os.getpid())
+            result = fit(config, run, resume=resume, emit=_progress_printer(sys.stderr.isatty() and not args.json))
+    except EngineError as exc:
+        run.write_status(state="failed", reason=str(exc))
+        raise
+    except BaseException as exc:
+        run.write_status(state="failed", reason=f"{type(exc).__name__}: {exc}")
+        raise
+    if args.json:
+        _print_json({"run_id": run.run_id, "run_dir": str(run.path), "status": result.status,
+                     "reason": result.reason, "best_val_acc": result.best_val_acc,
+                     "best_epoch": result.best_epoch, "epochs": result.epochs_done,
+                     "seconds": round(result.seconds, 2), "feature_cache": result.feature_cache})
+    else:
+        print(f"{run.path}  best val acc {result.best_val_acc}")
+    return 0 if result.status in ("finished", "cancelled") else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.evaluate import evaluate_run
+    from engine.runs import open_run
+
+    result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['run_id']} ({args.checkpoint}): val acc {result['val_acc']:.4f}, "
+              f"loss {result['val_loss']:.4f} on {result['val_images']} images")
+        for name, acc in result["per_class_acc"].items():
+            print(f"  {name:<20} {acc:.3f}")
     return 0
 
 
@@ -162,13 +282,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--run", help="use a trained run's best checkpoint (id or path)")
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("train", help="train a model on images (a run directory records everything)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
+    p.add_argument("--data", default="digits", help="digits | lfw | FOLDER | ZIP")
+    p.add_argument("--strategy", default="full", help="feature-extraction | full | last-n:N")
+    p.add_argument("--unfreeze", help="gradual unfreezing: EPOCH:STAGES,... e.g. 2:1,3:3")
+    p.add_argument("--bn", default="freeze", choices=["freeze", "adapt", "train"])
+    p.add_argument("--lr", type=float, default=2e-3, help="head learning rate")
+    p.add_argument("--backbone-lr-ratio", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--max-per-class", type=int)
+    p.add_argument("--augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--feature-cache", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
+    p.add_argument("--monitor", default="val_acc", choices=["val_acc", "val_loss"])
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--resume", help="continue a run (id or path) from its last checkpoint")
+    p.add_argument("--background", action="store_true", help="start in a separate process and return")
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    p.add_argument("--resume-existing", dest="resume_flag", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on its validation split")
+    p.add_argument("run")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.epochs_given = "--epochs" in argv
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -360,13 +360,17 @@ def unfreeze_for_epoch(model: nn.Module, stages: list[Stage], plan: FreezePlan, 
 def build_optimizer(model: nn.Module, stages: list[Stage], plan: FreezePlan, weight_decay: float = 0.01,
                     kind: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
     """An optimizer over the plan's groups (trainable parameters only)."""
-    groups = param_groups(model, stages, plan, weight_decay)
+    return optimizer_for_groups(param_groups(model, stages, plan, weight_decay), kind, momentum)
+
+
+def optimizer_for_groups(groups: list[dict[str, Any]], kind: str = "adamw",
+                         momentum: float = 0.9) -> torch.optim.Optimizer:
     if not groups:
         raise EngineError("Nothing to train: the plan freezes every parameter.")
     for group in groups:
         group["initial_lr"] = group["lr"]
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=plan.head_lr)
+        return torch.optim.AdamW(groups)
     if kind == "sgd":
-        return torch.optim.SGD(groups, lr=plan.head_lr, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(groups, momentum=momentum, nesterov=True)
     raise EngineError(f"Unknown optimizer '{kind}'. Use adamw or sgd.")

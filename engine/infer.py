@@ -104,3 +104,20 @@ def predict_sources(
 
 def predict_files(handle: ModelHandle, paths: Sequence[str | Path], top_k: int = 5) -> list[FilePrediction]:
     return predict_sources(handle, [(str(p), Path(p)) for p in paths], top_k=top_k)
+
+
+def load_run_model(run_dir: str | Path, kind: str = "best") -> ModelHandle:
+    """The model a run saved (``best`` or ``last``), with its own classes and preprocessing."""
+    import json
+
+    from engine.errors import EngineError
+    from engine.models import model_from_spec
+    from engine.runs import load_weights
+
+    path = Path(run_dir) / f"{kind}.safetensors"
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise EngineError(f"The run {Path(run_dir).name} has no '{kind}' checkpoint yet.")
+    meta = json.loads(meta_path.read_text())
+    spec = ModelSpec.from_dict(meta["spec"])
+    return model_from_spec(spec, load_weights(path))

@@ -1,0 +1,252 @@
+"""``fit``: a whole run. Set-up, epochs, checkpoints, early stopping, resume, cancel.
+
+The loop pieces live in train.py; this module wires them to data, model, plan and run directory.
+A cancel (or a kill) never leaves a half-written file: checkpoints are replaced atomically and
+``last`` always describes a completed epoch, so a resumed run continues the same curves.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from engine.data import DataError, TransformDataset, load_source, stratified_split, validate
+from engine.errors import EngineError
+from engine.events import CheckpointSaved, EpochEnded, Emit, Event, RunFinished, RunStarted, StepLogged, no_emit
+from engine.freeze import apply_plan, build_optimizer, optimizer_for_groups, param_groups, unfreeze_for_epoch
+from engine.infer import eval_transform
+from engine.models import ModelHandle, create_model
+from engine.runs import RunDir, load_weights, save_weights
+from engine.stages import model_stages
+from engine.train import (
+    HeadOnly, RunResult, TrainConfig, _subsample, amp_dtype, cache_point, compute_features,
+    default_workers, evaluate, resolve_device, seed_everything, train_one_epoch, train_transform,
+    uses_feature_cache,
+)
+
+STATUS_EVERY_S = 0.5
+
+
+@dataclass
+class Prepared:
+    handle: ModelHandle
+    train_ds: TransformDataset
+    val_ds: TransformDataset
+    image_size: int
+
+
+def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None) -> Prepared:
+    """Data (validated, split) and model (head sized to the classes) for a config."""
+    ds = load_source(config.data, work_dir=work_dir)
+    report = validate(ds)
+    if not report.ok:
+        raise DataError("The data cannot be trained on: " + " ".join(report.problems))
+    keep = _subsample(ds, config.max_per_class, config.split_seed)
+    labels = [ds.labels[i] for i in keep]
+    tr, va, _ = stratified_split(labels, config.val_fraction, config.test_fraction, config.split_seed)
+    handle = create_model(config.model, weights=weights or config.weights, class_names=ds.class_names)
+    size = config.image_size or handle.spec.input_size[-1]
+    handle.spec.input_size = (3, size, size)  # inference must see what training saw
+    if config.crop_pct is not None:
+        handle.spec.crop_pct = float(config.crop_pct)
+    train_ds = TransformDataset(ds, [keep[i] for i in tr], train_transform(handle, size, config))
+    val_ds = TransformDataset(ds, [keep[i] for i in va], eval_transform(handle.spec, size))
+    return Prepared(handle, train_ds, val_ds, size)
+
+
+class RunRecorder:
+    """The emit sink of a run directory: events to disk, status.json refreshed (throttled)."""
+
+    def __init__(self, run: RunDir, forward: Emit = no_emit):
+        self.run, self.forward, self._last = run, forward, 0.0
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, StepLogged):
+            self.run.record(event)
+        now = time.monotonic()
+        if isinstance(event, StepLogged):
+            if now - self._last >= STATUS_EVERY_S or event.step == event.steps:
+                self._last = now
+                self.run.write_status(progress={"epoch": event.epoch, "step": event.step,
+                                                "steps": event.steps, "eta_s": round(event.eta_s, 1),
+                                                "loss": event.loss})
+        elif isinstance(event, RunStarted):
+            self.run.write_status(state="running", epochs=event.epochs, device=event.device)
+        elif isinstance(event, EpochEnded):
+            self.run.write_status(epoch=event.epoch, val_acc=event.val_acc, val_loss=event.val_loss)
+        elif isinstance(event, RunFinished):
+            self.run.write_status(state=event.status, reason=event.reason, best_epoch=event.best_epoch,
+                                  best_val_acc=event.best_val_acc, finished_at=time.time())
+        self.forward(event)
+
+
+def _better(value: float, best: float | None, monitor: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if monitor == "val_acc" else value < best - min_delta
+
+
+def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
+        should_stop: Callable[[], bool] | None = None, resume: bool = False) -> RunResult:
+    """Train per ``config``; with ``run``, record everything there; ``resume`` continues ``last``."""
+    started = time.perf_counter()
+    sink: Emit = RunRecorder(run, emit) if run is not None else emit
+    stop = should_stop or (run.cancel_requested if run is not None else (lambda: False))
+    plan = config.freeze_plan()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+
+    state: dict[str, Any] = {}
+    if resume:
+        if run is None or not run.checkpoint("last").is_file() or not run.train_state_path.is_file():
+            raise EngineError("Nothing to resume: the run has no completed epoch yet.")
+        state = torch.load(run.train_state_path, map_location="cpu", weights_only=True)
+    prep = prepare(config, work_dir=str(run.path) if run else None,
+                   weights="none" if resume else None)  # resumed weights come from `last`
+    handle, module = prep.handle, prep.handle.module
+    if resume:
+        module.load_state_dict(load_weights(run.checkpoint("last")))
+    stages = model_stages(module, handle.spec.head)
+    start_epoch = int(state.get("epoch", 0)) + 1  # epochs are 1-based
+    report = apply_plan(module, stages, plan, epoch=start_epoch - 1)
+
+    channels_last = config.channels_last if config.channels_last is not None else any(
+        isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    workers = config.num_workers if config.num_workers is not None else default_workers(device)
+    loader_kw: dict[str, Any] = dict(batch_size=config.batch_size, num_workers=workers,
+                                     pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    cached = uses_feature_cache(plan, config)
+    train_model: torch.nn.Module = module
+    if cached:
+        point, drop = cache_point(handle, stages)
+        plain = dict(loader_kw, shuffle=False)
+        tr = compute_features(module, point, DataLoader(prep.train_ds, **plain), device, channels_last, stop)
+        va = compute_features(module, point, DataLoader(prep.val_ds, **plain), device, channels_last, stop)
+        if tr is None or va is None:
+            return _finish(sink, "cancelled", "cancelled while computing features", None, None, 0, started, [], cached, run)
+        train_model = HeadOnly(module.get_submodule(point), drop)
+        train_src, val_src = TensorDataset(*tr), TensorDataset(*va)
+        loader_kw.update(num_workers=0, persistent_workers=False, pin_memory=False)
+        channels_last = False
+    else:
+        train_src, val_src = prep.train_ds, prep.val_ds
+
+    generator = torch.Generator()
+    train_loader = DataLoader(train_src, shuffle=True, drop_last=False, generator=generator, **loader_kw)
+    val_loader = DataLoader(val_src, shuffle=False, **loader_kw)
+    steps = len(train_loader)
+    if steps == 0:
+        raise DataError("No training images after the split.")
+
+    optimizer = _make_optimizer(module, stages, plan, config, state)
+    step_count = int(state.get("step", 0))
+    best = state.get("best_value")
+    best_epoch = state.get("best_epoch")
+    best_acc = state.get("best_val_acc")
+    stale = int(state.get("stale", 0))
+    history = [m for m in (run.metrics() if run and resume else [])]
+
+    run_id = run.run_id if run else "-"
+    sink(RunStarted(run_id=run_id, device=str(device), epochs=config.epochs, steps_per_epoch=steps,
+                    train_images=len(prep.train_ds), val_images=len(prep.val_ds),
+                    trainable_params=report.trainable_params, feature_cache=cached))
+    total_steps = config.epochs * steps
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        if epoch > start_epoch or resume:
+            report, _added = unfreeze_for_epoch(module, stages, plan, epoch - 1, optimizer, config.weight_decay)
+        torch.manual_seed(config.seed * 1000 + epoch)  # same batches and dropout, resumed or not
+        generator.manual_seed(config.seed * 1000 + epoch)
+        tick = time.perf_counter()
+
+        def on_step(i: int, loss: float, seen: int, _epoch: int = epoch) -> None:
+            elapsed = time.perf_counter() - tick
+            rate = seen / max(elapsed, 1e-9)
+            remaining = (steps - i) * elapsed / i + (config.epochs - _epoch) * steps * elapsed / i
+            sink(StepLogged(epoch=_epoch, step=i, steps=steps, loss=loss, images_per_s=rate, eta_s=remaining))
+
+        stats = train_one_epoch(train_model, train_loader, optimizer, device=device, epoch=epoch, steps=steps,
+                                step0=step_count, total_steps=total_steps, config=config, dtype=dtype,
+                                scaler=scaler, channels_last=channels_last, on_step=on_step, should_stop=stop)
+        if stats is None:
+            return _finish(sink, "cancelled", f"cancelled during epoch {epoch}", best_epoch, best_acc,
+                           epoch - 1, started, history, cached, run)
+        step_count += steps
+        val_loss, val_acc = evaluate(train_model, val_loader, device, dtype, channels_last)
+        ended = EpochEnded(
+            epoch=epoch, train_loss=stats.loss, train_acc=stats.acc, val_loss=val_loss, val_acc=val_acc,
+            lr={g["name"]: g["lr"] for g in optimizer.param_groups}, epoch_s=stats.seconds,
+            images_per_s=stats.images / max(stats.seconds, 1e-9),
+            trainable_params=report.trainable_params, elapsed_s=time.perf_counter() - started,
+        )
+        sink(ended)
+        history.append(ended.to_dict())
+        value = val_acc if config.monitor == "val_acc" else val_loss
+        improved = _better(value, best, config.monitor, config.min_delta)
+        if improved:
+            best, best_epoch, best_acc, stale = value, epoch, val_acc, 0
+        else:
+            stale += 1
+        if run is not None:
+            _save_checkpoints(run, handle, optimizer, ended, improved, step_count,
+                              dict(best_value=best, best_epoch=best_epoch, best_val_acc=best_acc, stale=stale),
+                              config, sink)
+        if config.patience is not None and stale >= config.patience and epoch < config.epochs:
+            return _finish(sink, "finished", f"early stopped: no {config.monitor} improvement for "
+                           f"{stale} epochs", best_epoch, best_acc, epoch, started, history, cached, run)
+    return _finish(sink, "finished", "completed", best_epoch, best_acc, epoch, started, history, cached, run)
+
+
+def _make_optimizer(module, stages, plan, config: TrainConfig, state: dict[str, Any]) -> torch.optim.Optimizer:
+    """Fresh, or rebuilt in the saved group layout (names) so a resumed state fits group by group."""
+    if not state:
+        return build_optimizer(module, stages, plan, config.weight_decay, kind=config.optimizer)
+    layout = list(state.get("group_layout", []))
+    by_name = {g["name"]: g for g in param_groups(module, stages, plan, config.weight_decay)}
+    if sorted(layout) != sorted(by_name):
+        raise EngineError("The saved optimizer does not match the plan at this epoch; cannot resume.")
+    optimizer = optimizer_for_groups([by_name[n] for n in layout], config.optimizer)
+    optimizer.load_state_dict(state["optimizer"])
+    return optimizer
+
+
+def _save_checkpoints(run: RunDir, handle: ModelHandle, optimizer, ended: EpochEnded, improved: bool,
+                      step: int, tracking: dict[str, Any], config: TrainConfig, sink: Emit) -> None:
+    weights = handle.module.state_dict()
+    meta = {"epoch": ended.epoch, "val_loss": ended.val_loss, "val_acc": ended.val_acc,
+            "train_loss": ended.train_loss, "class_names": handle.spec.class_names,
+            "monitor": config.monitor, "spec": handle.spec.to_dict()}
+    if improved:
+        save_weights(run.checkpoint("best"), weights, meta)
+        sink(CheckpointSaved(epoch=ended.epoch, kind="best", path=str(run.checkpoint("best")),
+                             val_loss=ended.val_loss, val_acc=ended.val_acc))
+    from engine.runs import atomic_write_bytes
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "group_layout": [g["name"] for g in optimizer.param_groups],
+                "epoch": ended.epoch, "step": step, **tracking}, buf)
+    # order matters for a kill in between: state first, then weights+meta that point at it
+    atomic_write_bytes(run.train_state_path, buf.getvalue())
+    save_weights(run.checkpoint("last"), weights, meta)
+    sink(CheckpointSaved(epoch=ended.epoch, kind="last", path=str(run.checkpoint("last")),
+                         val_loss=ended.val_loss, val_acc=ended.val_acc))
+
+
+def _finish(sink: Emit, status: str, reason: str, best_epoch, best_acc, epochs_done: int, started: float,
+            history: list, cached: bool, run: RunDir | None) -> RunResult:
+    seconds = time.perf_counter() - started
+    sink(RunFinished(status=status, reason=reason, best_epoch=best_epoch, best_val_acc=best_acc,
+                     epochs_done=epochs_done, seconds=seconds))
+    return RunResult(status=status, reason=reason, run_dir=str(run.path) if run else None,
+                     best_epoch=best_epoch, best_val_acc=best_acc, epochs_done=epochs_done,
+                     seconds=seconds, history=history, feature_cache=cached)
