@@ -69,3 +69,25 @@ def test_freeze_json_reports_stages_and_frozen_bn():
     assert data["frozen_bn_count"] > 0
     proc = run_cli("freeze", "timm:test_resnet", "--strategy", "bogus")
     assert proc.returncode == 2 and "Unknown freeze strategy" in proc.stderr
+
+
+def test_train_eval_predict_resume_through_the_cli(tmp_path, cat_photo):
+    common = ["--model", "timm:test_resnet", "--weights", "none", "--image-size", "32",
+              "--max-per-class", "10", "--out", str(tmp_path), "--json"]
+    proc = run_cli("train", "--data", "lfw", "--strategy", "feature-extraction", "--epochs", "2",
+                   "--lr", "0.05", *common)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "finished" and summary["epochs"] == 2 and summary["feature_cache"]
+    assert set(summary) >= {"run_dir", "best_val_acc", "seconds"}
+    run_id = summary["run_id"]
+    proc = run_cli("eval", run_id, "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)["per_class_acc"]) == {"non-face", "face"}
+    proc = run_cli("predict", str(cat_photo), "--run", run_id, "--out", str(tmp_path), "--json")
+    assert json.loads(proc.stdout)[0]["topk"][0]["label"] in {"non-face", "face"}
+    proc = run_cli("train", "--resume", run_id, "--epochs", "3", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["epochs"] == 3
+    proc = run_cli("train", "--data", str(tmp_path / "nope"), *common)
+    assert proc.returncode == 2 and "Unknown data" in proc.stderr and "Traceback" not in proc.stderr
