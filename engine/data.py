@@ -20,6 +20,7 @@ from engine.errors import EngineError
 from engine.images import IMAGE_SUFFIXES, open_image
 
 BUILTIN = ("digits", "lfw")
+TORCHVISION_SETS = ("cifar10",)
 MIN_PER_CLASS = 2  # fewer images than this in a class cannot be split into train and val
 IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints", "__pycache__", ".git", ".DS_Store"}
 
@@ -267,10 +268,39 @@ class TransformDataset(torch.utils.data.Dataset):
         return self.transform(self.ds.image(j)), self.ds.labels[j]
 
 
+def load_cifar10_set(root: str | Path | None = None, download: bool = True) -> ImageSet:
+    """torchvision's CIFAR-10 (train split) from ``root``; downloaded when missing and reachable."""
+    from torchvision.datasets import CIFAR10
+
+    from engine.paths import data_root
+
+    folder = Path(root) if root else data_root() / "cifar10"
+    try:
+        data = CIFAR10(str(folder), train=True, download=False)
+    except RuntimeError:
+        if not download:
+            raise DataError(f"CIFAR-10 is not in {folder}.") from None
+        try:
+            data = CIFAR10(str(folder), train=True, download=True)
+        except Exception as exc:  # URLError, HTTPError, timeouts
+            raise DataError(
+                f"CIFAR-10 is not in {folder} and could not be downloaded ({type(exc).__name__}); this "
+                "machine may be offline. Put the extracted 'cifar-10-batches-py' folder there, or use "
+                "digits, lfw or your own images.") from exc
+    images = data.data  # N x 32 x 32 x 3 uint8, in memory
+    return ImageSet(
+        name="cifar10", class_names=list(data.classes), labels=[int(t) for t in data.targets],
+        loaders=[_array_loader(images[i], 1.0) for i in range(len(images))],
+        sources=[f"cifar10[{i}]" for i in range(len(images))],
+    )
+
+
 def load_source(source: str, work_dir: str | Path | None = None) -> ImageSet:
-    """'digits' | 'lfw' | a folder | a .zip (extracted under ``work_dir``)."""
+    """'digits' | 'lfw' | 'cifar10' | a folder | a .zip (extracted under ``work_dir``)."""
     if source in BUILTIN:
         return load_digits_set() if source == "digits" else load_lfw_set()
+    if source == "cifar10":
+        return load_cifar10_set()
     path = Path(source)
     if path.suffix.lower() == ".zip":
         if not path.is_file():
@@ -279,5 +309,5 @@ def load_source(source: str, work_dir: str | Path | None = None) -> ImageSet:
         return load_folder(safe_extract_zip(path, target))
     if path.is_dir():
         return load_folder(path)
-    raise DataError(f"Unknown data '{source}': use {', '.join(BUILTIN)}, a folder with one sub-folder "
+    raise DataError(f"Unknown data '{source}': use {', '.join(BUILTIN + TORCHVISION_SETS)}, a folder with one sub-folder "
                     "per class, or a .zip of such a folder.")

@@ -136,3 +136,42 @@ def test_transform_dataset_decodes_lazily(default_handle):
     assert calls == []
     x, y = tds[1]
     assert calls == [1] and tuple(x.shape) == (3, 32, 32) and y == ds.labels[5]
+
+
+def test_cifar10_offline_is_a_clear_message(tmp_path):
+    from engine.data import load_cifar10_set
+
+    with pytest.raises(DataError, match="not in"):
+        load_cifar10_set(tmp_path / "cifar", download=False)
+
+
+def test_cifar10_loads_from_a_local_copy(tmp_path, monkeypatch):
+    """A locally present CIFAR-10 folder (written here in its real pickle format) is used as is."""
+    import hashlib
+    import pickle
+
+    import numpy as np
+    from torchvision.datasets import CIFAR10
+
+    from engine.data import load_cifar10_set
+
+    base = tmp_path / "cifar" / CIFAR10.base_folder
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, _md5 in CIFAR10.train_list:
+        batch = {"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}
+        (base / name).write_bytes(pickle.dumps(batch))
+    for name, _md5 in CIFAR10.test_list:
+        (base / name).write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]}))
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+    (base / CIFAR10.meta["filename"]).write_bytes(pickle.dumps(meta))
+    # torchvision checks md5 sums of the real files: point them at ours
+    def md5(name):
+        return hashlib.md5((base / name).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5(n)] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5(n)] for n, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])})
+    ds = load_cifar10_set(tmp_path / "cifar", download=False)
+    assert len(ds) == 20 and ds.class_names[3] == "cat"
+    assert ds.image(0).size == (32, 32) and ds.image(0).mode == "RGB"
