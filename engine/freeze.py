@@ -224,8 +224,16 @@ def release_frozen_eval(model: nn.Module) -> None:
     setattr(model, _HOOKS_ATTR, [])
 
 
-def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> FreezeReport:
-    """Make ``model`` follow ``plan`` at ``epoch``; safe to call again (e.g. each epoch)."""
+@dataclass
+class PlanEffect:
+    """What a plan does to a model, computed without touching it."""
+
+    trainable: dict[str, bool]  # parameter name -> trains
+    eval_modules: list[str]  # modules held in eval mode (frozen leaves and frozen BN)
+    frozen_bn: list[str]
+
+
+def plan_effect(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> PlanEffect:
     train_stages = set(plan.trainable_stage_names(stages, epoch))
     by_param = stage_of_param(stages)
     module_stage = _module_stage(model, stages)
@@ -233,57 +241,74 @@ def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: i
         f"{name}.{p}" for name, m in model.named_modules() if is_batchnorm(m)
         for p, _ in m.named_parameters(recurse=False)
     }
-    for name, param in model.named_parameters():
-        trainable = by_param.get(name) in train_stages or any(
-            fnmatch.fnmatchcase(name, pat) for pat in plan.patterns
-        )
-        if not trainable and plan.bn_policy == "train" and name in bn_param_names:
-            trainable = True
-        if not trainable and param.grad is not None:
-            param.grad = None  # a stale gradient must not move a frozen weight (e.g. via momentum)
-        param.requires_grad_(trainable)
-
-    _clear_hooks(model)
-    hooks = []
-    frozen_bn: list[str] = []
+    trainable: dict[str, bool] = {}
+    for name, _param in model.named_parameters():
+        trains = by_param.get(name) in train_stages or any(fnmatch.fnmatchcase(name, pat) for pat in plan.patterns)
+        if not trains and plan.bn_policy == "train" and name in bn_param_names:
+            trains = True
+        trainable[name] = trains
+    eval_modules, frozen_bn = [], []
     for name, module in model.named_modules():
         stage = module_stage.get(name)
         if stage is None or stage in train_stages or not name:
             continue
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
+        if any(trainable[f"{name}.{p}"] for p, _ in module.named_parameters(recurse=False)):
             continue  # a pattern made this module trainable
         if is_batchnorm(module) and plan.bn_policy != "freeze":
             continue  # BN adapts to the new data on purpose
         if next(module.children(), None) is not None and not is_batchnorm(module):
             continue  # a container's own flag changes nothing (BN+act fusions like timm's do)
-        hooks.append((module, module.register_forward_pre_hook(_eval_pre_hook)))
-        module.training = False
+        eval_modules.append(name)
         if is_batchnorm(module):
             frozen_bn.append(name)
+    return PlanEffect(trainable, eval_modules, frozen_bn)
+
+
+def preview_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> FreezeReport:
+    """The report ``apply_plan`` would give, leaving the model untouched (safe on shared models)."""
+    effect = plan_effect(model, stages, plan, epoch)
+    return build_report(model, stages, plan, epoch, effect.frozen_bn, effect.trainable)
+
+
+def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> FreezeReport:
+    """Make ``model`` follow ``plan`` at ``epoch``; safe to call again (e.g. each epoch)."""
+    effect = plan_effect(model, stages, plan, epoch)
+    for name, param in model.named_parameters():
+        trains = effect.trainable[name]
+        if not trains and param.grad is not None:
+            param.grad = None  # a stale gradient must not move a frozen weight (e.g. via momentum)
+        param.requires_grad_(trains)
+    _clear_hooks(model)
+    hooks = []
+    for name in effect.eval_modules:
+        module = model.get_submodule(name)
+        hooks.append((module, module.register_forward_pre_hook(_eval_pre_hook)))
+        module.training = False
     setattr(model, _HOOKS_ATTR, hooks)
-    return build_report(model, stages, plan, epoch, frozen_bn)
+    return build_report(model, stages, plan, epoch, effect.frozen_bn)
 
 
 def build_report(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int,
-                 frozen_bn: list[str] | None = None) -> FreezeReport:
+                 frozen_bn: list[str] | None = None, trainable_mask: dict[str, bool] | None = None) -> FreezeReport:
     named = dict(model.named_parameters())
+    trains = trainable_mask or {n: p.requires_grad for n, p in named.items()}
     lrs = stage_learning_rates(stages, plan)
     hooked = frozen_bn if frozen_bn is not None else []
     module_stage = _module_stage(model, stages)
     rows = []
     for stage in stages:
-        params = [named[p] for p in stage.params if p in named]
-        trainable = sum(p.numel() for p in params if p.requires_grad)
+        present = [p for p in stage.params if p in named]
+        trainable = sum(named[p].numel() for p in present if trains[p])
         bns = [n for n, m in model.named_modules() if is_batchnorm(m) and module_stage.get(n) == stage.name]
         rows.append(StageReport(
-            name=stage.name, params=sum(p.numel() for p in params), trainable=trainable,
+            name=stage.name, params=sum(named[p].numel() for p in present), trainable=trainable,
             lr=lrs[stage.name] if trainable else None, bn_layers=len(bns),
             bn_fixed=sum(1 for n in bns if n in hooked), modules=list(stage.modules),
         ))
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in named.values())
+    trainable_total = sum(p.numel() for n, p in named.items() if trains[n])
     return FreezeReport(plan=plan.to_dict(), epoch=epoch, stages=rows, total_params=total,
-                        trainable_params=trainable, frozen_bn=list(hooked))
+                        trainable_params=trainable_total, frozen_bn=list(hooked))
 
 
 def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from engine.errors import EngineError
 from engine.freeze import (
-    FreezePlan, apply_plan, build_optimizer, optimizer_param_ids, param_groups, set_train_mode,
+    FreezePlan, apply_plan, build_optimizer, optimizer_param_ids, param_groups, preview_plan, set_train_mode,
     stage_learning_rates, unfreeze_for_epoch,
 )
 from engine.models import create_model
@@ -213,3 +213,12 @@ def test_full_plan_trains_everything_and_nothing_to_train_is_an_error():
     with pytest.raises(EngineError):
         build_optimizer(handle.module, stages, FreezePlan.custom())
     assert param_groups(handle.module, stages, FreezePlan.custom()) == []
+
+
+def test_preview_matches_apply_and_leaves_the_model_alone():
+    handle, stages = _setup()
+    plan = FreezePlan.last(2, bn_policy="freeze")
+    preview = preview_plan(handle.module, stages, plan)
+    assert all(p.requires_grad for p in handle.module.parameters())
+    applied = apply_plan(handle.module, stages, plan)
+    assert preview.to_dict() == applied.to_dict()
