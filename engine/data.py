@@ -188,6 +188,22 @@ def safe_extract_zip(archive: str | Path, dest: str | Path, limits: ZipLimits = 
     return _dataset_root(dest)
 
 
+def extract_upload(archive: str | Path, limits: ZipLimits = ZipLimits()) -> Path:
+    """Extract an uploaded zip once, beside it (``x.zip`` -> ``x/``); later calls reuse it."""
+    archive = Path(archive)
+    dest = archive.with_suffix("")
+    done = dest / ".extracted"
+    if done.is_file():
+        return _dataset_root(dest)
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)  # a half-finished earlier extraction
+    root = safe_extract_zip(archive, dest, limits)
+    done.write_text("ok")
+    return root
+
+
 def _dataset_root(folder: Path) -> Path:
     """A zip of 'flowers/' holds one top folder: the classes are one level down."""
     entries = [p for p in folder.iterdir() if not _is_hidden(p.name)]

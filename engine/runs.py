@@ -329,3 +329,28 @@ def iter_events(run: RunDir) -> Iterator[dict[str, Any]]:
                     return
     except OSError:
         return
+
+
+def describe_run(run: RunDir) -> dict[str, Any]:
+    """One row for run lists: what was trained, how, and how it went."""
+    config = read_json(run.config_path, {}) or {}
+    status = run.status()
+    metrics = run.metrics()
+    plan = config.get("plan") or {}
+    best = run.checkpoint_meta("best") or {}
+    return {
+        "run_id": run.run_id,
+        "model": config.get("model"),
+        "weights": config.get("weights"),
+        "data": Path(str(config.get("data", ""))).name or config.get("data"),
+        "strategy": plan.get("strategy"),
+        "state": status.get("state", "unknown"),
+        "epochs": f"{len(metrics)}/{config.get('epochs', '?')}",
+        "best_val_acc": best.get("val_acc"),
+        "has_best": run.checkpoint("best").is_file(),
+        "reason": status.get("reason", ""),
+    }
+
+
+def active_runs(runs_root: str | Path) -> list[RunDir]:
+    return [r for r in list_runs(runs_root) if r.status().get("state") in ACTIVE_STATES]

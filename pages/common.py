@@ -1,55 +1,154 @@
-"""Session keys, cached engine objects and the sidebar shared by every page.
+"""Session keys, cached engine calls and the sidebar shared by every page.
 
-Heavy objects are created once per process (``st.cache_resource``) and are read-only: a page that
-needs to train gets its own copy. Session state keeps only small, per-browser values.
+Pages stay thin: widgets -> one engine call -> render. Heavy objects are cached per process
+(``st.cache_resource``: models, read-only and shared by every session, never trained in place);
+derived data is cached by value (``st.cache_data``). Session state holds only small values.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
 import streamlit as st
 
+from engine.errors import EngineError
 from engine.registry import DEFAULT_MODEL
 
+# session keys: one place, so every page reads the same state
 ACTIVE_MODEL = "active_model"  # qualified model name
-ACTIVE_WEIGHTS = "active_weights"  # packaged | hub | none | file:...
+ACTIVE_WEIGHTS = "active_weights"  # packaged | hub | none | path of an uploaded weights file
+ACTIVE_CLASSES = "active_num_classes"  # None: keep the pretrained head
+PLAN = "freeze_plan"  # FreezePlan.to_dict()
+SELECTED_RUN = "selected_run"  # run id
 
 
-def active_model() -> tuple[str, str]:
+def init_state() -> None:
+    from engine.freeze import FreezePlan
+
     st.session_state.setdefault(ACTIVE_MODEL, DEFAULT_MODEL)
     st.session_state.setdefault(ACTIVE_WEIGHTS, "packaged")
-    return st.session_state[ACTIVE_MODEL], st.session_state[ACTIVE_WEIGHTS]
+    st.session_state.setdefault(ACTIVE_CLASSES, None)
+    st.session_state.setdefault(PLAN, FreezePlan.full(head_lr=2e-3, backbone_lr_ratio=1.0).to_dict())
+    st.session_state.setdefault(SELECTED_RUN, None)
 
 
-@st.cache_resource(max_entries=4, show_spinner="Loading model...")
+def active() -> tuple[str, str, int | None]:
+    init_state()
+    return st.session_state[ACTIVE_MODEL], st.session_state[ACTIVE_WEIGHTS], st.session_state[ACTIVE_CLASSES]
+
+
+def weights_label(weights: str) -> str:
+    return f"file: {Path(weights).name}" if weights not in ("packaged", "hub", "none") else weights
+
+
+# ------------------------------------------------------------------ cached engine calls
+@st.cache_resource(max_entries=6, show_spinner="Loading model...")
 def load_model(name: str, weights: str, num_classes: int | None = None):
-    """A read-only model shared by all sessions; never train it in place."""
+    """A read-only model shared by all sessions; training always builds its own copy."""
     from engine.models import create_model
 
     return create_model(name, weights=weights, num_classes=num_classes)
 
 
 @st.cache_data(show_spinner=False)
-def model_overview(name: str, weights: str) -> dict:
-    from engine.anatomy import count_params
+def catalog_rows() -> list[dict[str, Any]]:
+    from engine.catalog import catalog
 
-    handle = load_model(name, weights)
-    total, trainable = count_params(handle.module)
-    return {"spec": handle.spec.to_dict(), "total_params": total, "trainable_params": trainable}
+    return [e.to_dict() for e in catalog()]
 
 
+@st.cache_data(show_spinner="Tracing the model...", max_entries=16)
+def model_summary(name: str, weights: str, num_classes: int | None, size: int) -> dict[str, Any]:
+    from engine.anatomy import summarize
+
+    handle = load_model(name, weights, num_classes)
+    data = summarize(handle.module, (3, size, size)).to_dict()
+    data["spec"] = handle.spec.to_dict()
+    return data
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def freeze_preview(name: str, weights: str, num_classes: int | None, plan_json: str) -> dict[str, Any]:
+    from engine.freeze import FreezePlan, preview_plan
+    from engine.stages import model_stages
+
+    handle = load_model(name, weights, num_classes)
+    stages = model_stages(handle.module, handle.spec.head)
+    return preview_plan(handle.module, stages, FreezePlan.from_dict(json.loads(plan_json))).to_dict()
+
+
+@st.cache_data(show_spinner="Reading the dataset...", max_entries=8)
+def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
+    """Counts, validation report and a few thumbnails per class (small arrays, cache-friendly)."""
+    import numpy as np
+
+    from engine.data import load_source, validate
+
+    ds = load_source(source)
+    report = validate(ds)
+    thumbs: dict[str, list] = {c: [] for c in ds.class_names}
+    for i, label in enumerate(ds.labels):
+        name = ds.class_names[label]
+        if len(thumbs[name]) < per_class:
+            img = ds.image(i)
+            img.thumbnail((96, 96))
+            thumbs[name].append(np.asarray(img))
+    return {"counts": report.counts, "problems": report.problems, "warnings": report.warnings,
+            "skipped": report.skipped, "n_images": report.n_images, "thumbs": thumbs}
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def dataset_sample(source: str, per_class: int = 12, seed: int = 0) -> tuple[list, list[int]]:
+    """A small, seeded, per-class sample of images and labels (for the advisor's estimates)."""
+    import numpy as np
+
+    from engine.data import load_source
+
+    ds = load_source(source)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(ds.labels)
+    picked = [int(i) for c in np.unique(labels)
+              for i in rng.choice(np.flatnonzero(labels == c), min(per_class, int((labels == c).sum())), replace=False)]
+    return [ds.image(i) for i in picked], [ds.labels[i] for i in picked]
+
+
+def save_upload(data: bytes, name: str, folder: str) -> Path:
+    """Store an upload under the data directory by content hash (same file -> same path)."""
+    from engine.paths import data_root
+
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    safe = "".join(ch for ch in Path(name).name if ch.isalnum() or ch in "._-") or "upload"
+    target = data_root() / "uploads" / folder / f"{digest}_{safe}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return target
+
+
+def show_error(exc: Exception) -> None:
+    st.error(str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------ sidebar
 def render_sidebar() -> None:
-    from engine.errors import EngineError
-
-    name, weights = active_model()
+    name, weights, classes = active()
     with st.sidebar:
         st.caption("Active model")
-        st.markdown(f"**{name}**  \nweights: `{weights}`")
+        st.markdown(f"**{name}**  \nweights: `{weights_label(weights)}`")
         try:
-            info = model_overview(name, weights)
+            handle = load_model(name, weights, classes)
         except EngineError as exc:
             st.error(str(exc))
             return
-        spec = info["spec"]
-        st.markdown(
-            f"{info['total_params']:,} parameters  \n"
-            f"{spec['num_classes']} classes · input {spec['input_size'][-1]} px"
-        )
+        total = sum(p.numel() for p in handle.module.parameters())
+        st.markdown(f"{total:,} parameters  \n{handle.spec.num_classes} classes · "
+                    f"input {handle.spec.input_size[-1]} px")
+        plan = st.session_state[PLAN]
+        st.caption("Freeze plan")
+        st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
+                    + f" · BN {plan['bn_policy']}")
+        if st.session_state[SELECTED_RUN]:
+            st.caption("Selected run")
+            st.markdown(f"`{st.session_state[SELECTED_RUN]}`")

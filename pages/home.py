@@ -7,14 +7,23 @@ st.title("Transfer-learning workbench")
 st.markdown(
     """
 Take a network that already learned to see on ImageNet and teach it **your** classes.
-The workbench shows every step as the PyTorch it is:
-
-1. **Pick a model**: a pretrained backbone from timm or torchvision, shown as its `nn.Module` tree.
-2. **Choose what to freeze**: train only the new head (feature extraction), the last stages, or everything.
-3. **Train** on your own images (or a built-in dataset) and watch it learn.
-4. **Predict**: upload images and see the top classes.
+Every step is shown as the PyTorch it is:
 """
 )
+steps = [
+    ("pages/model_explorer.py", "1. Pick a model", "A pretrained backbone from timm or torchvision, "
+     "shown as its `nn.Module` tree: parameters, buffers, output shapes."),
+    ("pages/freeze_configurator.py", "2. Choose what to freeze", "Train only a new head (feature "
+     "extraction), the last stages, or everything; BatchNorm handled; an advisor says why."),
+    ("pages/training.py", "3. Train", "On built-in data or your own images; live curves; runs keep "
+     "going when you leave the page."),
+    ("pages/inference.py", "4. Predict", "Upload images and see the top classes, from the pretrained "
+     "model or your trained run."),
+]
+for page, label, text in steps:
+    cols = st.columns([1, 3])
+    cols[0].page_link(page, label=label)
+    cols[1].markdown(text)
 st.info(
     f"The default model is `{DEFAULT_MODEL}` with ImageNet weights that ship inside a Python "
     "package, so everything works offline."

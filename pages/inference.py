@@ -1,0 +1,68 @@
+"""Inference: upload images (or use the camera) and see the top classes."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine.errors import EngineError
+from engine.infer import load_run_model, predict_sources
+from engine.paths import runs_root
+from engine.runs import describe_run, list_runs
+from pages.common import SELECTED_RUN, active, load_model, show_error
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the trained model...")
+def run_model(path: str, mtime: float):
+    """Keyed by the checkpoint's mtime: a newer best checkpoint loads again."""
+    return load_run_model(path)
+
+
+st.title("Inference")
+finished = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
+choice = st.radio("Predict with", ["the active model", "a trained run"], horizontal=True,
+                  index=1 if finished and st.session_state.get(SELECTED_RUN) in [r.run_id for r in finished] else 0)
+try:
+    if choice == "a trained run":
+        if not finished:
+            st.info("No trained run yet: train one on the Training page.")
+            st.stop()
+        ids = [r.run_id for r in finished]
+        selected = st.session_state.get(SELECTED_RUN)
+        pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0,
+                            format_func=lambda i: f"{i} · {describe_run(finished[ids.index(i)])['model']}")
+        run = finished[ids.index(pick)]
+        handle = run_model(str(run.path), run.checkpoint("best").stat().st_mtime)
+    else:
+        handle = load_model(*active())
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
+st.caption(f"{handle.spec.name} · {handle.spec.num_classes} classes · input {handle.spec.input_size[-1]} px")
+
+files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], accept_multiple_files=True)
+use_camera = st.toggle("Use the camera")
+shot = st.camera_input("Take a picture") if use_camera else None
+top_k = st.slider("Top-k", 1, min(10, handle.spec.num_classes), min(5, handle.spec.num_classes))
+
+sources = [(f.name, f.getvalue()) for f in files or []]
+if shot is not None:
+    sources.append(("camera.jpg", shot.getvalue()))
+if not sources:
+    st.info("Upload one or more images to see predictions.")
+    st.stop()
+
+results = predict_sources(handle, sources, top_k=top_k)
+bad = [r for r in results if r.error]
+if bad:
+    st.warning(f"{len(bad)} file(s) could not be read:")
+    st.dataframe(pd.DataFrame([{"file": r.file, "reason": r.error} for r in bad]), hide_index=True)
+data = dict(sources)
+for result in (r for r in results if not r.error):
+    left, right = st.columns([1, 3])
+    left.image(data[result.file], caption=result.file, width="stretch")
+    frame = pd.DataFrame([{"class": t.label, "probability": t.prob} for t in result.topk])
+    fig = px.bar(frame, x="probability", y="class", orientation="h", range_x=[0, 1],
+                 title=f"{result.topk[0].label}: {result.topk[0].prob:.1%}")
+    fig.update_layout(yaxis={"categoryorder": "total ascending"}, height=80 + 40 * len(frame))
+    right.plotly_chart(fig, key=f"pred-{result.file}")
