@@ -27,23 +27,32 @@ backbone = [s for s in stage_names if s != "head"]
 
 LABELS = {"feature-extraction": "Feature extraction (head only)", "full": "Full fine-tune",
           "last-n": "Last N stages", "custom": "Custom"}
+# widget values live under their keys; they are seeded from the saved plan once (or after "apply advice")
+DEFAULTS = {
+    "fc_strategy": current.strategy, "fc_last_n": min(current.last_n, len(backbone)),
+    "fc_stages": [s for s in current.stages if s in stage_names], "fc_patterns": ", ".join(current.patterns),
+    "fc_bn": current.bn_policy, "fc_head_lr": current.head_lr, "fc_ratio": current.backbone_lr_ratio,
+    "fc_decay": current.stage_lr_decay,
+    "fc_schedule": ", ".join(f"{e}:{n}" for e, n in current.unfreeze_schedule),
+}
+for key, value in DEFAULTS.items():
+    st.session_state.setdefault(key, value)
+
 left, right = st.columns([2, 3])
 with left:
-    strategy = st.radio("Strategy", list(LABELS), format_func=LABELS.get, index=list(LABELS).index(current.strategy))
-    last_n = st.slider("Backbone stages that train (from the top)", 0, len(backbone),
-                       min(current.last_n, len(backbone)), disabled=strategy != "last-n")
-    chosen = st.multiselect("Stages that train", stage_names, default=[s for s in current.stages if s in stage_names],
-                            disabled=strategy != "custom")
-    patterns = st.text_input("Parameter name patterns that train (comma-separated globs)",
-                             ", ".join(current.patterns), disabled=strategy != "custom")
-    bn = st.selectbox("BatchNorm in frozen stages", ["freeze", "adapt", "train"],
-                      index=["freeze", "adapt", "train"].index(current.bn_policy),
+    strategy = st.radio("Strategy", list(LABELS), format_func=LABELS.get, key="fc_strategy")
+    last_n = st.slider("Backbone stages that train (from the top)", 0, max(1, len(backbone)), key="fc_last_n",
+                       disabled=strategy != "last-n")
+    chosen = st.multiselect("Stages that train", stage_names, key="fc_stages", disabled=strategy != "custom")
+    patterns = st.text_input("Parameter name patterns that train (comma-separated globs)", key="fc_patterns",
+                             disabled=strategy != "custom")
+    bn = st.selectbox("BatchNorm in frozen stages", ["freeze", "adapt", "train"], key="fc_bn",
                       help="freeze: running stats never move, even after model.train(). adapt: stats follow "
                            "your data. train: BN weights train too.")
-    head_lr = st.number_input("Head learning rate", 1e-6, 1.0, current.head_lr, format="%.5f")
-    ratio = st.number_input("Backbone LR ratio", 0.0, 10.0, current.backbone_lr_ratio, format="%.3f")
-    decay = st.number_input("Per-stage LR decay (earlier stages)", 0.05, 1.0, current.stage_lr_decay, format="%.2f")
-    schedule = st.text_input("Gradual unfreezing: EPOCH:STAGES, ...", ", ".join(f"{e}:{n}" for e, n in current.unfreeze_schedule),
+    head_lr = st.number_input("Head learning rate", 1e-6, 1.0, key="fc_head_lr", format="%.5f")
+    ratio = st.number_input("Backbone LR ratio", 0.0, 10.0, key="fc_ratio", format="%.3f")
+    decay = st.number_input("Per-stage LR decay (earlier stages)", 0.05, 1.0, key="fc_decay", format="%.2f")
+    schedule = st.text_input("Gradual unfreezing: EPOCH:STAGES, ...", key="fc_schedule",
                              help="e.g. '2:1, 3:3': from epoch 2 one backbone stage trains, from epoch 3 three.")
 
 try:
@@ -97,6 +106,8 @@ if similarity_value is not None:
     st.success(f"**{LABELS[advice.strategy]}** ({advice.data_amount} data, {advice.similarity} task). {advice.explanation}")
     if st.button("Apply this advice"):
         st.session_state[PLAN] = advice.plan
+        for key in DEFAULTS:  # re-seed the widgets from the new plan
+            del st.session_state[key]
         st.rerun()
 
 st.subheader("The BatchNorm pitfall, measured")

@@ -1,15 +1,168 @@
-"""The app through the entry point with Streamlit's AppTest (no browser)."""
+"""Every page through Streamlit's AppTest: real engine, tiny models, real data, no browser."""
 from __future__ import annotations
 
+import io
+import time
+
+import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import ROOT
 
+TINY = "timm:test_resnet"
 
-def test_home_renders_with_active_model_in_sidebar():
-    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=120)
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    """Runs and uploads of app tests go to a temp folder, never the project's."""
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    return tmp_path
+
+
+def page(name: str, model: str = TINY, weights: str = "none", classes=None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "pages" / name), default_timeout=180)
+    at.session_state["active_model"] = model
+    at.session_state["active_weights"] = weights
+    at.session_state["active_num_classes"] = classes
+    return at
+
+
+def by_label(elements, label):
+    return next(e for e in elements if e.label == label)
+
+
+def test_entry_point_home_and_sidebar():
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=180)
     at.run()
     assert not at.exception
     assert at.title[0].value == "Transfer-learning workbench"
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
     assert "timm:efficientnet_lite0" in sidebar and "4,652,008 parameters" in sidebar
+    for target in ("pages/model_explorer.py", "pages/freeze_configurator.py", "pages/training.py", "pages/inference.py"):
+        at.switch_page(target)
+        at.run()
+        assert not at.exception, target
+
+
+def test_model_explorer_picks_a_model_and_shows_shapes():
+    at = page("model_explorer.py", model="timm:efficientnet_lite0", weights="packaged")
+    at.run()
+    assert not at.exception
+    code = " ".join(c.value for c in at.code)
+    assert "torch.Size([1, 1000])" in code and "model(x).shape" in code
+    at.text_input[0].set_value("test_resnet").run()
+    by_label(at.selectbox, "Model").set_value(TINY)
+    by_label(at.radio, "Weights").set_value("none")
+    by_label(at.number_input, "Classes (0 keeps the pretrained head)").set_value(3)
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.session_state["active_model"] == TINY and at.session_state["active_num_classes"] == 3
+    code = " ".join(c.value for c in at.code)
+    assert "torch.Size([1, 3])" in code and "model.fc -> 3 classes" in code
+    assert at.dataframe and any("layer4" in str(df.value) for df in at.dataframe)
+
+
+def test_model_explorer_hub_offline_shows_a_message_not_a_traceback():
+    at = page("model_explorer.py")
+    at.run()
+    by_label(at.radio, "Weights").set_value("hub")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("offline" in e.value for e in at.error)
+    assert at.session_state["active_weights"] == "none"
+
+
+def test_freeze_configurator_counts_follow_the_plan():
+    at = page("freeze_configurator.py")
+    at.run()
+    assert not at.exception
+    full = by_label(at.metric, "Trainable").value
+    by_label(at.radio, "Strategy").set_value("feature-extraction").run()
+    head_only = by_label(at.metric, "Trainable").value
+    assert int(head_only.replace(",", "")) < int(full.replace(",", ""))
+    assert int(by_label(at.metric, "BN layers held fixed").value) > 0
+    assert at.session_state["freeze_plan"]["strategy"] == "feature-extraction"
+    by_label(at.radio, "Strategy").set_value("last-n").run()
+    by_label(at.slider, "Backbone stages that train (from the top)").set_value(1).run()
+    last1 = int(by_label(at.metric, "Trainable").value.replace(",", ""))
+    assert int(head_only.replace(",", "")) < last1 < int(full.replace(",", ""))
+
+
+def test_freeze_configurator_advisor_and_bn_gap():
+    at = page("freeze_configurator.py", model="timm:efficientnet_lite0", weights="packaged")
+    at.run()
+    by_label(at.selectbox, "Similar to ImageNet photos?").set_value("different").run()
+    assert any("Full fine-tune" in s.value for s in at.success)
+    by_label(at.button, "Measure train-vs-eval feature difference").click().run()
+    assert not at.exception
+    assert int(by_label(at.metric, "BatchNorm layers").value) > 10
+    by_label(at.selectbox, "Similar to ImageNet photos?").set_value("estimate from data").run()
+    by_label(at.selectbox, "Data for estimates").set_value("lfw").run()
+    by_label(at.button, "Estimate similarity (linear probe on frozen features)").click().run()
+    assert not at.exception
+    assert any("Feature extraction" in s.value for s in at.success)
+
+
+def test_training_page_runs_a_tiny_training_to_completion(isolated_dirs):
+    at = page("training.py")
+    at.session_state["freeze_plan"] = {"strategy": "full", "head_lr": 0.003, "backbone_lr_ratio": 1.0}
+    at.run()
+    assert not at.exception
+    by_label(at.radio, "Data").set_value("lfw faces (built-in)").run()
+    assert any("200 images" in str(c.proto.spec) for c in at.get("plotly_chart"))
+    by_label(at.number_input, "Image size").set_value(32)
+    by_label(at.number_input, "Max images per class (0: all)").set_value(10)
+    by_label(at.number_input, "Epochs").set_value(2)
+    by_label(at.button, "Start training").click().run()
+    assert not at.exception
+    run_id = at.session_state["selected_run"]
+    assert run_id
+    from engine.runs import open_run, wait_for
+
+    status = wait_for(open_run(isolated_dirs / "runs", run_id), timeout_s=240)
+    assert status["state"] == "finished", status
+    at.run()
+    assert not at.exception
+    assert any("Finished" in s.value for s in at.success)
+    assert len(at.get("plotly_chart")) >= 3  # class balance + loss + accuracy (+ lr)
+
+
+def test_training_page_reports_bad_zip_and_one_class_data(isolated_dirs):
+    at = page("training.py")
+    at.run()
+    by_label(at.radio, "Data").set_value("upload a zip").run()
+    at.file_uploader[0].set_value(("data.zip", b"not a zip at all", "application/zip")).run()
+    assert not at.exception
+    assert any("not a readable zip" in e.value for e in at.error)
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(3):
+            img = io.BytesIO()
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(img, format="PNG")
+            zf.writestr(f"pets/cat/{i}.png", img.getvalue())
+    at.file_uploader[0].set_value(("pets.zip", buf.getvalue(), "application/zip")).run()
+    assert not at.exception
+    assert any("one class" in e.value for e in at.error)
+    assert by_label(at.button, "Start training").disabled
+
+
+def _png_bytes(photo) -> bytes:
+    return photo.read_bytes()
+
+
+def test_inference_page_predicts_uploads_and_lists_bad_files(cat_photo):
+    at = page("inference.py", model="timm:efficientnet_lite0", weights="packaged")
+    at.run()
+    assert not at.exception
+    at.file_uploader[0].set_value([
+        ("cat.png", _png_bytes(cat_photo), "image/png"),
+        ("broken.png", b"\x89PNG nope", "image/png"),
+    ]).run()
+    assert not at.exception
+    titles = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
+    assert "cat" in titles.lower()
+    assert any("could not be read" in w.value for w in at.warning)
