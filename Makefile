@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean bench
+.PHONY: run test venv clean bench browser
 
 # The venv is rebuilt only when a requirements file changes; a second call reuses it.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -18,7 +18,13 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(PY) -m streamlit run streamlit_app.py
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium; install it when missing and possible (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "Chromium could not be installed: the browser test will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -6,14 +6,14 @@ import streamlit as st
 
 from pages.common import init_state, render_sidebar
 
-st.set_page_config(page_title="Transfer-learning workbench", page_icon="🧠", layout="wide")
+st.set_page_config(page_title="Transfer-learning workbench", page_icon=":material/neurology:", layout="wide")
 
 PAGES = [
-    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
-    st.Page("pages/model_explorer.py", title="Model Explorer", icon="🔎"),
-    st.Page("pages/freeze_configurator.py", title="Freeze Configurator", icon="🧊"),
-    st.Page("pages/training.py", title="Training", icon="🏋️"),
-    st.Page("pages/inference.py", title="Inference", icon="🖼️"),
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/model_explorer.py", title="Model Explorer", icon=":material/account_tree:"),
+    st.Page("pages/freeze_configurator.py", title="Freeze Configurator", icon=":material/ac_unit:"),
+    st.Page("pages/training.py", title="Training", icon=":material/model_training:"),
+    st.Page("pages/inference.py", title="Inference", icon=":material/image_search:"),
 ]
 
 init_state()

@@ -46,7 +46,9 @@ except EngineError as exc:
 if overview:
     counts = pd.DataFrame({"class": list(overview["counts"]), "images": list(overview["counts"].values())})
     left, right = st.columns([2, 3])
-    left.plotly_chart(px.bar(counts, x="class", y="images", title=f"{overview['n_images']} images"))
+    balance = px.bar(counts, x="class", y="images", title=f"{overview['n_images']} images")
+    balance.update_xaxes(type="category")
+    left.plotly_chart(balance)
     with right:
         for cls, thumbs in list(overview["thumbs"].items())[:10]:
             if thumbs:

@@ -1,0 +1,114 @@
+"""The served app in a real Chromium (Debian's, driven by playwright): every page, a real upload.
+
+Screenshots go to test-artifacts/. Skipped, with the reason, only when no Chromium is installed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
+                             shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).exists()), None)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (apt-get install chromium) on this machine"),
+]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    port = _free_port()
+    tmp = tmp_path_factory.mktemp("served")
+    env = {**os.environ, "WORKBENCH_RUNS": str(tmp / "runs"), "WORKBENCH_DATA": str(tmp / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser_page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield page
+        browser.close()
+
+
+def _wait_ready(page) -> None:
+    """Until the script run that the navigation started has finished and nothing is a skeleton."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.wait_for_selector("[data-testid='stApp']", timeout=60_000)
+    try:
+        page.wait_for_selector("[data-testid='stStatusWidget']", timeout=5_000)
+    except PlaywrightTimeout:
+        pass  # the run was already over
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " && !document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=180_000)
+    page.wait_for_timeout(300)
+
+
+def _no_exception(page) -> None:
+    assert page.locator("[data-testid='stException']").count() == 0, page.inner_text("body")[:2000]
+
+
+def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat_photo):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser_page
+    page.goto(served_app)
+    _wait_ready(page)
+    page.get_by_text("Transfer-learning workbench").first.wait_for(timeout=60_000)
+    _no_exception(page)
+    page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
+    for path, marker in [("model_explorer", "Call model(x)"), ("freeze_configurator", "Parameters per stage"),
+                         ("training", "1. Data"), ("inference", "Upload one or more images")]:
+        page.goto(f"{served_app}/{path}")
+        _wait_ready(page)
+        page.get_by_text(marker).first.wait_for(timeout=120_000)
+        _no_exception(page)
+        page.screenshot(path=str(ARTIFACTS / f"{path}.png"), full_page=True)
+    page.locator("input[type='file']").first.set_input_files(str(cat_photo))
+    title = page.get_by_text("cat:").first  # chart title "tiger cat: 39.9%"
+    title.wait_for(timeout=120_000)
+    _no_exception(page)
+    page.screenshot(path=str(ARTIFACTS / "inference-prediction.png"), full_page=True)
+    assert "%" in (title.text_content() or "")
