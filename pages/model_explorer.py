@@ -1,14 +1,17 @@
 """Model Explorer: find a backbone, load it, and see it as the nn.Module tree it is."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from engine.errors import EngineError
+from engine.freeze import FreezePlan
 from pages.common import (
-    ACTIVE_CLASSES, ACTIVE_MODEL, ACTIVE_WEIGHTS, active, catalog_rows, load_model, model_summary,
-    save_upload, show_error, weights_label,
+    ACTIVE_CLASSES, ACTIVE_MODEL, ACTIVE_WEIGHTS, active, catalog_rows, freeze_preview, load_model,
+    model_summary, save_upload, show_error, weights_label,
 )
 
 st.title("Model Explorer")
@@ -82,11 +85,22 @@ table = pd.DataFrame([
 ])
 st.dataframe(table, hide_index=True, height=420)
 
-top = [r for r in summary["modules"] if r["depth"] == 1 and r["params"] > 0]
-if top:
-    fig = px.bar(pd.DataFrame(top), x="name", y="params", title="Parameters per top-level module",
-                 labels={"name": "module", "params": "parameters"})
-    st.plotly_chart(fig)
+stages = freeze_preview(name, weights, classes, json.dumps(FreezePlan.full().to_dict()))["stages"]
+fig = px.bar(pd.DataFrame(stages), x="name", y="params", hover_data=["modules"],
+             title="Parameters per stage (what freezing acts on)", labels={"name": "stage", "params": "parameters"})
+st.plotly_chart(fig)
+
+st.markdown("#### Open a module")
+paths = [r["name"] for r in summary["modules"] if r["name"] and r["children"]]
+opened = st.selectbox("Module (expand its children)", paths, index=None, placeholder="e.g. a stage or block")
+if opened:
+    prefix = opened + "."
+    inner = [r for r in summary["modules"] if r["name"].startswith(prefix)
+             and r["depth"] == opened.count(".") + 2]
+    st.dataframe(pd.DataFrame([{"child": r["name"][len(prefix):], "type": r["type"], "params": r["params"],
+                                "trainable": r["trainable"], "buffers": ", ".join(r["buffer_names"]),
+                                "output shape": str(r["output_shape"])} for r in inner]), hide_index=True)
+    st.code(str(handle.module.get_submodule(opened)), language="text")
 
 with st.expander("print(model)"):
     st.code(summary["text"], language="text")

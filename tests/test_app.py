@@ -62,6 +62,9 @@ def test_model_explorer_picks_a_model_and_shows_shapes():
     code = " ".join(c.value for c in at.code)
     assert "torch.Size([1, 3])" in code and "model.fc -> 3 classes" in code
     assert at.dataframe and any("layer4" in str(df.value) for df in at.dataframe)
+    by_label(at.selectbox, "Module (expand its children)").set_value("layer4").run()
+    assert not at.exception
+    assert any("Bottleneck" in c.value or "BasicBlock" in c.value for c in at.code)
 
 
 def test_model_explorer_hub_offline_shows_a_message_not_a_traceback():
