@@ -168,9 +168,9 @@ def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine.fit import fit
-    from engine.runs import DeviceLock, create_run, open_run, start_background
-    from engine.train import TrainConfig, resolve_device
+    from engine.fit import train_run
+    from engine.runs import create_run, open_run, start_background
+    from engine.train import TrainConfig
 
     resume = False
     if args.run_dir:  # worker mode: the config is already in the run directory
@@ -194,20 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid}) if args.json else print(run.path)
         return 0
-    import os
-
-    run.cancel_path.unlink(missing_ok=True)
-    device = resolve_device(config.device)
-    try:
-        with DeviceLock(args.out, device.type):
-            run.write_status(state="running", pid=os.getpid())
-            result = fit(config, run, resume=resume, emit=_progress_printer(sys.stderr.isatty() and not args.json))
-    except EngineError as exc:
-        run.write_status(state="failed", reason=str(exc))
-        raise
-    except BaseException as exc:
-        run.write_status(state="failed", reason=f"{type(exc).__name__}: {exc}")
-        raise
+    result = train_run(run, args.out, resume=resume, emit=_progress_printer(sys.stderr.isatty() and not args.json))
     if args.json:
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "status": result.status,
                      "reason": result.reason, "best_val_acc": result.best_val_acc,
@@ -216,6 +203,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"{run.path}  best val acc {result.best_val_acc}")
     return 0 if result.status in ("finished", "cancelled") else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from engine.compare import comparison_table, create_comparison, demo_config, demo_plans, group_runs
+    from engine.fit import train_run
+    from engine.freeze import FreezePlan
+    from engine.runs import start_group_background
+
+    if args.group:  # worker mode: train the group's unfinished runs in order
+        runs = group_runs(args.out, args.group)
+        if not runs:
+            raise EngineError(f"No comparison '{args.group}' in {args.out}.")
+    else:
+        base = demo_config()
+        base = _base_config_from_args(base, args)
+        plans = demo_plans() if not args.strategies else {
+            s: FreezePlan.parse(s, head_lr=1e-2 if s.startswith("feature") else 2e-3, backbone_lr_ratio=1.0)
+            for s in _split(args.strategies)}
+        runs = create_comparison(args.out, base, plans)
+        if args.background:
+            pid = start_group_background(runs, args.out, runs[0].config()["group"])
+            group = runs[0].config()["group"]
+            _print_json({"group": group, "runs": [r.run_id for r in runs], "pid": pid}) if args.json else print(group)
+            return 0
+    for run in runs:
+        state = run.status().get("state")
+        if state == "finished":
+            continue
+        train_run(run, args.out, resume=run.checkpoint("last").is_file(),
+                  emit=_progress_printer(sys.stderr.isatty() and not args.json))
+        if run.status().get("state") == "cancelled":
+            break
+    rows = comparison_table(runs)
+    if args.json:
+        _print_json({"group": runs[0].config().get("group"), "runs": rows})
+    else:
+        for row in rows:
+            print(f"{row['strategy']:<22} best val acc {row['best_val_acc']}  train {row['train_time_s']}s  "
+                  f"trainable {row['trainable_params']}")
+    return 0
+
+
+def _base_config_from_args(base, args: argparse.Namespace):
+    from dataclasses import replace
+
+    return replace(base, data=args.data, epochs=args.epochs, image_size=args.image_size, model=args.model,
+                   weights=args.weights, max_per_class=args.max_per_class, batch_size=args.batch_size)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -315,6 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-existing", dest="resume_flag", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several strategies on the same data, split and budget")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--weights", default="packaged")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--strategies", help="comma-separated, e.g. feature-extraction,full,last-n:2 "
+                                        "(default: feature extraction vs full fine-tune)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--max-per-class", type=int)
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--background", action="store_true")
+    p.add_argument("--group", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its validation split")
     p.add_argument("run")

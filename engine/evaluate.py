@@ -32,7 +32,7 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
         for x, y in loader:
             probs.append(module(x.to(device)).float().softmax(-1).cpu())
             labels.append(y)
-    return {"handle": handle, "probs": torch.cat(probs), "labels": torch.cat(labels),
+    return {"handle": handle, "probs": torch.cat(probs), "labels": torch.cat(labels), "indices": indices,
             "sources": [ds.sources[i] for i in indices], "class_names": handle.spec.class_names}
 
 
@@ -47,3 +47,35 @@ def evaluate_run(run: RunDir, kind: str = "best") -> dict[str, Any]:
         per_class[name] = float(correct[mask].float().mean()) if mask.any() else float("nan")
     return {"run_id": run.run_id, "checkpoint": kind, "val_acc": float(correct.float().mean()),
             "val_loss": loss, "val_images": int(labels.numel()), "per_class_acc": per_class}
+
+
+def evaluation_report(run: RunDir, kind: str = "best") -> dict[str, Any]:
+    """Confusion matrix, per-class precision/recall/F1/support, the misclassified images ranked by
+    confidence (a top-loss gallery), and the confidence of right vs wrong answers."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    preds = validation_predictions(run, kind)
+    probs, labels = preds["probs"], preds["labels"].numpy()
+    names = preds["class_names"]
+    predicted = probs.argmax(-1).numpy()
+    confidence = probs.max(-1).values.numpy()
+    classes = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0)
+    wrong = [
+        {"index": int(preds["indices"][i]), "source": preds["sources"][i], "true": names[int(labels[i])],
+         "predicted": names[int(predicted[i])], "confidence": float(confidence[i]),
+         "true_prob": float(probs[i, int(labels[i])])}
+        for i in range(len(labels)) if predicted[i] != labels[i]
+    ]
+    wrong.sort(key=lambda r: -r["confidence"])
+    return {
+        "run_id": run.run_id, "checkpoint": kind, "class_names": names,
+        "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
+        "confusion": confusion_matrix(labels, predicted, labels=classes).tolist(),
+        "per_class": [{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for n, p, r, f, s in zip(names, precision, recall, f1, support)],
+        "misclassified": wrong,
+        "confidence": {"correct": confidence[predicted == labels].tolist(),
+                       "wrong": confidence[predicted != labels].tolist()},
+    }

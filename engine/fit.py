@@ -250,3 +250,24 @@ def _finish(sink: Emit, status: str, reason: str, best_epoch, best_acc, epochs_d
     return RunResult(status=status, reason=reason, run_dir=str(run.path) if run else None,
                      best_epoch=best_epoch, best_val_acc=best_acc, epochs_done=epochs_done,
                      seconds=seconds, history=history, feature_cache=cached)
+
+
+def train_run(run: RunDir, runs_root: str, *, resume: bool = False, emit: Emit = no_emit) -> RunResult:
+    """Train a run directory under the device lock, recording failures in its status."""
+    import os
+
+    from engine.runs import DeviceLock
+
+    config = TrainConfig.from_dict(run.config())
+    run.cancel_path.unlink(missing_ok=True)
+    device = resolve_device(config.device)
+    try:
+        with DeviceLock(runs_root, device.type):
+            run.write_status(state="running", pid=os.getpid())
+            return fit(config, run, resume=resume, emit=emit)
+    except EngineError as exc:
+        run.write_status(state="failed", reason=str(exc))
+        raise
+    except BaseException as exc:
+        run.write_status(state="failed", reason=f"{type(exc).__name__}: {exc}")
+        raise

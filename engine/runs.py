@@ -289,23 +289,36 @@ class DeviceLock:
 
 
 # ------------------------------------------------------------------ background runs
-def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
-    """Train ``run`` in its own process (``python -m engine train --run-dir``); returns the pid.
+def spawn_engine(args: list[str], log_path: Path) -> int:
+    """``python -m engine ARGS`` in its own process session; returns the pid.
 
-    The process gets its own session, so closing a browser tab or restarting a page never
-    kills it; its status and progress are read back from the run directory.
+    Its own session: closing a browser tab or restarting a page never kills it; status and
+    progress are read back from run directories.
     """
     project_root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(project_root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    with run.log_path.open("ab") as log:
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "train", "--run-dir", str(run.path), *(extra_args or [])],
-            cwd=project_root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env,
+            [sys.executable, "-m", "engine", *args], cwd=project_root, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, env=env,
         )
-    run.write_status(state="queued", pid=proc.pid)
     return proc.pid
+
+
+def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
+    """Train ``run`` in its own process (``python -m engine train --run-dir``); returns the pid."""
+    pid = spawn_engine(["train", "--run-dir", str(run.path), *(extra_args or [])], run.log_path)
+    run.write_status(state="queued", pid=pid)
+    return pid
+
+
+def start_group_background(runs: list[RunDir], runs_root: str | Path, group: str) -> int:
+    """Train a comparison's runs one after another in one background process."""
+    pid = spawn_engine(["compare", "--group", group, "--out", str(runs_root)], runs[0].log_path)
+    for run in runs:
+        run.write_status(state="queued", pid=pid)
+    return pid
 
 
 def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> dict[str, Any]:

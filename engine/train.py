@@ -70,6 +70,8 @@ class TrainConfig:
     monitor: str = "val_acc"  # val_acc | val_loss
     patience: int | None = None  # early stopping after this many epochs without improvement
     min_delta: float = 0.0
+    group: str | None = None  # comparison this run belongs to
+    label: str | None = None  # its name inside the comparison
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
