@@ -14,6 +14,9 @@ PAGES = [
     st.Page("pages/freeze_configurator.py", title="Freeze Configurator", icon=":material/ac_unit:"),
     st.Page("pages/training.py", title="Training", icon=":material/model_training:"),
     st.Page("pages/inference.py", title="Inference", icon=":material/image_search:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/analytics:"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:"),
 ]
 
 init_state()

@@ -169,3 +169,68 @@ def test_inference_page_predicts_uploads_and_lists_bad_files(cat_photo):
     titles = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
     assert "cat" in titles.lower()
     assert any("could not be read" in w.value for w in at.warning)
+
+
+@pytest.fixture
+def tiny_run(isolated_dirs):
+    """A finished tiny run in the isolated runs folder (lfw, misclassifications guaranteed early)."""
+    from engine.fit import fit
+    from engine.freeze import FreezePlan
+    from engine.runs import create_run
+    from engine.train import TrainConfig
+
+    config = TrainConfig(model=TINY, weights="none", data="lfw", image_size=32, max_per_class=12, epochs=1,
+                         num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
+    run = create_run(isolated_dirs / "runs", config.to_dict())
+    fit(config, run)
+    return run
+
+
+def test_evaluate_page_shows_matrix_metrics_gallery_and_grad_cam(tiny_run):
+    at = page("evaluate.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert by_label(at.metric, "Validation accuracy (best checkpoint)").value.endswith("%")
+    charts = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
+    assert "Confusion matrix" in charts and "Confidence of right and wrong" in charts
+    captions = [str(img.proto) for img in at.get("image")]
+    assert any(" → " in c for c in captions), "misclassified gallery"
+    assert any(", layer layer" in c for c in captions), "Grad-CAM overlay"
+    by_label(at.toggle, "Normalise rows (recall per class)").set_value(False).run()
+    assert not at.exception
+
+
+def test_runs_page_exports_with_parity_shows_code_and_deletes(tiny_run):
+    at = page("runs.py")
+    at.run()
+    assert not at.exception
+    by_label(at.radio, "Also export as").set_value("onnx").run()
+    by_label(at.button, "Export to onnx and check parity").click().run()
+    assert not at.exception
+    assert any("matches PyTorch" in s.value for s in at.success)
+    assert any("def set_trainable" in c.value for c in at.code)
+    by_label(at.checkbox, f"Yes, delete {tiny_run.run_id} and its checkpoints").check().run()
+    by_label(at.button, "Delete run").click().run()
+    assert not at.exception
+    assert not tiny_run.path.exists()
+
+
+def test_compare_default_demo_shows_fine_tuning_ahead(isolated_dirs):
+    """The product's central claim, on real data with the real default model: a few minutes on 2 cores."""
+    at = page("compare.py", model="timm:efficientnet_lite0", weights="packaged")
+    at.run()
+    assert not at.exception
+    by_label(at.button, "Run the default demo (digits, 96 px, 2 epochs each)").click().run()
+    from engine.compare import group_runs
+    from engine.runs import wait_for
+
+    group = at.session_state["compare_group"]
+    for run in group_runs(isolated_dirs / "runs", group):
+        assert wait_for(run, timeout_s=420)["state"] == "finished"
+    at.run()
+    assert not at.exception
+    assert any("full fine-tune" in s.value for s in at.success), [s.value for s in at.success]
+    table = at.dataframe[-1].value
+    acc = dict(zip(table["strategy"], table["best_val_acc"]))
+    assert acc["full fine-tune"] > acc["feature extraction"] + 0.03
+    assert acc["full fine-tune"] >= 0.95

@@ -100,7 +100,9 @@ def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat
     _no_exception(page)
     page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
     for path, marker in [("model_explorer", "Call model(x)"), ("freeze_configurator", "Parameters per stage"),
-                         ("training", "1. Data"), ("inference", "Upload one or more images")]:
+                         ("training", "1. Data"), ("compare", "Compare strategies"),
+                         ("evaluate", "Evaluate a run"), ("runs", "No runs yet"),
+                         ("inference", "Upload one or more images")]:
         page.goto(f"{served_app}/{path}")
         _wait_ready(page)
         page.get_by_text(marker).first.wait_for(timeout=120_000)

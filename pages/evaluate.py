@@ -1,0 +1,122 @@
+"""Evaluation of a run: what it gets right and wrong, how sure it is, and where it looks."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine.data import load_source
+from engine.errors import EngineError
+from engine.evaluate import evaluation_report
+from engine.explain import grad_cam
+from engine.images import open_image
+from engine.infer import load_run_model
+from engine.paths import runs_root
+from engine.runs import describe_run, list_runs, open_run
+from engine.train import TrainConfig
+from pages.common import SELECTED_RUN, show_error
+
+
+@st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
+def report_for(run_path: str, mtime: float) -> dict:
+    return evaluation_report(open_run(runs_root(), run_path))
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def run_handle(run_path: str, mtime: float):
+    return load_run_model(run_path)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def val_image(data: str, index: int):
+    return load_source(data).image(index)
+
+
+st.title("Evaluate a run")
+runs = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
+if not runs:
+    st.info("No trained run yet: train one on the Training or Compare page.")
+    st.stop()
+ids = [r.run_id for r in runs]
+selected = st.session_state.get(SELECTED_RUN)
+pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0,
+                    format_func=lambda i: f"{i} · {describe_run(runs[ids.index(i)])['model']}")
+st.session_state[SELECTED_RUN] = pick
+run = runs[ids.index(pick)]
+mtime = run.checkpoint("best").stat().st_mtime
+try:
+    report = report_for(str(run.path), mtime)
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
+config = TrainConfig.from_dict(run.config())
+names = report["class_names"]
+st.metric("Validation accuracy (best checkpoint)", f"{report['accuracy']:.2%}")
+
+left, right = st.columns(2)
+with left:
+    normalise = st.toggle("Normalise rows (recall per class)", True)
+    matrix = np.array(report["confusion"], dtype=float)
+    shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalise else matrix
+    fig = go.Figure(go.Heatmap(z=shown, x=names, y=names, colorscale="Blues", text=matrix.astype(int),
+                               texttemplate="%{text}", hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>"))
+    fig.update_layout(title="Confusion matrix", xaxis_title="predicted", yaxis_title="true",
+                      yaxis_autorange="reversed", height=460)
+    st.plotly_chart(fig)
+with right:
+    st.dataframe(pd.DataFrame(report["per_class"]).round(3), hide_index=True, height=260)
+    conf = pd.DataFrame([{"confidence": c, "answer": "correct"} for c in report["confidence"]["correct"]]
+                        + [{"confidence": c, "answer": "wrong"} for c in report["confidence"]["wrong"]])
+    st.plotly_chart(px.histogram(conf, x="confidence", color="answer", nbins=20, barmode="overlay",
+                                 title="Confidence of right and wrong answers (calibration at a glance)"))
+
+st.subheader("Misclassified validation images")
+wrong = pd.DataFrame(report["misclassified"])
+if wrong.empty:
+    st.success("No validation image is misclassified.")
+else:
+    f1, f2 = st.columns(2)
+    true_filter = f1.selectbox("True class (a confusion-matrix row)", ["any"] + names)
+    pred_filter = f2.selectbox("Predicted class (a column)", ["any"] + names)
+    view = wrong[((wrong["true"] == true_filter) | (true_filter == "any"))
+                 & ((wrong["predicted"] == pred_filter) | (pred_filter == "any"))]
+    st.download_button("Download as CSV", view.to_csv(index=False), file_name=f"{run.run_id}-misclassified.csv")
+    cols = st.columns(6)
+    for slot, row in enumerate(view.head(24).itertuples()):
+        cols[slot % 6].image(val_image(config.data, int(row.index)), width=96,
+                             caption=f"{row.true} → {row.predicted} ({row.confidence:.0%})")
+
+st.subheader("Grad-CAM: where does the model look?")
+source = st.radio("Image", ["a validation image", "upload"], horizontal=True)
+image = None
+if source == "upload":
+    upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"])
+    if upload is not None:
+        try:
+            image = open_image(upload.getvalue(), name=upload.name)
+        except EngineError as exc:
+            show_error(exc)
+else:
+    candidates = report["misclassified"][:20] or []
+    options = [m["index"] for m in candidates]
+    if options:
+        chosen = st.selectbox("Misclassified image", options,
+                              format_func=lambda i: next(f"{m['source']}: {m['true']} → {m['predicted']}"
+                                                         for m in candidates if m["index"] == i))
+        image = val_image(config.data, int(chosen))
+    else:
+        image = val_image(config.data, 0)
+if image is not None:
+    target = st.selectbox("Explain class", ["the predicted class"] + names)
+    try:
+        handle = run_handle(str(run.path), mtime)
+        result = grad_cam(handle, image, None if target == "the predicted class" else names.index(target))
+    except EngineError as exc:
+        show_error(exc)
+    else:
+        c1, c2 = st.columns(2)
+        c1.image(image.resize(result.overlay.size), caption="input", width=224)
+        c2.image(result.overlay, caption=f"{result.class_name} ({result.probability:.0%}), layer {result.target_layer}",
+                 width=224)
