@@ -24,6 +24,21 @@ PLAN = "freeze_plan"  # FreezePlan.to_dict()
 SELECTED_RUN = "selected_run"  # run id
 
 
+def require_router() -> None:
+    """Run this page through streamlit_app.py's navigation, even on a server's very first request.
+
+    Streamlit decides at start-up whether an app uses the old ``pages/`` folder convention (it
+    sees our pages/ folder) and keeps thinking so until ``st.navigation`` runs once. A first
+    request straight to e.g. /compare would run the page file alone: no router, no sidebar.
+    This flips the flag and reruns, so the entry point routes to the same page.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def init_state() -> None:
     from engine.freeze import FreezePlan
 

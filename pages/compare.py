@@ -13,8 +13,9 @@ from engine.errors import EngineError
 from engine.freeze import FreezePlan
 from engine.paths import runs_root
 from engine.runs import ACTIVE_STATES, active_runs, request_cancel, start_group_background
-from pages.common import PLAN, active, show_error
+from pages.common import PLAN, active, show_error, require_router
 
+require_router()
 st.title("Compare strategies")
 st.markdown(
     "Train several freezing strategies on **the same data, split, epochs and seed**, then compare them "

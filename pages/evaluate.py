@@ -16,7 +16,7 @@ from engine.infer import load_run_model
 from engine.paths import runs_root
 from engine.runs import describe_run, list_runs, open_run
 from engine.train import TrainConfig
-from pages.common import SELECTED_RUN, show_error
+from pages.common import SELECTED_RUN, show_error, require_router
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
@@ -34,6 +34,7 @@ def val_image(data: str, index: int):
     return load_source(data).image(index)
 
 
+require_router()
 st.title("Evaluate a run")
 runs = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
 if not runs:

@@ -1,8 +1,11 @@
 """Home: what the workbench is for and the path through it."""
 import streamlit as st
 
+from pages.common import require_router
+
 from engine.registry import DEFAULT_MODEL
 
+require_router()
 st.title("Transfer-learning workbench")
 st.markdown(
     """

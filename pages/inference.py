@@ -9,7 +9,7 @@ from engine.errors import EngineError
 from engine.infer import load_run_model, predict_sources
 from engine.paths import runs_root
 from engine.runs import describe_run, list_runs
-from pages.common import SELECTED_RUN, active, load_model, show_error
+from pages.common import SELECTED_RUN, active, load_model, show_error, require_router
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the trained model...")
@@ -18,6 +18,7 @@ def run_model(path: str, mtime: float):
     return load_run_model(path)
 
 
+require_router()
 st.title("Inference")
 finished = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
 choice = st.radio("Predict with", ["the active model", "a trained run"], horizontal=True,

@@ -11,9 +11,10 @@ from engine.errors import EngineError
 from engine.freeze import FreezePlan
 from pages.common import (
     ACTIVE_CLASSES, ACTIVE_MODEL, ACTIVE_WEIGHTS, active, catalog_rows, freeze_preview, load_model,
-    model_summary, save_upload, show_error, weights_label,
+    model_summary, require_router, save_upload, show_error, weights_label,
 )
 
+require_router()
 st.title("Model Explorer")
 name, weights, classes = active()
 

@@ -12,7 +12,7 @@ from engine.infer import load_run_model
 from engine.paths import runs_root
 from engine.runs import RunError, delete_run, describe_run, list_runs, open_run
 from engine.train import TrainConfig
-from pages.common import SELECTED_RUN, show_error
+from pages.common import SELECTED_RUN, show_error, require_router
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the run's model...")
@@ -20,6 +20,7 @@ def run_handle(run_path: str, mtime: float):
     return load_run_model(run_path)
 
 
+require_router()
 st.title("Runs")
 runs = list_runs(runs_root())
 if not runs:

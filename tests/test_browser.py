@@ -94,6 +94,13 @@ def _no_exception(page) -> None:
 def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat_photo):
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser_page
+    # the server's very first request goes straight to a page: it must still get the router
+    page.goto(f"{served_app}/compare")
+    _wait_ready(page)
+    page.get_by_text("Compare strategies").first.wait_for(timeout=60_000)
+    nav = page.locator("[data-testid='stSidebarNav']").inner_text()
+    assert "Model Explorer" in nav and "common" not in nav, nav
+    assert "Active model" in page.locator("[data-testid='stSidebar']").inner_text()
     page.goto(served_app)
     _wait_ready(page)
     page.get_by_text("Transfer-learning workbench").first.wait_for(timeout=60_000)
