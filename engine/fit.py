@@ -6,6 +6,7 @@ A cancel (or a kill) never leaves a half-written file: checkpoints are replaced 
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from engine.events import CheckpointSaved, EpochEnded, Emit, Event, RunFinished,
 from engine.freeze import apply_plan, build_optimizer, optimizer_for_groups, param_groups, unfreeze_for_epoch
 from engine.infer import eval_transform
 from engine.models import ModelHandle, create_model
-from engine.runs import RunDir, load_weights, save_weights
+from engine.runs import RunDir, atomic_write_bytes, load_weights, save_weights
 from engine.stages import model_stages
 from engine.train import (
     HeadOnly, RunResult, TrainConfig, _subsample, amp_dtype, cache_point, compute_features,
@@ -229,9 +230,6 @@ def _save_checkpoints(run: RunDir, handle: ModelHandle, optimizer, ended: EpochE
         save_weights(run.checkpoint("best"), weights, meta)
         sink(CheckpointSaved(epoch=ended.epoch, kind="best", path=str(run.checkpoint("best")),
                              val_loss=ended.val_loss, val_acc=ended.val_acc))
-    from engine.runs import atomic_write_bytes
-    import io
-
     buf = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "group_layout": [g["name"] for g in optimizer.param_groups],
                 "epoch": ended.epoch, "step": step, **tracking}, buf)

@@ -22,17 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.data import DataError, ImageSet, TransformDataset, load_source, stratified_split, validate
+from engine.data import ImageSet
 from engine.errors import EngineError
-from engine.events import CheckpointSaved, EpochEnded, Emit, RunFinished, RunStarted, StepLogged, no_emit
-from engine.freeze import (
-    FreezePlan, apply_plan, build_optimizer, param_groups, set_train_mode, unfreeze_for_epoch,
-)
 from engine.features import head_inputs
-from engine.models import ModelHandle, create_model
+from engine.freeze import FreezePlan, set_train_mode
+from engine.models import ModelHandle
 from engine.registry import DEFAULT_MODEL
-from engine.runs import RunDir, load_weights, save_weights
-from engine.stages import Stage, model_stages
+from engine.stages import Stage
 
 
 @dataclass

@@ -146,6 +146,32 @@ def show_error(exc: Exception) -> None:
     st.error(str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}")
 
 
+@st.cache_resource(max_entries=3, show_spinner="Loading the trained model...")
+def load_trained(run_path: str, mtime: float):
+    """A run's best checkpoint; keyed by its mtime, so a newer best loads again."""
+    from engine.infer import load_run_model
+
+    return load_run_model(run_path)
+
+
+def pick_trained_run(label: str = "Run"):
+    """A selectbox of runs that have a best checkpoint (shared selection across pages); stops the
+    page with a hint when there is none."""
+    from engine.paths import runs_root
+    from engine.runs import describe_run, list_runs
+
+    runs = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
+    if not runs:
+        st.info("No trained run yet: train one on the Training or Compare page.")
+        st.stop()
+    ids = [r.run_id for r in runs]
+    selected = st.session_state.get(SELECTED_RUN)
+    pick = st.selectbox(label, ids, index=ids.index(selected) if selected in ids else 0,
+                        format_func=lambda i: f"{i} · {describe_run(runs[ids.index(i)])['model']}")
+    st.session_state[SELECTED_RUN] = pick
+    return runs[ids.index(pick)]
+
+
 # ------------------------------------------------------------------ sidebar
 def render_sidebar() -> None:
     name, weights, classes = active()

@@ -13,7 +13,7 @@ from engine.errors import EngineError
 from engine.freeze import FreezePlan
 from engine.paths import runs_root
 from engine.runs import ACTIVE_STATES, active_runs, request_cancel, start_group_background
-from pages.common import PLAN, active, show_error, require_router
+from pages.common import PLAN, active, require_router, show_error
 
 require_router()
 st.title("Compare strategies")

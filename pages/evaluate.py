@@ -12,21 +12,15 @@ from engine.errors import EngineError
 from engine.evaluate import evaluation_report
 from engine.explain import grad_cam
 from engine.images import open_image
-from engine.infer import load_run_model
 from engine.paths import runs_root
-from engine.runs import describe_run, list_runs, open_run
+from engine.runs import open_run
 from engine.train import TrainConfig
-from pages.common import SELECTED_RUN, show_error, require_router
+from pages.common import load_trained, pick_trained_run, require_router, show_error
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
 def report_for(run_path: str, mtime: float) -> dict:
     return evaluation_report(open_run(runs_root(), run_path))
-
-
-@st.cache_resource(max_entries=2, show_spinner=False)
-def run_handle(run_path: str, mtime: float):
-    return load_run_model(run_path)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -36,16 +30,7 @@ def val_image(data: str, index: int):
 
 require_router()
 st.title("Evaluate a run")
-runs = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
-if not runs:
-    st.info("No trained run yet: train one on the Training or Compare page.")
-    st.stop()
-ids = [r.run_id for r in runs]
-selected = st.session_state.get(SELECTED_RUN)
-pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0,
-                    format_func=lambda i: f"{i} · {describe_run(runs[ids.index(i)])['model']}")
-st.session_state[SELECTED_RUN] = pick
-run = runs[ids.index(pick)]
+run = pick_trained_run()
 mtime = run.checkpoint("best").stat().st_mtime
 try:
     report = report_for(str(run.path), mtime)
@@ -112,7 +97,7 @@ else:
 if image is not None:
     target = st.selectbox("Explain class", ["the predicted class"] + names)
     try:
-        handle = run_handle(str(run.path), mtime)
+        handle = load_trained(str(run.path), mtime)
         result = grad_cam(handle, image, None if target == "the predicted class" else names.index(target))
     except EngineError as exc:
         show_error(exc)

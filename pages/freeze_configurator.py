@@ -12,7 +12,9 @@ from engine.advisor import batchnorm_train_eval_gap, estimate_similarity, recomm
 from engine.errors import EngineError
 from engine.freeze import FreezePlan
 from engine.infer import eval_transform
-from pages.common import PLAN, active, dataset_sample, freeze_preview, load_model, show_error, require_router
+from pages.common import (
+    PLAN, active, dataset_sample, freeze_preview, load_model, require_router, show_error,
+)
 
 require_router()
 st.title("Freeze Configurator")

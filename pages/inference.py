@@ -6,16 +6,12 @@ import plotly.express as px
 import streamlit as st
 
 from engine.errors import EngineError
-from engine.infer import load_run_model, predict_sources
+from engine.infer import predict_sources
 from engine.paths import runs_root
-from engine.runs import describe_run, list_runs
-from pages.common import SELECTED_RUN, active, load_model, show_error, require_router
-
-
-@st.cache_resource(max_entries=4, show_spinner="Loading the trained model...")
-def run_model(path: str, mtime: float):
-    """Keyed by the checkpoint's mtime: a newer best checkpoint loads again."""
-    return load_run_model(path)
+from engine.runs import list_runs
+from pages.common import (
+    SELECTED_RUN, active, load_model, load_trained, pick_trained_run, require_router, show_error,
+)
 
 
 require_router()
@@ -25,15 +21,8 @@ choice = st.radio("Predict with", ["the active model", "a trained run"], horizon
                   index=1 if finished and st.session_state.get(SELECTED_RUN) in [r.run_id for r in finished] else 0)
 try:
     if choice == "a trained run":
-        if not finished:
-            st.info("No trained run yet: train one on the Training page.")
-            st.stop()
-        ids = [r.run_id for r in finished]
-        selected = st.session_state.get(SELECTED_RUN)
-        pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0,
-                            format_func=lambda i: f"{i} · {describe_run(finished[ids.index(i)])['model']}")
-        run = finished[ids.index(pick)]
-        handle = run_model(str(run.path), run.checkpoint("best").stat().st_mtime)
+        run = pick_trained_run()
+        handle = load_trained(str(run.path), run.checkpoint("best").stat().st_mtime)
     else:
         handle = load_model(*active())
 except EngineError as exc:

@@ -8,16 +8,10 @@ import streamlit as st
 from engine.codegen import generate_script
 from engine.errors import EngineError
 from engine.export import export_to_bytes, weights_bundle
-from engine.infer import load_run_model
 from engine.paths import runs_root
 from engine.runs import RunError, delete_run, describe_run, list_runs, open_run
 from engine.train import TrainConfig
-from pages.common import SELECTED_RUN, show_error, require_router
-
-
-@st.cache_resource(max_entries=2, show_spinner="Loading the run's model...")
-def run_handle(run_path: str, mtime: float):
-    return load_run_model(run_path)
+from pages.common import SELECTED_RUN, load_trained, require_router, show_error
 
 
 require_router()
@@ -52,7 +46,7 @@ with tab_export:
     if not best.is_file():
         st.info("This run has no checkpoint yet.")
     else:
-        handle = run_handle(str(run.path), best.stat().st_mtime)
+        handle = load_trained(str(run.path), best.stat().st_mtime)
         st.download_button("Best weights + JSON (zip: model.safetensors, model.json)",
                            weights_bundle(handle, {"run_id": run.run_id}), file_name=f"{run.run_id}.zip")
         st.caption("Load it again with `create_model(NAME, weights='model.safetensors')`: the JSON beside the "

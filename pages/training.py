@@ -11,7 +11,9 @@ from engine.freeze import FreezePlan
 from engine.paths import data_root, resolve_data_path, runs_root
 from engine.runs import active_runs, create_run, describe_run, list_runs, open_run, start_background
 from engine.train import TrainConfig
-from pages.common import PLAN, SELECTED_RUN, active, dataset_overview, save_upload, show_error, require_router
+from pages.common import (
+    PLAN, SELECTED_RUN, active, dataset_overview, require_router, save_upload, show_error,
+)
 from pages.run_panel import live_panel
 
 require_router()

@@ -10,7 +10,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from engine.compare import comparison_table, create_comparison, curves, group_runs, list_groups
 from engine.errors import EngineError
