@@ -233,3 +233,18 @@ def test_compare_default_demo_shows_fine_tuning_ahead(isolated_dirs):
     acc = dict(zip(table["strategy"], table["best_val_acc"]))
     assert acc["full fine-tune"] > acc["feature extraction"] + 0.03
     assert acc["full fine-tune"] >= 0.95
+
+
+def test_training_page_lists_folders_of_the_data_directory(isolated_dirs):
+    folder = isolated_dirs / "data" / "shapes"
+    for cls, color in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), color).save(folder / cls / f"{i}.png")
+    at = page("training.py")
+    at.run()
+    by_label(at.radio, "Data").set_value("folder in the data directory").run()
+    assert not at.exception
+    assert by_label(at.selectbox, "Folder").value == "shapes"
+    assert any("8 images" in str(c.proto.spec) for c in at.get("plotly_chart"))
+    assert not by_label(at.button, "Start training").disabled

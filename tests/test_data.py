@@ -175,3 +175,18 @@ def test_cifar10_loads_from_a_local_copy(tmp_path, monkeypatch):
     ds = load_cifar10_set(tmp_path / "cifar", download=False)
     assert len(ds) == 20 and ds.class_names[3] == "cat"
     assert ds.image(0).size == (32, 32) and ds.image(0).mode == "RGB"
+
+
+def test_user_paths_stay_inside_the_data_folder(tmp_path):
+    from engine.errors import EngineError
+    from engine.paths import resolve_data_path
+
+    root = tmp_path / "data"
+    (root / "flowers").mkdir(parents=True)
+    assert resolve_data_path("flowers", root) == (root / "flowers").resolve()
+    for bad in ("../secrets", "/etc", "flowers/../../x"):
+        with pytest.raises(EngineError, match="outside the data folder"):
+            resolve_data_path(bad, root)
+    (root / "link").symlink_to(tmp_path)  # a link pointing out is refused too
+    with pytest.raises(EngineError):
+        resolve_data_path("link", root)
