@@ -7,6 +7,7 @@ the tokens reshaped back into a grid (prefix tokens such as [CLS] dropped).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +19,10 @@ from torch import nn
 from engine.errors import EngineError
 from engine.infer import eval_transform
 from engine.models import ModelHandle
+
+
+# Grad-CAM hooks the model; models may be shared (one cached copy serves every app session)
+_CAM_LOCK = threading.Lock()
 
 
 @dataclass
@@ -104,6 +109,12 @@ def _token_target(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tupl
 
 
 def grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None = None) -> CamResult:
+    """Heatmap of the evidence for ``class_index`` (default: the predicted class), over the image."""
+    with _CAM_LOCK:
+        return _grad_cam(handle, image, class_index)
+
+
+def _grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None) -> CamResult:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
