@@ -47,10 +47,21 @@ with left:
     matrix = np.array(report["confusion"], dtype=float)
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalise else matrix
     fig = go.Figure(go.Heatmap(z=shown, x=names, y=names, colorscale="Blues", text=matrix.astype(int),
-                               texttemplate="%{text}", hovertemplate="true %{y}, predicted %{x}: %{text}<extra></extra>"))
-    fig.update_layout(title="Confusion matrix", xaxis_title="predicted", yaxis_title="true",
+                               texttemplate="%{text}", hoverinfo="skip"))
+    # invisible markers on the cell centres make each cell clickable (plotly selects points)
+    cells = [(p, t) for t in names for p in names]
+    fig.add_trace(go.Scatter(x=[p for p, _ in cells], y=[t for _, t in cells], mode="markers",
+                             marker={"size": 28, "opacity": 0.01, "color": "black"}, showlegend=False,
+                             hovertemplate="true %{y}, predicted %{x}: click to see these images<extra></extra>"))
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    fig.update_layout(title="Confusion matrix (click a cell)", xaxis_title="predicted", yaxis_title="true",
                       yaxis_autorange="reversed", height=460)
-    st.plotly_chart(fig)
+    event = st.plotly_chart(fig, key="confusion", on_select="rerun", selection_mode="points")
+    picked = [(str(pt.get("y")), str(pt.get("x"))) for pt in (event.selection.points if event else [])]
+    if picked and picked[0] != st.session_state.get("ev_last_cell"):
+        st.session_state["ev_last_cell"] = picked[0]
+        st.session_state["ev_true"], st.session_state["ev_pred"] = picked[0]
 with right:
     st.dataframe(pd.DataFrame(report["per_class"]).round(3), hide_index=True, height=260)
     conf = pd.DataFrame([{"confidence": c, "answer": "correct"} for c in report["confidence"]["correct"]]
@@ -64,8 +75,11 @@ if wrong.empty:
     st.success("No validation image is misclassified.")
 else:
     f1, f2 = st.columns(2)
-    true_filter = f1.selectbox("True class (a confusion-matrix row)", ["any"] + names)
-    pred_filter = f2.selectbox("Predicted class (a column)", ["any"] + names)
+    for key in ("ev_true", "ev_pred"):
+        if st.session_state.get(key) not in ["any"] + names:
+            st.session_state[key] = "any"
+    true_filter = f1.selectbox("True class (a confusion-matrix row)", ["any"] + names, key="ev_true")
+    pred_filter = f2.selectbox("Predicted class (a column)", ["any"] + names, key="ev_pred")
     view = wrong[((wrong["true"] == true_filter) | (true_filter == "any"))
                  & ((wrong["predicted"] == pred_filter) | (pred_filter == "any"))]
     st.download_button("Download as CSV", view.to_csv(index=False), file_name=f"{run.run_id}-misclassified.csv")

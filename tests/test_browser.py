@@ -35,11 +35,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tiny_run(root: Path) -> None:
+    """One finished run (tiny model, LFW faces) so Evaluate and Runs have something to show."""
+    from engine.fit import fit
+    from engine.freeze import FreezePlan
+    from engine.runs import create_run
+    from engine.train import TrainConfig
+
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
+                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
+    fit(config, create_run(root, config.to_dict()))
+
+
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory):
     port = _free_port()
     tmp = tmp_path_factory.mktemp("served")
     env = {**os.environ, "WORKBENCH_RUNS": str(tmp / "runs"), "WORKBENCH_DATA": str(tmp / "data")}
+    _tiny_run(tmp / "runs")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true"],
@@ -108,7 +121,7 @@ def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat
     page.screenshot(path=str(ARTIFACTS / "home.png"), full_page=True)
     for path, marker in [("model_explorer", "Call model(x)"), ("freeze_configurator", "Parameters per stage"),
                          ("training", "1. Data"), ("compare", "Compare strategies"),
-                         ("evaluate", "Evaluate a run"), ("runs", "No runs yet"),
+                         ("evaluate", "Confusion matrix (click a cell)"), ("runs", "Overlay curves of"),
                          ("inference", "Upload one or more images")]:
         page.goto(f"{served_app}/{path}")
         _wait_ready(page)
@@ -121,3 +134,17 @@ def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat
     _no_exception(page)
     page.screenshot(path=str(ARTIFACTS / "inference-prediction.png"), full_page=True)
     assert "%" in (title.text_content() or "")
+
+    # Evaluate: clicking a confusion-matrix cell filters the gallery to that (true, predicted) pair
+    page.goto(f"{served_app}/evaluate")
+    _wait_ready(page)
+    cells = page.locator(".js-plotly-plot .scatterlayer .point")
+    cells.first.wait_for(timeout=60_000)
+    box = cells.nth(2).bounding_box()  # row "face" (true), column "non-face" (predicted)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    true_box = page.get_by_role("combobox", name="True class (a confusion-matrix row)")
+    page.wait_for_function("() => document.querySelector('input[aria-label^=\"True class\"]').value === 'face'",
+                           timeout=60_000)
+    assert page.get_by_role("combobox", name="Predicted class (a column)").input_value() == "non-face"
+    assert true_box.input_value() == "face"
+    page.screenshot(path=str(ARTIFACTS / "evaluate-cell-click.png"), full_page=True)
