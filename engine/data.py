@@ -249,6 +249,19 @@ def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
                       problems=problems, warnings=warnings)
 
 
+def subsample_per_class(labels: Sequence[int], per_class: int | None, seed: int = 0) -> list[int]:
+    """At most ``per_class`` seeded random indices of every class (all of them when None), sorted."""
+    if not per_class:
+        return list(range(len(labels)))
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)
+    keep: list[int] = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep += rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist()
+    return sorted(keep)
+
+
 def stratified_split(labels: Sequence[int], val_fraction: float = 0.2, test_fraction: float = 0.0,
                      seed: int = 0) -> tuple[list[int], list[int], list[int]]:
     """Per-class shuffled split, same seed -> same split; every class keeps >= 1 training image."""

@@ -8,22 +8,18 @@ from torch.utils.data import DataLoader
 
 from engine.infer import load_run_model
 from engine.runs import RunDir
-from engine.train import TrainConfig, resolve_device
+from engine.train import TrainConfig, resolve_device, split_indices
 
 
 def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
     """Labels, probabilities and sources of every validation image, in eval + inference mode."""
-    from engine.data import TransformDataset, load_source, stratified_split
+    from engine.data import TransformDataset, load_source
     from engine.infer import eval_transform
-    from engine.train import _subsample
 
     config = TrainConfig.from_dict(run.config())
     handle = load_run_model(run.path, kind)
     ds = load_source(config.data, work_dir=str(run.path))
-    keep = _subsample(ds, config.max_per_class, config.split_seed)
-    _, va, _ = stratified_split([ds.labels[i] for i in keep], config.val_fraction, config.test_fraction,
-                                config.split_seed)
-    indices = [keep[i] for i in va]
+    _, indices = split_indices(ds, config)
     loader = DataLoader(TransformDataset(ds, indices, eval_transform(handle.spec)), batch_size=64)
     device = resolve_device(config.device)
     module = handle.module.to(device).eval()

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine.data import DataError, TransformDataset, load_source, stratified_split, validate
+from engine.data import DataError, TransformDataset, load_source, validate
 from engine.errors import EngineError
 from engine.events import CheckpointSaved, EpochEnded, Emit, Event, RunFinished, RunStarted, StepLogged, no_emit
 from engine.freeze import apply_plan, build_optimizer, optimizer_for_groups, param_groups, unfreeze_for_epoch
@@ -23,9 +23,8 @@ from engine.models import ModelHandle, create_model
 from engine.runs import RunDir, atomic_write_bytes, load_weights, save_weights
 from engine.stages import model_stages
 from engine.train import (
-    HeadOnly, RunResult, TrainConfig, _subsample, amp_dtype, cache_point, compute_features,
-    default_workers, evaluate, resolve_device, seed_everything, train_one_epoch, train_transform,
-    uses_feature_cache,
+    HeadOnly, RunResult, TrainConfig, amp_dtype, cache_point, compute_features, default_workers, evaluate,
+    resolve_device, seed_everything, split_indices, train_one_epoch, train_transform, uses_feature_cache,
 )
 
 STATUS_EVERY_S = 0.5
@@ -45,16 +44,14 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     report = validate(ds)
     if not report.ok:
         raise DataError("The data cannot be trained on: " + " ".join(report.problems))
-    keep = _subsample(ds, config.max_per_class, config.split_seed)
-    labels = [ds.labels[i] for i in keep]
-    tr, va, _ = stratified_split(labels, config.val_fraction, config.test_fraction, config.split_seed)
+    train_idx, val_idx = split_indices(ds, config)
     handle = create_model(config.model, weights=weights or config.weights, class_names=ds.class_names)
     size = config.image_size or handle.spec.input_size[-1]
     handle.spec.input_size = (3, size, size)  # inference must see what training saw
     if config.crop_pct is not None:
         handle.spec.crop_pct = float(config.crop_pct)
-    train_ds = TransformDataset(ds, [keep[i] for i in tr], train_transform(handle, size, config))
-    val_ds = TransformDataset(ds, [keep[i] for i in va], eval_transform(handle.spec, size))
+    train_ds = TransformDataset(ds, train_idx, train_transform(handle, size, config))
+    val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
     return Prepared(handle, train_ds, val_ds, size)
 
 

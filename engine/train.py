@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.data import ImageSet
+from engine.data import ImageSet, stratified_split, subsample_per_class
 from engine.errors import EngineError
 from engine.features import head_inputs
 from engine.freeze import FreezePlan, set_train_mode
@@ -164,17 +164,12 @@ def uses_feature_cache(plan: FreezePlan, config: TrainConfig) -> bool:
     return frozen_forever and not config.augment
 
 
-def _subsample(ds: ImageSet, per_class: int | None, seed: int) -> list[int]:
-    indices = list(range(len(ds)))
-    if not per_class:
-        return indices
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(ds.labels)
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        keep += rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist()
-    return sorted(keep)
+def split_indices(ds: ImageSet, config: TrainConfig) -> tuple[list[int], list[int]]:
+    """(train, val) indices into ``ds``: the one split a run trains on and is evaluated with."""
+    keep = subsample_per_class(ds.labels, config.max_per_class, config.split_seed)
+    tr, va, _ = stratified_split([ds.labels[i] for i in keep], config.val_fraction, config.test_fraction,
+                                 config.split_seed)
+    return [keep[i] for i in tr], [keep[i] for i in va]
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup_frac: float) -> float:

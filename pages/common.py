@@ -117,15 +117,10 @@ def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
 @st.cache_data(show_spinner=False, max_entries=8)
 def dataset_sample(source: str, per_class: int = 12, seed: int = 0) -> tuple[list, list[int]]:
     """A small, seeded, per-class sample of images and labels (for the advisor's estimates)."""
-    import numpy as np
-
-    from engine.data import load_source
+    from engine.data import load_source, subsample_per_class
 
     ds = load_source(source)
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(ds.labels)
-    picked = [int(i) for c in np.unique(labels)
-              for i in rng.choice(np.flatnonzero(labels == c), min(per_class, int((labels == c).sum())), replace=False)]
+    picked = subsample_per_class(ds.labels, per_class, seed)
     return [ds.image(i) for i in picked], [ds.labels[i] for i in picked]
 
 
