@@ -169,23 +169,17 @@ def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from engine.fit import train_run
-    from engine.runs import create_run, open_run, start_background
-    from engine.train import TrainConfig
+    from engine.runs import create_run, extend_run, open_run, start_background
 
     resume = False
     if args.run_dir:  # worker mode: the config is already in the run directory
         run = open_run(args.out, args.run_dir)
-        config = TrainConfig.from_dict(run.config())
         resume = args.resume_flag or run.checkpoint("last").is_file()
     elif args.resume:
         run = open_run(args.out, args.resume)
-        data = run.config()
         if args.epochs_given:
-            data["epochs"] = args.epochs
-        from engine.runs import atomic_write_json
-
-        atomic_write_json(run.config_path, data)
-        config, resume = TrainConfig.from_dict(data), True
+            extend_run(run, args.epochs)
+        resume = True
     else:
         config = _config_from_args(args)
         config.freeze_plan()  # validate before creating anything on disk
@@ -223,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for s in _split(args.strategies)}
         runs = create_comparison(args.out, base, plans)
         if args.background:
-            pid = start_group_background(runs, args.out, runs[0].config()["group"])
+            pid = start_group_background(runs, args.out)
             group = runs[0].config()["group"]
             _print_json({"group": group, "runs": [r.run_id for r in runs], "pid": pid}) if args.json else print(group)
             return 0

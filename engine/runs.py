@@ -231,6 +231,14 @@ def delete_run(run: RunDir) -> None:
     shutil.rmtree(run.path)
 
 
+def extend_run(run: RunDir, epochs: int) -> dict[str, Any]:
+    """Set how many epochs a run trains to (before resuming it); returns the updated config."""
+    config = run.config()
+    config["epochs"] = int(epochs)
+    atomic_write_json(run.config_path, config)
+    return config
+
+
 def request_cancel(run: RunDir) -> None:
     run.cancel_path.write_text(str(time.time()))
 
@@ -313,8 +321,9 @@ def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
     return pid
 
 
-def start_group_background(runs: list[RunDir], runs_root: str | Path, group: str) -> int:
+def start_group_background(runs: list[RunDir], runs_root: str | Path) -> int:
     """Train a comparison's runs one after another in one background process."""
+    group = runs[0].config()["group"]
     pid = spawn_engine(["compare", "--group", group, "--out", str(runs_root)], runs[0].log_path)
     for run in runs:
         run.write_status(state="queued", pid=pid)

@@ -24,6 +24,16 @@ st.markdown(
     "(~180 images per class), the corner of the matrix where fine-tuning should win."
 )
 GROUP = "compare_group"
+
+
+def launch(base, plans: dict[str, FreezePlan]) -> None:
+    """Create the comparison's runs, train them in the background, and show this comparison."""
+    runs = create_comparison(runs_root(), base, plans)
+    start_group_background(runs, runs_root())
+    st.session_state[GROUP] = runs[0].config()["group"]
+    st.rerun()
+
+
 busy = active_runs(runs_root())
 
 left, right = st.columns(2)
@@ -31,10 +41,7 @@ with left:
     if st.button("Run the default demo (digits, 96 px, 2 epochs each)", type="primary", disabled=bool(busy)):
         name, weights, _ = active()
         base = demo_config()
-        runs = create_comparison(runs_root(), replace(base, model=name, weights=weights), demo_plans())
-        start_group_background(runs, runs_root(), runs[0].config()["group"])
-        st.session_state[GROUP] = runs[0].config()["group"]
-        st.rerun()
+        launch(replace(base, model=name, weights=weights), demo_plans())
 with right:
     with st.popover("Custom comparison"):
         data = st.selectbox("Data", ["digits", "lfw"])
@@ -49,13 +56,9 @@ with right:
             name, weights, _ = active()
             base = replace(demo_config(), model=name, weights=weights, data=data, epochs=int(epochs), image_size=int(size))
             try:
-                runs = create_comparison(runs_root(), base, {c: presets[c] for c in choices})
+                launch(base, {c: presets[c] for c in choices})
             except EngineError as exc:
                 show_error(exc)
-            else:
-                start_group_background(runs, runs_root(), runs[0].config()["group"])
-                st.session_state[GROUP] = runs[0].config()["group"]
-                st.rerun()
 
 groups = list_groups(runs_root())
 if not groups:

@@ -9,7 +9,7 @@ from engine.data import extract_upload
 from engine.errors import EngineError
 from engine.freeze import FreezePlan
 from engine.paths import data_root, resolve_data_path, runs_root
-from engine.runs import active_runs, create_run, describe_run, list_runs, open_run, start_background
+from engine.runs import active_runs, create_run, describe_run, extend_run, list_runs, open_run, start_background
 from engine.train import TrainConfig
 from pages.common import (
     PLAN, SELECTED_RUN, active, dataset_overview, require_router, save_upload, show_error,
@@ -108,11 +108,7 @@ if runs:
     if state in ("cancelled", "interrupted", "failed", "finished") and run.checkpoint("last").is_file():
         more = st.number_input("Train until epoch", 1, 1000, max(len(run.metrics()) + 1, 1))
         if st.button("Resume", disabled=bool(busy)):
-            config = run.config()
-            config["epochs"] = int(more)
-            from engine.runs import atomic_write_json
-
-            atomic_write_json(run.config_path, config)
+            extend_run(run, int(more))
             start_background(run, ["--out", str(runs_root()), "--resume-existing"])
             st.rerun()
 else:
