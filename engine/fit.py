@@ -151,7 +151,7 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     best_epoch = state.get("best_epoch")
     best_acc = state.get("best_val_acc")
     stale = int(state.get("stale", 0))
-    history = [m for m in (run.metrics() if run and resume else [])]
+    history = run.metrics() if run and resume else []
 
     run_id = run.run_id if run else "-"
     sink(RunStarted(run_id=run_id, device=str(device), epochs=config.epochs, steps_per_epoch=steps,
@@ -172,9 +172,9 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
             remaining = (steps - i) * elapsed / i + (config.epochs - _epoch) * steps * elapsed / i
             sink(StepLogged(epoch=_epoch, step=i, steps=steps, loss=loss, images_per_s=rate, eta_s=remaining))
 
-        stats = train_one_epoch(train_model, train_loader, optimizer, device=device, epoch=epoch, steps=steps,
-                                step0=step_count, total_steps=total_steps, config=config, dtype=dtype,
-                                scaler=scaler, channels_last=channels_last, on_step=on_step, should_stop=stop)
+        stats = train_one_epoch(train_model, train_loader, optimizer, device=device, step0=step_count,
+                                total_steps=total_steps, config=config, dtype=dtype, scaler=scaler,
+                                channels_last=channels_last, on_step=on_step, should_stop=stop)
         if stats is None:
             return _finish(sink, "cancelled", f"cancelled during epoch {epoch}", best_epoch, best_acc,
                            epoch - 1, started, history, cached, run)

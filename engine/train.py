@@ -221,8 +221,7 @@ def compute_features(model: nn.Module, point: str, loader: Iterable, device: tor
             x = x.to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = head_inputs(model, point, x) if point else model(x)
-            feats.append(out.float().cpu())
+            feats.append(head_inputs(model, point, x).float().cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -237,7 +236,7 @@ class EpochStats:
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
-                    device: torch.device, epoch: int, steps: int, step0: int, total_steps: int,
+                    device: torch.device, step0: int, total_steps: int,
                     config: TrainConfig, dtype: torch.dtype | None, scaler: Any, channels_last: bool,
                     on_step: Callable[[int, float, int], None], should_stop: Callable[[], bool]) -> EpochStats | None:
     """One pass over the training data; returns None if stopped mid-epoch."""
@@ -268,10 +267,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
         n = y.shape[0]
-        total_loss += loss.item() * n
+        batch_loss = loss.item()  # one device sync per step
+        total_loss += batch_loss * n
         correct += (logits.argmax(-1) == y).sum().item()
         seen += n
-        on_step(i + 1, loss.item(), seen)
+        on_step(i + 1, batch_loss, seen)
     return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
 
 
