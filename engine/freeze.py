@@ -231,6 +231,7 @@ class PlanEffect:
     trainable: dict[str, bool]  # parameter name -> trains
     eval_modules: list[str]  # modules held in eval mode (frozen leaves and frozen BN)
     frozen_bn: list[str]
+    module_stage: dict[str, str]  # module name -> stage name
 
 
 def plan_effect(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> PlanEffect:
@@ -261,13 +262,12 @@ def plan_effect(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: 
         eval_modules.append(name)
         if is_batchnorm(module):
             frozen_bn.append(name)
-    return PlanEffect(trainable, eval_modules, frozen_bn)
+    return PlanEffect(trainable, eval_modules, frozen_bn, module_stage)
 
 
 def preview_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> FreezeReport:
     """The report ``apply_plan`` would give, leaving the model untouched (safe on shared models)."""
-    effect = plan_effect(model, stages, plan, epoch)
-    return build_report(model, stages, plan, epoch, effect.frozen_bn, effect.trainable)
+    return build_report(model, stages, plan, epoch, plan_effect(model, stages, plan, epoch))
 
 
 def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int = 0) -> FreezeReport:
@@ -285,30 +285,34 @@ def apply_plan(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: i
         hooks.append((module, module.register_forward_pre_hook(_eval_pre_hook)))
         module.training = False
     setattr(model, _HOOKS_ATTR, hooks)
-    return build_report(model, stages, plan, epoch, effect.frozen_bn)
+    return build_report(model, stages, plan, epoch, effect)
 
 
 def build_report(model: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int,
-                 frozen_bn: list[str] | None = None, trainable_mask: dict[str, bool] | None = None) -> FreezeReport:
+                 effect: PlanEffect) -> FreezeReport:
+    """Per-stage counts from a plan's effect (the same whether or not it was applied)."""
     named = dict(model.named_parameters())
-    trains = trainable_mask or {n: p.requires_grad for n, p in named.items()}
+    trains = effect.trainable
     lrs = stage_learning_rates(stages, plan)
-    hooked = frozen_bn if frozen_bn is not None else []
-    module_stage = _module_stage(model, stages)
+    fixed = set(effect.frozen_bn)
+    bn_by_stage: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if is_batchnorm(module) and name in effect.module_stage:
+            bn_by_stage.setdefault(effect.module_stage[name], []).append(name)
     rows = []
     for stage in stages:
         present = [p for p in stage.params if p in named]
         trainable = sum(named[p].numel() for p in present if trains[p])
-        bns = [n for n, m in model.named_modules() if is_batchnorm(m) and module_stage.get(n) == stage.name]
+        bns = bn_by_stage.get(stage.name, [])
         rows.append(StageReport(
             name=stage.name, params=sum(named[p].numel() for p in present), trainable=trainable,
             lr=lrs[stage.name] if trainable else None, bn_layers=len(bns),
-            bn_fixed=sum(1 for n in bns if n in hooked), modules=list(stage.modules),
+            bn_fixed=sum(1 for n in bns if n in fixed), modules=list(stage.modules),
         ))
     total = sum(p.numel() for p in named.values())
     trainable_total = sum(p.numel() for n, p in named.items() if trains[n])
     return FreezeReport(plan=plan.to_dict(), epoch=epoch, stages=rows, total_params=total,
-                        trainable_params=trainable_total, frozen_bn=list(hooked))
+                        trainable_params=trainable_total, frozen_bn=list(effect.frozen_bn))
 
 
 def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
