@@ -153,7 +153,7 @@ def pick_trained_run(label: str = "Run"):
     """A selectbox of runs that have a best checkpoint (shared selection across pages); stops the
     page with a hint when there is none."""
     from engine.paths import runs_root
-    from engine.runs import describe_run, list_runs
+    from engine.runs import list_runs
 
     runs = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
     if not runs:
@@ -162,7 +162,7 @@ def pick_trained_run(label: str = "Run"):
     ids = [r.run_id for r in runs]
     selected = st.session_state.get(SELECTED_RUN)
     pick = st.selectbox(label, ids, index=ids.index(selected) if selected in ids else 0,
-                        format_func=lambda i: f"{i} · {describe_run(runs[ids.index(i)])['model']}")
+                        format_func=lambda i: f"{i} · {runs[ids.index(i)].config().get('model')}")
     st.session_state[SELECTED_RUN] = pick
     return runs[ids.index(pick)]
 
