@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -339,18 +339,6 @@ def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> dict[
             return status
         time.sleep(poll_s)
     raise RunError(f"Run {run.run_id} did not finish within {timeout_s:.0f} s.")
-
-
-def iter_events(run: RunDir) -> Iterator[dict[str, Any]]:
-    try:
-        with run.events_path.open() as fh:
-            for line in fh:
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    return
-    except OSError:
-        return
 
 
 def describe_run(run: RunDir) -> dict[str, Any]:
