@@ -5,28 +5,21 @@ until a sample is asked for (the Dataset pattern: decode + transform at access t
 """
 from __future__ import annotations
 
-import os
-import stat
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import EngineError
+from engine.archive import ZipLimits, extract_upload, is_hidden_name, safe_extract_zip  # noqa: F401 (re-exported)
+from engine.errors import DataError, EngineError  # noqa: F401
 from engine.images import IMAGE_SUFFIXES, open_image
 
 BUILTIN = ("digits", "lfw")
 TORCHVISION_SETS = ("cifar10",)
 MIN_PER_CLASS = 2  # fewer images than this in a class cannot be split into train and val
-IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints", "__pycache__", ".git", ".DS_Store"}
-
-
-class DataError(EngineError):
-    """The data cannot be used as given (no classes, one class, bad archive ...)."""
 
 
 @dataclass
@@ -86,10 +79,6 @@ def load_lfw_set() -> ImageSet:
 
 
 # ------------------------------------------------------------------ folders
-def _is_hidden(part: str) -> bool:
-    return part.startswith(".") or part in IGNORED_DIRS
-
-
 def _file_loader(path: Path) -> Callable[[], Image.Image]:
     return lambda: open_image(path)
 
@@ -99,7 +88,7 @@ def load_folder(root: str | Path, verify: bool = True) -> ImageSet:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
     if not class_dirs:
         inner = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         hint = " It holds images directly: put them in one sub-folder per class." if inner else ""
@@ -114,7 +103,7 @@ def load_folder(root: str | Path, verify: bool = True) -> ImageSet:
         names.append(d.name)
         for path in sorted(d.rglob("*")):
             rel = path.relative_to(root)
-            if any(_is_hidden(part) for part in rel.parts) or not path.is_file():
+            if any(is_hidden_name(part) for part in rel.parts) or not path.is_file():
                 continue
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped.append((str(rel), "not an image file type"))
@@ -138,80 +127,6 @@ def _verify_image(path: Path) -> str | None:
     except Exception as exc:  # PIL raises many types for broken files
         return f"unreadable ({type(exc).__name__})"
     return None
-
-
-# ------------------------------------------------------------------ zip uploads
-@dataclass(frozen=True)
-class ZipLimits:
-    max_files: int = 20_000
-    max_total_bytes: int = 2 * 1024**3
-    max_ratio: float = 200.0  # uncompressed / compressed: beyond this it looks like a zip bomb
-
-
-def safe_extract_zip(archive: str | Path, dest: str | Path, limits: ZipLimits = ZipLimits()) -> Path:
-    """Extract a zip with path and size checks: no absolute paths, no '..', no links, no bombs."""
-    dest = Path(dest).resolve()
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DataError(f"{Path(archive).name} is not a readable zip file ({exc}).") from exc
-    with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > limits.max_files:
-            raise DataError(f"The zip holds {len(members)} files; the limit is {limits.max_files}.")
-        total = sum(m.file_size for m in members)
-        packed = sum(m.compress_size for m in members) or 1
-        if total > limits.max_total_bytes:
-            raise DataError(f"The zip unpacks to {total / 1e6:.0f} MB; the limit is {limits.max_total_bytes / 1e6:.0f} MB.")
-        if total / packed > limits.max_ratio and total > 10 * 1024**2:
-            raise DataError("The zip's compression ratio is implausible (a zip bomb?); refused.")
-        for m in members:
-            name = PurePosixPath(m.filename.replace("\\", "/"))
-            mode = m.external_attr >> 16
-            if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
-                raise DataError(f"The zip entry '{m.filename}' points outside the archive; refused.")
-            if stat.S_ISLNK(mode):
-                raise DataError(f"The zip entry '{m.filename}' is a link; refused.")
-        dest.mkdir(parents=True, exist_ok=True)
-        written = 0
-        for m in members:
-            target = (dest / m.filename.replace("\\", "/")).resolve()
-            if not str(target).startswith(str(dest) + os.sep):
-                raise DataError(f"The zip entry '{m.filename}' points outside the archive; refused.")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > limits.max_total_bytes:
-                        raise DataError("The zip unpacks to more than it declares; refused.")
-                    out.write(chunk)
-    return _dataset_root(dest)
-
-
-def extract_upload(archive: str | Path, limits: ZipLimits = ZipLimits()) -> Path:
-    """Extract an uploaded zip once, beside it (``x.zip`` -> ``x/``); later calls reuse it."""
-    archive = Path(archive)
-    dest = archive.with_suffix("")
-    done = dest / ".extracted"
-    if done.is_file():
-        return _dataset_root(dest)
-    if dest.exists():
-        import shutil
-
-        shutil.rmtree(dest)  # a half-finished earlier extraction
-    root = safe_extract_zip(archive, dest, limits)
-    done.write_text("ok")
-    return root
-
-
-def _dataset_root(folder: Path) -> Path:
-    """A zip of 'flowers/' holds one top folder: the classes are one level down."""
-    entries = [p for p in folder.iterdir() if not _is_hidden(p.name)]
-    if len(entries) == 1 and entries[0].is_dir():
-        inner = [p for p in entries[0].iterdir() if p.is_dir() and not _is_hidden(p.name)]
-        if inner:
-            return entries[0]
-    return folder
 
 
 # ------------------------------------------------------------------ validation and split

@@ -24,3 +24,7 @@ class HubUnavailableError(WeightsError):
 
 class ImageError(EngineError):
     """A file is not a readable image (wrong type, truncated, too large)."""
+
+
+class DataError(EngineError):
+    """The data cannot be used as given (no classes, one class, bad archive ...)."""
