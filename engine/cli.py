@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -167,28 +168,49 @@ def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
+def _refuse_if_active(run) -> None:
+    from engine.runs import ACTIVE_STATES, RunError
+
+    status = run.status()
+    if status.get("state") in ACTIVE_STATES and status.get("pid") not in (None, os.getpid()):
+        raise RunError(f"Run {run.run_id} is already {status['state']}; wait for it or cancel it.")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from engine.fit import train_run
-    from engine.runs import create_run, extend_run, open_run, start_background
+    from engine.runs import DeviceLock, create_run, extend_run, open_run, start_background
+    from engine.train import resolve_device
 
+    check_runs_folder(args.out)
     resume = False
+    lock = None
     if args.run_dir:  # worker mode: the config is already in the run directory
         run = open_run(args.out, args.run_dir)
-        resume = args.resume_flag or run.checkpoint("last").is_file()
+        resume = args.resume_flag or run.train_state_path.is_file()
     elif args.resume:
         run = open_run(args.out, args.resume)
+        _refuse_if_active(run)  # before touching its config
         if args.epochs_given:
+            from engine.train import TrainConfig
+
+            TrainConfig.from_dict({**run.config(), "epochs": args.epochs})  # validated before it is written
+            if not args.background:
+                lock = _take_device_lock(run.config().get("device", "auto"))
             extend_run(run, args.epochs)
         resume = True
     else:
-        config = _config_from_args(args)
-        config.freeze_plan()  # validate before creating anything on disk
+        config = _config_from_args(args)  # every setting validated before anything is on disk
+        if not args.background:
+            lock = _take_device_lock(config.device)  # a busy device refuses before a run folder exists
+        elif not DeviceLock(None, resolve_device(config.device).type).is_free():
+            raise EngineError("Another training is using this device; wait for it or cancel it.")
         run = create_run(args.out, config.to_dict())
     if args.background:
         pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid}) if args.json else print(run.path)
         return 0
-    result = train_run(run, args.out, resume=resume, emit=_progress_printer(sys.stderr.isatty() and not args.json))
+    result = train_run(run, args.out, resume=resume, emit=_progress_printer(sys.stderr.isatty() and not args.json),
+                       lock=lock)
     if args.json:
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "status": result.status,
                      "reason": result.reason, "best_val_acc": result.best_val_acc,
@@ -196,7 +218,29 @@ def cmd_train(args: argparse.Namespace) -> int:
                      "seconds": round(result.seconds, 2), "feature_cache": result.feature_cache})
     else:
         print(f"{run.path}  best val acc {result.best_val_acc}")
+    if result.status == "diverged":
+        print(f"error: the run diverged: {result.reason}", file=sys.stderr)
     return 0 if result.status in ("finished", "cancelled") else 1
+
+
+def _take_device_lock(device: str):
+    from engine.runs import DeviceLock
+    from engine.train import resolve_device
+
+    lock = DeviceLock(None, resolve_device(device).type, holder="a training started from the command line")
+    lock.acquire()
+    return lock
+
+
+def check_runs_folder(out: str) -> None:
+    """``--out`` must be a folder (or not exist yet): never a file, never empty."""
+    from pathlib import Path
+
+    if not str(out).strip():
+        raise EngineError("--out must name a folder for the runs.")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise EngineError(f"--out {out} is a file, not a folder for runs.")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -274,10 +318,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line on stderr and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine",
-                                     description="Transfer-learning workbench engine.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m engine", description="Transfer-learning workbench engine.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("models", help="list/search the model catalog (timm + torchvision)")
     p.add_argument("--filter", default="", help="substring of the name or family")
@@ -382,3 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a path the user gave: missing, not allowed, full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: one line here, the trace only when asked for
+        if os.environ.get("WORKBENCH_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {str(exc)[:200]}); run again with "
+              "WORKBENCH_DEBUG=1 for the traceback", file=sys.stderr)
+        return 1

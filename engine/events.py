@@ -66,7 +66,7 @@ class CheckpointSaved(Event):
 
 @dataclass
 class RunFinished(Event):
-    status: str  # finished | cancelled | failed
+    status: str  # finished | cancelled | failed | diverged
     reason: str
     best_epoch: int | None
     best_val_acc: float | None

@@ -7,6 +7,7 @@ A cancel (or a kill) never leaves a half-written file: checkpoints are replaced 
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,10 +21,10 @@ from engine.events import CheckpointSaved, EpochEnded, Emit, Event, RunFinished,
 from engine.freeze import apply_plan, build_optimizer, optimizer_for_groups, param_groups, unfreeze_for_epoch
 from engine.infer import eval_transform
 from engine.models import ModelHandle, create_model
-from engine.runs import RunDir, atomic_write_bytes, load_weights, save_weights
+from engine.runs import Heartbeat, RunDir, RunError, atomic_write_bytes, load_weights, save_weights, sweep_temps
 from engine.stages import model_stages
 from engine.train import (
-    HeadOnly, RunResult, TrainConfig, amp_dtype, cache_point, compute_features, default_workers, evaluate,
+    Diverged, HeadOnly, RunResult, TrainConfig, amp_dtype, cache_point, compute_features, default_workers, evaluate,
     resolve_device, seed_everything, split_indices, train_one_epoch, train_transform, uses_feature_cache,
 )
 
@@ -47,6 +48,7 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     train_idx, val_idx = split_indices(ds, config)
     handle = create_model(config.model, weights=weights or config.weights, class_names=ds.class_names)
     size = config.image_size or handle.spec.input_size[-1]
+    config.validate_for_model(handle.module, model_stages(handle.module, handle.spec.head), size)
     handle.spec.input_size = (3, size, size)  # inference must see what training saw
     if config.crop_pct is not None:
         handle.spec.crop_pct = float(config.crop_pct)
@@ -99,14 +101,15 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
 
     state: dict[str, Any] = {}
     if resume:
-        if run is None or not run.checkpoint("last").is_file() or not run.train_state_path.is_file():
-            raise EngineError("Nothing to resume: the run has no completed epoch yet.")
-        state = torch.load(run.train_state_path, map_location="cpu", weights_only=True)
+        if run is None:
+            raise EngineError("Nothing to resume: no run directory.")
+        state = read_commit(run)
     prep = prepare(config, work_dir=str(run.path) if run else None,
-                   weights="none" if resume else None)  # resumed weights come from `last`
+                   weights="none" if resume else None)  # resumed weights come from the commit
     handle, module = prep.handle, prep.handle.module
     if resume:
-        module.load_state_dict(load_weights(run.checkpoint("last")))
+        module.load_state_dict(state["model"] if "model" in state else load_weights(run.checkpoint("last")))
+        repair_after_crash(run, handle, state, config)
     stages = model_stages(module, handle.spec.head)
     start_epoch = int(state.get("epoch", 0)) + 1  # epochs are 1-based
     report = apply_plan(module, stages, plan, epoch=start_epoch - 1)
@@ -151,7 +154,7 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     best_epoch = state.get("best_epoch")
     best_acc = state.get("best_val_acc")
     stale = int(state.get("stale", 0))
-    history = run.metrics() if run and resume else []
+    history = list(state.get("history") or []) if resume else []
 
     run_id = run.run_id if run else "-"
     sink(RunStarted(run_id=run_id, device=str(device), epochs=config.epochs, steps_per_epoch=steps,
@@ -172,9 +175,13 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
             remaining = (steps - i) * elapsed / i + (config.epochs - _epoch) * steps * elapsed / i
             sink(StepLogged(epoch=_epoch, step=i, steps=steps, loss=loss, images_per_s=rate, eta_s=remaining))
 
-        stats = train_one_epoch(train_model, train_loader, optimizer, device=device, step0=step_count,
-                                total_steps=total_steps, config=config, dtype=dtype, scaler=scaler,
-                                channels_last=channels_last, on_step=on_step, should_stop=stop)
+        try:
+            stats = train_one_epoch(train_model, train_loader, optimizer, device=device, step0=step_count,
+                                    total_steps=total_steps, config=config, dtype=dtype, scaler=scaler,
+                                    channels_last=channels_last, on_step=on_step, should_stop=stop)
+        except Diverged as exc:
+            return _finish(sink, "diverged", f"epoch {epoch}: {exc}", best_epoch, best_acc, epoch - 1,
+                           started, history, cached, run)
         if stats is None:
             return _finish(sink, "cancelled", f"cancelled during epoch {epoch}", best_epoch, best_acc,
                            epoch - 1, started, history, cached, run)
@@ -186,7 +193,10 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
             images_per_s=stats.images / max(stats.seconds, 1e-9),
             trainable_params=report.trainable_params, elapsed_s=time.perf_counter() - started,
         )
-        sink(ended)
+        if not (math.isfinite(val_loss) and math.isfinite(stats.loss)):
+            return _finish(sink, "diverged", f"epoch {epoch}: the loss became {val_loss if not math.isfinite(val_loss) else stats.loss}; "
+                           "lower the learning rate (the last finite checkpoint is kept)", best_epoch, best_acc,
+                           epoch - 1, started, history, cached, run)
         history.append(ended.to_dict())
         value = val_acc if config.monitor == "val_acc" else val_loss
         improved = _better(value, best, config.monitor, config.min_delta)
@@ -195,9 +205,13 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
         else:
             stale += 1
         if run is not None:
-            _save_checkpoints(run, handle, optimizer, ended, improved, step_count,
-                              dict(best_value=best, best_epoch=best_epoch, best_val_acc=best_acc, stale=stale),
-                              config, sink)
+            try:
+                _save_checkpoints(run, handle, optimizer, ended, improved, step_count,
+                                  dict(best_value=best, best_epoch=best_epoch, best_val_acc=best_acc, stale=stale),
+                                  history, config, sink)
+            except OSError as exc:
+                raise _disk_error(exc, epoch) from exc
+        sink(ended)  # the metrics line follows the commit; a resume rewrites it from the commit anyway
         if config.patience is not None and stale >= config.patience and epoch < config.epochs:
             return _finish(sink, "finished", f"early stopped: no {config.monitor} improvement for "
                            f"{stale} epochs", best_epoch, best_acc, epoch, started, history, cached, run)
@@ -217,24 +231,82 @@ def _make_optimizer(module, stages, plan, config: TrainConfig, state: dict[str, 
     return optimizer
 
 
+def _checkpoint_meta(handle: ModelHandle, row: dict[str, Any], monitor: str) -> dict[str, Any]:
+    return {"epoch": row["epoch"], "val_loss": row["val_loss"], "val_acc": row["val_acc"],
+            "train_loss": row["train_loss"], "class_names": handle.spec.class_names,
+            "monitor": monitor, "spec": handle.spec.to_dict()}
+
+
 def _save_checkpoints(run: RunDir, handle: ModelHandle, optimizer, ended: EpochEnded, improved: bool,
-                      step: int, tracking: dict[str, Any], config: TrainConfig, sink: Emit) -> None:
+                      step: int, tracking: dict[str, Any], history: list[dict[str, Any]], config: TrainConfig,
+                      sink: Emit) -> None:
+    """One commit per epoch: ``last_state.pt`` (written atomically) holds the weights, optimizer,
+    counters and metrics of this epoch together. Everything after it (last/best safetensors, their
+    JSON, the metrics line) is derived and is rebuilt from it by ``repair_after_crash`` if a kill
+    lands in between. A kill before the commit leaves the previous epoch's commit intact."""
     weights = handle.module.state_dict()
-    meta = {"epoch": ended.epoch, "val_loss": ended.val_loss, "val_acc": ended.val_acc,
-            "train_loss": ended.train_loss, "class_names": handle.spec.class_names,
-            "monitor": config.monitor, "spec": handle.spec.to_dict()}
+    meta = _checkpoint_meta(handle, ended.to_dict(), config.monitor)
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.detach().cpu() for k, v in weights.items()},
+                "optimizer": optimizer.state_dict(), "group_layout": [g["name"] for g in optimizer.param_groups],
+                "epoch": ended.epoch, "step": step, "history": history, "meta": meta, **tracking}, buf)
+    atomic_write_bytes(run.train_state_path, buf.getvalue())  # the commit
+    save_weights(run.checkpoint("last"), weights, meta)
+    sink(CheckpointSaved(epoch=ended.epoch, kind="last", path=str(run.checkpoint("last")),
+                         val_loss=ended.val_loss, val_acc=ended.val_acc))
     if improved:
         save_weights(run.checkpoint("best"), weights, meta)
         sink(CheckpointSaved(epoch=ended.epoch, kind="best", path=str(run.checkpoint("best")),
                              val_loss=ended.val_loss, val_acc=ended.val_acc))
-    buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "group_layout": [g["name"] for g in optimizer.param_groups],
-                "epoch": ended.epoch, "step": step, **tracking}, buf)
-    # order matters for a kill in between: state first, then weights+meta that point at it
-    atomic_write_bytes(run.train_state_path, buf.getvalue())
-    save_weights(run.checkpoint("last"), weights, meta)
-    sink(CheckpointSaved(epoch=ended.epoch, kind="last", path=str(run.checkpoint("last")),
-                         val_loss=ended.val_loss, val_acc=ended.val_acc))
+
+
+def read_commit(run: RunDir) -> dict[str, Any]:
+    """The last committed epoch of a run (weights, optimizer, counters, metrics), or a clear error."""
+    if not run.train_state_path.is_file():
+        raise EngineError("Nothing to resume: the run has no completed epoch yet.")
+    try:
+        state = torch.load(run.train_state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated by something outside the engine, or not ours
+        raise RunError(f"Run {run.run_id}: last_state.pt is damaged ({type(exc).__name__}); "
+                       "it cannot be resumed.") from exc
+    if not isinstance(state, dict) or "epoch" not in state or "optimizer" not in state:
+        raise RunError(f"Run {run.run_id}: last_state.pt is not a resume point of this workbench.")
+    if "model" not in state and not run.checkpoint("last").is_file():
+        raise RunError(f"Run {run.run_id}: the weights of its last epoch are missing; it cannot be resumed.")
+    return state
+
+
+def repair_after_crash(run: RunDir, handle: ModelHandle, state: dict[str, Any], config: TrainConfig) -> None:
+    """Make every derived file agree with the commit: metrics hold exactly epochs 1..N once each,
+    and last/best checkpoints that a kill left behind the commit are rewritten from it."""
+    epoch = int(state["epoch"])
+    history = state.get("history")
+    if history is None:  # a commit written before history was part of it: keep lines up to N, once
+        by_epoch = {m["epoch"]: m for m in run.metrics() if m["epoch"] <= epoch}
+        history = [by_epoch[e] for e in sorted(by_epoch)]
+        state["history"] = history
+    run.rewrite_metrics(history)
+    if "model" not in state:
+        return
+    meta = state.get("meta") or (_checkpoint_meta(handle, history[-1], config.monitor) if history else None)
+    if meta is None:
+        return
+    last = run.checkpoint_meta("last") or {}
+    if last.get("epoch") != epoch:
+        save_weights(run.checkpoint("last"), state["model"], meta)
+    best = run.checkpoint_meta("best") or {}
+    if state.get("best_epoch") == epoch and best.get("epoch") != epoch:
+        save_weights(run.checkpoint("best"), state["model"], meta)
+
+
+def _disk_error(exc: OSError, epoch: int) -> EngineError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return EngineError(f"The disk is full: epoch {epoch}'s checkpoint could not be saved. The last good "
+                           f"checkpoint (epoch {epoch - 1}) is kept; free some space and resume the run.")
+    return EngineError(f"Epoch {epoch}'s checkpoint could not be saved ({exc.strerror or exc}). The last good "
+                       f"checkpoint (epoch {epoch - 1}) is kept; resume the run once this is fixed.")
 
 
 def _finish(sink: Emit, status: str, reason: str, best_epoch, best_acc, epochs_done: int, started: float,
@@ -247,22 +319,62 @@ def _finish(sink: Emit, status: str, reason: str, best_epoch, best_acc, epochs_d
                      seconds=seconds, history=history, feature_cache=cached)
 
 
-def train_run(run: RunDir, runs_root: str, *, resume: bool = False, emit: Emit = no_emit) -> RunResult:
-    """Train a run directory under the device lock, recording failures in its status."""
-    import os
+def train_run(run: RunDir, runs_root: str | None = None, *, resume: bool = False, emit: Emit = no_emit,
+              lock: "DeviceLock | None" = None) -> RunResult:
+    """Train a run directory under the machine's device lock, recording how it ended in its status.
 
+    ``lock``: one the caller already holds (the CLI takes it before creating a run folder, so a
+    refused start leaves nothing on disk). Ctrl-C and SIGTERM end the run as "cancelled".
+    """
     from engine.runs import DeviceLock
 
     config = TrainConfig.from_dict(run.config())
-    run.cancel_path.unlink(missing_ok=True)
     device = resolve_device(config.device)
+    held = lock or DeviceLock(None, device.type, holder=f"run {run.run_id}")
+    if lock is None:
+        held.acquire()  # refused: raises before anything is written
     try:
-        with DeviceLock(runs_root, device.type):
-            run.write_status(state="running", pid=os.getpid())
+        run.cancel_path.unlink(missing_ok=True)
+        sweep_temps(run)
+        with _sigterm_as_interrupt(), Heartbeat(run):
+            run.write_status(state="running", reason="")
             return fit(config, run, resume=resume, emit=emit)
+    except KeyboardInterrupt:
+        _final_status(run, state="cancelled", reason="stopped by Ctrl-C or a termination signal")
+        raise
     except EngineError as exc:
-        run.write_status(state="failed", reason=str(exc))
+        _final_status(run, state="failed", reason=str(exc))
         raise
     except BaseException as exc:
-        run.write_status(state="failed", reason=f"{type(exc).__name__}: {exc}")
+        _final_status(run, state="failed", reason=f"internal error ({type(exc).__name__}); see log.txt")
         raise
+    finally:
+        held.release()
+
+
+def _final_status(run: RunDir, **fields: Any) -> None:
+    """Record how a run ended; best effort (a full disk must not hide the original error)."""
+    try:
+        run.write_status(finished_at=time.time(), **fields)
+    except OSError:
+        pass
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM (a stop from the OS or a process manager) ends the run like Ctrl-C: cancelled."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(_signum, _frame):
+                raise KeyboardInterrupt
+            self._previous = signal.signal(signal.SIGTERM, handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

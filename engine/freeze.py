@@ -15,6 +15,7 @@ A FreezePlan is plain data (presets: feature extraction, full fine-tune, last N 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,8 +56,13 @@ class FreezePlan:
             raise EngineError(f"Unknown BN policy '{self.bn_policy}'. Use one of {', '.join(BN_POLICIES)}.")
         if self.last_n < 0:
             raise EngineError("last_n must be 0 or more.")
+        rates = (self.head_lr, self.backbone_lr_ratio, self.stage_lr_decay)
+        if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) for r in rates):
+            raise EngineError(f"Learning rates must be finite numbers (got head lr {self.head_lr}).")
         if self.head_lr <= 0 or self.backbone_lr_ratio < 0 or self.stage_lr_decay <= 0:
             raise EngineError("Learning rates must be positive.")
+        if self.head_lr > 10:
+            raise EngineError(f"A learning rate of {self.head_lr:g} is far beyond any useful value (at most 10).")
         object.__setattr__(self, "stages", tuple(self.stages))
         object.__setattr__(self, "patterns", tuple(self.patterns))
         object.__setattr__(self, "unfreeze_schedule",

@@ -21,6 +21,16 @@ def data_root() -> Path:
     return Path(os.environ.get("WORKBENCH_DATA", PROJECT_ROOT / "data"))
 
 
+def lock_dir() -> Path:
+    """Machine-wide locks (one training per device), shared by every runs folder and user.
+
+    Not under a runs folder: two ``--out`` folders on one machine still share one CPU/GPU.
+    """
+    import tempfile
+
+    return Path(os.environ.get("WORKBENCH_LOCKS", Path(tempfile.gettempdir()) / "transfer-workbench-locks"))
+
+
 def resolve_data_path(user_path: str, root: Path | None = None) -> Path:
     """A path typed by a user, resolved inside the data directory or refused."""
     base = (root or data_root()).resolve()

@@ -30,6 +30,7 @@ import torch
 
 from engine.errors import EngineError
 from engine.events import EpochEnded, Event
+from engine.faults import fault_point
 
 ACTIVE_STATES = ("queued", "running")
 
@@ -39,21 +40,36 @@ class RunError(EngineError):
 
 
 # ------------------------------------------------------------------ atomic files
+HEARTBEAT_S = 5.0  # a training process refreshes status.json at least this often
+HEARTBEAT_STALE_S = 90.0  # no heartbeat for this long: the process is gone (another host, pid reused)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    """Write to a temp file in the same folder, fsync, then rename over the target.
+
+    A reader (or a crash) sees the old file or the new one, never a mix. A failed write (full
+    disk) removes its temp file and leaves the old target as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_temps(path)
+    fault_point(path.name, "before")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            half = len(data) // 2
+            fh.write(data[:half])
+            fh.flush()
+            fault_point(path.name, "mid")
+            fh.write(data[half:])
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point(path.name, "before-rename")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fault_point(path.name, "after")
 
 
 def _sweep_stale_temps(path: Path, older_than_s: float = 120.0) -> None:
@@ -62,6 +78,20 @@ def _sweep_stale_temps(path: Path, older_than_s: float = 120.0) -> None:
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         try:
             if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def sweep_temps(run: "RunDir", min_age_s: float = 30.0) -> None:
+    """Temp files a killed writer left in a run folder, removed when that run next starts.
+
+    Status temps are left while young: the app may be writing one right now.
+    """
+    now = time.time()
+    for tmp in run.path.glob(".*.tmp"):
+        try:
+            if not tmp.name.startswith(".status.json.") or now - tmp.stat().st_mtime > min_age_s:
                 tmp.unlink()
         except OSError:
             pass
@@ -78,19 +108,47 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+META_KEY = "workbench_meta"  # the JSON meta inside the safetensors header: weights and meta are one file
+
+
 def save_weights(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Weights as safetensors plus a JSON beside them, each written atomically."""
+    """Weights as safetensors with the meta in its header, plus a JSON copy beside it for people.
+
+    One atomic file carries both, so a kill between two writes can never pair weights of one
+    epoch with the meta (classes, epoch, preprocessing) of another.
+    """
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    atomic_write_bytes(path, save(tensors))
+    atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
     atomic_write_json(path.with_suffix(".json"), meta)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path), device="cpu")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+        raise RunError(f"{path.parent.name}/{path.name} is damaged or not a safetensors file ({exc}).") from exc
+
+
+def weights_meta(path: Path) -> dict[str, Any] | None:
+    """The meta inside a weights file's header (None when absent); raises RunError when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+    except Exception as exc:
+        raise RunError(f"{path.name} is damaged ({exc}).") from exc
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise RunError(f"{path.name} carries unreadable meta.") from exc
+    return meta if isinstance(meta, dict) else None
 
 
 # ------------------------------------------------------------------ run directory
@@ -148,10 +206,15 @@ class RunDir:
         return data
 
     def status(self) -> dict[str, Any]:
-        """Status with crash detection: 'running' whose process is gone reads as 'interrupted'."""
+        """Status with crash detection: an active run whose process is gone reads as 'interrupted'.
+
+        Gone means: its pid is dead, or the pid now belongs to another process (start time differs),
+        or its heartbeat stopped (a process on another host, or a frozen one).
+        """
         data = read_json(self.status_path, {}) or {}
-        state = data.get("state")
-        if state in ACTIVE_STATES and data.get("pid") and not pid_alive(int(data["pid"])):
+        if not isinstance(data, dict):
+            data = {}
+        if data.get("state") in ACTIVE_STATES and _owner_gone(data):
             data = {**data, "state": "interrupted",
                     "reason": "the training process ended without finishing (crash or kill); resume it"}
         return data
@@ -164,26 +227,54 @@ class RunDir:
                     line = line.strip()
                     if line:
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except ValueError:
-                            break  # a torn last line after a kill: ignore it
+                            continue  # a torn line after a kill, or garbage: that line only
+                        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                            rows.append(row)
         except OSError:
             pass
         return rows
 
     def checkpoint_meta(self, kind: str) -> dict[str, Any] | None:
-        return read_json(self.checkpoint(kind).with_suffix(".json"))
+        """The checkpoint's meta: from inside the weights file (the truth), else the JSON beside it."""
+        path = self.checkpoint(kind)
+        if path.is_file():
+            try:
+                meta = weights_meta(path)
+            except RunError:
+                return None
+            if meta is not None:
+                return meta
+        meta = read_json(path.with_suffix(".json"))
+        return meta if isinstance(meta, dict) else None
+
+    def problems(self) -> list[str]:
+        """Why this run folder cannot be used (empty: healthy). Cheap checks, cached by file stamps."""
+        return _run_problems(self)
 
     # writing
     def write_status(self, **fields: Any) -> None:
-        current = read_json(self.status_path, {}) or {}
-        current.update(fields, updated_at=time.time())
-        atomic_write_json(self.status_path, current)
+        """Read-modify-write under a lock: the app and the training process both write status."""
+        with _locked(self.path / ".status.lock"):
+            current = read_json(self.status_path, {}) or {}
+            if not isinstance(current, dict):
+                current = {}
+            current.update(fields, updated_at=time.time())
+            atomic_write_json(self.status_path, current)
 
     def append_jsonl(self, path: Path, row: dict[str, Any]) -> None:
-        with path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        line = (json.dumps(row) + "\n").encode()
+        with path.open("ab") as fh:
+            fh.write(line[: len(line) // 2])
             fh.flush()
+            fault_point(path.name, "mid")
+            fh.write(line[len(line) // 2:])
+            fh.flush()
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with exactly these rows (a resume makes the file match its checkpoint)."""
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def record(self, event: Event) -> None:
         """The run's ``emit`` sink on disk."""
@@ -197,6 +288,8 @@ class RunDir:
 
 def create_run(runs_root: str | Path, config: dict[str, Any], run_id: str | None = None) -> RunDir:
     root = Path(runs_root)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"The runs folder {root.name} is a file, not a folder.")
     root.mkdir(parents=True, exist_ok=True)
     run = RunDir(root / (run_id or new_run_id()))
     run.path.mkdir(parents=False, exist_ok=False)
@@ -243,6 +336,28 @@ def request_cancel(run: RunDir) -> None:
     run.cancel_path.write_text(str(time.time()))
 
 
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_gone(status: dict[str, Any]) -> bool:
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False  # queued, process not started yet
+    if not pid_alive(pid):
+        return True
+    started = status.get("pid_start")
+    if started and process_start(pid) not in (None, started):
+        return True
+    beat = status.get("heartbeat")
+    return isinstance(beat, (int, float)) and time.time() - beat > HEARTBEAT_STALE_S
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -258,11 +373,15 @@ def pid_alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------ one training per device
 class DeviceLock:
-    """An exclusive flock per device under runs_root. The OS drops it when the process dies,
-    so a crashed run can never leave the lock stuck."""
+    """One training per device on this machine: an exclusive flock in the machine-wide lock folder
+    (``paths.lock_dir()``), whatever runs folder a training writes to. The OS drops a flock when
+    its process dies, so a crashed holder's lock is simply taken over by the next training."""
 
-    def __init__(self, runs_root: str | Path, device: str):
-        self.path = Path(runs_root) / f".train-{device.replace(':', '_')}.lock"
+    def __init__(self, lock_dir: str | Path | None, device: str, holder: str = ""):
+        from engine.paths import lock_dir as default_lock_dir
+
+        self.path = Path(lock_dir or default_lock_dir()) / f"train-{device.replace(':', '_')}.lock"
+        self.holder = holder
         self._fh = None
 
     def acquire(self) -> None:
@@ -278,9 +397,18 @@ class DeviceLock:
                            "wait for it or cancel it.") from exc
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()}")
+        fh.write(f"{self.holder + ', ' if self.holder else ''}pid {os.getpid()}")
         fh.flush()
         self._fh = fh
+
+    def is_free(self) -> bool:
+        """A probe: could a training start now? (Takes and drops the lock at once.)"""
+        try:
+            self.acquire()
+        except RunError:
+            return False
+        self.release()
+        return True
 
     def release(self) -> None:
         if self._fh is not None:
@@ -316,8 +444,9 @@ def spawn_engine(args: list[str], log_path: Path) -> int:
 
 def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
     """Train ``run`` in its own process (``python -m engine train --run-dir``); returns the pid."""
+    run.write_status(state="queued", pid=None, reason="")  # recorded before the process exists
     pid = spawn_engine(["train", "--run-dir", str(run.path), *(extra_args or [])], run.log_path)
-    run.write_status(state="queued", pid=pid)
+    run.write_status(pid=pid, pid_start=process_start(pid))
     return pid
 
 
@@ -342,12 +471,16 @@ def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> dict[
 
 
 def describe_run(run: RunDir) -> dict[str, Any]:
-    """One row for run lists: what was trained, how, and how it went."""
-    config = read_json(run.config_path, {}) or {}
+    """One row for run lists: what was trained, how, and how it went (damaged runs say why)."""
+    config = read_json(run.config_path, {})
+    config = config if isinstance(config, dict) else {}
     status = run.status()
     metrics = run.metrics()
-    plan = config.get("plan") or {}
+    plan = config.get("plan") if isinstance(config.get("plan"), dict) else {}
     best = run.checkpoint_meta("best") or {}
+    problems = run.problems()
+    if problems:
+        status = {**status, "state": "damaged", "reason": "; ".join(problems)}
     return {
         "run_id": run.run_id,
         "model": config.get("model"),
@@ -357,10 +490,131 @@ def describe_run(run: RunDir) -> dict[str, Any]:
         "state": status.get("state", "unknown"),
         "epochs": f"{len(metrics)}/{config.get('epochs', '?')}",
         "best_val_acc": best.get("val_acc"),
-        "has_best": run.checkpoint("best").is_file(),
+        "has_best": run.checkpoint("best").is_file() and not problems,
         "reason": status.get("reason", ""),
     }
 
 
 def active_runs(runs_root: str | Path) -> list[RunDir]:
     return [r for r in list_runs(runs_root) if r.status().get("state") in ACTIVE_STATES]
+
+
+def usable_runs(runs_root: str | Path, kind: str = "best") -> list[RunDir]:
+    """Runs with a healthy ``kind`` checkpoint: what the Evaluate/Inference pickers offer."""
+    return [r for r in list_runs(runs_root) if r.checkpoint(kind).is_file() and not r.problems()]
+
+
+# ------------------------------------------------------------------ health of a run folder
+_health_cache: dict[tuple, list[str]] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (None, None)
+
+
+def _run_problems(run: RunDir) -> list[str]:
+    files = [run.config_path, run.checkpoint("best"), run.checkpoint("best").with_suffix(".json")]
+    key = (str(run.path), *(_stamp(f) for f in files))
+    if key not in _health_cache:
+        _health_cache[key] = _check_run(run)
+    return list(_health_cache[key])
+
+
+def _check_run(run: RunDir) -> list[str]:
+    problems: list[str] = []
+    config = read_json(run.config_path)
+    if not isinstance(config, dict):
+        problems.append("config.json is missing or not valid JSON")
+    else:
+        from engine.train import TrainConfig
+
+        try:
+            TrainConfig.from_dict(config).validate()
+        except EngineError as exc:
+            problems.append(f"config.json is invalid: {exc}")
+    best = run.checkpoint("best")
+    if best.is_file():
+        try:
+            meta = weights_meta(best)
+        except RunError:
+            problems.append("best.safetensors is truncated or not a safetensors file")
+            return problems
+        sidecar = best.with_suffix(".json")
+        if meta is None:  # written before the meta moved into the weights file
+            meta = read_json(sidecar)
+            if not isinstance(meta, dict):
+                problems.append("best.json is missing or not valid JSON")
+        elif sidecar.exists() and not isinstance(read_json(sidecar), dict):
+            problems.append("best.json is not valid JSON")
+        if isinstance(meta, dict) and not (isinstance(meta.get("spec"), dict) and meta.get("class_names")):
+            problems.append("best checkpoint meta lacks the model spec or class names")
+        if not problems and not _weights_finite(best):
+            problems.append("best.safetensors holds NaN or infinite weights")
+    return problems
+
+
+def _weights_finite(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return False
+    except Exception:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ cross-process file lock
+class _locked:
+    """``with _locked(path):`` an exclusive flock on a small lock file (blocking, short holds only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+
+
+# ------------------------------------------------------------------ heartbeat
+class Heartbeat:
+    """Refreshes status.json's heartbeat from a daemon thread while a run trains.
+
+    Readers (any process) treat a run as interrupted once the beat is older than HEARTBEAT_STALE_S,
+    even where they cannot see its pid.
+    """
+
+    def __init__(self, run: RunDir, every_s: float = HEARTBEAT_S):
+        import threading
+
+        self.run, self.every_s = run, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.run.write_status(heartbeat=time.time())
+            except OSError:
+                pass  # a full disk must not kill the training from this thread
+
+    def __enter__(self) -> "Heartbeat":
+        self.run.write_status(heartbeat=time.time(), pid=os.getpid(), pid_start=process_start(os.getpid()))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
