@@ -209,8 +209,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid}) if args.json else print(run.path)
         return 0
-    result = train_run(run, args.out, resume=resume, emit=_progress_printer(sys.stderr.isatty() and not args.json),
-                       lock=lock)
+    started: list[bool] = []
+    printer = _progress_printer(sys.stderr.isatty() and not args.json)
+
+    def emit(event) -> None:
+        from engine.events import RunStarted
+
+        if isinstance(event, RunStarted):
+            started.append(True)
+        printer(event)
+
+    try:
+        result = train_run(run, args.out, resume=resume, emit=emit, lock=lock)
+    except EngineError:
+        if not (args.run_dir or args.resume) and not started:
+            import shutil
+
+            shutil.rmtree(run.path, ignore_errors=True)  # refused before training began: leave nothing
+        raise
     if args.json:
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "status": result.status,
                      "reason": result.reason, "best_val_acc": result.best_val_acc,
@@ -302,6 +318,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"loss {result['val_loss']:.4f} on {result['val_images']} images")
         for name, acc in result["per_class_acc"].items():
             print(f"  {name:<20} {acc:.3f}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from engine.runs import describe_run, list_runs
+
+    rows = [describe_run(r) for r in list_runs(args.out)]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        acc = f"{row['best_val_acc']:.4f}" if isinstance(row["best_val_acc"], (int, float)) else "-"
+        note = f"  ({row['reason']})" if row["state"] in ("damaged", "failed", "interrupted", "diverged") else ""
+        print(f"{row['run_id']:<32} {row['state']:<12} {str(row['model']):<32} epochs {row['epochs']:<7} "
+              f"best {acc}{note}")
+    print(f"{len(rows)} runs in {args.out}", file=sys.stderr)
     return 0
 
 
@@ -409,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("runs", help="list the runs in a runs folder (damaged ones say why)")
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its validation split")
     p.add_argument("run")

@@ -291,22 +291,30 @@ def repair_after_crash(run: RunDir, handle: ModelHandle, state: dict[str, Any], 
     meta = state.get("meta") or (_checkpoint_meta(handle, history[-1], config.monitor) if history else None)
     if meta is None:
         return
-    last = run.checkpoint_meta("last") or {}
-    if last.get("epoch") != epoch:
+    if not _checkpoint_at(run, "last", epoch):
         save_weights(run.checkpoint("last"), state["model"], meta)
-    best = run.checkpoint_meta("best") or {}
-    if state.get("best_epoch") == epoch and best.get("epoch") != epoch:
+    if state.get("best_epoch") == epoch and not _checkpoint_at(run, "best", epoch):
         save_weights(run.checkpoint("best"), state["model"], meta)
 
 
-def _disk_error(exc: OSError, epoch: int) -> EngineError:
+def _checkpoint_at(run: RunDir, kind: str, epoch: int) -> bool:
+    """Both the weights file and the JSON beside it describe ``epoch``."""
+    from engine.runs import read_json
+
+    sidecar = read_json(run.checkpoint(kind).with_suffix(".json"))
+    return (run.checkpoint_meta(kind) or {}).get("epoch") == epoch and \
+        isinstance(sidecar, dict) and sidecar.get("epoch") == epoch
+
+
+def _disk_error(exc: OSError, epoch: int | None = None) -> EngineError:
     import errno
 
+    what = f"epoch {epoch}'s checkpoint could not be saved" if epoch else "the run's files could not be written"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return EngineError(f"The disk is full: epoch {epoch}'s checkpoint could not be saved. The last good "
-                           f"checkpoint (epoch {epoch - 1}) is kept; free some space and resume the run.")
-    return EngineError(f"Epoch {epoch}'s checkpoint could not be saved ({exc.strerror or exc}). The last good "
-                       f"checkpoint (epoch {epoch - 1}) is kept; resume the run once this is fixed.")
+        return EngineError(f"The disk is full: {what}. The last good checkpoint is kept; free some space and "
+                           "resume the run.")
+    return EngineError(f"{what[0].upper() + what[1:]} ({exc.strerror or exc}). The last good checkpoint is kept; "
+                       "resume the run once this is fixed.")
 
 
 def _finish(sink: Emit, status: str, reason: str, best_epoch, best_acc, epochs_done: int, started: float,
@@ -345,6 +353,10 @@ def train_run(run: RunDir, runs_root: str | None = None, *, resume: bool = False
     except EngineError as exc:
         _final_status(run, state="failed", reason=str(exc))
         raise
+    except OSError as exc:  # the run folder's disk: full, gone read-only
+        error = _disk_error(exc)
+        _final_status(run, state="failed", reason=str(error))
+        raise error from exc
     except BaseException as exc:
         _final_status(run, state="failed", reason=f"internal error ({type(exc).__name__}); see log.txt")
         raise

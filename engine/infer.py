@@ -108,16 +108,22 @@ def predict_files(handle: ModelHandle, paths: Sequence[str | Path], top_k: int =
 
 def load_run_model(run_dir: str | Path, kind: str = "best") -> ModelHandle:
     """The model a run saved (``best`` or ``last``), with its own classes and preprocessing."""
-    import json
-
-    from engine.errors import EngineError
     from engine.models import model_from_spec
-    from engine.runs import load_weights
+    from engine.runs import RunDir, RunError, load_weights
 
-    path = Path(run_dir) / f"{kind}.safetensors"
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise EngineError(f"The run {Path(run_dir).name} has no '{kind}' checkpoint yet.")
-    meta = json.loads(meta_path.read_text())
-    spec = ModelSpec.from_dict(meta["spec"])
-    return model_from_spec(spec, load_weights(path))
+    run = RunDir(Path(run_dir))
+    path = run.checkpoint(kind)
+    if not path.is_file():
+        raise RunError(f"The run {run.run_id} has no '{kind}' checkpoint yet.")
+    problems = run.problems() if kind == "best" else []
+    if problems:
+        raise RunError(f"The run {run.run_id} is damaged: {'; '.join(problems)}.")
+    meta = run.checkpoint_meta(kind)
+    try:
+        spec = ModelSpec.from_dict(meta["spec"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise RunError(f"The run {run.run_id}: its '{kind}' checkpoint has no readable model description.") from exc
+    weights = load_weights(path)
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in weights.values()):
+        raise RunError(f"The run {run.run_id}: its '{kind}' weights hold NaN or infinite values.")
+    return model_from_spec(spec, weights)

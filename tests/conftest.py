@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 # Tests never reach a hub: make that explicit so nothing waits on network retries.
 os.environ.setdefault("WORKBENCH_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The device lock is machine-wide: tests take it in a folder of their own, not a developer's app's.
+os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp(prefix="workbench-test-locks-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,3 +32,9 @@ def pytest_terminal_summary(terminalreporter):
         return
     clean = sum(1 for o in _outcomes.values() if o == "passed")
     terminalreporter.write_line(f"{clean}/{len(_outcomes)} hostile cases clean")
+
+
+@pytest.fixture(autouse=True)
+def private_device_locks(tmp_path_factory, monkeypatch):
+    """Trainings in the corpus take the machine-wide device lock in a folder of their own."""
+    monkeypatch.setenv("WORKBENCH_LOCKS", str(tmp_path_factory.mktemp("locks")))

@@ -1,0 +1,118 @@
+"""kill -9 at every write point of a run, and a full disk: resume gives exactly the finished epochs.
+
+Each case trains a tiny model for 2 epochs in a fresh process with a fault armed at one write
+point (engine/faults.py), then resumes it without the fault. The resumed run must equal the
+uninterrupted reference: epochs [1, 2] once each, last/best checkpoints and optimizer state from
+the same epoch, weights equal to the reference's, no temp files left.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.runs import RunDir, list_runs, load_weights, weights_meta
+from tests.hostile._cli import TINY_TRAIN, engine
+
+EPOCHS = ["--epochs", "2"]
+
+
+def _train(out, fault: str | None = None):
+    env = {"WORKBENCH_FAULT": fault} if fault else {}
+    return engine("train", *TINY_TRAIN, *EPOCHS, "--out", str(out), "--json", env=env)
+
+
+def _only_run(out) -> RunDir:
+    runs = list_runs(out)
+    assert len(runs) == 1, [r.path for r in runs]
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    ran = _train(out)
+    assert ran.rc == 0, ran.err
+    return _only_run(out)
+
+
+def _assert_same_as_reference(run: RunDir, reference: RunDir) -> None:
+    metrics = run.metrics()
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    lines = [line for line in run.metrics_path.read_text().splitlines() if line.strip()]
+    assert len(lines) == 2  # no duplicate, no torn line left
+    for got, want in zip(metrics, reference.metrics()):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4, abs=1e-6)
+    state = torch.load(run.train_state_path, weights_only=True)
+    assert state["epoch"] == 2 and [m["epoch"] for m in state["history"]] == [1, 2]
+    assert weights_meta(run.checkpoint("last"))["epoch"] == 2
+    assert json.loads(run.checkpoint("last").with_suffix(".json").read_text())["epoch"] == 2
+    ref_best = weights_meta(reference.checkpoint("best"))["epoch"]
+    assert weights_meta(run.checkpoint("best"))["epoch"] == ref_best == state["best_epoch"]
+    got, want = load_weights(run.checkpoint("last")), load_weights(reference.checkpoint("last"))
+    for name, tensor in want.items():
+        assert torch.allclose(got[name].float(), tensor.float(), atol=1e-5, rtol=1e-4), name
+    for name, tensor in state["model"].items():
+        assert torch.equal(tensor, got[name]), name  # last.safetensors is the committed epoch's weights
+    assert run.status()["state"] == "finished"
+    assert not [p.name for p in run.path.iterdir() if p.name.endswith(".tmp")]
+
+
+# (file, point, nth write of that file in the killed process)
+KILL_POINTS = [
+    ("last_state.pt", "before", 2), ("last_state.pt", "mid", 2), ("last_state.pt", "before-rename", 2),
+    ("last_state.pt", "after", 2),
+    ("last.safetensors", "before", 2), ("last.safetensors", "mid", 2), ("last.safetensors", "before-rename", 2),
+    ("last.safetensors", "after", 2),
+    ("last.json", "mid", 2), ("last.json", "before-rename", 2),
+    ("best.safetensors", "before", 1), ("best.safetensors", "mid", 1), ("best.safetensors", "before-rename", 1),
+    ("best.json", "before-rename", 1),
+    ("metrics.jsonl", "mid", 2), ("events.jsonl", "mid", 5),
+    ("status.json", "mid", 3), ("status.json", "before-rename", 6),
+]
+
+
+@pytest.mark.parametrize("file,point,nth", KILL_POINTS, ids=[f"kill-{f}-{p}-{n}" for f, p, n in KILL_POINTS])
+def test_kill_at_write_point_then_resume_is_exact(tmp_path, reference, file, point, nth):
+    killed = _train(tmp_path, fault=f"kill:{file}:{point}:{nth}")
+    assert killed.rc == -9, (killed.rc, killed.err[-1500:])
+    run = _only_run(tmp_path)
+    assert run.status()["state"] == "interrupted"  # not "running" forever
+    resumed = engine("train", "--resume", run.run_id, "--out", str(tmp_path), "--json")
+    if not run.train_state_path.is_file():  # killed before epoch 1 committed: nothing to resume, say so
+        resumed.assert_one_line_error("nothing to resume")
+        return
+    assert resumed.rc == 0, resumed.err[-2000:]
+    _assert_same_as_reference(run, reference)
+
+
+ENOSPC_POINTS = [("last_state.pt", 2), ("last.safetensors", 2), ("best.safetensors", 1), ("metrics.jsonl", 1)]
+
+
+@pytest.mark.parametrize("file,nth", ENOSPC_POINTS, ids=[f"disk-full-{f}-{n}" for f, n in ENOSPC_POINTS])
+def test_full_disk_is_a_clear_error_and_resume_works_once_freed(tmp_path, reference, file, nth):
+    point = "mid" if file.endswith(".jsonl") else "before"
+    failed = _train(tmp_path, fault=f"enospc:{file}:{point}:{nth}")
+    assert "Traceback" not in failed.err
+    run = _only_run(tmp_path)
+    status = run.status()
+    assert failed.rc != 0 and status["state"] == "failed", (failed.rc, status, failed.err[-1500:])
+    assert "space" in status["reason"] and "resume" in status["reason"], status["reason"]
+    assert len([ln for ln in failed.err.splitlines() if ln.startswith("error:")]) == 1
+    resumed = engine("train", "--resume", run.run_id, "--out", str(tmp_path), "--json")
+    if not run.train_state_path.is_file():
+        resumed.assert_one_line_error("nothing to resume")
+        return
+    assert resumed.rc == 0, resumed.err[-2000:]
+    _assert_same_as_reference(run, reference)
+
+
+def test_stale_temp_files_are_removed_when_the_run_next_starts(tmp_path, reference):
+    killed = _train(tmp_path, fault="kill:last_state.pt:before-rename:2")
+    assert killed.rc == -9
+    run = _only_run(tmp_path)
+    leftovers = [p for p in run.path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers  # the kill left the half-written commit behind
+    assert engine("train", "--resume", run.run_id, "--out", str(tmp_path), "--json").rc == 0
+    assert not [p for p in run.path.iterdir() if p.name.endswith(".tmp")]
