@@ -4,7 +4,7 @@ The pages live in pages/; this file only frames them (navigation, the active-mod
 """
 import streamlit as st
 
-from pages.common import init_state, render_sidebar
+from pages.common import init_state, render_sidebar, report_unexpected
 
 st.set_page_config(page_title="Transfer-learning workbench", page_icon=":material/neurology:", layout="wide")
 
@@ -21,5 +21,8 @@ PAGES = [
 
 init_state()
 navigation = st.navigation(PAGES)
-render_sidebar()
-navigation.run()
+try:
+    render_sidebar()
+    navigation.run()
+except Exception as exc:  # noqa: BLE001 - the boundary: no traceback or server path ever reaches a browser
+    report_unexpected(exc)

@@ -137,8 +137,34 @@ def save_upload(data: bytes, name: str, folder: str) -> Path:
     return target
 
 
-def show_error(exc: Exception) -> None:
-    st.error(str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}")
+def public_message(text: str) -> str:
+    """A message fit for the browser: server folders become the names a user knows."""
+    from engine.paths import PROJECT_ROOT, data_root, runs_root
+
+    for folder, shown in ((data_root(), "data folder"), (runs_root(), "runs folder"), (PROJECT_ROOT, "app")):
+        for form in {str(folder), str(Path(folder).resolve())}:
+            text = text.replace(form + "/", "").replace(form, shown)
+    return text
+
+
+def show_error(exc: Exception, where=None) -> None:
+    """A user error in a box (beside its widget when ``where`` is given); anything else as unexpected."""
+    if isinstance(exc, EngineError):
+        (where or st).error(public_message(str(exc)))
+    else:
+        report_unexpected(exc, where)
+
+
+def report_unexpected(exc: BaseException, where=None) -> str:
+    """A bug: a short message with an error id in the page; the full trace in the server log."""
+    import logging
+    import secrets
+
+    error_id = secrets.token_hex(4)
+    logging.getLogger("workbench").error("error id %s", error_id, exc_info=exc)
+    (where or st).error(f"Something went wrong here (error id {error_id}). The details are in the server log; "
+                        "your runs and data are untouched.")
+    return error_id
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the trained model...")
@@ -150,12 +176,19 @@ def load_trained(run_path: str, mtime: float):
 
 
 def pick_trained_run(label: str = "Run"):
-    """A selectbox of runs that have a best checkpoint (shared selection across pages); stops the
-    page with a hint when there is none."""
+    """A selectbox of runs with a healthy best checkpoint (shared selection across pages); damaged
+    runs are named with their reason beneath it. Stops the page with a hint when there is none."""
     from engine.paths import runs_root
     from engine.runs import list_runs
 
-    runs = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
+    with_best = [r for r in list_runs(runs_root()) if r.checkpoint("best").is_file()]
+    damaged = [(r, r.problems()) for r in with_best]
+    runs = [r for r, problems in damaged if not problems]
+    damaged = [(r, problems) for r, problems in damaged if problems]
+    if damaged:
+        with st.expander(f"{len(damaged)} damaged run(s) cannot be used"):
+            for r, problems in damaged:
+                st.markdown(f"`{r.run_id}`: {'; '.join(problems)}")
     if not runs:
         st.info("No trained run yet: train one on the Training or Compare page.")
         st.stop()

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine.runs import ACTIVE_STATES, RunDir, request_cancel
+from engine.runs import ACTIVE_STATES, RunDir, read_json, request_cancel
 
 
 def _curves(metrics: list[dict]) -> None:
@@ -31,7 +31,8 @@ def _panel(run: RunDir) -> None:
     state = status.get("state", "unknown")
     metrics = run.metrics()
     progress = status.get("progress") or {}
-    epochs = int(status.get("epochs") or run.config().get("epochs") or 1)
+    config = read_json(run.config_path, {})
+    epochs = int(status.get("epochs") or (config.get("epochs") if isinstance(config, dict) else 1) or 1)
     if state in ACTIVE_STATES:
         steps = max(1, int(progress.get("steps", 1)))
         done = (int(progress.get("epoch", 1)) - 1) * steps + int(progress.get("step", 0))
@@ -48,6 +49,10 @@ def _panel(run: RunDir) -> None:
         st.warning(f"{state.capitalize()}: {status.get('reason', '')}")
     elif state == "failed":
         st.error(f"Failed: {status.get('reason', '')}")
+    elif state == "diverged":
+        st.error(f"Diverged: {status.get('reason', '')}")
+    elif state == "damaged":
+        st.error(f"Damaged: {status.get('reason', '')}")
     if metrics:
         _curves(metrics)
         last = metrics[-1]

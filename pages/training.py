@@ -9,8 +9,10 @@ from engine.data import extract_upload
 from engine.errors import EngineError
 from engine.freeze import FreezePlan
 from engine.paths import data_root, resolve_data_path, runs_root
-from engine.runs import active_runs, create_run, describe_run, extend_run, list_runs, open_run, start_background
-from engine.train import TrainConfig
+from engine.runs import (
+    DeviceLock, RunError, active_runs, create_run, describe_run, extend_run, list_runs, open_run, start_background,
+)
+from engine.train import TrainConfig, resolve_device
 from pages.common import (
     PLAN, SELECTED_RUN, active, dataset_overview, require_router, save_upload, show_error,
 )
@@ -36,11 +38,11 @@ try:
     else:
         root = data_root()
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "uploads") if root.is_dir() else []
-        st.caption(f"Folders inside {root} (one sub-folder per class).")
+        st.caption("Folders inside the app's data folder (one sub-folder per class).")
         if folders:
             source = str(resolve_data_path(st.selectbox("Folder", folders)))
         else:
-            st.info(f"No folders in {root} yet: copy a dataset there, or upload a zip.")
+            st.info("No folders in the data folder yet: copy a dataset there, or upload a zip.")
     overview = dataset_overview(source) if source else None
 except EngineError as exc:
     show_error(exc)
@@ -80,18 +82,28 @@ per_class = c7.number_input("Max images per class (0: all)", 0, 1_000_000, 0)
 seed = c8.number_input("Seed", 0, 10_000, 0)
 
 busy = active_runs(runs_root())
+device_free = DeviceLock(None, resolve_device("auto").type).is_free()
 if busy:
     st.info(f"Run {busy[0].run_id} is training; one training runs at a time on this machine.")
-can_start = bool(overview) and not overview["problems"] and not busy
+elif not device_free:
+    st.info("Another training is using this machine's device; wait for it to finish.")
+can_start = bool(overview) and not overview["problems"] and not busy and device_free
+start_box = st.container()
 if st.button("Start training", type="primary", disabled=not can_start):
-    config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
-                         batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
-                         augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
-                         seed=int(seed), split_seed=int(seed))
-    run = create_run(runs_root(), config.to_dict())
-    start_background(run, ["--out", str(runs_root())])
-    st.session_state[SELECTED_RUN] = run.run_id
-    st.rerun()
+    try:
+        config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
+                             batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
+                             augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
+                             seed=int(seed), split_seed=int(seed))
+        if not DeviceLock(None, resolve_device(config.device).type).is_free():
+            raise RunError("Another training is using this machine's device; wait for it to finish.")
+    except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
+        show_error(exc, start_box)
+    else:
+        run = create_run(runs_root(), config.to_dict())
+        start_background(run, ["--out", str(runs_root())])
+        st.session_state[SELECTED_RUN] = run.run_id
+        st.rerun()
 
 st.subheader("3. Runs")
 runs = list_runs(runs_root())
@@ -105,11 +117,17 @@ if runs:
     run = open_run(runs_root(), pick)
     live_panel(run)
     state = run.status().get("state")
-    if state in ("cancelled", "interrupted", "failed", "finished") and run.checkpoint("last").is_file():
+    if state in ("cancelled", "interrupted", "failed", "finished", "diverged") and run.train_state_path.is_file():
         more = st.number_input("Train until epoch", 1, 1000, max(len(run.metrics()) + 1, 1))
-        if st.button("Resume", disabled=bool(busy)):
-            extend_run(run, int(more))
-            start_background(run, ["--out", str(runs_root()), "--resume-existing"])
-            st.rerun()
+        resume_box = st.container()
+        if st.button("Resume", disabled=bool(busy) or not device_free):
+            try:
+                TrainConfig.from_dict({**run.config(), "epochs": int(more)})
+                extend_run(run, int(more))
+            except EngineError as exc:
+                show_error(exc, resume_box)
+            else:
+                start_background(run, ["--out", str(runs_root()), "--resume-existing"])
+                st.rerun()
 else:
     st.caption("No runs yet.")
