@@ -346,8 +346,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--weights", default="none",
                    help="packaged|hub|none|PATH (shapes and counts do not depend on weights)")
-    p.add_argument("--num-classes", type=int, help="replace the head with one of this size")
+    p.add_argument("--num-classes", type=_at_least(2, 100_000), help="replace the head with one of this size")
     p.add_argument("--json", action="store_true")
+
+
+def _at_least(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], refused in one line otherwise.
+
+    (Training settings are checked by TrainConfig itself; these guard the other commands.)
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -370,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="module tree, parameter counts and output shapes")
     _add_model_args(p)
-    p.add_argument("--input-size", type=int, help="square input size (default: the model's)")
-    p.add_argument("--depth", type=int, help="only list modules up to this depth")
+    p.add_argument("--input-size", type=_at_least(8, 4096), help="square input size (default: the model's)")
+    p.add_argument("--depth", type=_at_least(0, 1000), help="only list modules up to this depth")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("freeze", help="apply a freeze plan and report what trains")
@@ -391,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_at_least(1, 1000), default=5)
     p.add_argument("--run", help="use a trained run's best checkpoint (id or path)")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--json", action="store_true")

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
+# the smallest real training: a tiny timm model on 120 real digits at 32 px (a few seconds)
+TINY_CONFIG = dict(model="timm:test_resnet", weights="none", data="digits", image_size=32, batch_size=16,
+                   max_per_class=12, num_workers=0)
 TINY_TRAIN = ["--model", "timm:test_resnet", "--weights", "none", "--data", "digits", "--image-size", "32",
               "--batch-size", "16", "--max-per-class", "12", "--workers", "0", "--seed", "0"]
 

@@ -15,9 +15,9 @@ from engine.fit import fit
 from engine.runs import DeviceLock, create_run, open_run
 from engine.train import TrainConfig
 from tests.conftest import ROOT
+from tests.hostile._cli import TINY_CONFIG
 
-TINY = dict(model="timm:test_resnet", weights="none", data="digits", image_size=32, batch_size=16,
-            max_per_class=12, num_workers=0, epochs=1)
+TINY = dict(TINY_CONFIG, epochs=1)
 
 
 @pytest.fixture(scope="module")

@@ -153,3 +153,33 @@ def test_a_loss_that_turns_nan_stops_as_diverged_and_keeps_the_last_finite_check
 
     for path in run.path.glob("*.safetensors"):
         assert all(bool(torch.isfinite(t).all()) for t in load_weights(path).values() if t.is_floating_point())
+
+
+OTHER_COMMANDS = {
+    "summary-input-size-0": (["summary", "timm:test_resnet", "--input-size", "0"], "between 8"),
+    "summary-num-classes-negative": (["summary", "timm:test_resnet", "--num-classes", "-1"], "between 2"),
+    "summary-unknown-model": (["summary", "timm:no_such_net_xyz"], "no_such_net_xyz"),
+    "predict-top-k-0": (["predict", "x.png", "--top-k", "0"], "between 1"),
+    "freeze-unknown-strategy": (["freeze", "timm:test_resnet", "--strategy", "melt"], "Unknown freeze strategy"),
+    "freeze-lr-nan": (["freeze", "timm:test_resnet", "--head-lr", "nan"], "finite"),
+    "eval-unknown-run": (["eval", "no-such-run"], "No run at"),
+    "compare-epochs-0": (["compare", "--epochs", "0"], "epochs must be between 1"),
+    "resume-unknown-run": (["train", "--resume", "no-such-run"], "No run at"),
+    "no-command": ([], "required"),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_COMMANDS), ids=list(OTHER_COMMANDS))
+def test_other_commands_refuse_nonsense_in_one_line(tmp_path, capsys, name):
+    argv, phrase = OTHER_COMMANDS[name]
+    if argv and argv[0] in ("eval", "compare", "train"):
+        argv = [*argv, "--out", str(tmp_path / "runs")]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    assert phrase.lower() in lines[0].lower(), err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -13,10 +13,9 @@ from engine.fit import fit
 from engine.infer import load_run_model
 from engine.runs import create_run, describe_run, list_runs, load_weights, open_run, usable_runs, weights_meta
 from engine.train import TrainConfig
-from tests.hostile._cli import engine
+from tests.hostile._cli import TINY_CONFIG, engine
 
-TINY = dict(model="timm:test_resnet", weights="none", data="digits", image_size=32, batch_size=16,
-            max_per_class=12, num_workers=0, epochs=2)
+TINY = dict(TINY_CONFIG, epochs=2)
 
 
 @pytest.fixture(scope="module")
