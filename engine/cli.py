@@ -182,6 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engine.train import resolve_device
 
     check_runs_folder(args.out)
+    out_existed = os.path.isdir(args.out)
     resume = False
     lock = None
     if args.run_dir:  # worker mode: the config is already in the run directory
@@ -226,6 +227,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(run.path, ignore_errors=True)  # refused before training began: leave nothing
+            if not out_existed:
+                shutil.rmtree(args.out, ignore_errors=True)  # the folder this command made, now empty
         raise
     if args.json:
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "status": result.status,
