@@ -228,7 +228,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             shutil.rmtree(run.path, ignore_errors=True)  # refused before training began: leave nothing
             if not out_existed:
-                shutil.rmtree(args.out, ignore_errors=True)  # the folder this command made, now empty
+                try:
+                    os.rmdir(args.out)  # the folder this command made, if nothing else is in it now
+                except OSError:
+                    pass
         raise
     if args.json:
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "status": result.status,
