@@ -5,6 +5,8 @@ until a sample is asked for (the Dataset pattern: decode + transform at access t
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,9 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.archive import ZipLimits, extract_upload, is_hidden_name, safe_extract_zip  # noqa: F401 (re-exported)
-from engine.errors import DataError, EngineError  # noqa: F401
-from engine.images import IMAGE_SUFFIXES, open_image
+from engine.archive import (  # noqa: F401 (re-exported)
+    ZipLimits, extract_once, extract_upload, is_hidden_name, safe_extract_zip,
+)
+from engine.errors import DataError, EngineError, ImageError  # noqa: F401
+from engine.images import IMAGE_SUFFIXES, check_image, open_image
 
 BUILTIN = ("digits", "lfw")
 TORCHVISION_SETS = ("cifar10",)
@@ -36,8 +40,12 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def image(self, i: int) -> Image.Image:
-        return self.loaders[i]()
+    def image(self, i: int, target: int | None = None) -> Image.Image:
+        """Sample ``i`` as RGB; files are decoded reduced to a shortest side >= ``target`` when given
+        (in-memory arrays are small already and come as they are). Raises ImageError for a file
+        that became unreadable since the folder was checked."""
+        loader = self.loaders[i]
+        return loader(target=target) if isinstance(loader, FileLoader) else loader()
 
     def counts(self) -> dict[str, int]:
         out = {c: 0 for c in self.class_names}
@@ -79,54 +87,133 @@ def load_lfw_set() -> ImageSet:
 
 
 # ------------------------------------------------------------------ folders
-def _file_loader(path: Path) -> Callable[[], Image.Image]:
-    return lambda: open_image(path)
+@dataclass(frozen=True)
+class FileLoader:
+    """Loads one image file, bounded (engine.images.open_image); messages call it by ``name``.
+
+    ``root_real``: the resolved dataset folder; the file is read only while it still resolves inside
+    it (a file swapped for a link to outside after the folder was checked is refused, not read).
+    """
+
+    path: Path
+    name: str
+    root_real: str | None = None
+
+    def __call__(self, target: int | None = None) -> Image.Image:
+        if self.root_real and not _inside(self.path, self.root_real):
+            raise ImageError(f"{self.name}: {OUTSIDE}")
+        return open_image(self.path, name=self.name, target=target)
+
+
+OUTSIDE = "link to outside the dataset folder"
+FOLDER_LINK = "link to a folder (links to folders are not followed)"
+BROKEN_LINK = "broken link (or a link loop)"
+
+
+def _inside(path: Path, root_real: str) -> bool:
+    """Whether ``path`` resolves (every link followed, loops included) to ``root_real`` or below it."""
+    real = os.path.realpath(path)  # never raises on loops, unlike Path.resolve on Python 3.11
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(path: Path, root_real: str) -> str | None:
+    """Why a symlink at ``path`` is not used: it leaves the dataset, or it is a link to a folder
+    (never followed: following could loop or list the same images twice), or it is broken."""
+    if not _inside(path, root_real):
+        return OUTSIDE
+    if path.is_dir():  # follows the link; a loop is False here
+        return FOLDER_LINK
+    if not path.exists():
+        return BROKEN_LINK
+    return None
 
 
 def load_folder(root: str | Path, verify: bool = True) -> ImageSet:
-    """One sub-folder per class. Hidden folders, non-images and unreadable files are skipped and listed."""
+    """One sub-folder per class. Hidden folders, non-images and unreadable files are skipped and listed.
+
+    Nothing outside ``root`` is ever read: links are checked against the resolved root. A link to a
+    file that stays inside the folder is used; a link to a file outside, and every link to a folder
+    (class folder or deeper, inside or outside), is skipped with the reason. With ``verify`` every
+    image is checked (engine.images.check_image: header limits, a reduced decode, Pillow's verify).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
+    root_real = os.path.realpath(root)
+    names, labels, loaders, sources, skipped = [], [], [], [], []
+    class_dirs: list[Path] = []
+    loose_images = False
+    for entry in sorted(root.iterdir()):
+        if is_hidden_name(entry.name):
+            continue
+        if entry.is_symlink():
+            problem = _link_problem(entry, root_real)
+            if problem in (OUTSIDE, FOLDER_LINK):  # a linked "class folder" is never read
+                skipped.append((entry.name, problem))
+                continue
+        if entry.is_dir():
+            class_dirs.append(entry)
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            loose_images = True
     if not class_dirs:
-        inner = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        hint = " It holds images directly: put them in one sub-folder per class." if inner else ""
+        hint = " It holds images directly: put them in one sub-folder per class." if loose_images else ""
         raise DataError(f"{root.name} has no class folders.{hint}")
     lowered: dict[str, str] = {}
     for d in class_dirs:
         if d.name.lower() in lowered:
             raise DataError(f"Class folders '{lowered[d.name.lower()]}' and '{d.name}' differ only by case; merge them.")
         lowered[d.name.lower()] = d.name
-    names, labels, loaders, sources, skipped = [], [], [], [], []
     for label, d in enumerate(class_dirs):
         names.append(d.name)
-        for path in sorted(d.rglob("*")):
-            rel = path.relative_to(root)
-            if any(is_hidden_name(part) for part in rel.parts) or not path.is_file():
-                continue
+        for path in _class_files(d, root, root_real, skipped):
+            rel = path.relative_to(root).as_posix()
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append((str(rel), "not an image file type"))
+                skipped.append((rel, "not an image file type"))
                 continue
             if verify:
-                problem = _verify_image(path)
+                problem = check_image(path)
                 if problem:
-                    skipped.append((str(rel), problem))
+                    skipped.append((rel, problem))
                     continue
             labels.append(label)
-            loaders.append(_file_loader(path))
+            loaders.append(FileLoader(path, rel, root_real))
             sources.append(str(path))
     return ImageSet(name=root.name, class_names=names, labels=labels, loaders=loaders,
                     sources=sources, skipped=skipped)
 
 
-def _verify_image(path: Path) -> str | None:
-    try:
-        with Image.open(path) as img:
-            img.verify()  # cheap structural check, no full decode
-    except Exception as exc:  # PIL raises many types for broken files
-        return f"unreadable ({type(exc).__name__})"
-    return None
+def _class_files(folder: Path, root: Path, root_real: str, skipped: list[tuple[str, str]]) -> list[Path]:
+    """Every non-hidden file under a class folder, sorted; links that leave the dataset, point to
+    folders or are broken are listed in ``skipped`` instead. os.walk(followlinks=False) never
+    enters a linked folder, so a link loop cannot make it spin."""
+    found: list[Path] = []
+
+    def unreadable(exc: OSError) -> None:
+        where = Path(exc.filename or folder)
+        skipped.append((where.relative_to(root).as_posix(), f"folder cannot be read ({exc.strerror})"))
+
+    for here, dirs, files in os.walk(folder, followlinks=False, onerror=unreadable):
+        base = Path(here)
+        kept = []
+        for n in dirs:  # links to folders are listed here (os.walk still does not enter them)
+            if is_hidden_name(n):
+                continue
+            if (base / n).is_symlink():
+                link = base / n
+                skipped.append((link.relative_to(root).as_posix(), _link_problem(link, root_real) or FOLDER_LINK))
+                continue
+            kept.append(n)
+        dirs[:] = kept
+        for n in files:
+            path = base / n
+            if is_hidden_name(n):
+                continue
+            problem = _link_problem(path, root_real) if path.is_symlink() else None
+            if problem:
+                skipped.append((path.relative_to(root).as_posix(), problem))
+                continue
+            found.append(path)
+    return sorted(found)
 
 
 # ------------------------------------------------------------------ validation and split
@@ -198,18 +285,64 @@ def stratified_split(labels: Sequence[int], val_fraction: float = 0.2, test_frac
     return sorted(train), sorted(val), sorted(test)
 
 
-class TransformDataset(torch.utils.data.Dataset):
-    """The torch Dataset: decode + transform one sample at access time."""
+def resize_target(transform: Callable) -> int | None:
+    """The shortest side an image needs before ``transform`` (a torchvision/timm Compose) runs.
 
-    def __init__(self, ds: ImageSet, indices: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]):
+    Eval: timm's Resize(S / crop_pct) of the shortest side. Train: a random-resized crop of at least
+    ``scale[0]`` of the area, about sqrt(scale[0]) of each side, then resized to the crop size. None
+    when the transform is not recognised (the image is then decoded at full size, within limits).
+    """
+    from torchvision import transforms as T
+
+    for step in getattr(transform, "transforms", [transform]):
+        size = getattr(step, "size", None)
+        if isinstance(step, T.RandomResizedCrop) or type(step).__name__.startswith("RandomResizedCrop"):
+            side = max(size) if isinstance(size, (tuple, list)) else int(size)
+            smallest = min(getattr(step, "scale", (1.0, 1.0)))
+            return math.ceil(side / math.sqrt(max(smallest, 0.01)))
+        if isinstance(step, T.Resize) or type(step).__name__.startswith("Resize"):
+            if isinstance(size, int):
+                return size  # the shortest side becomes ``size``
+            if isinstance(size, (tuple, list)) and size:
+                return max(size)  # a fixed (h, w): both sides must stay at least that long
+    return None
+
+
+class TransformDataset(torch.utils.data.Dataset):
+    """The torch Dataset: decode (reduced to what the transform needs) + transform one sample.
+
+    A file can change after the folder was checked (deleted, truncated, replaced). A training must
+    not die mid-epoch for that: the sample is recorded in ``failed`` as (source, reason) and the next
+    readable sample of this split stands in (deterministic, so a seeded epoch stays reproducible);
+    ``substituted`` maps the position asked for to the index that stood in (evaluation drops those
+    rows). With DataLoader workers, both fill in each worker's own copy.
+    """
+
+    def __init__(self, ds: ImageSet, indices: Sequence[int], transform: Callable[[Image.Image], torch.Tensor],
+                 target: int | None = None):
         self.ds, self.indices, self.transform = ds, list(indices), transform
+        self.target = target if target is not None else resize_target(transform)
+        self.failed: list[tuple[str, str]] = []
+        self.substituted: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = self.indices[i]
-        return self.transform(self.ds.image(j)), self.ds.labels[j]
+        n = len(self.indices)
+        for step in range(n):
+            j = self.indices[(i + step) % n]
+            try:
+                image = self.ds.image(j, target=self.target)
+            except ImageError as exc:
+                if not any(src == self.ds.sources[j] for src, _ in self.failed):
+                    self.failed.append((self.ds.sources[j], str(exc)))
+                continue
+            if step:
+                self.substituted[i] = j
+            return self.transform(image), self.ds.labels[j]
+        raise DataError("None of the images of this split can be read any more: "
+                        + "; ".join(reason for _, reason in self.failed[:3]))
 
 
 def load_cifar10_set(root: str | Path | None = None, download: bool = True) -> ImageSet:
@@ -240,7 +373,13 @@ def load_cifar10_set(root: str | Path | None = None, download: bool = True) -> I
 
 
 def load_source(source: str, work_dir: str | Path | None = None) -> ImageSet:
-    """'digits' | 'lfw' | 'cifar10' | a folder | a .zip (extracted under ``work_dir``)."""
+    """'digits' | 'lfw' | 'cifar10' | a folder | a .zip (extracted under ``work_dir``).
+
+    An empty or blank source is refused: Path("") is the current folder, never what was meant.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise DataError("No data given: use digits, lfw, cifar10, a folder with one sub-folder per class, "
+                        "or a .zip of such a folder.")
     if source in BUILTIN:
         return load_digits_set() if source == "digits" else load_lfw_set()
     if source == "cifar10":
@@ -249,8 +388,17 @@ def load_source(source: str, work_dir: str | Path | None = None) -> ImageSet:
     if path.suffix.lower() == ".zip":
         if not path.is_file():
             raise DataError(f"Zip file not found: {path}")
-        target = Path(work_dir or path.with_suffix("")) / "extracted"
-        return load_folder(safe_extract_zip(path, target))
+        # a run's own folder, or a hidden one beside the zip: never a folder of the user's, since
+        # extract_once replaces whatever it finds there that is not this zip's complete extraction
+        target = Path(work_dir) / "extracted" if work_dir else path.parent / f".{path.name}.extracted"
+        root = extract_once(path, target, display_name=path.name)
+        try:
+            return load_folder(root)
+        except DataError as exc:  # "<internal folder> has no class folders": name the user's zip instead
+            text = str(exc)
+            if text.startswith(root.name + " "):
+                raise DataError(f"{path.name}:{text[len(root.name):]}") from exc
+            raise
     if path.is_dir():
         return load_folder(path)
     raise DataError(f"Unknown data '{source}': use {', '.join(BUILTIN + TORCHVISION_SETS)}, a folder with one sub-folder "

@@ -20,7 +20,8 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
     handle = load_run_model(run.path, kind)
     ds = load_source(config.data, work_dir=str(run.path))
     _, indices = split_indices(ds, config)
-    loader = DataLoader(TransformDataset(ds, indices, eval_transform(handle.spec)), batch_size=64)
+    dataset = TransformDataset(ds, indices, eval_transform(handle.spec))  # decodes reduced to the model's need
+    loader = DataLoader(dataset, batch_size=64)  # no workers: ``dataset.failed`` is filled in this process
     device = resolve_device(config.device)
     module = handle.module.to(device).eval()
     probs, labels = [], []
@@ -28,8 +29,12 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
         for x, y in loader:
             probs.append(module(x.to(device)).float().softmax(-1).cpu())
             labels.append(y)
-    return {"handle": handle, "probs": torch.cat(probs), "labels": torch.cat(labels), "indices": indices,
-            "sources": [ds.sources[i] for i in indices], "class_names": handle.spec.class_names}
+    # a file unreadable since training: its stand-in row is dropped, and the file listed
+    keep = [p for p in range(len(indices)) if p not in dataset.substituted]
+    indices = [indices[p] for p in keep]
+    return {"handle": handle, "probs": torch.cat(probs)[keep], "labels": torch.cat(labels)[keep], "indices": indices,
+            "sources": [ds.sources[i] for i in indices], "class_names": handle.spec.class_names,
+            "unreadable": list(dataset.failed)}
 
 
 def evaluate_run(run: RunDir, kind: str = "best") -> dict[str, Any]:
@@ -42,7 +47,8 @@ def evaluate_run(run: RunDir, kind: str = "best") -> dict[str, Any]:
         mask = labels == c
         per_class[name] = float(correct[mask].float().mean()) if mask.any() else float("nan")
     return {"run_id": run.run_id, "checkpoint": kind, "val_acc": float(correct.float().mean()),
-            "val_loss": loss, "val_images": int(labels.numel()), "per_class_acc": per_class}
+            "val_loss": loss, "val_images": int(labels.numel()), "per_class_acc": per_class,
+            "unreadable": [{"file": f, "reason": r} for f, r in preds["unreadable"]]}
 
 
 def evaluation_report(run: RunDir, kind: str = "best") -> dict[str, Any]:
@@ -72,6 +78,7 @@ def evaluation_report(run: RunDir, kind: str = "best") -> dict[str, Any]:
         "per_class": [{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for n, p, r, f, s in zip(names, precision, recall, f1, support)],
         "misclassified": wrong,
+        "unreadable": [{"file": f, "reason": r} for f, r in preds["unreadable"]],
         "confidence": {"correct": confidence[predicted == labels].tolist(),
                        "wrong": confidence[predicted != labels].tolist()},
     }

@@ -17,7 +17,8 @@ from PIL import Image
 from torch import nn
 
 from engine.errors import EngineError
-from engine.infer import eval_transform
+from engine.images import shrink_to
+from engine.infer import eval_transform, input_target
 from engine.models import ModelHandle
 
 
@@ -122,7 +123,8 @@ def _grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None) 
     module = handle.module
     layer_name, reshape = find_target_layer(handle)
     transform = eval_transform(handle.spec)
-    x = transform(image.convert("RGB")).unsqueeze(0)
+    image = shrink_to(image.convert("RGB"), input_target(handle.spec))  # a big image costs no more than needed
+    x = transform(image).unsqueeze(0)
     was_training = module.training
     module.eval()
     grads = {n: p.requires_grad for n, p in module.named_parameters()}
@@ -140,7 +142,7 @@ def _grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None) 
             p.requires_grad_(grads[n])
         module.train(was_training)
     size = handle.spec.input_size[-1]
-    shown = image.convert("RGB").resize((size, size))
+    shown = image.resize((size, size))
     rgb = np.asarray(shown, dtype=np.float32) / 255.0
     overlay = show_cam_on_image(rgb, heat, use_rgb=True)
     return CamResult(overlay=Image.fromarray(overlay), heatmap=heat, class_index=index,

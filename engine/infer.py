@@ -1,7 +1,8 @@
 """Prediction: the model's own eval transform, eval() + inference_mode(), batched top-k."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from engine.errors import EngineError
-from engine.images import ImageSource, open_image
+from engine.images import ImageSource, open_image, shrink_to
 from engine.models import ModelHandle, ModelSpec
 
 
@@ -25,11 +26,14 @@ class FilePrediction:
     file: str
     topk: list[TopK] | None = None
     error: str | None = None
+    # a small RGB thumbnail of what the model saw (predict_sources(preview=...)): pages show this,
+    # never the raw upload, so a huge file is decoded once, reduced, by engine.images
+    preview: Image.Image | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        if self.error is None:
-            data.pop("error")
+        data: dict = {"file": self.file, "topk": None if self.topk is None else [asdict(t) for t in self.topk]}
+        if self.error is not None:
+            data["error"] = self.error
         return data
 
 
@@ -55,6 +59,7 @@ def predict_images(
     if not images:
         return []
     transform = eval_transform(handle.spec, image_size)
+    target = input_target(handle.spec, image_size)
     k = max(1, min(top_k, handle.spec.num_classes))
     module = handle.module
     device = model_device(module)
@@ -65,7 +70,7 @@ def predict_images(
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 chunk = images[start:start + batch_size]
-                batch = torch.stack([transform(im.convert("RGB")) for im in chunk]).to(device)
+                batch = torch.stack([transform(shrink_to(im.convert("RGB"), target)) for im in chunk]).to(device)
                 logits = module(batch)
                 if isinstance(logits, (tuple, list)):
                     logits = logits[0]
@@ -81,24 +86,46 @@ def predict_images(
     return results
 
 
+def input_target(spec: ModelSpec, image_size: int | None = None) -> int:
+    """The shortest side an image must keep for the eval transform (timm resizes it to S / crop_pct
+    before the center crop): decoding any larger only costs memory."""
+    size = image_size or spec.input_size[-1]
+    return math.ceil(size / (spec.crop_pct if spec.crop_pct and spec.crop_pct > 0 else 1.0))
+
+
 def predict_sources(
     handle: ModelHandle,
     sources: Sequence[tuple[str, ImageSource]],
     top_k: int = 5,
     batch_size: int = 32,
+    preview: int | None = None,
 ) -> list[FilePrediction]:
-    """Predict for (name, path-or-bytes) pairs; unreadable ones get an error, the rest a top-k."""
+    """Predict for (name, path-or-bytes) pairs, one result per pair in the same order (names may
+    repeat); unreadable ones get an error, the rest a top-k.
+
+    Images are decoded reduced to what the model needs (input_target) and a batch at a time, so
+    memory stays bounded however many files come. ``preview``: also keep a thumbnail of at most
+    that many pixels a side in each result.
+    """
+    target = input_target(handle.spec)
     out: list[FilePrediction] = []
-    good: list[tuple[int, Image.Image]] = []
-    for name, src in sources:
-        try:
-            good.append((len(out), open_image(src, name=name)))
-            out.append(FilePrediction(file=name))
-        except EngineError as exc:
-            out.append(FilePrediction(file=name, error=str(exc)))
-    preds = predict_images(handle, [im for _, im in good], top_k=top_k, batch_size=batch_size)
-    for (slot, _), topk in zip(good, preds):
-        out[slot].topk = topk
+    for start in range(0, len(sources), max(1, batch_size)):
+        good: list[tuple[FilePrediction, Image.Image]] = []
+        for name, src in sources[start:start + max(1, batch_size)]:
+            result = FilePrediction(file=name)
+            out.append(result)
+            try:
+                image = open_image(src, name=name, target=target)
+            except EngineError as exc:  # the reason alone: the result names its file already
+                result.error = str(exc).removeprefix(f"{name}: ")
+                continue
+            if preview:
+                result.preview = image.copy()
+                result.preview.thumbnail((preview, preview))
+            good.append((result, image))
+        preds = predict_images(handle, [im for _, im in good], top_k=top_k, batch_size=batch_size)
+        for (result, _), topk in zip(good, preds):
+            result.topk = topk
     return out
 
 

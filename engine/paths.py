@@ -32,9 +32,21 @@ def lock_dir() -> Path:
 
 
 def resolve_data_path(user_path: str, root: Path | None = None) -> Path:
-    """A path typed by a user, resolved inside the data directory or refused."""
+    """A path typed by a user, resolved inside the data directory or refused.
+
+    Links are followed before the check, so ``..``, an absolute path elsewhere and a link pointing
+    out are all refused; an empty name would be the data folder itself and is refused too. The
+    message does not show the server's data folder.
+    """
+    if not isinstance(user_path, str) or not user_path.strip():
+        raise EngineError("No folder given: pick a folder inside the data folder.")
+    if "\0" in user_path:
+        raise EngineError("That folder name is not valid.")
     base = (root or data_root()).resolve()
-    candidate = (base / user_path).resolve()
+    try:
+        candidate = Path(os.path.realpath(base / user_path))  # a link loop resolves without raising
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"'{user_path}' cannot be used ({exc.__class__.__name__}).") from exc
     if candidate != base and base not in candidate.parents:
-        raise EngineError(f"'{user_path}' is outside the data folder {base}; only folders inside it can be used.")
+        raise EngineError(f"'{user_path}' is outside the data folder; only folders inside it can be used.")
     return candidate

@@ -101,39 +101,68 @@ def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
 
     from engine.data import load_source, validate
 
+    from engine.errors import ImageError
+
     ds = load_source(source)
     report = validate(ds)
     thumbs: dict[str, list] = {c: [] for c in ds.class_names}
+    skipped = list(report.skipped)
     for i, label in enumerate(ds.labels):
         name = ds.class_names[label]
         if len(thumbs[name]) < per_class:
-            img = ds.image(i)
+            try:
+                img = ds.image(i, target=96)  # decoded reduced (JPEG at up to 1/8), never full size
+            except ImageError as exc:  # changed since it was checked: listed, the others still shown
+                shown = getattr(ds.loaders[i], "name", ds.sources[i])  # the name inside the dataset
+                skipped.append((shown, str(exc).removeprefix(f"{shown}: ")))
+                continue
             img.thumbnail((96, 96))
             thumbs[name].append(np.asarray(img))
     return {"counts": report.counts, "problems": report.problems, "warnings": report.warnings,
-            "skipped": report.skipped, "n_images": report.n_images, "thumbs": thumbs}
+            "skipped": skipped, "n_images": report.n_images, "thumbs": thumbs}
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def dataset_sample(source: str, per_class: int = 12, seed: int = 0) -> tuple[list, list[int]]:
-    """A small, seeded, per-class sample of images and labels (for the advisor's estimates)."""
+    """A small, seeded, per-class sample of images and labels (for the advisor's estimates).
+
+    Images come decoded reduced to a 256 px shortest side (what a 224 px model at crop 0.875 needs);
+    one that became unreadable since the folder was checked is left out.
+    """
     from engine.data import load_source, subsample_per_class
+    from engine.errors import ImageError
 
     ds = load_source(source)
-    picked = subsample_per_class(ds.labels, per_class, seed)
-    return [ds.image(i) for i in picked], [ds.labels[i] for i in picked]
+    images, labels = [], []
+    for i in subsample_per_class(ds.labels, per_class, seed):
+        try:
+            images.append(ds.image(i, target=256))
+        except ImageError:
+            continue
+        labels.append(ds.labels[i])
+    return images, labels
 
 
 def save_upload(data: bytes, name: str, folder: str) -> Path:
     """Store an upload under the data directory by content hash (same file -> same path)."""
+    import os
+    import tempfile
+
     from engine.paths import data_root
 
     digest = hashlib.sha256(data).hexdigest()[:12]
-    safe = "".join(ch for ch in Path(name).name if ch.isalnum() or ch in "._-") or "upload"
+    safe = "".join(ch for ch in Path(name).name if ch.isalnum() or ch in "._-")[-100:] or "upload"  # end: suffix
     target = data_root() / "uploads" / folder / f"{digest}_{safe}"
-    if not target.exists():
+    if not (target.is_file() and target.stat().st_size == len(data)):  # a torn copy (old code, crash) is redone
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, target)  # atomic: two users uploading the same file never see half of it
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return target
 
 

@@ -12,10 +12,11 @@ from engine.errors import EngineError
 from engine.evaluate import evaluation_report
 from engine.explain import grad_cam
 from engine.images import open_image
+from engine.infer import input_target
 from engine.paths import runs_root
 from engine.runs import open_run
 from engine.train import TrainConfig
-from pages.common import load_trained, pick_trained_run, require_router, show_error
+from pages.common import load_trained, pick_trained_run, public_message, require_router, show_error
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
@@ -23,9 +24,20 @@ def report_for(run_path: str, mtime: float) -> dict:
     return evaluation_report(open_run(runs_root(), run_path))
 
 
+@st.cache_resource(show_spinner="Reading the dataset...", max_entries=2, ttl=600)
+def val_dataset(data: str):
+    """The run's data, read (and every file checked) once, not once per thumbnail."""
+    return load_source(data)
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
-def val_image(data: str, index: int):
-    return load_source(data).image(index)
+def val_image(data: str, index: int, target: int, thumb: int | None = None):
+    """One validation image decoded reduced to ``target`` (the model's need, or a thumbnail's); raises
+    ImageError when the file became unreadable since training."""
+    image = val_dataset(data).image(index, target=target)
+    if thumb:
+        image.thumbnail((thumb, thumb))
+    return image
 
 
 require_router()
@@ -40,6 +52,9 @@ except EngineError as exc:
 config = TrainConfig.from_dict(run.config())
 names = report["class_names"]
 st.metric("Validation accuracy (best checkpoint)", f"{report['accuracy']:.2%}")
+if report.get("unreadable"):
+    st.warning(f"{len(report['unreadable'])} validation file(s) can no longer be read and were left out: "
+               + public_message("; ".join(u["reason"] for u in report["unreadable"][:5])))
 
 left, right = st.columns(2)
 with left:
@@ -85,33 +100,41 @@ else:
     st.download_button("Download as CSV", view.to_csv(index=False), file_name=f"{run.run_id}-misclassified.csv")
     cols = st.columns(6)
     for slot, row in enumerate(view.head(24).itertuples()):
-        cols[slot % 6].image(val_image(config.data, int(row.index)), width=96,
-                             caption=f"{row.true} → {row.predicted} ({row.confidence:.0%})")
+        caption = f"{row.true} → {row.predicted} ({row.confidence:.0%})"
+        try:
+            cols[slot % 6].image(val_image(config.data, int(row.index), 96, thumb=192), width=96, caption=caption)
+        except EngineError as exc:  # unreadable since training: one line in its place
+            cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
 
 st.subheader("Grad-CAM: where does the model look?")
+try:
+    handle = load_trained(str(run.path), mtime)
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
+need = input_target(handle.spec)  # images are decoded reduced to what the model looks at
 source = st.radio("Image", ["a validation image", "upload"], horizontal=True)
 image = None
-if source == "upload":
-    upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"])
-    if upload is not None:
-        try:
-            image = open_image(upload.getvalue(), name=upload.name)
-        except EngineError as exc:
-            show_error(exc)
-else:
-    candidates = report["misclassified"][:20] or []
-    options = [m["index"] for m in candidates]
-    if options:
-        chosen = st.selectbox("Misclassified image", options,
-                              format_func=lambda i: next(f"{m['source']}: {m['true']} → {m['predicted']}"
-                                                         for m in candidates if m["index"] == i))
-        image = val_image(config.data, int(chosen))
+try:
+    if source == "upload":
+        upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"])
+        if upload is not None:
+            image = open_image(upload.getvalue(), name=upload.name, target=need)
     else:
-        image = val_image(config.data, 0)
+        candidates = report["misclassified"][:20] or []
+        options = [m["index"] for m in candidates]
+        if options:
+            chosen = st.selectbox("Misclassified image", options,
+                                  format_func=lambda i: next(f"{m['source']}: {m['true']} → {m['predicted']}"
+                                                             for m in candidates if m["index"] == i))
+            image = val_image(config.data, int(chosen), need)
+        else:
+            image = val_image(config.data, 0, need)
+except EngineError as exc:
+    show_error(exc)
 if image is not None:
     target = st.selectbox("Explain class", ["the predicted class"] + names)
     try:
-        handle = load_trained(str(run.path), mtime)
         result = grad_cam(handle, image, None if target == "the predicted class" else names.index(target))
     except EngineError as exc:
         show_error(exc)

@@ -10,8 +10,10 @@ from engine.infer import predict_sources
 from engine.paths import runs_root
 from engine.runs import list_runs
 from pages.common import (
-    SELECTED_RUN, active, load_model, load_trained, pick_trained_run, require_router, show_error,
+    SELECTED_RUN, active, load_model, load_trained, pick_trained_run, public_message, require_router, show_error,
 )
+
+PREVIEW_PX = 256  # the thumbnail shown beside each result
 
 
 require_router()
@@ -42,17 +44,26 @@ if not sources:
     st.info("Upload one or more images to see predictions.")
     st.stop()
 
-results = predict_sources(handle, sources, top_k=top_k)
+# Every upload is decoded once, bounded and reduced, by the engine (engine.images.open_image); the
+# page shows that thumbnail, never the raw bytes (Streamlit would decode a huge file at full size).
+# Results come back in upload order, one per upload: two files with the same name keep their own.
+try:
+    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX)
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
 bad = [r for r in results if r.error]
 if bad:
     st.warning(f"{len(bad)} file(s) could not be read:")
-    st.dataframe(pd.DataFrame([{"file": r.file, "reason": r.error} for r in bad]), hide_index=True)
-data = dict(sources)
-for result in (r for r in results if not r.error):
+    st.dataframe(pd.DataFrame([{"file": r.file, "reason": public_message(r.error)}
+                               for r in bad]), hide_index=True)
+for slot, result in enumerate(results):
+    if result.error or not result.topk:
+        continue
     left, right = st.columns([1, 3])
-    left.image(data[result.file], caption=result.file, width="stretch")
+    left.image(result.preview, caption=result.file, width="stretch")
     frame = pd.DataFrame([{"class": t.label, "probability": t.prob} for t in result.topk])
     fig = px.bar(frame, x="probability", y="class", orientation="h", range_x=[0, 1],
                  title=f"{result.topk[0].label}: {result.topk[0].prob:.1%}")
     fig.update_layout(yaxis={"categoryorder": "total ascending"}, height=80 + 40 * len(frame))
-    right.plotly_chart(fig, key=f"pred-{result.file}")
+    right.plotly_chart(fig, key=f"pred-{slot}")

@@ -34,7 +34,8 @@ try:
     elif choice == "upload a zip":
         upload = st.file_uploader("A .zip of one folder per class", type=["zip"])
         if upload is not None:
-            source = str(extract_upload(save_upload(upload.getvalue(), upload.name, "datasets")))
+            stored = save_upload(upload.getvalue(), upload.name, "datasets")  # <sha12>_<name>.zip
+            source = str(extract_upload(stored, display_name=upload.name))  # messages name the user's file
     else:
         root = data_root()
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "uploads") if root.is_dir() else []
