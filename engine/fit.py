@@ -215,7 +215,16 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
         if config.patience is not None and stale >= config.patience and epoch < config.epochs:
             return _finish(sink, "finished", f"early stopped: no {config.monitor} improvement for "
                            f"{stale} epochs", best_epoch, best_acc, epoch, started, history, cached, run)
-    return _finish(sink, "finished", "completed", best_epoch, best_acc, epoch, started, history, cached, run)
+    reason = "completed"
+    failed = prep.train_ds.failed + prep.val_ds.failed  # files that broke after validation (workers=0)
+    if failed:
+        reason += (f"; {len(failed)} file(s) became unreadable during training and were replaced by other "
+                   "images (listed in status.json)")
+        if run is not None:
+            from pathlib import Path
+
+            run.write_status(unreadable=[{"file": Path(src).name, "reason": why} for src, why in failed])
+    return _finish(sink, "finished", reason, best_epoch, best_acc, epoch, started, history, cached, run)
 
 
 def _make_optimizer(module, stages, plan, config: TrainConfig, state: dict[str, Any]) -> torch.optim.Optimizer:

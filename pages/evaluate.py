@@ -40,6 +40,14 @@ def val_image(data: str, index: int, target: int, thumb: int | None = None):
     return image
 
 
+def _shown(source: str) -> str:
+    """A sample as a person knows it: 'cats/001.jpg' or 'digits[17]', never a server path."""
+    from pathlib import Path
+
+    parts = Path(source).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else source
+
+
 require_router()
 st.title("Evaluate a run")
 run = pick_trained_run()
@@ -125,7 +133,7 @@ try:
         options = [m["index"] for m in candidates]
         if options:
             chosen = st.selectbox("Misclassified image", options,
-                                  format_func=lambda i: next(f"{m['source']}: {m['true']} → {m['predicted']}"
+                                  format_func=lambda i: next(f"{_shown(m['source'])}: {m['true']} → {m['predicted']}"
                                                              for m in candidates if m["index"] == i))
             image = val_image(config.data, int(chosen), need)
         else:
