@@ -289,16 +289,21 @@ def test_stale_temp_and_trash_folders_are_cleaned(tmp_path, monkeypatch):
     assert not any(p.exists() for p in stale)
 
 
-def test_threads_extracting_at_once_share_one_result(tmp_path):
-    stored = _write(_stored(tmp_path), GOOD)
-    barrier = threading.Barrier(4)
+def _race(stored, n: int = 4) -> list:
+    """``n`` threads released at the same instant, each extracting the same upload."""
+    barrier = threading.Barrier(n)
 
     def go(_):
         barrier.wait()
         return extract_upload(stored, display_name=SHOWN)
 
-    with ThreadPoolExecutor(4) as pool:
-        roots = list(pool.map(go, range(4)))
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(go, range(n)))
+
+
+def test_threads_extracting_at_once_share_one_result(tmp_path):
+    stored = _write(_stored(tmp_path), GOOD)
+    roots = _race(stored)
     assert len(set(roots)) == 1
     _complete(roots[0])
     assert _leftovers(stored.parent, stored) == [stored.with_suffix("").name]
@@ -308,14 +313,7 @@ def test_threads_without_a_lock_still_publish_once(tmp_path, monkeypatch):
     """Crash safety rests on the rename, not the lock: with no flock at all, racers still agree."""
     monkeypatch.setattr(archive_mod, "fcntl", None)
     stored = _write(_stored(tmp_path), _many(300))  # long enough that the racers' renames collide
-    barrier = threading.Barrier(4)
-
-    def go(_):
-        barrier.wait()
-        return extract_upload(stored, display_name=SHOWN)
-
-    with ThreadPoolExecutor(4) as pool:
-        roots = list(pool.map(go, range(4)))
+    roots = _race(stored)
     assert len(set(roots)) == 1
     assert sum(1 for p in roots[0].rglob("*.png")) == 300
     assert _leftovers(stored.parent, stored) == [stored.with_suffix("").name]
