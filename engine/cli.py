@@ -316,6 +316,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engine.evaluate import evaluate_run
     from engine.runs import open_run
 
+    check_runs_folder(args.out)
     result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint)
     if args.json:
         _print_json(result)
@@ -330,6 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from engine.runs import describe_run, list_runs
 
+    check_runs_folder(args.out)
     rows = [describe_run(r) for r in list_runs(args.out)]
     if args.json:
         _print_json(rows)

@@ -517,7 +517,8 @@ def _stamp(path: Path) -> tuple:
 
 
 def _run_problems(run: RunDir) -> list[str]:
-    files = [run.config_path, run.checkpoint("best"), run.checkpoint("best").with_suffix(".json")]
+    files = [run.config_path, run.checkpoint("best"), run.checkpoint("best").with_suffix(".json"),
+             run.train_state_path, run.status_path]
     key = (str(run.path), *(_stamp(f) for f in files))
     if key not in _health_cache:
         _health_cache[key] = _check_run(run)
@@ -537,6 +538,8 @@ def _check_run(run: RunDir) -> list[str]:
         except EngineError as exc:
             problems.append(f"config.json is invalid: {exc}")
     best = run.checkpoint("best")
+    if not best.exists() and run.train_state_path.is_file() and run.status().get("state") == "finished":
+        problems.append("best.safetensors is missing although the run finished")  # a kill is repaired on resume
     if best.is_file():
         try:
             meta = weights_meta(best)

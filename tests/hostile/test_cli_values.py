@@ -82,6 +82,15 @@ def test_bad_train_setting_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsy
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 
+@pytest.mark.parametrize("command", [["runs"], ["eval", "some-run"]], ids=["runs", "eval"])
+def test_runs_folder_that_is_a_file_is_refused_by_every_command(tmp_path, capsys, command):
+    target = tmp_path / "runs.txt"
+    target.write_text("my notes")
+    rc = main([*command, "--out", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a file" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     target = tmp_path / "runs.txt"
     target.write_text("my notes")

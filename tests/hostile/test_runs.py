@@ -63,6 +63,7 @@ DAMAGE = {
     "best-json-invalid": (lambda r: r.checkpoint("best").with_suffix(".json").write_text("{oops"), "best.json"),
     "best-all-nan": (_nan_weights, "NaN"),
     "best-no-meta": (_no_meta_anywhere, "best.json"),
+    "best-missing": (lambda r: r.checkpoint("best").unlink(), "missing"),
 }
 
 
@@ -85,7 +86,7 @@ def test_damaged_run_is_listed_with_reason_and_others_work(good_run_root, tmp_pa
     assert [r.run_id for r in usable_runs(runs)] == ["good"]  # what the Evaluate/Inference pickers offer
     assert load_run_model(runs / "good").spec.num_classes == 10
     if not name.startswith("config"):
-        with pytest.raises(EngineError, match="damaged|NaN|truncated"):
+        with pytest.raises(EngineError, match="damaged|NaN|truncated|no 'best'"):
             load_run_model(runs / f"bad-{name}")
 
 
