@@ -120,8 +120,16 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    meta = {**meta, "state_keys": keys_digest(tensors)}
     atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
     atomic_write_json(path.with_suffix(".json"), meta)
+
+
+def keys_digest(names) -> str:
+    """A short fingerprint of a state dict's parameter names: tells another model's weights apart."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(sorted(names)).encode()).hexdigest()[:16]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -555,9 +563,21 @@ def _check_run(run: RunDir) -> list[str]:
             problems.append("best.json is not valid JSON")
         if isinstance(meta, dict) and not (isinstance(meta.get("spec"), dict) and meta.get("class_names")):
             problems.append("best checkpoint meta lacks the model spec or class names")
+        if isinstance(meta, dict) and meta.get("state_keys") and meta["state_keys"] != _file_keys_digest(best):
+            problems.append("best.safetensors holds the weights of another model")
         if not problems and not _weights_finite(best):
             problems.append("best.safetensors holds NaN or infinite weights")
     return problems
+
+
+def _file_keys_digest(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return keys_digest(fh.keys())
+    except Exception:
+        return None
 
 
 def _weights_finite(path: Path) -> bool:

@@ -64,6 +64,7 @@ DAMAGE = {
     "best-all-nan": (_nan_weights, "NaN"),
     "best-no-meta": (_no_meta_anywhere, "best.json"),
     "best-missing": (lambda r: r.checkpoint("best").unlink(), "missing"),
+    "best-another-models-weights": (_foreign_weights, "another model"),
 }
 
 
@@ -86,7 +87,7 @@ def test_damaged_run_is_listed_with_reason_and_others_work(good_run_root, tmp_pa
     assert [r.run_id for r in usable_runs(runs)] == ["good"]  # what the Evaluate/Inference pickers offer
     assert load_run_model(runs / "good").spec.num_classes == 10
     if not name.startswith("config"):
-        with pytest.raises(EngineError, match="damaged|NaN|truncated|no 'best'"):
+        with pytest.raises(EngineError, match="damaged|NaN|truncated|no 'best'|another model"):
             load_run_model(runs / f"bad-{name}")
 
 
@@ -106,7 +107,7 @@ def test_cli_lists_and_refuses_a_damaged_run_in_one_line(good_run_root, tmp_path
 
 def test_foreign_weights_file_is_a_clear_error(good_run_root, tmp_path):
     runs = _damaged_copy(good_run_root, tmp_path, "foreign", _foreign_weights)
-    with pytest.raises(EngineError, match="[Cc]heckpoint"):
+    with pytest.raises(EngineError, match="another model"):
         load_run_model(runs / "bad-foreign")
 
 
