@@ -123,9 +123,15 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 
 def _progress_printer(enabled: bool):
     """A one-line progress bar on a terminal; epoch lines always."""
-    from engine.events import EpochEnded, RunFinished, StepLogged
+    from engine.events import EpochEnded, RunFinished, RunStarted, StepLogged
 
     def emit(event) -> None:
+        if isinstance(event, RunStarted) and event.skipped:
+            from pathlib import Path
+
+            shown = "; ".join(f"{Path(f).name} ({why})" for f, why in event.skipped[:20])
+            more = f"; and {len(event.skipped) - 20} more" if len(event.skipped) > 20 else ""
+            sys.stderr.write(f"skipped {len(event.skipped)} file(s) the data check refused: {shown}{more}\n")
         if isinstance(event, StepLogged) and enabled:
             filled = int(30 * event.step / event.steps)
             sys.stderr.write(f"\repoch {event.epoch} [{'#' * filled}{'.' * (30 - filled)}] "

@@ -29,6 +29,7 @@ class RunStarted(Event):
     val_images: int
     trainable_params: int
     feature_cache: bool
+    skipped: list = field(default_factory=list)  # [file, reason] pairs the data check left out
 
 
 @dataclass

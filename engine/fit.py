@@ -37,6 +37,7 @@ class Prepared:
     train_ds: TransformDataset
     val_ds: TransformDataset
     image_size: int
+    skipped: list
 
 
 def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None) -> Prepared:
@@ -54,7 +55,7 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
         handle.spec.crop_pct = float(config.crop_pct)
     train_ds = TransformDataset(ds, train_idx, train_transform(handle, size, config))
     val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
-    return Prepared(handle, train_ds, val_ds, size)
+    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped])
 
 
 class RunRecorder:
@@ -159,7 +160,7 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     run_id = run.run_id if run else "-"
     sink(RunStarted(run_id=run_id, device=str(device), epochs=config.epochs, steps_per_epoch=steps,
                     train_images=len(prep.train_ds), val_images=len(prep.val_ds),
-                    trainable_params=report.trainable_params, feature_cache=cached))
+                    trainable_params=report.trainable_params, feature_cache=cached, skipped=prep.skipped))
     total_steps = config.epochs * steps
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs + 1):

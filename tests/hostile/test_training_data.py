@@ -50,3 +50,17 @@ def test_a_file_that_breaks_mid_run_is_replaced_and_reported(tmp_path, how):
     status = run.status()
     assert [u["file"] for u in status["unreadable"]] == ["3.png"]
     assert [m["epoch"] for m in run.metrics()] == [1, 2]
+
+
+def test_cli_training_names_the_files_the_data_check_skipped(tmp_path):
+    from tests.hostile._cli import TINY_TRAIN, engine
+
+    data = _folder(tmp_path / "colours")
+    (data / "red" / "junk.png").write_bytes(b"not a png")
+    (data / "blue" / "cut.png").write_bytes((data / "blue" / "0.png").read_bytes()[:30])
+    args = [a for a in TINY_TRAIN]
+    args[args.index("--data") + 1] = str(data)
+    ran = engine("train", *args, "--epochs", "1", "--out", str(tmp_path / "runs"))
+    assert ran.rc == 0 and "Traceback" not in ran.err, ran.err[-1500:]
+    line = next(ln for ln in ran.err.splitlines() if ln.startswith("skipped 2 file(s)"))
+    assert "junk.png" in line and "cut.png" in line
