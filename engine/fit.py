@@ -101,6 +101,9 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     device = resolve_device(config.device)
 
     state: dict[str, Any] = {}
+    if resume and run is not None and not run.train_state_path.is_file():
+        resume = False  # stopped before its first epoch committed: the run simply starts again
+        run.rewrite_metrics([])
     if resume:
         if run is None:
             raise EngineError("Nothing to resume: no run directory.")

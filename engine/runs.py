@@ -83,18 +83,18 @@ def _sweep_stale_temps(path: Path, older_than_s: float = 120.0) -> None:
             pass
 
 
-def sweep_temps(run: "RunDir", min_age_s: float = 30.0) -> None:
+def sweep_temps(run: "RunDir") -> None:
     """Temp files a killed writer left in a run folder, removed when that run next starts.
 
-    Status temps are left while young: the app may be writing one right now.
+    Runs under the status lock: every live status writer holds it, so any temp file seen here
+    belongs to a writer that died.
     """
-    now = time.time()
-    for tmp in run.path.glob(".*.tmp"):
-        try:
-            if not tmp.name.startswith(".status.json.") or now - tmp.stat().st_mtime > min_age_s:
+    with _locked(run.path / ".status.lock"):
+        for tmp in run.path.glob(".*.tmp"):
+            try:
                 tmp.unlink()
-        except OSError:
-            pass
+            except OSError:
+                pass
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
