@@ -137,6 +137,8 @@ def load_folder(root: str | Path, verify: bool = True) -> ImageSet:
     image is checked (engine.images.check_image: header limits, a reduced decode, Pillow's verify).
     """
     root = Path(root)
+    if not root.name:  # '.', './': name the folder as the user sees it
+        root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.")
     root_real = os.path.realpath(root)

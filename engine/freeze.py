@@ -56,9 +56,11 @@ class FreezePlan:
             raise EngineError(f"Unknown BN policy '{self.bn_policy}'. Use one of {', '.join(BN_POLICIES)}.")
         if self.last_n < 0:
             raise EngineError("last_n must be 0 or more.")
-        rates = (self.head_lr, self.backbone_lr_ratio, self.stage_lr_decay)
-        if any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) for r in rates):
-            raise EngineError(f"Learning rates must be finite numbers (got head lr {self.head_lr}).")
+        rates = {"head lr": self.head_lr, "backbone lr ratio": self.backbone_lr_ratio,
+                 "stage lr decay": self.stage_lr_decay}
+        for what, r in rates.items():
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+                raise EngineError(f"Learning rates must be finite numbers (got {what} {r}).")
         if self.head_lr <= 0 or self.backbone_lr_ratio < 0 or self.stage_lr_decay <= 0:
             raise EngineError("Learning rates must be positive.")
         if self.head_lr > 10:

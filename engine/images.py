@@ -191,9 +191,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in _HIGH_DEPTH:
         arr = np.asarray(img, dtype=np.float32)  # after _reduce: small
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)
+        arr = np.where(finite, arr, 0.0)  # NaN/inf pixels of float images read as black
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
+        with np.errstate(over="ignore", invalid="ignore"):  # huge finite ranges saturate, by design
+            arr8 = np.nan_to_num((arr - lo) * scale).clip(0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
