@@ -1,22 +1,24 @@
 """Entry point and router: `streamlit run streamlit_app.py`.
 
-The pages live in pages/; this file only frames them (navigation, the active-model sidebar).
+The pages live in views/ (a folder Streamlit does not auto-discover); this file only frames them (navigation, the active-model sidebar).
 """
 import streamlit as st
 
-from pages.common import init_state, render_sidebar, report_unexpected
+from ui.errors import report_unexpected
+from ui.state import init_state
+from ui.widgets import render_sidebar
 
 st.set_page_config(page_title="Transfer-learning workbench", page_icon=":material/neurology:", layout="wide")
 
 PAGES = [
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/model_explorer.py", title="Model Explorer", icon=":material/account_tree:"),
-    st.Page("pages/freeze_configurator.py", title="Freeze Configurator", icon=":material/ac_unit:"),
-    st.Page("pages/training.py", title="Training", icon=":material/model_training:"),
-    st.Page("pages/inference.py", title="Inference", icon=":material/image_search:"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/analytics:"),
-    st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:"),
+    st.Page("views/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("views/model_explorer.py", title="Model Explorer", icon=":material/account_tree:"),
+    st.Page("views/freeze_configurator.py", title="Freeze Configurator", icon=":material/ac_unit:"),
+    st.Page("views/training.py", title="Training", icon=":material/model_training:"),
+    st.Page("views/inference.py", title="Inference", icon=":material/image_search:"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("views/evaluate.py", title="Evaluate", icon=":material/analytics:"),
+    st.Page("views/runs.py", title="Runs", icon=":material/folder_open:"),
 ]
 
 init_state()

@@ -19,8 +19,8 @@ os.environ.setdefault("WORKBENCH_RUNS", tempfile.mkdtemp(prefix="bench-runs-"))
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-PAGES = ["pages/home.py", "pages/model_explorer.py", "pages/freeze_configurator.py", "pages/training.py",
-         "pages/inference.py"]
+PAGES = ["views/home.py", "views/model_explorer.py", "views/freeze_configurator.py", "views/training.py",
+         "views/inference.py"]
 
 
 def main() -> None:

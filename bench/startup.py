@@ -22,7 +22,7 @@ def timed_cli(*args: str) -> float:
 
 def main() -> None:
     print(f"cli models --filter resnet: {timed_cli('models', '--filter', 'resnet'):.2f} s")
-    from engine.models import create_model
+    from engine.models.factory import create_model
 
     start = time.perf_counter()
     create_model()

@@ -18,9 +18,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from engine.fit import fit, prepare  # noqa: E402
-from engine.freeze import FreezePlan  # noqa: E402
-from engine.train import TrainConfig  # noqa: E402
+from engine.config import TrainConfig  # noqa: E402
+from engine.freeze.plan import FreezePlan  # noqa: E402
+from engine.training.loop import fit, prepare  # noqa: E402
 
 
 def plain_epoch(model, loader, optimizer, max_batches=None, channels_last=False, bf16=False) -> tuple[float, int]:

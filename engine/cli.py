@@ -11,9 +11,9 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from engine.errors import EngineError
-from engine.paths import runs_root
-from engine.registry import DEFAULT_MODEL
+from engine.core.errors import EngineError
+from engine.core.paths import runs_root
+from engine.models.registry import DEFAULT_MODEL
 
 
 def _print_json(data: Any) -> None:
@@ -31,7 +31,7 @@ def _human(n: int | None) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from engine.catalog import search
+    from engine.models.catalog import search
 
     entries = search(args.filter or "", source=args.source, packaged_only=args.packaged)
     if args.json:
@@ -45,8 +45,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from engine.anatomy import summarize
-    from engine.models import create_model
+    from engine.anatomy.tree import summarize
+    from engine.models.factory import create_model
 
     handle = create_model(args.model, weights=args.weights, num_classes=args.num_classes,
                           check_output=False)
@@ -69,12 +69,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from engine.infer import predict_files
-    from engine.models import create_model
+    from engine.models.factory import create_model
+    from engine.outputs.predict import predict_files
 
     if args.run:
-        from engine.infer import load_run_model
-        from engine.runs import open_run
+        from engine.runs.load import load_run_model
+        from engine.runs.store import open_run
 
         handle = load_run_model(open_run(args.out, args.run).path)
     else:
@@ -94,9 +94,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_freeze(args: argparse.Namespace) -> int:
-    from engine.freeze import FreezePlan, apply_plan
-    from engine.models import create_model
-    from engine.stages import model_stages
+    from engine.anatomy.stages import model_stages
+    from engine.freeze.plan import FreezePlan, apply_plan
+    from engine.models.factory import create_model
 
     handle = create_model(args.model, weights=args.weights, num_classes=args.num_classes,
                           check_output=False)
@@ -123,7 +123,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 
 def _progress_printer(enabled: bool):
     """A one-line progress bar on a terminal; epoch lines always."""
-    from engine.events import EpochEnded, RunFinished, RunStarted, StepLogged
+    from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 
     def emit(event) -> None:
         if isinstance(event, RunStarted) and event.skipped:
@@ -148,8 +148,8 @@ def _progress_printer(enabled: bool):
 
 
 def _config_from_args(args: argparse.Namespace):
-    from engine.freeze import FreezePlan
-    from engine.train import TrainConfig
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
 
     plan = FreezePlan.parse(args.strategy, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
                             bn_policy=args.bn, unfreeze_schedule=_schedule(args.unfreeze))
@@ -175,7 +175,8 @@ def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
 
 
 def _refuse_if_active(run) -> None:
-    from engine.runs import ACTIVE_STATES, RunError
+    from engine.core.errors import RunError
+    from engine.runs.store import ACTIVE_STATES
 
     status = run.status()
     if status.get("state") in ACTIVE_STATES and status.get("pid") not in (None, os.getpid()):
@@ -183,9 +184,10 @@ def _refuse_if_active(run) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine.fit import train_run
-    from engine.runs import DeviceLock, create_run, extend_run, open_run, start_background
-    from engine.train import resolve_device
+    from engine.runs.background import start_background
+    from engine.runs.locks import ensure_device_free
+    from engine.runs.store import create_run, extend_run, open_run
+    from engine.training.run import train_run
 
     check_runs_folder(args.out)
     out_existed = os.path.isdir(args.out)
@@ -198,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = open_run(args.out, args.resume)
         _refuse_if_active(run)  # before touching its config
         if args.epochs_given:
-            from engine.train import TrainConfig
+            from engine.config import TrainConfig
 
             TrainConfig.from_dict({**run.config(), "epochs": args.epochs})  # validated before it is written
             if not args.background:
@@ -209,8 +211,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _config_from_args(args)  # every setting validated before anything is on disk
         if not args.background:
             lock = _take_device_lock(config.device)  # a busy device refuses before a run folder exists
-        elif not DeviceLock(None, resolve_device(config.device).type).is_free():
-            raise EngineError("Another training is using this device; wait for it or cancel it.")
+        else:
+            ensure_device_free(config.device)
         run = create_run(args.out, config.to_dict())
     if args.background:
         pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
@@ -220,14 +222,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     printer = _progress_printer(sys.stderr.isatty() and not args.json)
 
     def emit(event) -> None:
-        from engine.events import RunStarted
+        from engine.runs.events import RunStarted
 
         if isinstance(event, RunStarted):
             started.append(True)
         printer(event)
 
     try:
-        result = train_run(run, args.out, resume=resume, emit=emit, lock=lock)
+        result = train_run(run, resume=resume, emit=emit, lock=lock)
     except EngineError:
         if not (args.run_dir or args.resume) and not started:
             import shutil
@@ -252,10 +254,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _take_device_lock(device: str):
-    from engine.runs import DeviceLock
-    from engine.train import resolve_device
+    from engine.runs.locks import device_lock
 
-    lock = DeviceLock(None, resolve_device(device).type, holder="a training started from the command line")
+    lock = device_lock(device, holder="a training started from the command line")
     lock.acquire()
     return lock
 
@@ -272,10 +273,16 @@ def check_runs_folder(out: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from engine.compare import comparison_table, create_comparison, demo_config, demo_plans, group_runs
-    from engine.fit import train_run
-    from engine.freeze import FreezePlan
-    from engine.runs import start_group_background
+    from engine.freeze.plan import FreezePlan
+    from engine.lab.compare import (
+        comparison_table,
+        create_comparison,
+        demo_config,
+        demo_plans,
+        group_runs,
+    )
+    from engine.runs.background import start_group_background
+    from engine.training.run import train_run
 
     if args.group:  # worker mode: train the group's unfinished runs in order
         runs = group_runs(args.out, args.group)
@@ -297,7 +304,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         state = run.status().get("state")
         if state == "finished":
             continue
-        train_run(run, args.out, resume=run.checkpoint("last").is_file(),
+        train_run(run, resume=run.checkpoint("last").is_file(),
                   emit=_progress_printer(sys.stderr.isatty() and not args.json))
         if run.status().get("state") == "cancelled":
             break
@@ -319,8 +326,8 @@ def _base_config_from_args(base, args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from engine.evaluate import evaluate_run
-    from engine.runs import open_run
+    from engine.outputs.evaluate import evaluate_run
+    from engine.runs.store import open_run
 
     check_runs_folder(args.out)
     result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint)
@@ -335,7 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from engine.runs import describe_run, list_runs
+    from engine.runs.store import describe_run, list_runs
 
     check_runs_folder(args.out)
     rows = [describe_run(r) for r in list_runs(args.out)]

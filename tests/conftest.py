@@ -37,7 +37,7 @@ def coffee_photo(photo_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def default_handle():
     """The offline default: efficientnet_lite0 with packaged ImageNet weights (loaded once)."""
-    from engine.models import create_model
+    from engine.models.factory import create_model
 
     return create_model()
 

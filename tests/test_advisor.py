@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.advisor import batchnorm_train_eval_gap, estimate_similarity, recommend
-from engine.errors import EngineError
-from engine.freeze import FreezePlan, apply_plan
-from engine.infer import eval_transform
-from engine.stages import model_stages
+from engine.anatomy.stages import model_stages
+from engine.core.errors import EngineError
+from engine.data.transforms import eval_transform
+from engine.freeze.plan import FreezePlan, apply_plan
+from engine.lab.advisor import batchnorm_train_eval_gap, estimate_similarity, recommend
 
 
 def _digits(per_class=12):

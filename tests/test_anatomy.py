@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.anatomy import module_tree, summarize
-from engine.models import create_model
+from engine.anatomy.tree import module_tree, summarize
+from engine.models.factory import create_model
 
 
 def test_resnet18_summary_rows_shapes_and_buffers():

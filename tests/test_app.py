@@ -21,7 +21,7 @@ def isolated_dirs(tmp_path, monkeypatch):
 
 
 def page(name: str, model: str = TINY, weights: str = "none", classes=None) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages" / name), default_timeout=180)
+    at = AppTest.from_file(str(ROOT / "views" / name), default_timeout=180)
     at.session_state["active_model"] = model
     at.session_state["active_weights"] = weights
     at.session_state["active_num_classes"] = classes
@@ -39,7 +39,7 @@ def test_entry_point_home_and_sidebar():
     assert at.title[0].value == "Transfer-learning workbench"
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
     assert "timm:efficientnet_lite0" in sidebar and "4,652,008 parameters" in sidebar
-    for target in ("pages/model_explorer.py", "pages/freeze_configurator.py", "pages/training.py", "pages/inference.py"):
+    for target in ("views/model_explorer.py", "views/freeze_configurator.py", "views/training.py", "views/inference.py"):
         at.switch_page(target)
         at.run()
         assert not at.exception, target
@@ -121,7 +121,8 @@ def test_training_page_runs_a_tiny_training_to_completion(isolated_dirs):
     assert not at.exception
     run_id = at.session_state["selected_run"]
     assert run_id
-    from engine.runs import open_run, wait_for
+    from engine.runs.background import wait_for
+    from engine.runs.store import open_run
 
     status = wait_for(open_run(isolated_dirs / "runs", run_id), timeout_s=240)
     assert status["state"] == "finished", status
@@ -173,10 +174,10 @@ def test_inference_page_predicts_uploads_and_lists_bad_files(cat_photo):
 @pytest.fixture
 def tiny_run(isolated_dirs):
     """A finished tiny run in the isolated runs folder (lfw, misclassifications guaranteed early)."""
-    from engine.fit import fit
-    from engine.freeze import FreezePlan
-    from engine.runs import create_run
-    from engine.train import TrainConfig
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
 
     config = TrainConfig(model=TINY, weights="none", data="lfw", image_size=32, max_per_class=12, epochs=1,
                          num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
@@ -220,8 +221,8 @@ def test_compare_default_demo_shows_fine_tuning_ahead(isolated_dirs):
     at.run()
     assert not at.exception
     by_label(at.button, "Run the default demo (digits, 96 px, 2 epochs each)").click().run()
-    from engine.compare import group_runs
-    from engine.runs import wait_for
+    from engine.lab.compare import group_runs
+    from engine.runs.background import wait_for
 
     group = at.session_state["compare_group"]
     for run in group_runs(isolated_dirs / "runs", group):

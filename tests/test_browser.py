@@ -37,10 +37,10 @@ def _free_port() -> int:
 
 def _tiny_run(root: Path) -> None:
     """One finished run (tiny model, LFW faces) so Evaluate and Runs have something to show."""
-    from engine.fit import fit
-    from engine.freeze import FreezePlan
-    from engine.runs import create_run
-    from engine.train import TrainConfig
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
 
     config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
                          epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from engine.catalog import catalog, count_params_meta, search
-from engine.registry import timm_names, torchvision_names
+from engine.models.catalog import catalog, count_params_meta, search
+from engine.models.registry import timm_names, torchvision_names
 
 
 def test_catalog_covers_both_libraries():

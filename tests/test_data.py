@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from engine.data import (
-    DataError, TransformDataset, ZipLimits, load_digits_set, load_folder, load_lfw_set, load_source,
-    safe_extract_zip, stratified_split, validate,
-)
+from engine.core.errors import DataError
+from engine.data.archive import ZipLimits, safe_extract_zip
+from engine.data.datasets import TransformDataset, load_digits_set, load_folder, load_lfw_set, load_source, validate
+from engine.data.splits import stratified_split
 
 
 def _png(color=(10, 200, 30), size=(12, 10)) -> bytes:
@@ -51,7 +51,7 @@ def test_folder_skips_hidden_non_images_and_corrupt_files(tmp_path):
     assert ds.counts() == {"cat": 3, "dog": 4}
     reasons = dict(ds.skipped)
     assert reasons["cat/notes.txt"] == "not an image file type"
-    assert reasons["dog/broken.jpg"] == "not an image"  # engine.images.check_image's reason
+    assert reasons["dog/broken.jpg"] == "not an image"  # engine.data.images.check_image's reason
     report = validate(ds)
     assert report.ok and report.warnings
 
@@ -126,7 +126,7 @@ def test_zip_size_and_count_limits_and_non_zip(tmp_path):
 
 
 def test_transform_dataset_decodes_lazily(default_handle):
-    from engine.infer import eval_transform
+    from engine.data.transforms import eval_transform
 
     ds = load_digits_set()
     calls = []
@@ -139,7 +139,7 @@ def test_transform_dataset_decodes_lazily(default_handle):
 
 
 def test_cifar10_offline_is_a_clear_message(tmp_path):
-    from engine.data import load_cifar10_set
+    from engine.data.datasets import load_cifar10_set
 
     with pytest.raises(DataError, match="not in"):
         load_cifar10_set(tmp_path / "cifar", download=False)
@@ -153,7 +153,7 @@ def test_cifar10_loads_from_a_local_copy(tmp_path, monkeypatch):
     import numpy as np
     from torchvision.datasets import CIFAR10
 
-    from engine.data import load_cifar10_set
+    from engine.data.datasets import load_cifar10_set
 
     base = tmp_path / "cifar" / CIFAR10.base_folder
     base.mkdir(parents=True)
@@ -178,8 +178,8 @@ def test_cifar10_loads_from_a_local_copy(tmp_path, monkeypatch):
 
 
 def test_user_paths_stay_inside_the_data_folder(tmp_path):
-    from engine.errors import EngineError
-    from engine.paths import resolve_data_path
+    from engine.core.errors import EngineError
+    from engine.core.paths import resolve_data_path
 
     root = tmp_path / "data"
     (root / "flowers").mkdir(parents=True)

@@ -5,13 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.errors import EngineError
-from engine.freeze import (
-    FreezePlan, apply_plan, build_optimizer, optimizer_param_ids, param_groups, preview_plan, set_train_mode,
-    stage_learning_rates, unfreeze_for_epoch,
+from engine.anatomy.stages import model_stages
+from engine.core.errors import EngineError
+from engine.freeze.plan import (
+    FreezePlan,
+    apply_plan,
+    build_optimizer,
+    optimizer_param_ids,
+    param_groups,
+    preview_plan,
+    set_train_mode,
+    stage_learning_rates,
+    unfreeze_for_epoch,
 )
-from engine.models import create_model
-from engine.stages import model_stages
+from engine.models.factory import create_model
 
 
 def _setup(name="timm:test_resnet", classes=3):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import ImageError
-from engine.images import open_image
+from engine.core.errors import ImageError
+from engine.data.images import open_image
 
 
 def _png(img: Image.Image) -> bytes:

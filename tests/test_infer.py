@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.infer import eval_transform, predict_images, predict_sources
-from engine.images import open_image
-from engine.models import create_model
+from engine.data.images import open_image
+from engine.data.transforms import eval_transform
+from engine.models.factory import create_model
+from engine.outputs.predict import predict_images, predict_sources
 
 
 def test_eval_transform_follows_the_spec(default_handle, cat_photo):

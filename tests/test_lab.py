@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.compare import comparison_table, create_comparison, curves, group_runs, list_groups
-from engine.errors import EngineError
-from engine.evaluate import evaluation_report
-from engine.fit import fit, train_run
-from engine.freeze import FreezePlan
-from engine.models import create_model
-from engine.runs import create_run
-from engine.train import TrainConfig
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.freeze.plan import FreezePlan
+from engine.lab.compare import comparison_table, create_comparison, curves, group_runs, list_groups
+from engine.models.factory import create_model
+from engine.outputs.evaluate import evaluation_report
+from engine.runs.store import create_run
+from engine.training.loop import fit
+from engine.training.run import train_run
 
 TINY = dict(model="timm:test_resnet", weights="none", data="lfw", image_size=32, batch_size=16,
             max_per_class=16, num_workers=0)
@@ -40,7 +41,7 @@ def test_comparison_trains_same_data_and_budget_and_tables(tmp_path):
     group = runs[0].config()["group"]
     assert list_groups(tmp_path) == [group]
     for run in group_runs(tmp_path, group):
-        train_run(run, str(tmp_path))
+        train_run(run)
     configs = [r.config() for r in runs]
     for key in ("data", "split_seed", "seed", "epochs", "batch_size", "image_size", "max_per_class"):
         assert configs[0][key] == configs[1][key]
@@ -72,8 +73,8 @@ def test_evaluation_report_is_consistent(trained_run):
 @pytest.mark.parametrize("name, layer", [("timm:test_resnet", "layer4"), ("timm:test_vit", "blocks.4"),
                                          ("timm:test_efficientnet", "bn2")])
 def test_grad_cam_finds_a_layer_and_makes_a_heatmap(name, layer, cat_photo):
-    from engine.explain import grad_cam
-    from engine.images import open_image
+    from engine.data.images import open_image
+    from engine.outputs.explain import grad_cam
 
     torch.manual_seed(0)
     handle = create_model(name, weights="none", num_classes=3)
@@ -90,8 +91,8 @@ def test_grad_cam_finds_a_layer_and_makes_a_heatmap(name, layer, cat_photo):
 
 
 def test_grad_cam_on_the_pretrained_model_looks_at_the_cat(default_handle, cat_photo):
-    from engine.explain import grad_cam
-    from engine.images import open_image
+    from engine.data.images import open_image
+    from engine.outputs.explain import grad_cam
 
     result = grad_cam(default_handle, open_image(cat_photo))
     heat = result.heatmap
@@ -102,8 +103,8 @@ def test_grad_cam_on_the_pretrained_model_looks_at_the_cat(default_handle, cat_p
 
 
 def test_exports_load_again_with_parity(tmp_path, trained_run):
-    from engine.export import export_onnx, export_torchscript, weights_bundle
-    from engine.infer import load_run_model
+    from engine.outputs.export import export_onnx, export_torchscript, weights_bundle
+    from engine.runs.load import load_run_model
 
     handle = load_run_model(trained_run.path)
     ts = export_torchscript(handle, tmp_path / "m.pt")
@@ -128,7 +129,7 @@ def test_exports_load_again_with_parity(tmp_path, trained_run):
 
 
 def test_generated_script_runs_standalone_and_trains(tmp_path):
-    from engine.codegen import generate_script
+    from engine.outputs.code import generate_script
 
     config = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=12,
                          epochs=3, plan=FreezePlan.last(1, head_lr=2e-2, unfreeze_schedule=((3, 2),)).to_dict())
@@ -145,8 +146,8 @@ def test_generated_script_runs_standalone_and_trains(tmp_path):
 
 
 def test_stage_prefixes_cover_exactly_their_stage():
-    from engine.codegen import stage_prefixes
-    from engine.stages import model_stages
+    from engine.anatomy.stages import model_stages
+    from engine.outputs.code import stage_prefixes
 
     handle = create_model("timm:convnext_atto", weights="none", num_classes=3, check_output=False)
     stages = model_stages(handle.module, handle.spec.head)

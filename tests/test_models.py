@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.errors import HubUnavailableError, UnknownModelError, WeightsError
-from engine.models import ModelSpec, create_model, find_head, model_from_spec, output_shape
-from engine.registry import resolve
+from engine.core.errors import HubUnavailableError, UnknownModelError, WeightsError
+from engine.models.factory import ModelSpec, create_model, find_head, model_from_spec, output_shape
+from engine.models.registry import resolve
 
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -49,7 +49,7 @@ def test_pretrained_model_has_every_parameter_trainable(default_handle):
 
 
 def test_packaged_weights_recognise_real_photos(default_handle, cat_photo, coffee_photo):
-    from engine.infer import predict_files
+    from engine.outputs.predict import predict_files
 
     cat, coffee = predict_files(default_handle, [cat_photo, coffee_photo], top_k=3)
     assert cat.topk[0].index in IMAGENET_CATS, cat.topk
@@ -67,7 +67,7 @@ def test_packaged_spec_carries_its_own_preprocessing(default_handle):
 
 
 def test_packaged_weights_really_loaded(default_handle):
-    from engine.weights import PACKAGED, read_state_dict
+    from engine.models.weights import PACKAGED, read_state_dict
 
     state = read_state_dict(PACKAGED["efficientnet_lite0"].path())
     ours = default_handle.module.state_dict()

@@ -10,14 +10,17 @@ import time
 import pytest
 import torch
 
-from engine.errors import EngineError
-from engine.fit import fit
-from engine.freeze import FreezePlan
-from engine.infer import load_run_model, predict_images
-from engine.runs import (
-    DeviceLock, RunError, create_run, load_weights, request_cancel, save_weights, start_background, wait_for,
-)
-from engine.train import TrainConfig, lr_factor
+from engine.config import TrainConfig
+from engine.core.errors import EngineError, RunError
+from engine.freeze.plan import FreezePlan
+from engine.outputs.predict import predict_images
+from engine.runs.background import request_cancel, start_background, wait_for
+from engine.runs.checkpoint_file import load_weights, save_weights
+from engine.runs.load import load_run_model
+from engine.runs.locks import DeviceLock
+from engine.runs.store import create_run
+from engine.training.epoch import lr_factor
+from engine.training.loop import fit
 from tests.conftest import ROOT
 
 TINY = dict(model="timm:test_resnet", weights="none", data="digits", image_size=32, batch_size=16,
@@ -65,7 +68,7 @@ def test_full_fine_tune_learns_and_run_dir_is_complete(tmp_path):
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["spec"]["input_size"] == [3, 32, 32]
     # the best checkpoint predicts with its own class names
     handle = load_run_model(run.path)
-    from engine.data import load_digits_set
+    from engine.data.datasets import load_digits_set
 
     top = predict_images(handle, [load_digits_set().image(0)], top_k=3)[0]
     assert top[0].label in handle.spec.class_names and handle.spec.num_classes == 10
@@ -128,7 +131,7 @@ def test_lr_schedule_warms_up_and_decays():
 _WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from engine.runs import save_weights
+from engine.runs.checkpoint_file import save_weights
 path = __import__('pathlib').Path(sys.argv[1])
 i = 0
 while True:
@@ -157,7 +160,7 @@ def test_killed_writer_never_leaves_a_corrupt_checkpoint(tmp_path):
 
 def test_device_lock_is_exclusive_and_freed_when_holder_dies(tmp_path):
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r});"
-            f"from engine.runs import DeviceLock; l = DeviceLock({str(tmp_path)!r}, 'cpu'); l.acquire();"
+            f"from engine.runs.locks import DeviceLock; l = DeviceLock({str(tmp_path)!r}, 'cpu'); l.acquire();"
             "print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

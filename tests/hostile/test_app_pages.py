@@ -11,9 +11,10 @@ import shutil
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.fit import fit
-from engine.runs import DeviceLock, create_run, open_run
-from engine.train import TrainConfig
+from engine.config import TrainConfig
+from engine.runs.locks import DeviceLock
+from engine.runs.store import create_run, open_run
+from engine.training.loop import fit
 from tests.conftest import ROOT
 from tests.hostile._cli import TINY_CONFIG
 
@@ -49,7 +50,7 @@ def runs_dir(tmp_path, monkeypatch, trained):
 
 
 def _page(name: str) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages" / name), default_timeout=180)
+    at = AppTest.from_file(str(ROOT / "views" / name), default_timeout=180)
     at.session_state["active_model"] = TINY["model"]
     at.session_state["active_weights"] = "none"
     at.session_state["active_num_classes"] = None

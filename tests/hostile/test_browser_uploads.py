@@ -8,7 +8,12 @@ import pytest
 from PIL import Image
 
 from tests.test_browser import (  # noqa: F401 (fixtures)
-    ARTIFACTS, CHROMIUM, _no_exception, _wait_ready, browser_page, served_app,
+    ARTIFACTS,
+    CHROMIUM,
+    _no_exception,
+    _wait_ready,
+    browser_page,
+    served_app,
 )
 
 pytestmark = [

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from engine.cli import main
-from engine.fit import fit
-from engine.train import ConfigError, TrainConfig
+from engine.config import ConfigError, TrainConfig
+from engine.training.loop import fit
 from tests.hostile._cli import TINY_TRAIN, engine
 
 
@@ -142,8 +142,8 @@ def test_config_dataclass_refuses_nonsense(field):
 
 
 def test_a_loss_that_turns_nan_stops_as_diverged_and_keeps_the_last_finite_checkpoint(tmp_path):
-    from engine.freeze import FreezePlan
-    from engine.runs import create_run
+    from engine.freeze.plan import FreezePlan
+    from engine.runs.store import create_run
 
     # plain SGD at LR 10 on a tiny ViT: a finite first epoch (slow warm-up), then the loss explodes
     config = TrainConfig(model="timm:test_vit", weights="none", data="digits", image_size=32, batch_size=16,
@@ -158,7 +158,7 @@ def test_a_loss_that_turns_nan_stops_as_diverged_and_keeps_the_last_finite_check
     assert run.checkpoint_meta("last")["epoch"] == result.epochs_done
     import torch
 
-    from engine.runs import load_weights
+    from engine.runs.checkpoint_file import load_weights
 
     for path in run.path.glob("*.safetensors"):
         assert all(bool(torch.isfinite(t).all()) for t in load_weights(path).values() if t.is_floating_point())

@@ -10,8 +10,11 @@ import time
 
 import pytest
 
-from engine.runs import ACTIVE_STATES, DeviceLock, RunError, create_run, list_runs, open_run, process_start
-from engine.train import TrainConfig
+from engine.config import TrainConfig
+from engine.core.errors import RunError
+from engine.runs.locks import DeviceLock
+from engine.runs.process import process_start
+from engine.runs.store import ACTIVE_STATES, create_run, list_runs, open_run
 from tests.conftest import ROOT
 from tests.hostile._cli import TINY_TRAIN, engine
 
@@ -117,7 +120,7 @@ def test_two_resumes_of_one_interrupted_run_at_once_one_wins(tmp_path):
 _WRITER = """
 import sys
 sys.path.insert(0, {root!r})
-from engine.runs import RunDir
+from engine.runs.store import RunDir
 from pathlib import Path
 run = RunDir(Path(sys.argv[1]))
 for i in range(150):
@@ -161,7 +164,7 @@ def test_device_lock_names_its_holder(tmp_path):
 
 
 def test_deleting_a_running_run_is_refused(tmp_path, training):
-    from engine.runs import delete_run
+    from engine.runs.store import delete_run
 
     _proc, run = training
     with pytest.raises(RunError, match="still running"):

@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from engine.runs import RunDir, list_runs, load_weights, weights_meta
+from engine.runs.checkpoint_file import load_weights, weights_meta
+from engine.runs.store import RunDir, list_runs
 from tests.hostile._cli import TINY_TRAIN, engine
 
 EPOCHS = ["--epochs", "2"]

@@ -1,6 +1,6 @@
 """Hostile images: every file a user could hand the app, made here at test time, one item each.
 
-Each case states the exact outcome of the bounded open (engine.images.open_image), of the dataset
+Each case states the exact outcome of the bounded open (engine.data.images.open_image), of the dataset
 check (check_image) and of reading a class folder holding it (load_folder): usable, or refused
 with the reason, naming the file and never a server folder, quickly. A few cases run the CLI and
 the Inference page for real and measure the peak memory of ``python -m engine predict``.
@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.data import load_folder
-from engine.errors import ImageError
-from engine.images import MAX_ASPECT, MAX_PIXELS, check_image, open_image
+from engine.core.errors import ImageError
+from engine.data.datasets import load_folder
+from engine.data.images import MAX_ASPECT, MAX_PIXELS, check_image, open_image
 from tests.conftest import ROOT
 
 TARGET = 256  # what a 224 px model at crop 0.875 asks for
@@ -307,9 +307,9 @@ def test_truncated_images_are_never_loaded_leniently():
     from PIL import ImageFile
 
     import engine.cli  # noqa: F401
-    import engine.explain  # noqa: F401
-    import engine.fit  # noqa: F401
-    import pages.common  # noqa: F401
+    import engine.outputs.explain  # noqa: F401
+    import engine.training.loop  # noqa: F401
+    import ui.errors  # noqa: F401
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
@@ -317,7 +317,7 @@ def test_truncated_images_are_never_loaded_leniently():
 # ------------------------------------------------------------------ predict: several uploads at once
 @pytest.fixture(scope="module")
 def tiny_handle():
-    from engine.models import create_model
+    from engine.models.factory import create_model
 
     return create_model("timm:test_efficientnet", weights="none", class_names=["a", "b", "c"])
 
@@ -325,7 +325,7 @@ def tiny_handle():
 def test_predict_sources_runs_the_whole_corpus_in_one_call(tmp_path, tiny_handle):
     """Every case above as one upload batch: each refused one gets its own reason, every usable one
     a top-k and a small preview, in upload order (batches of 4, so batching is crossed too)."""
-    from engine.infer import predict_sources
+    from engine.outputs.predict import predict_sources
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -347,7 +347,7 @@ def test_predict_sources_runs_the_whole_corpus_in_one_call(tmp_path, tiny_handle
 
 
 def test_two_uploads_with_the_same_name_keep_their_own_result(default_handle, cat_photo, coffee_photo):
-    from engine.infer import predict_sources
+    from engine.outputs.predict import predict_sources
 
     results = predict_sources(default_handle, [("image.png", cat_photo.read_bytes()),
                                                ("image.png", coffee_photo.read_bytes())], top_k=1)
@@ -356,7 +356,7 @@ def test_two_uploads_with_the_same_name_keep_their_own_result(default_handle, ca
 
 
 def test_one_bad_upload_among_good_ones(default_handle, cat_photo):
-    from engine.infer import predict_sources
+    from engine.outputs.predict import predict_sources
 
     good = cat_photo.read_bytes()
     results = predict_sources(default_handle, [("a.png", good), ("bad.png", solid_png(10000, 1)), ("b.png", good)],
@@ -368,7 +368,7 @@ def test_one_bad_upload_among_good_ones(default_handle, cat_photo):
 
 
 def test_grad_cam_of_a_large_image_costs_what_the_model_needs(tiny_handle):
-    from engine.explain import grad_cam
+    from engine.outputs.explain import grad_cam
 
     result = grad_cam(tiny_handle, Image.new("RGB", (6000, 4000), (30, 60, 90)))
     assert result.overlay.size == (tiny_handle.spec.input_size[-1],) * 2
@@ -382,7 +382,7 @@ def test_inference_page_renders_every_kind_of_upload(tmp_path, monkeypatch, cat_
 
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
-    at = AppTest.from_file(str(ROOT / "pages" / "inference.py"), default_timeout=180)
+    at = AppTest.from_file(str(ROOT / "views" / "inference.py"), default_timeout=180)
     at.session_state["active_model"] = "timm:test_efficientnet"
     at.session_state["active_weights"] = "none"
     at.session_state["active_num_classes"] = 3
@@ -476,10 +476,10 @@ def test_evaluate_page_with_a_file_broken_since_training_and_a_hostile_grad_cam_
     line and shows the rest; a 10000x1 upload for Grad-CAM is one error box, never a traceback."""
     from streamlit.testing.v1 import AppTest
 
-    from engine.fit import fit
-    from engine.freeze import FreezePlan
-    from engine.runs import create_run
-    from engine.train import TrainConfig
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
 
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
@@ -493,10 +493,9 @@ def test_evaluate_page_with_a_file_broken_since_training_and_a_hostile_grad_cam_
                          num_workers=0, val_fraction=0.5, plan=FreezePlan.full(head_lr=1e-3).to_dict())
     run = create_run(tmp_path / "runs", config.to_dict())
     fit(config, run)
-    from engine.data import load_source
-    from engine.train import split_indices
-
-    import engine.data
+    import engine.data.datasets
+    from engine.data.datasets import load_source
+    from engine.data.splits import split_indices
 
     ds = load_source(str(root))
     victim = Path(ds.sources[split_indices(ds, config)[1][0]])
@@ -504,10 +503,10 @@ def test_evaluate_page_with_a_file_broken_since_training_and_a_hostile_grad_cam_
     victim.write_bytes(data[:data.index(b"IDAT") + 8])  # cut inside the pixel data
     # the file breaks between the folder check and the read (a race a test can only stage): had it
     # broken before the check, the check would skip it and the recomputed split would shift
-    checked = engine.data.check_image
-    monkeypatch.setattr(engine.data, "check_image", lambda p, name=None: None if Path(p) == victim else checked(p))
+    checked = engine.data.datasets.check_image
+    monkeypatch.setattr(engine.data.datasets, "check_image", lambda p, name=None: None if Path(p) == victim else checked(p))
 
-    at = AppTest.from_file(str(ROOT / "pages" / "evaluate.py"), default_timeout=180)
+    at = AppTest.from_file(str(ROOT / "views" / "evaluate.py"), default_timeout=180)
     at.run()
     assert not at.exception, at.exception
     warnings_ = [w.value for w in at.warning]

@@ -1,7 +1,7 @@
 """Hostile paths: nothing under a data folder is read from outside it, odd names are plain names,
 and empty or wrong --data values are one clear line. Every case builds its tree here, one item each.
 
-Links (documented in engine.data.load_folder): a link to a file that stays inside the dataset is
+Links (documented in engine.data.datasets.load_folder): a link to a file that stays inside the dataset is
 used; a link to a file outside, and every link to a folder (inside or outside, at any depth), is
 skipped and listed with its reason. Links are never followed into loops.
 """
@@ -16,9 +16,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.data import BROKEN_LINK, FOLDER_LINK, OUTSIDE, TransformDataset, load_folder, load_source, validate
-from engine.errors import DataError, EngineError
-from engine.paths import resolve_data_path
+from engine.core.errors import DataError, EngineError
+from engine.core.paths import resolve_data_path
+from engine.data.datasets import (
+    BROKEN_LINK,
+    FOLDER_LINK,
+    OUTSIDE,
+    TransformDataset,
+    load_folder,
+    load_source,
+    validate,
+)
 from tests.hostile._cli import engine
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.errors import EngineError
-from engine.fit import fit
-from engine.infer import load_run_model
-from engine.runs import create_run, describe_run, list_runs, load_weights, open_run, usable_runs, weights_meta
-from engine.train import TrainConfig
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.runs.checkpoint_file import load_weights, weights_meta
+from engine.runs.load import load_run_model
+from engine.runs.store import create_run, describe_run, list_runs, open_run, usable_runs
+from engine.training.loop import fit
 from tests.hostile._cli import TINY_CONFIG, engine
 
 TINY = dict(TINY_CONFIG, epochs=2)

@@ -7,10 +7,10 @@ import io
 import pytest
 from PIL import Image
 
-from engine.events import RunStarted
-from engine.fit import fit
-from engine.runs import create_run
-from engine.train import TrainConfig
+from engine.config import TrainConfig
+from engine.runs.events import RunStarted
+from engine.runs.store import create_run
+from engine.training.loop import fit
 from tests.hostile._cli import TINY_CONFIG
 
 

@@ -25,14 +25,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import engine.archive as archive_mod
-from engine.archive import MARKER, STALE_AFTER_S, ZipLimits, extract_upload
-from engine.errors import DataError
+import engine.data.archive as archive_mod
+from engine.core.errors import DataError
+from engine.data.archive import MARKER, STALE_AFTER_S, ZipLimits, extract_upload
 from tests.conftest import ROOT
 from tests.hostile._cli import engine
 
 SHOWN = "flowers.zip"
-STORED = "0123456789ab_flowers.zip"  # how pages/common.save_upload stores it
+STORED = "0123456789ab_flowers.zip"  # how ui/uploads.save_upload stores it
 
 
 # ------------------------------------------------------------------ building zips
@@ -209,7 +209,7 @@ def test_windows_backslash_names_become_folders(tmp_path):
 
 
 def test_load_source_names_the_zip_for_folder_errors(tmp_path, monkeypatch):
-    import engine.data as data
+    import engine.data.datasets as data
 
     archive = _write(tmp_path / SHOWN, GOOD)
 
@@ -320,7 +320,7 @@ def test_threads_without_a_lock_still_publish_once(tmp_path, monkeypatch):
 
 
 EXTRACT = ("import sys, time, pathlib\n"
-           "from engine.archive import extract_upload\n"
+           "from engine.data.archive import extract_upload\n"
            "go = pathlib.Path(sys.argv[2])\n"
            "while not go.exists(): time.sleep(0.001)\n"
            "print(extract_upload(sys.argv[1], display_name='flowers.zip'))\n")
@@ -388,7 +388,7 @@ def test_kill_9_at_a_random_moment_leaves_complete_or_nothing(tmp_path):
 
 def test_save_upload_rewrites_a_torn_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
-    from pages.common import save_upload
+    from ui.uploads import save_upload
 
     data = _inner_zip()
     first = save_upload(data, "my flowers.zip", "datasets")

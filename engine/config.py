@@ -1,0 +1,186 @@
+"""TrainConfig: the recipe of one training run, validated in one place.
+
+The CLI, the app and a config.json read back from a run folder all go through
+``TrainConfig.validate``, so a nonsense setting is refused the same way everywhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from engine.core.errors import EngineError
+from engine.freeze.plan import FreezePlan
+from engine.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from engine.anatomy.stages import Stage
+
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+class ConfigError(EngineError):
+    """A setting out of range; ``field`` names it so the app can show the message beside its widget."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _text(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(name, f"{name} must be given (got {value!r}).")
+
+
+def _integer(config: Any, name: str, low: int, high: int, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"{name} must be a whole number (got {value!r}).")
+    if not low <= value <= high:
+        raise ConfigError(name, f"{name} must be between {low} and {high} (got {value}).")
+
+
+def _number(config: Any, name: str, low: float, high: float, *, low_open: bool = False,
+            high_open: bool = False, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(name, f"{name} must be a finite number (got {value!r}).")
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        raise ConfigError(name, f"{name} must be in {lo}, {hi} (got {value:g}).")
+
+
+def _choice(config: Any, name: str, options: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in options:
+        raise ConfigError(name, f"Unknown {name} '{value}'. Use one of {', '.join(options)}.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as the run's config.json."""
+
+    model: str = DEFAULT_MODEL
+    weights: str = "packaged"
+    data: str = "digits"
+    # measured on digits at 96 px (1 epoch): one LR for all groups beat discriminative ratios there
+    plan: dict[str, Any] = field(
+        default_factory=lambda: FreezePlan.full(head_lr=2e-3, backbone_lr_ratio=1.0).to_dict())
+    epochs: int = 1
+    batch_size: int = 32
+    image_size: int | None = 96  # None: the model's own input size
+    crop_pct: float | None = 1.0  # 1.0: whole image resized, nothing cropped away; None: the model's
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    seed: int = 0
+    max_per_class: int | None = None  # subsample for quick experiments
+    augment: bool = False  # short runs learn faster without; switch on for longer training
+    hflip: bool = False  # mirror images during training (off: digits and text are not symmetric)
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    schedule: str = "cosine"  # cosine | onecycle | constant
+    warmup_frac: float = 0.1  # share of all steps spent warming up
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    device: str = "auto"
+    amp: str = "auto"  # auto (CUDA only) | off | bf16 | fp16
+    channels_last: bool | None = None  # None: on for conv nets
+    feature_cache: str = "auto"  # auto | on | off
+    num_workers: int | None = None
+    monitor: str = "val_acc"  # val_acc | val_loss
+    patience: int | None = None  # early stopping after this many epochs without improvement
+    min_delta: float = 0.0
+    group: str | None = None  # comparison this run belongs to
+    label: str | None = None  # its name inside the comparison
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("config", "a run's config must be a JSON object.")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def freeze_plan(self) -> FreezePlan:
+        return FreezePlan.from_dict(self.plan)
+
+    def validate(self) -> None:
+        """Every setting checked here, once, for the CLI, the app and a config.json read back alike.
+
+        Nonsense never starts a run: it is refused with a sentence naming the setting. Checks that
+        need the model (image size, stage counts) are in ``validate_for_model``.
+        """
+        _text(self, "model", "data", "weights", "device")
+        _integer(self, "epochs", 1, 100_000)
+        _integer(self, "batch_size", 1, 65_536)
+        _integer(self, "image_size", 8, 4096, optional=True)
+        _integer(self, "seed", 0, 2**32 - 1)
+        _integer(self, "split_seed", 0, 2**32 - 1)
+        _integer(self, "max_per_class", 1, 10**9, optional=True)
+        _integer(self, "num_workers", 0, 64, optional=True)
+        _integer(self, "patience", 0, 100_000, optional=True)
+        _number(self, "crop_pct", 0.0, 1.0, low_open=True, optional=True)
+        _number(self, "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        _number(self, "test_fraction", 0.0, 1.0, high_open=True)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("val_fraction", "validation and test shares together must be below 1.")
+        _number(self, "weight_decay", 0.0, 10.0)
+        _number(self, "warmup_frac", 0.0, 1.0, high_open=True)
+        _number(self, "label_smoothing", 0.0, 1.0, high_open=True)
+        _number(self, "grad_clip", 0.0, 1e9, low_open=True, optional=True)
+        _number(self, "min_delta", 0.0, 1e9)
+        _choice(self, "optimizer", ("adamw", "sgd"))
+        _choice(self, "schedule", SCHEDULES)
+        _choice(self, "amp", ("auto", "off", "bf16", "fp16"))
+        _choice(self, "feature_cache", ("auto", "on", "off"))
+        _choice(self, "monitor", ("val_acc", "val_loss"))
+        if self.channels_last not in (None, True, False):
+            raise ConfigError("channels_last", "channels_last must be true, false or unset.")
+        for name in ("group", "label"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(name, f"{name} must be text.")
+        if not isinstance(self.plan, dict):
+            raise ConfigError("plan", "the freeze plan must be a JSON object.")
+        try:
+            plan = self.freeze_plan()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("plan", f"the freeze plan is malformed ({exc}).") from exc
+        for epoch, _n in plan.unfreeze_schedule:
+            if epoch < 1:
+                raise ConfigError("unfreeze", f"unfreeze epochs start at 1 (got {epoch}).")
+
+    def validate_for_model(self, module: nn.Module, stages: list[Stage], image_size: int) -> None:
+        """The checks that need the model: its stages and the input sizes it accepts."""
+        plan = self.freeze_plan()
+        n_backbone = sum(1 for s in stages if not s.is_head)
+        counts = [n for _e, n in plan.unfreeze_schedule] + ([plan.last_n] if plan.strategy == "last-n" else [])
+        for n in counts:
+            if n > n_backbone:
+                raise ConfigError("unfreeze", f"the model has {n_backbone} backbone stages; {n} cannot train.")
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.inference_mode():
+                module(torch.zeros(1, 3, image_size, image_size))
+        except Exception as exc:  # e.g. a ViT whose patch grid is fixed at another size
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError("image_size", f"image size {image_size} does not fit this model ({first}). "
+                              "Use the model's own input size or a multiple of its patch size.") from exc
+        finally:
+            module.train(was_training)

@@ -1,0 +1,81 @@
+"""Files written so a crash never corrupts them: atomic replace, tolerant reads, a file lock.
+
+A reader (or a kill) sees the old file or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.core.faults import fault_point
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target.
+
+    A reader (or a crash) sees the old file or the new one, never a mix. A failed write (full
+    disk) removes its temp file and leaves the old target as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_temps(path)
+    fault_point(path.name, "before")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            half = len(data) // 2
+            fh.write(data[:half])
+            fh.flush()
+            fault_point(path.name, "mid")
+            fh.write(data[half:])
+            fh.flush()
+            os.fsync(fh.fileno())
+        fault_point(path.name, "before-rename")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fault_point(path.name, "after")
+
+
+def _sweep_stale_temps(path: Path, older_than_s: float = 120.0) -> None:
+    """Temp files left by a killed writer of ``path`` (old enough not to be in flight)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+class file_lock:
+    """``with file_lock(path):`` an exclusive flock on a small lock file (blocking, short holds only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()

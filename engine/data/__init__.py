@@ -1,0 +1,6 @@
+"""Layer 2, may import: core, models. Images from any source, bounded and validated.
+
+images (header checks before decode, reduced decode), datasets (built-in sets, folders, validation,
+the Dataset that decodes at access time), archive (zip uploads extracted once, atomically), splits
+(per-class subsample, stratified split), transforms (the model's eval transform, augmentation).
+"""

@@ -1,0 +1,5 @@
+"""Layer 7, may import: everything below. Experiments across runs.
+
+compare (a group of runs with one data split and seed, side by side), advisor (the data amount x
+task similarity matrix turned into a recommended freeze plan, from evidence on the user's data).
+"""

@@ -1,0 +1,90 @@
+"""Compare strategies: the same data, split, budget and seed, trained one after another.
+
+A comparison is a group of ordinary runs (config ``group`` + ``label``), so each one is listed,
+resumable and evaluable like any run; one background process trains them in order.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.freeze.plan import FreezePlan
+from engine.runs.store import RunDir, create_run, list_runs, new_run_id
+
+
+def demo_plans() -> dict[str, FreezePlan]:
+    """The textbook contrast: a frozen feature extractor vs fine-tuning everything."""
+    return {
+        "feature extraction": FreezePlan.feature_extraction(head_lr=1e-2),
+        "full fine-tune": FreezePlan.full(head_lr=2e-3, backbone_lr_ratio=1.0),
+    }
+
+
+def demo_config() -> TrainConfig:
+    """Digits at 96 px, batch 32, 2 epochs each: a few minutes on 2 CPU cores."""
+    return TrainConfig(data="digits", epochs=2, batch_size=32, image_size=96)
+
+
+def create_comparison(runs_root: str | Path, base: TrainConfig, plans: dict[str, FreezePlan]) -> list[RunDir]:
+    """One queued run per plan; everything but the plan is identical (data, split, seed, epochs)."""
+    if len(plans) < 2:
+        raise EngineError("A comparison needs at least two strategies.")
+    group = f"cmp-{secrets.token_hex(3)}"
+    runs = []
+    for order, (label, plan) in enumerate(plans.items()):
+        config = replace(base, plan=plan.to_dict(), group=group, label=label)
+        slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+        runs.append(create_run(runs_root, {**config.to_dict(), "order": order},
+                               run_id=new_run_id(f"{group}-{slug}")))
+    return runs
+
+
+def group_runs(runs_root: str | Path, group: str) -> list[RunDir]:
+    runs = [r for r in list_runs(runs_root) if (r.config().get("group") == group)]
+    return sorted(runs, key=lambda r: r.config().get("order", 0))
+
+
+def list_groups(runs_root: str | Path) -> list[str]:
+    seen: list[str] = []
+    for run in list_runs(runs_root):
+        group = run.config().get("group")
+        if group and group not in seen:
+            seen.append(group)
+    return seen
+
+
+def comparison_table(runs: list[RunDir]) -> list[dict[str, Any]]:
+    """Final numbers per strategy: accuracy, time, trainable parameters, throughput."""
+    rows = []
+    for run in runs:
+        config = run.config()
+        metrics = run.metrics()
+        best = max((m["val_acc"] for m in metrics), default=None)
+        rows.append({
+            "strategy": config.get("label") or config.get("plan", {}).get("strategy"),
+            "run_id": run.run_id,
+            "state": run.status().get("state"),
+            "epochs": len(metrics),
+            "best_val_acc": best,
+            "final_val_acc": metrics[-1]["val_acc"] if metrics else None,
+            "train_time_s": round(sum(m["epoch_s"] for m in metrics), 2),
+            "wall_time_s": round(metrics[-1]["elapsed_s"], 2) if metrics else None,
+            "trainable_params": metrics[-1]["trainable_params"] if metrics else None,
+            "images_per_s": round(sum(m["images_per_s"] for m in metrics) / len(metrics), 1) if metrics else None,
+        })
+    return rows
+
+
+def curves(runs: list[RunDir]) -> list[dict[str, Any]]:
+    """Long-format rows (strategy, epoch, wall-clock seconds, metric values) for overlay plots."""
+    rows = []
+    for run in runs:
+        label = run.config().get("label") or run.run_id
+        for m in run.metrics():
+            rows.append({"strategy": label, "epoch": m["epoch"], "elapsed_s": m["elapsed_s"],
+                         "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"]})
+    return rows

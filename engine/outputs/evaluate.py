@@ -1,0 +1,86 @@
+"""Evaluate a run's checkpoint on the validation split it was trained with."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from engine.config import TrainConfig
+from engine.core.device import resolve_device
+from engine.data.splits import split_indices
+from engine.runs.load import load_run_model
+from engine.runs.store import RunDir
+
+
+def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
+    """Labels, probabilities and sources of every validation image, in eval + inference mode."""
+    from engine.data.datasets import TransformDataset, load_source
+    from engine.data.transforms import eval_transform
+
+    config = TrainConfig.from_dict(run.config())
+    handle = load_run_model(run.path, kind)
+    ds = load_source(config.data, work_dir=str(run.path))
+    _, indices = split_indices(ds, config)
+    dataset = TransformDataset(ds, indices, eval_transform(handle.spec))  # decodes reduced to the model's need
+    loader = DataLoader(dataset, batch_size=64)  # no workers: ``dataset.failed`` is filled in this process
+    device = resolve_device(config.device)
+    module = handle.module.to(device).eval()
+    probs, labels = [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            probs.append(module(x.to(device)).float().softmax(-1).cpu())
+            labels.append(y)
+    # a file unreadable since training: its stand-in row is dropped, and the file listed
+    keep = [p for p in range(len(indices)) if p not in dataset.substituted]
+    indices = [indices[p] for p in keep]
+    return {"handle": handle, "probs": torch.cat(probs)[keep], "labels": torch.cat(labels)[keep], "indices": indices,
+            "sources": [ds.sources[i] for i in indices], "class_names": handle.spec.class_names,
+            "unreadable": list(dataset.failed)}
+
+
+def evaluate_run(run: RunDir, kind: str = "best") -> dict[str, Any]:
+    preds = validation_predictions(run, kind)
+    probs, labels = preds["probs"], preds["labels"]
+    loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    correct = probs.argmax(-1) == labels
+    per_class = {}
+    for c, name in enumerate(preds["class_names"]):
+        mask = labels == c
+        per_class[name] = float(correct[mask].float().mean()) if mask.any() else float("nan")
+    return {"run_id": run.run_id, "checkpoint": kind, "val_acc": float(correct.float().mean()),
+            "val_loss": loss, "val_images": int(labels.numel()), "per_class_acc": per_class,
+            "unreadable": [{"file": f, "reason": r} for f, r in preds["unreadable"]]}
+
+
+def evaluation_report(run: RunDir, kind: str = "best") -> dict[str, Any]:
+    """Confusion matrix, per-class precision/recall/F1/support, the misclassified images ranked by
+    confidence (a top-loss gallery), and the confidence of right vs wrong answers."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    preds = validation_predictions(run, kind)
+    probs, labels = preds["probs"], preds["labels"].numpy()
+    names = preds["class_names"]
+    predicted = probs.argmax(-1).numpy()
+    confidence = probs.max(-1).values.numpy()
+    classes = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0)
+    wrong = [
+        {"index": int(preds["indices"][i]), "source": preds["sources"][i], "true": names[int(labels[i])],
+         "predicted": names[int(predicted[i])], "confidence": float(confidence[i]),
+         "true_prob": float(probs[i, int(labels[i])])}
+        for i in range(len(labels)) if predicted[i] != labels[i]
+    ]
+    wrong.sort(key=lambda r: -r["confidence"])
+    return {
+        "run_id": run.run_id, "checkpoint": kind, "class_names": names,
+        "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
+        "confusion": confusion_matrix(labels, predicted, labels=classes).tolist(),
+        "per_class": [{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for n, p, r, f, s in zip(names, precision, recall, f1, support)],
+        "misclassified": wrong,
+        "unreadable": [{"file": f, "reason": r} for f, r in preds["unreadable"]],
+        "confidence": {"correct": confidence[predicted == labels].tolist(),
+                       "wrong": confidence[predicted != labels].tolist()},
+    }

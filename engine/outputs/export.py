@@ -1,0 +1,130 @@
+"""Exports that load again: safetensors + JSON, TorchScript and ONNX with a parity check.
+
+Every export is checked against the PyTorch model on real inputs before it is offered; a model
+that cannot be exported says why instead of producing a broken file.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.core.errors import EngineError
+from engine.models.factory import ModelHandle
+
+TOLERANCE = 1e-4  # max |exported - pytorch| on logits, float32
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: str
+    max_abs_diff: float
+    tolerance: float
+    same_top1: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.same_top1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def model_card(handle: ModelHandle, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a loader needs besides the tensors: architecture, classes, preprocessing, versions."""
+    import timm
+    import torchvision
+
+    return {"spec": handle.spec.to_dict(), "class_names": handle.spec.class_names,
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in handle.spec.data_config().items()},
+            "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__},
+            **(extra or {})}
+
+
+def weights_bundle(handle: ModelHandle, extra: dict[str, Any] | None = None) -> bytes:
+    """A zip with ``model.safetensors`` + ``model.json``: ``create_model(arch, weights='model.safetensors')``
+    loads it back with its classes (the JSON beside the weights is read)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in handle.module.state_dict().items()}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model.safetensors", save(tensors))
+        zf.writestr("model.json", json.dumps(model_card(handle, extra), indent=2))
+    return buf.getvalue()
+
+
+def _inputs(handle: ModelHandle, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *handle.spec.input_size, generator=g)
+
+
+def _compare(fmt: str, path: Path, reference: torch.Tensor, got: np.ndarray) -> ExportResult:
+    ref = reference.detach().float().numpy()
+    return ExportResult(format=fmt, path=str(path), max_abs_diff=float(np.abs(ref - got).max()),
+                        tolerance=TOLERANCE, same_top1=bool((ref.argmax(-1) == got.argmax(-1)).all()))
+
+
+def export_torchscript(handle: ModelHandle, path: str | Path) -> ExportResult:
+    """Trace in eval mode, save, load back and compare on a fresh batch."""
+    path = Path(path)
+    module = handle.module.eval()
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(module, _inputs(handle, 2, 0), check_trace=False)
+        torch.jit.save(traced, str(path))
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise EngineError(f"{handle.spec.name} cannot be exported to TorchScript: {type(exc).__name__}: "
+                          f"{str(exc)[:300]}") from exc
+    x = _inputs(handle, 3, 1)
+    with torch.inference_mode():
+        return _compare("torchscript", path, module(x), loaded(x).numpy())
+
+
+def _onnx_export(module: torch.nn.Module, example: tuple, path: Path) -> None:
+    names = {"input_names": ["images"], "output_names": ["logits"], "verbose": False}
+    try:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(module, example, str(path), dynamo=True, dynamic_shapes=({0: batch},), **names)
+    except Exception:  # some models only export with a fixed batch
+        torch.onnx.export(module, example, str(path), dynamo=True, **names)
+
+
+def export_onnx(handle: ModelHandle, path: str | Path) -> ExportResult:
+    """torch.onnx (dynamo exporter) with a dynamic batch; checked with onnxruntime."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    module = handle.module.eval()
+    example = (_inputs(handle, 2, 0),)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+            _onnx_export(module, example, path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise EngineError(f"{handle.spec.name} cannot be exported to ONNX: {type(exc).__name__}: "
+                          f"{str(exc)[:300]}") from exc
+    fixed = session.get_inputs()[0].shape[0]
+    x = _inputs(handle, fixed if isinstance(fixed, int) else 3, 1)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.inference_mode():
+        return _compare("onnx", path, module(x), got)
+
+
+def export_to_bytes(handle: ModelHandle, fmt: str) -> tuple[bytes, ExportResult]:
+    """Export into a temp file and return its bytes with the parity result (for downloads)."""
+    suffix = {"torchscript": ".pt", "onnx": ".onnx"}[fmt]
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / f"model{suffix}"
+        result = (export_torchscript if fmt == "torchscript" else export_onnx)(handle, target)
+        return target.read_bytes(), result

@@ -1,0 +1,66 @@
+"""Runs trained in their own process, so closing a browser tab never stops them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.core.errors import RunError
+from engine.core.paths import PROJECT_ROOT
+from engine.runs.process import process_start
+from engine.runs.store import ACTIVE_STATES
+
+if TYPE_CHECKING:
+    from engine.runs.store import RunDir
+
+
+def request_cancel(run: RunDir) -> None:
+    run.cancel_path.write_text(str(time.time()))
+
+
+def spawn_engine(args: list[str], log_path: Path) -> int:
+    """``python -m engine ARGS`` in its own process session; returns the pid.
+
+    Its own session: closing a browser tab or restarting a page never kills it; status and
+    progress are read back from run directories.
+    """
+    project_root = PROJECT_ROOT
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(project_root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", *args], cwd=project_root, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+        )
+    return proc.pid
+
+
+def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
+    """Train ``run`` in its own process (``python -m engine train --run-dir``); returns the pid."""
+    run.write_status(state="queued", pid=None, reason="")  # recorded before the process exists
+    pid = spawn_engine(["train", "--run-dir", str(run.path), *(extra_args or [])], run.log_path)
+    run.write_status(pid=pid, pid_start=process_start(pid))
+    return pid
+
+
+def start_group_background(runs: list[RunDir], runs_root: str | Path) -> int:
+    """Train a comparison's runs one after another in one background process."""
+    group = runs[0].config()["group"]
+    pid = spawn_engine(["compare", "--group", group, "--out", str(runs_root)], runs[0].log_path)
+    for run in runs:
+        run.write_status(state="queued", pid=pid)
+    return pid
+
+
+def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> dict[str, Any]:
+    """Block until the run leaves the active states (for tests and scripts)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = run.status()
+        if status.get("state") not in ACTIVE_STATES:
+            return status
+        time.sleep(poll_s)
+    raise RunError(f"Run {run.run_id} did not finish within {timeout_s:.0f} s.")

@@ -1,0 +1,74 @@
+"""One training per device per machine, whatever runs folder it writes to."""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+from engine.core.errors import RunError
+
+
+class DeviceLock:
+    """One training per device on this machine: an exclusive flock in the machine-wide lock folder
+    (``paths.lock_dir()``), whatever runs folder a training writes to. The OS drops a flock when
+    its process dies, so a crashed holder's lock is simply taken over by the next training."""
+
+    def __init__(self, lock_dir: str | Path | None, device: str, holder: str = ""):
+        from engine.core.paths import lock_dir as default_lock_dir
+
+        self.path = Path(lock_dir or default_lock_dir()) / f"train-{device.replace(':', '_')}.lock"
+        self.holder = holder
+        self._fh = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise RunError(f"Another training is using this device ({holder or 'unknown run'}); "
+                           "wait for it or cancel it.") from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{self.holder + ', ' if self.holder else ''}pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+
+    def is_free(self) -> bool:
+        """A probe: could a training start now? (Takes and drops the lock at once.)"""
+        try:
+            self.acquire()
+        except RunError:
+            return False
+        self.release()
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "DeviceLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def device_lock(device: str = "auto", holder: str = "") -> DeviceLock:
+    """The machine-wide lock of the device a setting names ("auto", "cpu", "cuda:1")."""
+    from engine.core.device import resolve_device
+
+    return DeviceLock(None, resolve_device(device).type, holder)
+
+
+def ensure_device_free(device: str = "auto") -> None:
+    """Refuse now, before anything is written, when another training holds the device."""
+    if not device_lock(device).is_free():
+        raise RunError("Another training is using this device; wait for it to finish or cancel it.")

@@ -1,0 +1,40 @@
+"""The emit sink of a run folder: events to disk, status.json refreshed (throttled)."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged, no_emit
+
+if TYPE_CHECKING:
+    from engine.runs.events import Emit, Event
+    from engine.runs.store import RunDir
+
+
+STATUS_EVERY_S = 0.5
+
+
+class RunRecorder:
+    """The emit sink of a run directory: events to disk, status.json refreshed (throttled)."""
+
+    def __init__(self, run: RunDir, forward: Emit = no_emit):
+        self.run, self.forward, self._last = run, forward, 0.0
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, StepLogged):
+            self.run.record(event)
+        now = time.monotonic()
+        if isinstance(event, StepLogged):
+            if now - self._last >= STATUS_EVERY_S or event.step == event.steps:
+                self._last = now
+                self.run.write_status(progress={"epoch": event.epoch, "step": event.step,
+                                                "steps": event.steps, "eta_s": round(event.eta_s, 1),
+                                                "loss": event.loss})
+        elif isinstance(event, RunStarted):
+            self.run.write_status(state="running", epochs=event.epochs, device=event.device)
+        elif isinstance(event, EpochEnded):
+            self.run.write_status(epoch=event.epoch, val_acc=event.val_acc, val_loss=event.val_loss)
+        elif isinstance(event, RunFinished):
+            self.run.write_status(state=event.status, reason=event.reason, best_epoch=event.best_epoch,
+                                  best_val_acc=event.best_val_acc, finished_at=time.time())
+        self.forward(event)

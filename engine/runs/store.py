@@ -1,0 +1,264 @@
+"""Run directories: everything a training leaves on disk, written so a crash never corrupts it.
+
+runs/<run_id>/
+  config.json          everything needed to reproduce the run
+  metrics.jsonl        one line per epoch (append-only)
+  events.jsonl         every event, for the record
+  status.json          state, pid, progress; replaced atomically
+  last.safetensors + last.json + last_state.pt    resume point (weights, meta, optimizer)
+  best.safetensors + best.json                    best epoch by the monitored metric
+  log.txt              stdout/stderr of a background run
+
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.core.errors import RunError
+from engine.core.faults import fault_point
+from engine.core.files import atomic_write_bytes, atomic_write_json, file_lock, read_json
+from engine.runs.checkpoint_file import weights_meta
+from engine.runs.events import EpochEnded
+from engine.runs.health import run_problems
+from engine.runs.process import owner_gone
+
+if TYPE_CHECKING:
+    from engine.runs.events import Event
+
+
+ACTIVE_STATES = ("queued", "running")
+
+
+def sweep_temps(run: "RunDir") -> None:
+    """Temp files a killed writer left in a run folder, removed when that run next starts.
+
+    Runs under the status lock: every live status writer holds it, so any temp file seen here
+    belongs to a writer that died.
+    """
+    with file_lock(run.path / ".status.lock"):
+        for tmp in run.path.glob(".*.tmp"):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def new_run_id(prefix: str = "") -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tail = secrets.token_hex(2)
+    return f"{stamp}-{prefix}-{tail}" if prefix else f"{stamp}-{tail}"
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    # files
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def cancel_path(self) -> Path:
+        return self.path / "cancel"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.txt"
+
+    def checkpoint(self, kind: str) -> Path:
+        return self.path / f"{kind}.safetensors"
+
+    @property
+    def train_state_path(self) -> Path:
+        return self.path / "last_state.pt"
+
+    # reading
+    def config(self) -> dict[str, Any]:
+        data = read_json(self.config_path)
+        if not isinstance(data, dict):
+            raise RunError(f"Run {self.run_id} has no readable config.json.")
+        return data
+
+    def status(self) -> dict[str, Any]:
+        """Status with crash detection: an active run whose process is gone reads as 'interrupted'.
+
+        Gone means: its pid is dead, or the pid now belongs to another process (start time differs),
+        or its heartbeat stopped (a process on another host, or a frozen one).
+        """
+        data = read_json(self.status_path, {}) or {}
+        if not isinstance(data, dict):
+            data = {}
+        if data.get("state") in ACTIVE_STATES and owner_gone(data):
+            data = {**data, "state": "interrupted",
+                    "reason": "the training process ended without finishing (crash or kill); resume it"}
+        return data
+
+    def metrics(self) -> list[dict[str, Any]]:
+        rows = []
+        try:
+            with self.metrics_path.open() as fh:
+                for line in fh:
+                    line = line.strip()
+                    if line:
+                        try:
+                            row = json.loads(line)
+                        except ValueError:
+                            continue  # a torn line after a kill, or garbage: that line only
+                        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                            rows.append(row)
+        except OSError:
+            pass
+        return rows
+
+    def checkpoint_meta(self, kind: str) -> dict[str, Any] | None:
+        """The checkpoint's meta: from inside the weights file (the truth), else the JSON beside it."""
+        path = self.checkpoint(kind)
+        if path.is_file():
+            try:
+                meta = weights_meta(path)
+            except RunError:
+                return None
+            if meta is not None:
+                return meta
+        meta = read_json(path.with_suffix(".json"))
+        return meta if isinstance(meta, dict) else None
+
+    def problems(self) -> list[str]:
+        """Why this run folder cannot be used (empty: healthy). Cheap checks, cached by file stamps."""
+        return run_problems(self)
+
+    # writing
+    def write_status(self, **fields: Any) -> None:
+        """Read-modify-write under a lock: the app and the training process both write status."""
+        with file_lock(self.path / ".status.lock"):
+            current = read_json(self.status_path, {}) or {}
+            if not isinstance(current, dict):
+                current = {}
+            current.update(fields, updated_at=time.time())
+            atomic_write_json(self.status_path, current)
+
+    def append_jsonl(self, path: Path, row: dict[str, Any]) -> None:
+        line = (json.dumps(row) + "\n").encode()
+        with path.open("ab") as fh:
+            fh.write(line[: len(line) // 2])
+            fh.flush()
+            fault_point(path.name, "mid")
+            fh.write(line[len(line) // 2:])
+            fh.flush()
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with exactly these rows (a resume makes the file match its checkpoint)."""
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def record(self, event: Event) -> None:
+        """The run's ``emit`` sink on disk."""
+        self.append_jsonl(self.events_path, event.to_dict())
+        if isinstance(event, EpochEnded):
+            self.append_jsonl(self.metrics_path, event.to_dict())
+
+    def cancel_requested(self) -> bool:
+        return self.cancel_path.exists()
+
+
+def create_run(runs_root: str | Path, config: dict[str, Any], run_id: str | None = None) -> RunDir:
+    root = Path(runs_root)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"The runs folder {root.name} is a file, not a folder.")
+    root.mkdir(parents=True, exist_ok=True)
+    run = RunDir(root / (run_id or new_run_id()))
+    run.path.mkdir(parents=False, exist_ok=False)
+    atomic_write_json(run.config_path, config)
+    run.write_status(state="queued", pid=None, epoch=0, created_at=time.time())
+    return run
+
+
+def open_run(runs_root: str | Path, run: str | Path) -> RunDir:
+    """A run by id (under runs_root) or by path; refuses ids that escape runs_root."""
+    candidate = Path(run)
+    root = Path(runs_root).resolve()
+    if not candidate.is_absolute() and len(candidate.parts) == 1:
+        candidate = root / candidate
+    candidate = candidate.resolve()
+    if not (candidate / "config.json").is_file():
+        raise RunError(f"No run at {run} (looked for {candidate / 'config.json'}).")
+    return RunDir(candidate)
+
+
+def list_runs(runs_root: str | Path) -> list[RunDir]:
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if (p / "config.json").is_file()]
+    return sorted(runs, key=lambda r: r.path.name, reverse=True)
+
+
+def delete_run(run: RunDir) -> None:
+    if run.status().get("state") in ACTIVE_STATES:
+        raise RunError(f"Run {run.run_id} is still running; cancel it first.")
+    shutil.rmtree(run.path)
+
+
+def extend_run(run: RunDir, epochs: int) -> dict[str, Any]:
+    """Set how many epochs a run trains to (before resuming it); returns the updated config."""
+    config = run.config()
+    config["epochs"] = int(epochs)
+    atomic_write_json(run.config_path, config)
+    return config
+
+
+def describe_run(run: RunDir) -> dict[str, Any]:
+    """One row for run lists: what was trained, how, and how it went (damaged runs say why)."""
+    config = read_json(run.config_path, {})
+    config = config if isinstance(config, dict) else {}
+    status = run.status()
+    metrics = run.metrics()
+    plan = config.get("plan") if isinstance(config.get("plan"), dict) else {}
+    best = run.checkpoint_meta("best") or {}
+    problems = run.problems()
+    if problems:
+        status = {**status, "state": "damaged", "reason": "; ".join(problems)}
+    return {
+        "run_id": run.run_id,
+        "model": config.get("model"),
+        "weights": config.get("weights"),
+        "data": Path(str(config.get("data", ""))).name or config.get("data"),
+        "strategy": plan.get("strategy"),
+        "state": status.get("state", "unknown"),
+        "epochs": f"{len(metrics)}/{config.get('epochs', '?')}",
+        "best_val_acc": best.get("val_acc"),
+        "has_best": run.checkpoint("best").is_file() and not problems,
+        "reason": status.get("reason", ""),
+    }
+
+
+def active_runs(runs_root: str | Path) -> list[RunDir]:
+    return [r for r in list_runs(runs_root) if r.status().get("state") in ACTIVE_STATES]
+
+
+def usable_runs(runs_root: str | Path, kind: str = "best") -> list[RunDir]:
+    """Runs with a healthy ``kind`` checkpoint: what the Evaluate/Inference pickers offer."""
+    return [r for r in list_runs(runs_root) if r.checkpoint(kind).is_file() and not r.problems()]

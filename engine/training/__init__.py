@@ -1,0 +1,7 @@
+"""Layer 5, may import: core ... runs. The training loop, explicit as the textbook has it.
+
+epoch (one pass: zero_grad, forward, loss, backward, step; and evaluation), loop (``fit``: set-up,
+epochs, early stopping, resume), checkpoint (the atomic per-epoch commit and the repair after a
+crash), feature_cache (frozen backbone: features once, then only the head trains), run (a run folder
+trained under the device lock with a heartbeat and a final status).
+"""

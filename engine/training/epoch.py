@@ -1,0 +1,112 @@
+"""One epoch, explicit as the textbook has it: per batch zero_grad -> forward -> loss ->
+backward -> step; then an evaluation pass in eval mode under inference_mode.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.core.errors import EngineError
+from engine.freeze.plan import set_train_mode
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
+
+
+class Diverged(EngineError):
+    """The loss became NaN or infinite: the run stops and keeps its last finite checkpoint."""
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_frac: float) -> float:
+    """Multiplier of every group's planned LR at optimizer step ``step`` (0-based)."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, int(round(total * (0.25 if schedule == "onecycle" else warmup_frac))))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
+                    device: torch.device, step0: int, total_steps: int,
+                    config: TrainConfig, dtype: torch.dtype | None, scaler: Any, channels_last: bool,
+                    on_step: Callable[[int, float, int], None], should_stop: Callable[[], bool]) -> EpochStats | None:
+    """One pass over the training data; returns None if stopped mid-epoch."""
+    set_train_mode(model, True)  # frozen stages stay in eval (freeze hooks)
+    total_loss = correct = seen = 0
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(loader):
+        if should_stop():
+            return None
+        _set_lr(optimizer, lr_factor(step0 + i, total_steps, config.schedule, config.warmup_frac))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        if not torch.isfinite(loss.detach()).all():
+            raise Diverged(f"the training loss became {loss.item()} at step {i + 1}; lower the learning rate "
+                           "(the last finite checkpoint is kept)")
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        n = y.shape[0]
+        batch_loss = loss.item()  # one device sync per step
+        total_loss += batch_loss * n
+        correct += (logits.argmax(-1) == y).sum().item()
+        seen += n
+        on_step(i + 1, batch_loss, seen)
+    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> tuple[float, float]:
+    """(loss, accuracy) in eval mode under inference_mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    total_loss = correct = seen = 0
+    try:
+        with torch.inference_mode():
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                if channels_last and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = model(x)
+                total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+                correct += (logits.argmax(-1) == y).sum().item()
+                seen += y.shape[0]
+    finally:
+        set_train_mode(model, was_training)
+    return total_loss / max(1, seen), correct / max(1, seen)

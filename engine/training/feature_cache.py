@@ -1,0 +1,115 @@
+"""Backbone features: what the head sees (the input of the classifier), for any model.
+
+A forward pre-hook on the head captures its input, so this works whatever the family calls its
+head and however it pools; no architecture-specific ``forward_features`` is needed.
+
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from engine.core.errors import EngineError
+
+if TYPE_CHECKING:
+    from engine.anatomy.stages import Stage
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.models.factory import ModelHandle
+
+
+class _Captured(Exception):
+    """Raised from the hook to stop the forward once the head input is known."""
+
+
+def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
+    """Features entering ``head`` for batch ``x`` (the head itself is not run)."""
+    box: dict[str, torch.Tensor] = {}
+
+    def grab(_m: nn.Module, inputs: tuple) -> None:
+        box["x"] = inputs[0]
+        raise _Captured
+
+    handle = module.get_submodule(head).register_forward_pre_hook(grab)
+    try:
+        module(x)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in box:
+        raise RuntimeError(f"the head '{head}' was never called during forward")
+    return box["x"].flatten(1)
+
+
+def extract_features(
+    module: nn.Module,
+    head: str,
+    images: Sequence[Image.Image],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Eval-mode features of PIL images, batched, with BN using its stored statistics."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    chunks = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(device)
+                chunks.append(head_inputs(module, head, batch).float().cpu())
+    finally:
+        module.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def uses_feature_cache(plan: FreezePlan, config: TrainConfig) -> bool:
+    frozen_forever = (plan.strategy == "feature-extraction" and not plan.unfreeze_schedule
+                      and not plan.patterns and plan.bn_policy == "freeze")
+    if config.feature_cache == "off":
+        return False
+    if config.feature_cache == "on" and not (frozen_forever and not config.augment):
+        raise EngineError("The feature cache needs a frozen backbone (feature extraction, BN frozen, "
+                          "no unfreezing) and augmentation off.")
+    return frozen_forever and not config.augment
+
+
+class HeadOnly(nn.Module):
+    """The part of the model after the cached features: (timm's pre-classifier dropout +) head."""
+
+    def __init__(self, head: nn.Module, drop_rate: float):
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(x))
+
+
+def cache_point(handle: ModelHandle, stages: list[Stage]) -> tuple[str, float]:
+    """Which module's input to cache and which dropout the model applies just before it."""
+    head_stage = stages[-1]
+    if len(head_stage.modules) == 1 and head_stage.modules[0] != handle.spec.head and \
+            handle.spec.source == "torchvision":
+        return head_stage.modules[0], 0.0  # e.g. torchvision's classifier = Dropout + Linear
+    return handle.spec.head, float(getattr(handle.module, "drop_rate", 0.0) or 0.0)
+
+
+def compute_features(model: nn.Module, point: str, loader: Iterable, device: torch.device,
+                     channels_last: bool, should_stop: Callable[[], bool]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    feats, labels = [], []
+    model.eval()
+    with torch.inference_mode():
+        for x, y in loader:
+            if should_stop():
+                return None
+            x = x.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats.append(head_inputs(model, point, x).float().cpu())
+            labels.append(y)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,83 @@
+"""Train a run folder: under the device lock, with a heartbeat, and a final status however
+it ends (finished, cancelled, diverged, failed).
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.runs.events import no_emit
+from engine.runs.locks import DeviceLock, device_lock
+from engine.runs.process import Heartbeat
+from engine.runs.store import sweep_temps
+from engine.training.checkpoint import _disk_error
+from engine.training.loop import fit
+
+if TYPE_CHECKING:
+    from engine.runs.events import Emit
+    from engine.runs.store import RunDir
+    from engine.training.loop import RunResult
+
+
+def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
+              lock: DeviceLock | None = None) -> RunResult:
+    """Train a run directory under the machine's device lock, recording how it ended in its status.
+
+    ``lock``: one the caller already holds (the CLI takes it before creating a run folder, so a
+    refused start leaves nothing on disk). Ctrl-C and SIGTERM end the run as "cancelled".
+    """
+    config = TrainConfig.from_dict(run.config())
+    held = lock or device_lock(config.device, holder=f"run {run.run_id}")
+    if lock is None:
+        held.acquire()  # refused: raises before anything is written
+    try:
+        run.cancel_path.unlink(missing_ok=True)
+        sweep_temps(run)
+        with _sigterm_as_interrupt(), Heartbeat(run.write_status):
+            run.write_status(state="running", reason="")
+            return fit(config, run, resume=resume, emit=emit)
+    except KeyboardInterrupt:
+        _final_status(run, state="cancelled", reason="stopped by Ctrl-C or a termination signal")
+        raise
+    except EngineError as exc:
+        _final_status(run, state="failed", reason=str(exc))
+        raise
+    except OSError as exc:  # the run folder's disk: full, gone read-only
+        error = _disk_error(exc)
+        _final_status(run, state="failed", reason=str(error))
+        raise error from exc
+    except BaseException as exc:
+        _final_status(run, state="failed", reason=f"internal error ({type(exc).__name__}); see log.txt")
+        raise
+    finally:
+        held.release()
+
+
+def _final_status(run: RunDir, **fields: Any) -> None:
+    """Record how a run ended; best effort (a full disk must not hide the original error)."""
+    try:
+        run.write_status(finished_at=time.time(), **fields)
+    except OSError:
+        pass
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM (a stop from the OS or a process manager) ends the run like Ctrl-C: cancelled."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(_signum, _frame):
+                raise KeyboardInterrupt
+            self._previous = signal.signal(signal.SIGTERM, handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

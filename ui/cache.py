@@ -1,0 +1,103 @@
+"""Cached engine calls: a rerun of a page never rebuilds a model or re-reads a dataset.
+
+Models are ``st.cache_resource`` (read-only, shared by every session, never trained in place);
+derived data is ``st.cache_data`` (small values keyed by their inputs).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import streamlit as st
+
+
+@st.cache_resource(max_entries=6, show_spinner="Loading model...")
+def load_model(name: str, weights: str, num_classes: int | None = None):
+    """A read-only model shared by all sessions; training always builds its own copy."""
+    from engine.models.factory import create_model
+
+    return create_model(name, weights=weights, num_classes=num_classes)
+
+
+@st.cache_data(show_spinner=False)
+def catalog_rows() -> list[dict[str, Any]]:
+    from engine.models.catalog import catalog
+
+    return [e.to_dict() for e in catalog()]
+
+
+@st.cache_data(show_spinner="Tracing the model...", max_entries=16)
+def model_summary(name: str, weights: str, num_classes: int | None, size: int) -> dict[str, Any]:
+    from engine.anatomy.tree import summarize
+
+    handle = load_model(name, weights, num_classes)
+    data = summarize(handle.module, (3, size, size)).to_dict()
+    data["spec"] = handle.spec.to_dict()
+    return data
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def freeze_preview(name: str, weights: str, num_classes: int | None, plan_json: str) -> dict[str, Any]:
+    from engine.anatomy.stages import model_stages
+    from engine.freeze.plan import FreezePlan, preview_plan
+
+    handle = load_model(name, weights, num_classes)
+    stages = model_stages(handle.module, handle.spec.head)
+    return preview_plan(handle.module, stages, FreezePlan.from_dict(json.loads(plan_json))).to_dict()
+
+
+@st.cache_data(show_spinner="Reading the dataset...", max_entries=8)
+def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
+    """Counts, validation report and a few thumbnails per class (small arrays, cache-friendly)."""
+    import numpy as np
+
+    from engine.core.errors import ImageError
+    from engine.data.datasets import load_source, validate
+
+    ds = load_source(source)
+    report = validate(ds)
+    thumbs: dict[str, list] = {c: [] for c in ds.class_names}
+    skipped = list(report.skipped)
+    for i, label in enumerate(ds.labels):
+        name = ds.class_names[label]
+        if len(thumbs[name]) < per_class:
+            try:
+                img = ds.image(i, target=96)  # decoded reduced (JPEG at up to 1/8), never full size
+            except ImageError as exc:  # changed since it was checked: listed, the others still shown
+                shown = getattr(ds.loaders[i], "name", ds.sources[i])  # the name inside the dataset
+                skipped.append((shown, str(exc).removeprefix(f"{shown}: ")))
+                continue
+            img.thumbnail((96, 96))
+            thumbs[name].append(np.asarray(img))
+    return {"counts": report.counts, "problems": report.problems, "warnings": report.warnings,
+            "skipped": skipped, "n_images": report.n_images, "thumbs": thumbs}
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def dataset_sample(source: str, per_class: int = 12, seed: int = 0) -> tuple[list, list[int]]:
+    """A small, seeded, per-class sample of images and labels (for the advisor's estimates).
+
+    Images come decoded reduced to a 256 px shortest side (what a 224 px model at crop 0.875 needs);
+    one that became unreadable since the folder was checked is left out.
+    """
+    from engine.core.errors import ImageError
+    from engine.data.datasets import load_source
+    from engine.data.splits import subsample_per_class
+
+    ds = load_source(source)
+    images, labels = [], []
+    for i in subsample_per_class(ds.labels, per_class, seed):
+        try:
+            images.append(ds.image(i, target=256))
+        except ImageError:
+            continue
+        labels.append(ds.labels[i])
+    return images, labels
+
+
+@st.cache_resource(max_entries=3, show_spinner="Loading the trained model...")
+def load_trained(run_path: str, mtime: float):
+    """A run's best checkpoint; keyed by its mtime, so a newer best loads again."""
+    from engine.runs.load import load_run_model
+
+    return load_run_model(run_path)

@@ -1,0 +1,68 @@
+"""The live view of one run: progress, ETA and curves, redrawn on a timer while it trains.
+
+Only this panel reruns (``st.fragment(run_every=...)``), reading the run directory through the
+engine; the training itself is a separate process, so leaving the page or refreshing loses nothing.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine.core.files import read_json
+from engine.runs.background import request_cancel
+from engine.runs.store import ACTIVE_STATES, RunDir
+
+
+def _curves(metrics: list[dict]) -> None:
+    frame = pd.DataFrame(metrics)
+    loss = frame.melt(id_vars="epoch", value_vars=["train_loss", "val_loss"], var_name="curve", value_name="loss")
+    acc = frame.melt(id_vars="epoch", value_vars=["train_acc", "val_acc"], var_name="curve", value_name="accuracy")
+    c1, c2, c3 = st.columns(3)
+    c1.plotly_chart(px.line(loss, x="epoch", y="loss", color="curve", markers=True, title="Loss"), key="loss")
+    c2.plotly_chart(px.line(acc, x="epoch", y="accuracy", color="curve", markers=True, title="Accuracy"), key="acc")
+    lrs = pd.DataFrame([{"epoch": m["epoch"], "group": g, "lr": v} for m in metrics for g, v in m["lr"].items()
+                        if g.endswith("/decay") or "/" not in g])
+    if not lrs.empty:
+        c3.plotly_chart(px.line(lrs, x="epoch", y="lr", color="group", markers=True, title="Learning rate (per group)"),
+                        key="lr")
+
+
+def _panel(run: RunDir) -> None:
+    status = run.status()
+    state = status.get("state", "unknown")
+    metrics = run.metrics()
+    progress = status.get("progress") or {}
+    config = read_json(run.config_path, {})
+    epochs = int(status.get("epochs") or (config.get("epochs") if isinstance(config, dict) else 1) or 1)
+    if state in ACTIVE_STATES:
+        steps = max(1, int(progress.get("steps", 1)))
+        done = (int(progress.get("epoch", 1)) - 1) * steps + int(progress.get("step", 0))
+        fraction = min(1.0, done / (epochs * steps))
+        text = (f"{state}: epoch {progress.get('epoch', 1)}/{epochs}, step {progress.get('step', 0)}/{steps}, "
+                f"ETA {progress.get('eta_s', 0):.0f}s") if progress else f"{state}: preparing data and model..."
+        st.progress(fraction, text=text)
+        if st.button("Cancel training", key=f"cancel-{run.run_id}"):
+            request_cancel(run)
+    elif state == "finished":
+        st.success(f"Finished: {status.get('reason', '')}. Best val acc {status.get('best_val_acc') or 0:.4f} "
+                   f"(epoch {status.get('best_epoch')}).")
+    elif state in ("cancelled", "interrupted"):
+        st.warning(f"{state.capitalize()}: {status.get('reason', '')}")
+    elif state == "failed":
+        st.error(f"Failed: {status.get('reason', '')}")
+    elif state == "diverged":
+        st.error(f"Diverged: {status.get('reason', '')}")
+    elif state == "damaged":
+        st.error(f"Damaged: {status.get('reason', '')}")
+    if metrics:
+        _curves(metrics)
+        last = metrics[-1]
+        st.caption(f"Last epoch: {last['epoch_s']:.1f}s, {last['images_per_s']:.0f} images/s, "
+                   f"{last['trainable_params']:,} trainable parameters.")
+
+
+def live_panel(run: RunDir) -> None:
+    """Redraw every second while the run is active; a static panel once it is done."""
+    active = run.status().get("state") in ACTIVE_STATES
+    st.fragment(_panel, run_every=1.0 if active else None)(run)

@@ -1,0 +1,54 @@
+"""Widgets several pages share: the run picker and the active-model sidebar.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from engine.core.errors import EngineError
+from ui.cache import load_model
+from ui.state import PLAN, SELECTED_RUN, active, weights_label
+
+
+def pick_trained_run(label: str = "Run"):
+    """A selectbox of runs with a healthy best checkpoint (shared selection across pages); damaged
+    runs are named with their reason beneath it. Stops the page with a hint when there is none."""
+    from engine.core.paths import runs_root
+    from engine.runs.store import list_runs, usable_runs
+
+    runs = usable_runs(runs_root())
+    damaged = [(r, r.problems()) for r in list_runs(runs_root()) if r.checkpoint("best").is_file() and r.problems()]
+    if damaged:
+        with st.expander(f"{len(damaged)} damaged run(s) cannot be used"):
+            for r, problems in damaged:
+                st.markdown(f"`{r.run_id}`: {'; '.join(problems)}")
+    if not runs:
+        st.info("No trained run yet: train one on the Training or Compare page.")
+        st.stop()
+    ids = [r.run_id for r in runs]
+    selected = st.session_state.get(SELECTED_RUN)
+    pick = st.selectbox(label, ids, index=ids.index(selected) if selected in ids else 0,
+                        format_func=lambda i: f"{i} · {runs[ids.index(i)].config().get('model')}")
+    st.session_state[SELECTED_RUN] = pick
+    return runs[ids.index(pick)]
+
+
+def render_sidebar() -> None:
+    name, weights, classes = active()
+    with st.sidebar:
+        st.caption("Active model")
+        st.markdown(f"**{name}**  \nweights: `{weights_label(weights)}`")
+        try:
+            handle = load_model(name, weights, classes)
+        except EngineError as exc:
+            st.error(str(exc))
+            return
+        total = sum(p.numel() for p in handle.module.parameters())
+        st.markdown(f"{total:,} parameters  \n{handle.spec.num_classes} classes · "
+                    f"input {handle.spec.input_size[-1]} px")
+        plan = st.session_state[PLAN]
+        st.caption("Freeze plan")
+        st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
+                    + f" · BN {plan['bn_policy']}")
+        if st.session_state[SELECTED_RUN]:
+            st.caption("Selected run")
+            st.markdown(f"`{st.session_state[SELECTED_RUN]}`")

@@ -1,0 +1,119 @@
+"""Compare strategies: frozen vs fine-tuned on the same data, split, budget and seed."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine.core.errors import EngineError
+from engine.core.paths import runs_root
+from engine.freeze.plan import FreezePlan
+from engine.lab.advisor import recommend
+from engine.lab.compare import (
+    comparison_table,
+    create_comparison,
+    curves,
+    demo_config,
+    demo_plans,
+    group_runs,
+    list_groups,
+)
+from engine.runs.background import request_cancel, start_group_background
+from engine.runs.store import ACTIVE_STATES, active_runs
+from ui.errors import show_error
+from ui.state import PLAN, active
+
+st.title("Compare strategies")
+st.markdown(
+    "Train several freezing strategies on **the same data, split, epochs and seed**, then compare them "
+    "per epoch and per second of wall-clock time. The default demo pits a frozen feature extractor "
+    "against full fine-tuning on handwritten digits: a task *unlike* ImageNet photos, with enough data "
+    "(~180 images per class), the corner of the matrix where fine-tuning should win."
+)
+GROUP = "compare_group"
+
+
+def launch(base, plans: dict[str, FreezePlan]) -> None:
+    """Create the comparison's runs, train them in the background, and show this comparison."""
+    runs = create_comparison(runs_root(), base, plans)
+    start_group_background(runs, runs_root())
+    st.session_state[GROUP] = runs[0].config()["group"]
+    st.rerun()
+
+
+busy = active_runs(runs_root())
+
+left, right = st.columns(2)
+with left:
+    if st.button("Run the default demo (digits, 96 px, 2 epochs each)", type="primary", disabled=bool(busy)):
+        name, weights, _ = active()
+        base = demo_config()
+        launch(replace(base, model=name, weights=weights), demo_plans())
+with right:
+    with st.popover("Custom comparison"):
+        data = st.selectbox("Data", ["digits", "lfw"])
+        epochs = st.number_input("Epochs each", 1, 100, 2)
+        size = st.number_input("Image size", 16, 512, 96, step=16)
+        choices = st.multiselect("Strategies", ["feature extraction", "full fine-tune", "last 2 stages",
+                                                "my plan (Freeze Configurator)"],
+                                 default=["feature extraction", "full fine-tune"])
+        if st.button("Start comparison", disabled=bool(busy) or len(choices) < 2):
+            presets = {**demo_plans(), "last 2 stages": FreezePlan.last(2, head_lr=2e-3, backbone_lr_ratio=1.0),
+                       "my plan (Freeze Configurator)": FreezePlan.from_dict(st.session_state[PLAN])}
+            name, weights, _ = active()
+            base = replace(demo_config(), model=name, weights=weights, data=data, epochs=int(epochs), image_size=int(size))
+            try:
+                launch(base, {c: presets[c] for c in choices})
+            except EngineError as exc:
+                show_error(exc)
+
+groups = list_groups(runs_root())
+if not groups:
+    st.info("No comparison yet: run the demo.")
+    st.stop()
+current = st.session_state.get(GROUP)
+group = st.selectbox("Comparison", groups, index=groups.index(current) if current in groups else 0)
+st.session_state[GROUP] = group
+
+
+def panel() -> None:
+    runs = group_runs(runs_root(), group)
+    table = pd.DataFrame(comparison_table(runs))
+    running = [r for r in runs if r.status().get("state") in ACTIVE_STATES]
+    if running:
+        progress = running[0].status().get("progress") or {}
+        st.progress(0.0 if not progress else min(1.0, progress.get("step", 0) / max(1, progress.get("steps", 1))),
+                    text=f"training '{running[0].config().get('label')}'" +
+                         (f": epoch {progress.get('epoch')}, step {progress.get('step')}/{progress.get('steps')}"
+                          if progress else " (preparing)"))
+        if st.button("Cancel comparison"):
+            for run in runs:
+                request_cancel(run)
+    points = pd.DataFrame(curves(runs))
+    if not points.empty:
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(px.line(points, x="epoch", y="val_acc", color="strategy", markers=True,
+                                title="Validation accuracy per epoch"), key="by_epoch")
+        c2.plotly_chart(px.line(points, x="elapsed_s", y="val_acc", color="strategy", markers=True,
+                                title="Validation accuracy per second of training",
+                                labels={"elapsed_s": "wall-clock seconds"}), key="by_time")
+    st.dataframe(table, hide_index=True)
+    done = table.dropna(subset=["best_val_acc"]) if not table.empty else table
+    if len(done) >= 2 and not running:
+        best = done.sort_values("best_val_acc", ascending=False).iloc[0]
+        config = runs[0].config()
+        per_class = None
+        if config.get("data") == "digits":
+            per_class, n_classes = 1797 / 10, 10
+        elif config.get("data") == "lfw":
+            per_class, n_classes = 100, 2
+        st.success(f"**{best['strategy']}** reached the best validation accuracy ({best['best_val_acc']:.1%}).")
+        if per_class:
+            advice = recommend(per_class, n_classes, "different" if config.get("data") == "digits" else "similar")
+            st.markdown(f"Why, by the matrix: {advice.explanation}")
+
+
+active_now = any(r.status().get("state") in ACTIVE_STATES for r in group_runs(runs_root(), group))
+st.fragment(panel, run_every=1.0 if active_now else None)()

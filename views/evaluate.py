@@ -1,0 +1,154 @@
+"""Evaluation of a run: what it gets right and wrong, how sure it is, and where it looks."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.core.paths import runs_root
+from engine.data.datasets import load_source
+from engine.data.images import open_image
+from engine.data.transforms import input_target
+from engine.outputs.evaluate import evaluation_report
+from engine.outputs.explain import grad_cam
+from engine.runs.store import open_run
+from ui.cache import load_trained
+from ui.errors import public_message, show_error
+from ui.widgets import pick_trained_run
+
+
+@st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
+def report_for(run_path: str, mtime: float) -> dict:
+    return evaluation_report(open_run(runs_root(), run_path))
+
+
+@st.cache_resource(show_spinner="Reading the dataset...", max_entries=2, ttl=600)
+def val_dataset(data: str):
+    """The run's data, read (and every file checked) once, not once per thumbnail."""
+    return load_source(data)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def val_image(data: str, index: int, target: int, thumb: int | None = None):
+    """One validation image decoded reduced to ``target`` (the model's need, or a thumbnail's); raises
+    ImageError when the file became unreadable since training."""
+    image = val_dataset(data).image(index, target=target)
+    if thumb:
+        image.thumbnail((thumb, thumb))
+    return image
+
+
+def _shown(source: str) -> str:
+    """A sample as a person knows it: 'cats/001.jpg' or 'digits[17]', never a server path."""
+    from pathlib import Path
+
+    parts = Path(source).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else source
+
+
+st.title("Evaluate a run")
+run = pick_trained_run()
+mtime = run.checkpoint("best").stat().st_mtime
+try:
+    report = report_for(str(run.path), mtime)
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
+config = TrainConfig.from_dict(run.config())
+names = report["class_names"]
+st.metric("Validation accuracy (best checkpoint)", f"{report['accuracy']:.2%}")
+if report.get("unreadable"):
+    st.warning(f"{len(report['unreadable'])} validation file(s) can no longer be read and were left out: "
+               + public_message("; ".join(u["reason"] for u in report["unreadable"][:5])))
+
+left, right = st.columns(2)
+with left:
+    normalise = st.toggle("Normalise rows (recall per class)", True)
+    matrix = np.array(report["confusion"], dtype=float)
+    shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalise else matrix
+    fig = go.Figure(go.Heatmap(z=shown, x=names, y=names, colorscale="Blues", text=matrix.astype(int),
+                               texttemplate="%{text}", hoverinfo="skip"))
+    # invisible markers on the cell centres make each cell clickable (plotly selects points)
+    cells = [(p, t) for t in names for p in names]
+    fig.add_trace(go.Scatter(x=[p for p, _ in cells], y=[t for _, t in cells], mode="markers",
+                             marker={"size": 28, "opacity": 0.01, "color": "black"}, showlegend=False,
+                             hovertemplate="true %{y}, predicted %{x}: click to see these images<extra></extra>"))
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    fig.update_layout(title="Confusion matrix (click a cell)", xaxis_title="predicted", yaxis_title="true",
+                      yaxis_autorange="reversed", height=460)
+    event = st.plotly_chart(fig, key="confusion", on_select="rerun", selection_mode="points")
+    picked = [(str(pt.get("y")), str(pt.get("x"))) for pt in (event.selection.points if event else [])]
+    if picked and picked[0] != st.session_state.get("ev_last_cell"):
+        st.session_state["ev_last_cell"] = picked[0]
+        st.session_state["ev_true"], st.session_state["ev_pred"] = picked[0]
+with right:
+    st.dataframe(pd.DataFrame(report["per_class"]).round(3), hide_index=True, height=260)
+    conf = pd.DataFrame([{"confidence": c, "answer": "correct"} for c in report["confidence"]["correct"]]
+                        + [{"confidence": c, "answer": "wrong"} for c in report["confidence"]["wrong"]])
+    st.plotly_chart(px.histogram(conf, x="confidence", color="answer", nbins=20, barmode="overlay",
+                                 title="Confidence of right and wrong answers (calibration at a glance)"))
+
+st.subheader("Misclassified validation images")
+wrong = pd.DataFrame(report["misclassified"])
+if wrong.empty:
+    st.success("No validation image is misclassified.")
+else:
+    f1, f2 = st.columns(2)
+    for key in ("ev_true", "ev_pred"):
+        if st.session_state.get(key) not in ["any"] + names:
+            st.session_state[key] = "any"
+    true_filter = f1.selectbox("True class (a confusion-matrix row)", ["any"] + names, key="ev_true")
+    pred_filter = f2.selectbox("Predicted class (a column)", ["any"] + names, key="ev_pred")
+    view = wrong[((wrong["true"] == true_filter) | (true_filter == "any"))
+                 & ((wrong["predicted"] == pred_filter) | (pred_filter == "any"))]
+    st.download_button("Download as CSV", view.to_csv(index=False), file_name=f"{run.run_id}-misclassified.csv")
+    cols = st.columns(6)
+    for slot, row in enumerate(view.head(24).itertuples()):
+        caption = f"{row.true} → {row.predicted} ({row.confidence:.0%})"
+        try:
+            cols[slot % 6].image(val_image(config.data, int(row.index), 96, thumb=192), width=96, caption=caption)
+        except EngineError as exc:  # unreadable since training: one line in its place
+            cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
+
+st.subheader("Grad-CAM: where does the model look?")
+try:
+    handle = load_trained(str(run.path), mtime)
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
+need = input_target(handle.spec)  # images are decoded reduced to what the model looks at
+source = st.radio("Image", ["a validation image", "upload"], horizontal=True)
+image = None
+try:
+    if source == "upload":
+        upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"])
+        if upload is not None:
+            image = open_image(upload.getvalue(), name=upload.name, target=need)
+    else:
+        candidates = report["misclassified"][:20] or []
+        options = [m["index"] for m in candidates]
+        if options:
+            chosen = st.selectbox("Misclassified image", options,
+                                  format_func=lambda i: next(f"{_shown(m['source'])}: {m['true']} → {m['predicted']}"
+                                                             for m in candidates if m["index"] == i))
+            image = val_image(config.data, int(chosen), need)
+        else:
+            image = val_image(config.data, 0, need)
+except EngineError as exc:
+    show_error(exc)
+if image is not None:
+    target = st.selectbox("Explain class", ["the predicted class"] + names)
+    try:
+        result = grad_cam(handle, image, None if target == "the predicted class" else names.index(target))
+    except EngineError as exc:
+        show_error(exc)
+    else:
+        c1, c2 = st.columns(2)
+        c1.image(image.resize(result.overlay.size), caption="input", width=224)
+        c2.image(result.overlay, caption=f"{result.class_name} ({result.probability:.0%}), layer {result.target_layer}",
+                 width=224)

@@ -1,0 +1,69 @@
+"""Inference: upload images (or use the camera) and see the top classes."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine.core.errors import EngineError
+from engine.core.paths import runs_root
+from engine.outputs.predict import predict_sources
+from engine.runs.store import usable_runs
+from ui.cache import load_model, load_trained
+from ui.errors import public_message, show_error
+from ui.state import SELECTED_RUN, active
+from ui.widgets import pick_trained_run
+
+PREVIEW_PX = 256  # the thumbnail shown beside each result
+
+
+st.title("Inference")
+finished = usable_runs(runs_root())
+choice = st.radio("Predict with", ["the active model", "a trained run"], horizontal=True,
+                  index=1 if finished and st.session_state.get(SELECTED_RUN) in [r.run_id for r in finished] else 0)
+try:
+    if choice == "a trained run":
+        run = pick_trained_run()
+        handle = load_trained(str(run.path), run.checkpoint("best").stat().st_mtime)
+    else:
+        handle = load_model(*active())
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
+st.caption(f"{handle.spec.name} · {handle.spec.num_classes} classes · input {handle.spec.input_size[-1]} px")
+
+files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], accept_multiple_files=True)
+use_camera = st.toggle("Use the camera")
+shot = st.camera_input("Take a picture") if use_camera else None
+top_k = st.slider("Top-k", 1, min(10, handle.spec.num_classes), min(5, handle.spec.num_classes))
+
+sources = [(f.name, f.getvalue()) for f in files or []]
+if shot is not None:
+    sources.append(("camera.jpg", shot.getvalue()))
+if not sources:
+    st.info("Upload one or more images to see predictions.")
+    st.stop()
+
+# Every upload is decoded once, bounded and reduced, by the engine (engine.data.images.open_image); the
+# page shows that thumbnail, never the raw bytes (Streamlit would decode a huge file at full size).
+# Results come back in upload order, one per upload: two files with the same name keep their own.
+try:
+    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX)
+except EngineError as exc:
+    show_error(exc)
+    st.stop()
+bad = [r for r in results if r.error]
+if bad:
+    st.warning(f"{len(bad)} file(s) could not be read:")
+    st.dataframe(pd.DataFrame([{"file": r.file, "reason": public_message(r.error)}
+                               for r in bad]), hide_index=True)
+for slot, result in enumerate(results):
+    if result.error or not result.topk:
+        continue
+    left, right = st.columns([1, 3])
+    left.image(result.preview, caption=result.file, width="stretch")
+    frame = pd.DataFrame([{"class": t.label, "probability": t.prob} for t in result.topk])
+    fig = px.bar(frame, x="probability", y="class", orientation="h", range_x=[0, 1],
+                 title=f"{result.topk[0].label}: {result.topk[0].prob:.1%}")
+    fig.update_layout(yaxis={"categoryorder": "total ascending"}, height=80 + 40 * len(frame))
+    right.plotly_chart(fig, key=f"pred-{slot}")

@@ -1,0 +1,133 @@
+"""Training: choose data, check it, start a background run, and watch it learn."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.core.paths import data_root, resolve_data_path, runs_root
+from engine.data.archive import extract_upload
+from engine.freeze.plan import FreezePlan
+from engine.runs.background import start_background
+from engine.runs.locks import device_lock, ensure_device_free
+from engine.runs.store import active_runs, create_run, describe_run, extend_run, list_runs, open_run
+from ui.cache import dataset_overview
+from ui.errors import show_error
+from ui.run_panel import live_panel
+from ui.state import PLAN, SELECTED_RUN, active
+from ui.uploads import save_upload
+
+st.title("Training")
+name, weights, _classes = active()
+
+st.subheader("1. Data")
+choice = st.radio("Data", ["digits (built-in)", "lfw faces (built-in)", "upload a zip", "folder in the data directory"],
+                  horizontal=True)
+source = None
+try:
+    if choice.startswith("digits"):
+        source = "digits"
+    elif choice.startswith("lfw"):
+        source = "lfw"
+    elif choice == "upload a zip":
+        upload = st.file_uploader("A .zip of one folder per class", type=["zip"])
+        if upload is not None:
+            stored = save_upload(upload.getvalue(), upload.name, "datasets")  # <sha12>_<name>.zip
+            source = str(extract_upload(stored, display_name=upload.name))  # messages name the user's file
+    else:
+        root = data_root()
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "uploads") if root.is_dir() else []
+        st.caption("Folders inside the app's data folder (one sub-folder per class).")
+        if folders:
+            source = str(resolve_data_path(st.selectbox("Folder", folders)))
+        else:
+            st.info("No folders in the data folder yet: copy a dataset there, or upload a zip.")
+    overview = dataset_overview(source) if source else None
+except EngineError as exc:
+    show_error(exc)
+    overview = None
+
+if overview:
+    counts = pd.DataFrame({"class": list(overview["counts"]), "images": list(overview["counts"].values())})
+    left, right = st.columns([2, 3])
+    balance = px.bar(counts, x="class", y="images", title=f"{overview['n_images']} images")
+    balance.update_xaxes(type="category")
+    left.plotly_chart(balance)
+    with right:
+        for cls, thumbs in list(overview["thumbs"].items())[:10]:
+            if thumbs:
+                st.image(thumbs, caption=[cls] * len(thumbs), width=56)
+    for problem in overview["problems"]:
+        st.error(problem)
+    for warning in overview["warnings"]:
+        st.warning(warning)
+    if overview["skipped"]:
+        with st.expander(f"{len(overview['skipped'])} skipped files"):
+            st.dataframe(pd.DataFrame(overview["skipped"], columns=["file", "reason"]), hide_index=True)
+
+st.subheader("2. Settings")
+plan = FreezePlan.from_dict(st.session_state[PLAN])
+st.caption(f"Model `{name}` ({weights}), plan `{plan.strategy}`, head LR {plan.head_lr:g}: change them on the "
+           "Model Explorer and Freeze Configurator pages.")
+c1, c2, c3, c4 = st.columns(4)
+epochs = c1.number_input("Epochs", 1, 500, 1)
+batch = c2.number_input("Batch size", 1, 1024, 32)
+size = c3.number_input("Image size", 16, 1024, 96, step=16)
+val_fraction = c4.number_input("Validation share", 0.05, 0.5, 0.2, step=0.05)
+c5, c6, c7, c8 = st.columns(4)
+augment = c5.toggle("Augment", False, help="random crops while training (helps longer runs)")
+patience = c6.number_input("Early stop patience (0: off)", 0, 100, 0)
+per_class = c7.number_input("Max images per class (0: all)", 0, 1_000_000, 0)
+seed = c8.number_input("Seed", 0, 10_000, 0)
+
+busy = active_runs(runs_root())
+device_free = device_lock("auto").is_free()
+if busy:
+    st.info(f"Run {busy[0].run_id} is training; one training runs at a time on this machine.")
+elif not device_free:
+    st.info("Another training is using this machine's device; wait for it to finish.")
+can_start = bool(overview) and not overview["problems"] and not busy and device_free
+start_box = st.container()
+if st.button("Start training", type="primary", disabled=not can_start):
+    try:
+        config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
+                             batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
+                             augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
+                             seed=int(seed), split_seed=int(seed))
+        ensure_device_free(config.device)
+    except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
+        show_error(exc, start_box)
+    else:
+        run = create_run(runs_root(), config.to_dict())
+        start_background(run, ["--out", str(runs_root())])
+        st.session_state[SELECTED_RUN] = run.run_id
+        st.rerun()
+
+st.subheader("3. Runs")
+runs = list_runs(runs_root())
+if runs:
+    table = pd.DataFrame([describe_run(r) for r in runs])
+    st.dataframe(table.drop(columns=["has_best", "reason"]), hide_index=True, height=200)
+    ids = [r.run_id for r in runs]
+    selected = st.session_state[SELECTED_RUN]
+    pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0)
+    st.session_state[SELECTED_RUN] = pick
+    run = open_run(runs_root(), pick)
+    live_panel(run)
+    state = run.status().get("state")
+    if state in ("cancelled", "interrupted", "failed", "finished", "diverged") and run.train_state_path.is_file():
+        more = st.number_input("Train until epoch", 1, 1000, max(len(run.metrics()) + 1, 1))
+        resume_box = st.container()
+        if st.button("Resume", disabled=bool(busy) or not device_free):
+            try:
+                TrainConfig.from_dict({**run.config(), "epochs": int(more)})
+                extend_run(run, int(more))
+            except EngineError as exc:
+                show_error(exc, resume_box)
+            else:
+                start_background(run, ["--out", str(runs_root()), "--resume-existing"])
+                st.rerun()
+else:
+    st.caption("No runs yet.")
