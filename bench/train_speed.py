@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from engine.config import TrainConfig  # noqa: E402
 from engine.freeze.plan import FreezePlan  # noqa: E402
-from engine.training.loop import fit, prepare  # noqa: E402
+from engine.training.loop import fit  # noqa: E402
+from engine.training.setup import prepare
 
 
 def plain_epoch(model, loader, optimizer, max_batches=None, channels_last=False, bf16=False) -> tuple[float, int]:

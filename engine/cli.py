@@ -90,6 +90,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(r.file)
             for t in r.topk or []:
                 print(f"  {t.prob:6.1%}  {t.label}  (#{t.index})")
+    if results and all(r.error for r in results):
+        print(f"error: none of the {len(results)} image(s) could be read (reasons above)", file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
 
 
@@ -163,24 +165,21 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
-    """'2:1,4:3' -> ((2, 1), (4, 3)): from epoch 2 one backbone stage trains, from epoch 4 three."""
-    pairs = []
-    for item in _split(text):
-        epoch, _, n = item.partition(":")
-        try:
-            pairs.append((int(epoch), int(n)))
-        except ValueError as exc:
-            raise EngineError(f"--unfreeze expects EPOCH:STAGES pairs like 2:1,4:3 (got '{item}').") from exc
-    return tuple(pairs)
+    from engine.freeze.plan import FreezePlan
+
+    try:
+        return FreezePlan.parse_schedule(text)
+    except EngineError as exc:
+        raise EngineError(f"--unfreeze: {exc}") from exc
 
 
 def _refuse_if_active(run) -> None:
     from engine.core.errors import RunError
-    from engine.runs.store import ACTIVE_STATES
+    from engine.runs.status import ACTIVE_STATES
 
     status = run.status()
-    if status.get("state") in ACTIVE_STATES and status.get("pid") not in (None, os.getpid()):
-        raise RunError(f"Run {run.run_id} is already {status['state']}; wait for it or cancel it.")
+    if status.state in ACTIVE_STATES and status.pid not in (None, os.getpid()):
+        raise RunError(f"Run {run.run_id} is already {status.state}; wait for it or cancel it.")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -196,7 +195,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.run_dir:  # worker mode: the config is already in the run directory
         run = open_run(args.out, args.run_dir)
         resume = args.resume_flag or run.train_state_path.is_file()
-    elif args.resume:
+    elif args.resume is not None:
+        if not args.resume.strip():
+            raise EngineError("--resume needs a run id or a run folder (python -m engine runs lists them).")
         run = open_run(args.out, args.resume)
         _refuse_if_active(run)  # before touching its config
         if args.epochs_given:
@@ -300,13 +301,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
             group = runs[0].config()["group"]
             _print_json({"group": group, "runs": [r.run_id for r in runs], "pid": pid}) if args.json else print(group)
             return 0
+    from engine.runs.process import process_start
+
+    for run in runs:  # this process owns the queue: a run waiting its turn is not mistaken for a dead one
+        if run.status().active:
+            run.write_status(pid=os.getpid(), pid_start=process_start(os.getpid()))
     for run in runs:
-        state = run.status().get("state")
+        state = run.status().state
         if state == "finished":
             continue
         train_run(run, resume=run.checkpoint("last").is_file(),
                   emit=_progress_printer(sys.stderr.isatty() and not args.json))
-        if run.status().get("state") == "cancelled":
+        if run.status().state == "cancelled":
             break
     rows = comparison_table(runs)
     if args.json:
@@ -345,7 +351,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from engine.runs.store import describe_run, list_runs
 
     check_runs_folder(args.out)
-    rows = [describe_run(r) for r in list_runs(args.out)]
+    rows = [describe_run(r).to_dict() for r in list_runs(args.out)]
     if args.json:
         _print_json(rows)
         return 0
@@ -355,6 +361,27 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"{row['run_id']:<32} {row['state']:<12} {str(row['model']):<32} epochs {row['epochs']:<7} "
               f"best {acc}{note}")
     print(f"{len(rows)} runs in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.outputs.code import script_for_run
+    from engine.runs.store import open_run
+
+    check_runs_folder(args.out)
+    run = open_run(args.out, args.run)
+    text = script_for_run(run)
+    if not args.output or args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    target = Path(args.output)
+    if target.is_dir():
+        raise EngineError(f"-o {args.output} is a folder; name the file to write, e.g. {target / 'train.py'}.")
+    target.write_text(text)
+    print(f"wrote {target}: `python {target.name}` reproduces run {run.run_id} (plain torch + timm)",
+          file=sys.stderr)
     return 0
 
 
@@ -439,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
     p.add_argument("--data", default="digits", help="digits | lfw | FOLDER | ZIP")
     p.add_argument("--strategy", default="full", help="feature-extraction | full | last-n:N")
-    p.add_argument("--unfreeze", help="gradual unfreezing: EPOCH:STAGES,... e.g. 2:1,3:3")
+    p.add_argument("--unfreeze", help="gradual unfreezing: EPOCHS:STAGES,... e.g. 2:1,3:3 = after 2 epochs the top backbone stage "
+                   "trains too, after 3 epochs the top three")
     p.add_argument("--bn", default="freeze", choices=["freeze", "adapt", "train"])
     p.add_argument("--lr", type=float, default=2e-3, help="head learning rate")
     p.add_argument("--backbone-lr-ratio", type=float, default=1.0)
@@ -490,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run as a standalone training script (plain torch + timm)")
+    p.add_argument("run", help="run id (in --out) or path of a run folder")
+    p.add_argument("--format", default="script", choices=["script"], help="script: a Python file, no engine import")
+    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

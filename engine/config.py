@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from engine.anatomy.tree import refused_input_size
 from engine.core.errors import EngineError
+from engine.core.modes import evaluating
 from engine.freeze.plan import FreezePlan
 from engine.models.registry import DEFAULT_MODEL
 
@@ -75,7 +77,7 @@ class TrainConfig:
     data: str = "digits"
     # measured on digits at 96 px (1 epoch): one LR for all groups beat discriminative ratios there
     plan: dict[str, Any] = field(
-        default_factory=lambda: FreezePlan.full(head_lr=2e-3, backbone_lr_ratio=1.0).to_dict())
+        default_factory=lambda: FreezePlan.default().to_dict())
     epochs: int = 1
     batch_size: int = 32
     image_size: int | None = 96  # None: the model's own input size
@@ -173,14 +175,8 @@ class TrainConfig:
         for n in counts:
             if n > n_backbone:
                 raise ConfigError("unfreeze", f"the model has {n_backbone} backbone stages; {n} cannot train.")
-        was_training = module.training
-        module.eval()
         try:
-            with torch.inference_mode():
+            with evaluating(module), torch.inference_mode():
                 module(torch.zeros(1, 3, image_size, image_size))
         except Exception as exc:  # e.g. a ViT whose patch grid is fixed at another size
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ConfigError("image_size", f"image size {image_size} does not fit this model ({first}). "
-                              "Use the model's own input size or a multiple of its patch size.") from exc
-        finally:
-            module.train(was_training)
+            raise ConfigError("image_size", refused_input_size(image_size, exc)) from exc

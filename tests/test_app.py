@@ -125,7 +125,7 @@ def test_training_page_runs_a_tiny_training_to_completion(isolated_dirs):
     from engine.runs.store import open_run
 
     status = wait_for(open_run(isolated_dirs / "runs", run_id), timeout_s=240)
-    assert status["state"] == "finished", status
+    assert status.state == "finished", status
     at.run()
     assert not at.exception
     assert any("Finished" in s.value for s in at.success)
@@ -226,7 +226,7 @@ def test_compare_default_demo_shows_fine_tuning_ahead(isolated_dirs):
 
     group = at.session_state["compare_group"]
     for run in group_runs(isolated_dirs / "runs", group):
-        assert wait_for(run, timeout_s=420)["state"] == "finished"
+        assert wait_for(run, timeout_s=420).state == "finished"
     at.run()
     assert not at.exception
     assert any("full fine-tune" in s.value for s in at.success), [s.value for s in at.success]

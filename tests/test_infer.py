@@ -46,3 +46,56 @@ def test_eval_mode_is_used_for_prediction(cat_photo):
     handle.module.train()
     predict_images(handle, [open_image(cat_photo)] * 2)
     assert torch.equal(handle.module.bn1.running_mean, running)
+
+
+def test_one_shared_model_serves_grad_cam_and_predict_from_two_threads_at_once(cat_photo, coffee_photo):
+    """The app's cached model is shared by every session: a Grad-CAM's hooks and mode switches in one
+    thread never change another thread's predictions, and the model ends exactly as it started."""
+    import threading
+
+    from engine.outputs.explain import grad_cam
+
+    handle = create_model("timm:test_resnet", weights="none", class_names=["a", "b", "c"])
+    module = handle.module
+    module.eval()
+    module.layer1.requires_grad_(False)  # a partly frozen model: grad_cam must give these flags back
+    cat, coffee = open_image(cat_photo), open_image(coffee_photo)
+    want_pred = [[(t.index, round(t.prob, 5)) for t in r] for r in predict_images(handle, [cat, coffee], top_k=3)]
+    want_cam = grad_cam(handle, cat).heatmap
+    modes = {n: m.training for n, m in module.named_modules()}
+    grads = {n: p.requires_grad for n, p in module.named_parameters()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
+    errors, got_pred, got_cam = [], [], []
+
+    def predictor():
+        try:
+            for _ in range(25):
+                got_pred.append([[(t.index, round(t.prob, 5)) for t in r]
+                                 for r in predict_images(handle, [cat, coffee], top_k=3)])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def explainer():
+        try:
+            for _ in range(8):
+                got_cam.append(grad_cam(handle, cat).heatmap)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=predictor), threading.Thread(target=explainer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    def same(a, b):  # float sums may differ in the last bits when threads share the cores
+        return all([i for i, _ in x] == [i for i, _ in y] and all(abs(p - q) < 1e-4 for (_, p), (_, q) in zip(x, y))
+                   for x, y in zip(a, b))
+
+    assert len(got_pred) == 25 and all(same(p, want_pred) for p in got_pred)
+    assert len(got_cam) == 8 and all(torch.allclose(torch.as_tensor(c), torch.as_tensor(want_cam), atol=1e-5)
+                                     for c in got_cam)
+    assert {n: m.training for n, m in module.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == grads
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in module.modules()) == hooks

@@ -61,7 +61,7 @@ def test_full_fine_tune_learns_and_run_dir_is_complete(tmp_path):
     assert all(set(m["lr"]) and m["images_per_s"] > 0 and m["epoch_s"] > 0 for m in metrics)
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     status = run.status()
-    assert status["state"] == "finished" and status["best_epoch"] == result.best_epoch
+    assert status.state == "finished" and status.best_epoch == result.best_epoch
     kinds = [type(e).__name__ for e in events]
     assert kinds[0] == "RunStarted" and kinds[-1] == "RunFinished" and "StepLogged" in kinds
     meta = json.loads((run.path / "best.json").read_text())
@@ -81,7 +81,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     # once epoch 1 is recorded, stop at the next batch (as a cancel would)
     first = fit(config, run, should_stop=lambda: bool(run.metrics()))
     assert first.status == "cancelled" and first.epochs_done == 1
-    assert run.status()["state"] == "cancelled"
+    assert run.status().state == "cancelled"
     resumed = fit(config, run, resume=True)
     assert resumed.status == "finished"
     assert [m["epoch"] for m in run.metrics()] == [1, 2]
@@ -177,17 +177,17 @@ def test_background_run_finishes_and_can_be_cancelled(tmp_path):
     run = create_run(tmp_path, config.to_dict())
     start_background(run, ["--out", str(tmp_path)])
     status = wait_for(run, timeout_s=240)
-    assert status["state"] == "finished", (status, run.log_path.read_text()[-2000:])
+    assert status.state == "finished", (status, run.log_path.read_text()[-2000:])
     assert run.metrics() and run.checkpoint("best").is_file()
 
     long_run = create_run(tmp_path, tiny(epochs=50, max_per_class=40).to_dict())
     start_background(long_run, ["--out", str(tmp_path)])
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not long_run.status().get("progress"):
+    while time.monotonic() < deadline and not long_run.status().progress:
         time.sleep(0.2)
     request_cancel(long_run)
     status = wait_for(long_run, timeout_s=120)
-    assert status["state"] == "cancelled"
+    assert status.state == "cancelled"
     assert len(long_run.metrics()) < 50
 
 
@@ -196,4 +196,4 @@ def test_interrupted_run_is_detected(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     run.write_status(state="running", pid=proc.pid)
-    assert run.status()["state"] == "interrupted"
+    assert run.status().state == "interrupted"

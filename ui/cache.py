@@ -101,3 +101,31 @@ def load_trained(run_path: str, mtime: float):
     from engine.runs.load import load_run_model
 
     return load_run_model(run_path)
+
+
+@st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
+def report_for(run_path: str, mtime: float) -> dict:
+    """A run's evaluation report, keyed by its best checkpoint's mtime (a newer best recomputes)."""
+    from engine.core.paths import runs_root
+    from engine.outputs.evaluate import evaluation_report
+    from engine.runs.store import open_run
+
+    return evaluation_report(open_run(runs_root(), run_path))
+
+
+@st.cache_resource(show_spinner="Reading the dataset...", max_entries=2, ttl=600)
+def val_dataset(data: str):
+    """The run's data, read (and every file checked) once, not once per thumbnail."""
+    from engine.data.datasets import load_source
+
+    return load_source(data)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def val_image(data: str, index: int, target: int, thumb: int | None = None):
+    """One validation image decoded reduced to ``target`` (the model's need, or a thumbnail's); raises
+    ImageError when the file became unreadable since training."""
+    image = val_dataset(data).image(index, target=target)
+    if thumb:
+        image.thumbnail((thumb, thumb))
+    return image

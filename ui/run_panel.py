@@ -11,7 +11,7 @@ import streamlit as st
 
 from engine.core.files import read_json
 from engine.runs.background import request_cancel
-from engine.runs.store import ACTIVE_STATES, RunDir
+from engine.runs.store import RunDir
 
 
 def _curves(metrics: list[dict]) -> None:
@@ -30,31 +30,27 @@ def _curves(metrics: list[dict]) -> None:
 
 def _panel(run: RunDir) -> None:
     status = run.status()
-    state = status.get("state", "unknown")
+    state = status.state
     metrics = run.metrics()
-    progress = status.get("progress") or {}
+    progress = status.progress
     config = read_json(run.config_path, {})
-    epochs = int(status.get("epochs") or (config.get("epochs") if isinstance(config, dict) else 1) or 1)
-    if state in ACTIVE_STATES:
-        steps = max(1, int(progress.get("steps", 1)))
-        done = (int(progress.get("epoch", 1)) - 1) * steps + int(progress.get("step", 0))
-        fraction = min(1.0, done / (epochs * steps))
-        text = (f"{state}: epoch {progress.get('epoch', 1)}/{epochs}, step {progress.get('step', 0)}/{steps}, "
-                f"ETA {progress.get('eta_s', 0):.0f}s") if progress else f"{state}: preparing data and model..."
-        st.progress(fraction, text=text)
+    epochs = int(status.epochs or (config.get("epochs") if isinstance(config, dict) else 1) or 1)
+    if status.active:
+        st.progress(progress.fraction(epochs) if progress else 0.0,
+                    text=f"{state}: {progress.describe(epochs)}" if progress else f"{state}: preparing data and model...")
         if st.button("Cancel training", key=f"cancel-{run.run_id}"):
             request_cancel(run)
     elif state == "finished":
-        st.success(f"Finished: {status.get('reason', '')}. Best val acc {status.get('best_val_acc') or 0:.4f} "
-                   f"(epoch {status.get('best_epoch')}).")
+        st.success(f"Finished: {status.reason}. Best val acc {status.best_val_acc or 0:.4f} "
+                   f"(epoch {status.best_epoch}).")
     elif state in ("cancelled", "interrupted"):
-        st.warning(f"{state.capitalize()}: {status.get('reason', '')}")
+        st.warning(f"{state.capitalize()}: {status.reason}")
     elif state == "failed":
-        st.error(f"Failed: {status.get('reason', '')}")
+        st.error(f"Failed: {status.reason}")
     elif state == "diverged":
-        st.error(f"Diverged: {status.get('reason', '')}")
+        st.error(f"Diverged: {status.reason}")
     elif state == "damaged":
-        st.error(f"Damaged: {status.get('reason', '')}")
+        st.error(f"Damaged: {status.reason}")
     if metrics:
         _curves(metrics)
         last = metrics[-1]
@@ -64,5 +60,5 @@ def _panel(run: RunDir) -> None:
 
 def live_panel(run: RunDir) -> None:
     """Redraw every second while the run is active; a static panel once it is done."""
-    active = run.status().get("state") in ACTIVE_STATES
+    active = run.status().active
     st.fragment(_panel, run_every=1.0 if active else None)(run)

@@ -23,7 +23,7 @@ def init_state() -> None:
     st.session_state.setdefault(ACTIVE_MODEL, DEFAULT_MODEL)
     st.session_state.setdefault(ACTIVE_WEIGHTS, "packaged")
     st.session_state.setdefault(ACTIVE_CLASSES, None)
-    st.session_state.setdefault(PLAN, FreezePlan.full(head_lr=2e-3, backbone_lr_ratio=1.0).to_dict())
+    st.session_state.setdefault(PLAN, FreezePlan.default().to_dict())
     st.session_state.setdefault(SELECTED_RUN, None)
 
 

@@ -10,7 +10,6 @@ import streamlit as st
 from engine.core.errors import EngineError
 from engine.core.paths import runs_root
 from engine.freeze.plan import FreezePlan
-from engine.lab.advisor import recommend
 from engine.lab.compare import (
     comparison_table,
     create_comparison,
@@ -19,9 +18,10 @@ from engine.lab.compare import (
     demo_plans,
     group_runs,
     list_groups,
+    matrix_advice,
 )
 from engine.runs.background import request_cancel, start_group_background
-from engine.runs.store import ACTIVE_STATES, active_runs
+from engine.runs.store import active_runs
 from ui.errors import show_error
 from ui.state import PLAN, active
 
@@ -81,13 +81,13 @@ st.session_state[GROUP] = group
 def panel() -> None:
     runs = group_runs(runs_root(), group)
     table = pd.DataFrame(comparison_table(runs))
-    running = [r for r in runs if r.status().get("state") in ACTIVE_STATES]
+    running = [r for r in runs if r.status().active]
     if running:
-        progress = running[0].status().get("progress") or {}
-        st.progress(0.0 if not progress else min(1.0, progress.get("step", 0) / max(1, progress.get("steps", 1))),
+        status = running[0].status()
+        epochs = status.epochs or 1
+        st.progress(status.progress.fraction(epochs) if status.progress else 0.0,
                     text=f"training '{running[0].config().get('label')}'" +
-                         (f": epoch {progress.get('epoch')}, step {progress.get('step')}/{progress.get('steps')}"
-                          if progress else " (preparing)"))
+                         (f": {status.progress.describe(epochs)}" if status.progress else " (preparing)"))
         if st.button("Cancel comparison"):
             for run in runs:
                 request_cancel(run)
@@ -103,17 +103,11 @@ def panel() -> None:
     done = table.dropna(subset=["best_val_acc"]) if not table.empty else table
     if len(done) >= 2 and not running:
         best = done.sort_values("best_val_acc", ascending=False).iloc[0]
-        config = runs[0].config()
-        per_class = None
-        if config.get("data") == "digits":
-            per_class, n_classes = 1797 / 10, 10
-        elif config.get("data") == "lfw":
-            per_class, n_classes = 100, 2
+        advice = matrix_advice(runs[0].config())
         st.success(f"**{best['strategy']}** reached the best validation accuracy ({best['best_val_acc']:.1%}).")
-        if per_class:
-            advice = recommend(per_class, n_classes, "different" if config.get("data") == "digits" else "similar")
+        if advice:
             st.markdown(f"Why, by the matrix: {advice.explanation}")
 
 
-active_now = any(r.status().get("state") in ACTIVE_STATES for r in group_runs(runs_root(), group))
+active_now = any(r.status().active for r in group_runs(runs_root(), group))
 st.fragment(panel, run_every=1.0 if active_now else None)()

@@ -9,37 +9,12 @@ import streamlit as st
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
-from engine.core.paths import runs_root
-from engine.data.datasets import load_source
 from engine.data.images import open_image
 from engine.data.transforms import input_target
-from engine.outputs.evaluate import evaluation_report
 from engine.outputs.explain import grad_cam
-from engine.runs.store import open_run
-from ui.cache import load_trained
+from ui.cache import load_trained, report_for, val_image
 from ui.errors import public_message, show_error
 from ui.widgets import pick_trained_run
-
-
-@st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
-def report_for(run_path: str, mtime: float) -> dict:
-    return evaluation_report(open_run(runs_root(), run_path))
-
-
-@st.cache_resource(show_spinner="Reading the dataset...", max_entries=2, ttl=600)
-def val_dataset(data: str):
-    """The run's data, read (and every file checked) once, not once per thumbnail."""
-    return load_source(data)
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def val_image(data: str, index: int, target: int, thumb: int | None = None):
-    """One validation image decoded reduced to ``target`` (the model's need, or a thumbnail's); raises
-    ImageError when the file became unreadable since training."""
-    image = val_dataset(data).image(index, target=target)
-    if thumb:
-        image.thumbnail((thumb, thumb))
-    return image
 
 
 def _shown(source: str) -> str:

@@ -24,7 +24,7 @@ except EngineError as exc:
     show_error(exc)
     st.stop()
 current = FreezePlan.from_dict(st.session_state[PLAN])
-stage_names = [s["name"] for s in freeze_preview(name, weights, classes, json.dumps(FreezePlan.full().to_dict()))["stages"]]
+stage_names = [s["name"] for s in freeze_preview(name, weights, classes, json.dumps(FreezePlan.default().to_dict()))["stages"]]
 backbone = [s for s in stage_names if s != "head"]
 
 LABELS = {"feature-extraction": "Feature extraction (head only)", "full": "Full fine-tune",
@@ -35,7 +35,7 @@ DEFAULTS = {
     "fc_stages": [s for s in current.stages if s in stage_names], "fc_patterns": ", ".join(current.patterns),
     "fc_bn": current.bn_policy, "fc_head_lr": current.head_lr, "fc_ratio": current.backbone_lr_ratio,
     "fc_decay": current.stage_lr_decay,
-    "fc_schedule": ", ".join(f"{e}:{n}" for e, n in current.unfreeze_schedule),
+    "fc_schedule": FreezePlan.format_schedule(current.unfreeze_schedule),
 }
 for key, value in DEFAULTS.items():
     st.session_state.setdefault(key, value)
@@ -54,11 +54,12 @@ with left:
     head_lr = st.number_input("Head learning rate", 1e-6, 1.0, key="fc_head_lr", format="%.5f")
     ratio = st.number_input("Backbone LR ratio", 0.0, 10.0, key="fc_ratio", format="%.3f")
     decay = st.number_input("Per-stage LR decay (earlier stages)", 0.05, 1.0, key="fc_decay", format="%.2f")
-    schedule = st.text_input("Gradual unfreezing: EPOCH:STAGES, ...", key="fc_schedule",
-                             help="e.g. '2:1, 3:3': from epoch 2 one backbone stage trains, from epoch 3 three.")
+    schedule = st.text_input("Gradual unfreezing: EPOCHS:STAGES, ...", key="fc_schedule",
+                             help="e.g. '2:1, 3:3': after 2 epochs the top backbone stage trains too, after 3 epochs "
+                                  "the top three.")
 
 try:
-    pairs = tuple(tuple(int(v) for v in item.split(":")) for item in schedule.replace(" ", "").split(",") if item)
+    pairs = FreezePlan.parse_schedule(schedule)
     plan = FreezePlan(strategy=strategy, last_n=last_n, stages=tuple(chosen),
                       patterns=tuple(p.strip() for p in patterns.split(",") if p.strip()), bn_policy=bn,
                       head_lr=head_lr, backbone_lr_ratio=ratio, stage_lr_decay=decay, unfreeze_schedule=pairs)

@@ -85,7 +85,7 @@ table = pd.DataFrame([
 ])
 st.dataframe(table, hide_index=True, height=420)
 
-stages = freeze_preview(name, weights, classes, json.dumps(FreezePlan.full().to_dict()))["stages"]
+stages = freeze_preview(name, weights, classes, json.dumps(FreezePlan.default().to_dict()))["stages"]
 fig = px.bar(pd.DataFrame(stages), x="name", y="params", hover_data=["modules"],
              title="Parameters per stage (what freezing acts on)", labels={"name": "stage", "params": "parameters"})
 st.plotly_chart(fig)

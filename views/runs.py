@@ -55,7 +55,7 @@ runs = list_runs(runs_root())
 if not runs:
     st.info("No runs yet: train one on the Training or Compare page.")
     st.stop()
-table = pd.DataFrame([describe_run(r) for r in runs])
+table = pd.DataFrame([describe_run(r).to_dict() for r in runs])
 st.dataframe(table.drop(columns=["has_best"]), hide_index=True, height=260)
 
 ids = [r.run_id for r in runs]

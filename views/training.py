@@ -108,7 +108,7 @@ if st.button("Start training", type="primary", disabled=not can_start):
 st.subheader("3. Runs")
 runs = list_runs(runs_root())
 if runs:
-    table = pd.DataFrame([describe_run(r) for r in runs])
+    table = pd.DataFrame([describe_run(r).to_dict() for r in runs])
     st.dataframe(table.drop(columns=["has_best", "reason"]), hide_index=True, height=200)
     ids = [r.run_id for r in runs]
     selected = st.session_state[SELECTED_RUN]
@@ -116,7 +116,7 @@ if runs:
     st.session_state[SELECTED_RUN] = pick
     run = open_run(runs_root(), pick)
     live_panel(run)
-    state = run.status().get("state")
+    state = run.status().state
     if state in ("cancelled", "interrupted", "failed", "finished", "diverged") and run.train_state_path.is_file():
         more = st.number_input("Train until epoch", 1, 1000, max(len(run.metrics()) + 1, 1))
         resume_box = st.container()

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.core.errors import EngineError
+from engine.core.modes import evaluating
+
 
 @dataclass
 class ModuleRow:
@@ -73,6 +76,13 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def refused_input_size(size: int, exc: Exception) -> str:
+    """Why a model will not run at ``size`` px, in one line (the model's own words, shortened)."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (f"image size {size} does not fit this model ({first}). "
+            "Use the model's own input size or a multiple of its patch size.")
+
+
 def summarize(
     model: nn.Module,
     input_size: tuple[int, int, int] | None = (3, 224, 224),
@@ -93,18 +103,16 @@ def summarize(
             def hook(_m, _inp, out, _name=name):
                 shapes.setdefault(_name, _shape_of(out))
             hooks.append(module.register_forward_hook(hook))
-        modes = {name: m.training for name, m in model.named_modules()}
-        model.eval()
         try:
-            with torch.inference_mode():
+            with evaluating(model), torch.inference_mode():
                 device = next((p.device for p in model.parameters()), torch.device("cpu"))
                 out = model(torch.zeros(batch, *input_size, device=device))
             out_shape = _shape_of(out) or []
+        except Exception as exc:  # e.g. a ViT whose patch grid does not divide this size
+            raise EngineError(refused_input_size(input_size[-1], exc)) from exc
         finally:
             for h in hooks:
                 h.remove()
-            for name, m in model.named_modules():
-                m.training = modes[name]
 
     rows = []
     for name, module in model.named_modules():

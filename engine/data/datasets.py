@@ -22,6 +22,21 @@ from engine.data.images import IMAGE_SUFFIXES, check_image, open_image
 from engine.data.transforms import resize_target
 
 BUILTIN = ("digits", "lfw")
+
+
+@dataclass(frozen=True)
+class BuiltinFacts:
+    """What the case matrix needs to know about a built-in dataset without reading it."""
+
+    images: int
+    classes: int
+    similarity: str  # to the ImageNet photos the backbones learned from: "similar" | "different"
+
+
+BUILTIN_FACTS = {
+    "digits": BuiltinFacts(images=1797, classes=10, similarity="different"),  # 8x8 grey strokes
+    "lfw": BuiltinFacts(images=200, classes=2, similarity="similar"),  # photos of faces and scenes
+}
 TORCHVISION_SETS = ("cifar10",)
 MIN_PER_CLASS = 2  # fewer images than this in a class cannot be split into train and val
 

@@ -43,6 +43,11 @@ MAX_ASPECT = 20
 # Formats a user may give (the upload widgets' list plus TIFF); anything else Pillow knows (EPS,
 # which runs Ghostscript, PSD, ICO ...) is "not an image" here. Phones' multi-picture JPEGs (MPO)
 # open through the JPEG entry.
+# Pillow warns on stderr about odd files (corrupt EXIF, palette transparency ...), naming its own
+# source files on the server. Those are not messages for a user: this module refuses or repairs
+# such files itself and says so in one line.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # check_image decodes at about this shortest side: every byte of the file is still decompressed
 # (so truncation is caught) but JPEG skips most of the work and nothing large is allocated.

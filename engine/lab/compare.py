@@ -12,7 +12,10 @@ from typing import Any
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
+from engine.core.files import read_json
+from engine.data.datasets import BUILTIN_FACTS
 from engine.freeze.plan import FreezePlan
+from engine.lab.advisor import Advice, recommend
 from engine.runs.store import RunDir, create_run, list_runs, new_run_id
 
 
@@ -20,7 +23,7 @@ def demo_plans() -> dict[str, FreezePlan]:
     """The textbook contrast: a frozen feature extractor vs fine-tuning everything."""
     return {
         "feature extraction": FreezePlan.feature_extraction(head_lr=1e-2),
-        "full fine-tune": FreezePlan.full(head_lr=2e-3, backbone_lr_ratio=1.0),
+        "full fine-tune": FreezePlan.default(),
     }
 
 
@@ -43,15 +46,21 @@ def create_comparison(runs_root: str | Path, base: TrainConfig, plans: dict[str,
     return runs
 
 
+def _config(run: RunDir) -> dict[str, Any]:
+    """A run's config, or {} when config.json is unreadable (that run is listed as damaged elsewhere)."""
+    data = read_json(run.config_path, {})
+    return data if isinstance(data, dict) else {}
+
+
 def group_runs(runs_root: str | Path, group: str) -> list[RunDir]:
-    runs = [r for r in list_runs(runs_root) if (r.config().get("group") == group)]
-    return sorted(runs, key=lambda r: r.config().get("order", 0))
+    runs = [r for r in list_runs(runs_root) if _config(r).get("group") == group]
+    return sorted(runs, key=lambda r: o if isinstance(o := _config(r).get("order", 0), int) else 0)
 
 
 def list_groups(runs_root: str | Path) -> list[str]:
     seen: list[str] = []
     for run in list_runs(runs_root):
-        group = run.config().get("group")
+        group = _config(run).get("group")
         if group and group not in seen:
             seen.append(group)
     return seen
@@ -61,13 +70,13 @@ def comparison_table(runs: list[RunDir]) -> list[dict[str, Any]]:
     """Final numbers per strategy: accuracy, time, trainable parameters, throughput."""
     rows = []
     for run in runs:
-        config = run.config()
+        config = _config(run)
         metrics = run.metrics()
         best = max((m["val_acc"] for m in metrics), default=None)
         rows.append({
             "strategy": config.get("label") or config.get("plan", {}).get("strategy"),
             "run_id": run.run_id,
-            "state": run.status().get("state"),
+            "state": run.status().state,
             "epochs": len(metrics),
             "best_val_acc": best,
             "final_val_acc": metrics[-1]["val_acc"] if metrics else None,
@@ -83,8 +92,17 @@ def curves(runs: list[RunDir]) -> list[dict[str, Any]]:
     """Long-format rows (strategy, epoch, wall-clock seconds, metric values) for overlay plots."""
     rows = []
     for run in runs:
-        label = run.config().get("label") or run.run_id
+        label = _config(run).get("label") or run.run_id
         for m in run.metrics():
             rows.append({"strategy": label, "epoch": m["epoch"], "elapsed_s": m["elapsed_s"],
                          "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"]})
     return rows
+
+
+def matrix_advice(config: dict[str, Any]) -> Advice | None:
+    """The case matrix's reading of a comparison on a built-in dataset (its size and similarity are
+    known); None for the user's own data, where only the advisor's measurements can tell."""
+    facts = BUILTIN_FACTS.get(str(config.get("data")))
+    if facts is None:
+        return None
+    return recommend(facts.images / facts.classes, facts.classes, facts.similarity)

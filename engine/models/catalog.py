@@ -131,20 +131,3 @@ def search(text: str = "", *, source: str | None = None, packaged_only: bool = F
         e if e.params is not None else CatalogEntry(**{**asdict(e), "params": count_params_meta(e.name)})
         for e in found
     ]
-
-
-def rebuild_params_file(path: Path = PARAMS_FILE) -> int:
-    """Recount every model on the meta device and write the shipped counts file."""
-    import timm
-    import torch
-    import torchvision
-
-    counts = {}
-    for source in SOURCES:
-        for arch in names_for(source):
-            q = ModelId(source, arch).qualified
-            counts[q] = count_params_meta(q)
-    payload = {"timm": timm.__version__, "torchvision": torchvision.__version__,
-               "torch": torch.__version__.split("+")[0], "params": counts}
-    path.write_text(json.dumps(payload, indent=0, sort_keys=True) + "\n")
-    return sum(v is not None for v in counts.values())

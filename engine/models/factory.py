@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.core.errors import HubUnavailableError, WeightsError
+from engine.core.modes import evaluating
 from engine.models.registry import DEFAULT_MODEL, ModelId, resolve
 from engine.models.weights import (
     WEIGHT_CHOICES,
@@ -29,7 +30,7 @@ from engine.models.weights import (
 IMAGENET_CLASSES = 1000
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything but the tensors: enough to rebuild the model and its preprocessing."""
 
@@ -250,13 +251,8 @@ def replace_head(model: nn.Module, head_name: str, num_classes: int) -> str:
 
 def output_shape(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> tuple[int, ...]:
     """Shape of ``model(x)`` for a zero batch, computed in eval mode without touching BN stats."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = model(torch.zeros(batch, *input_size))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        out = model(torch.zeros(batch, *input_size))
     if isinstance(out, (tuple, list)):
         out = out[0]
     return tuple(out.shape)

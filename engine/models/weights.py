@@ -37,9 +37,6 @@ class PackagedWeights:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def is_installed(self) -> bool:
-        return importlib.util.find_spec(self.package) is not None
-
     def path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:

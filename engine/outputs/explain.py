@@ -7,7 +7,6 @@ the tokens reshaped back into a grid (prefix tokens such as [CLS] dropped).
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,12 +16,12 @@ from PIL import Image
 from torch import nn
 
 from engine.core.errors import EngineError
+from engine.core.modes import evaluating
 from engine.data.images import shrink_to
 from engine.data.transforms import eval_transform, input_target
 from engine.models.factory import ModelHandle
 
 # Grad-CAM hooks the model; models may be shared (one cached copy serves every app session)
-_CAM_LOCK = threading.Lock()
 
 
 @dataclass
@@ -109,12 +108,11 @@ def _token_target(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tupl
 
 
 def grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None = None) -> CamResult:
-    """Heatmap of the evidence for ``class_index`` (default: the predicted class), over the image."""
-    with _CAM_LOCK:
-        return _grad_cam(handle, image, class_index)
+    """Heatmap of the evidence for ``class_index`` (default: the predicted class), over the image.
 
-
-def _grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None) -> CamResult:
+    Safe on a model other threads use (the app's cached models): the model is locked while its
+    hooks are in place, and every module's mode and ``requires_grad`` are restored.
+    """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -124,22 +122,20 @@ def _grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None) 
     transform = eval_transform(handle.spec)
     image = shrink_to(image.convert("RGB"), input_target(handle.spec))  # a big image costs no more than needed
     x = transform(image).unsqueeze(0)
-    was_training = module.training
-    module.eval()
-    grads = {n: p.requires_grad for n, p in module.named_parameters()}
-    try:
-        with torch.no_grad():
-            probs = module(x).softmax(-1)[0]
-        index = int(probs.argmax()) if class_index is None else int(class_index)
-        if not 0 <= index < handle.spec.num_classes:
-            raise EngineError(f"Class index {index} is out of range (0..{handle.spec.num_classes - 1}).")
-        with GradCAM(model=module, target_layers=[module.get_submodule(layer_name)],
-                     reshape_transform=reshape) as cam:
-            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]
-    finally:
-        for n, p in module.named_parameters():
-            p.requires_grad_(grads[n])
-        module.train(was_training)
+    with evaluating(module):  # the model's lock too: its hooks never see another thread's forward
+        grads = {n: p.requires_grad for n, p in module.named_parameters()}
+        try:
+            with torch.no_grad():
+                probs = module(x).softmax(-1)[0]
+            index = int(probs.argmax()) if class_index is None else int(class_index)
+            if not 0 <= index < handle.spec.num_classes:
+                raise EngineError(f"Class index {index} is out of range (0..{handle.spec.num_classes - 1}).")
+            with GradCAM(model=module, target_layers=[module.get_submodule(layer_name)],
+                         reshape_transform=reshape) as cam:
+                heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(index)])[0]
+        finally:
+            for n, p in module.named_parameters():
+                p.requires_grad_(grads[n])
     size = handle.spec.input_size[-1]
     shown = image.resize((size, size))
     rgb = np.asarray(shown, dtype=np.float32) / 255.0

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from engine.core.errors import EngineError
+from engine.core.modes import evaluating
 from engine.data.images import open_image, shrink_to
 from engine.data.transforms import eval_transform, input_target
 
@@ -59,26 +60,18 @@ def predict_images(
     k = max(1, min(top_k, handle.spec.num_classes))
     module = handle.module
     device = model_device(module)
-    was_training = module.training
-    module.eval()
     results: list[list[TopK]] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                chunk = images[start:start + batch_size]
-                batch = torch.stack([transform(shrink_to(im.convert("RGB"), target)) for im in chunk]).to(device)
-                logits = module(batch)
-                if isinstance(logits, (tuple, list)):
-                    logits = logits[0]
-                probs = logits.float().softmax(dim=-1)
-                values, indices = probs.topk(k, dim=-1)
-                for vals, idxs in zip(values.tolist(), indices.tolist()):
-                    results.append([
-                        TopK(label=handle.spec.class_names[i], index=i, prob=float(v))
-                        for v, i in zip(vals, idxs)
-                    ])
-    finally:
-        module.train(was_training)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch = torch.stack([transform(shrink_to(im.convert("RGB"), target)) for im in chunk]).to(device)
+        with evaluating(module), torch.inference_mode():  # per batch: a shared model is not held for long
+            logits = module(batch)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        probs = logits.float().softmax(dim=-1)
+        values, indices = probs.topk(k, dim=-1)
+        for vals, idxs in zip(values.tolist(), indices.tolist()):
+            results.append([TopK(label=handle.spec.class_names[i], index=i, prob=float(v)) for v, i in zip(vals, idxs)])
     return results
 
 

@@ -6,12 +6,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.core.errors import RunError
 from engine.core.paths import PROJECT_ROOT
 from engine.runs.process import process_start
-from engine.runs.store import ACTIVE_STATES
+from engine.runs.status import ACTIVE_STATES, RunStatus
 
 if TYPE_CHECKING:
     from engine.runs.store import RunDir
@@ -49,18 +49,20 @@ def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
 def start_group_background(runs: list[RunDir], runs_root: str | Path) -> int:
     """Train a comparison's runs one after another in one background process."""
     group = runs[0].config()["group"]
+    for run in runs:
+        run.write_status(state="queued", pid=None, reason="")  # recorded before the process exists
     pid = spawn_engine(["compare", "--group", group, "--out", str(runs_root)], runs[0].log_path)
     for run in runs:
-        run.write_status(state="queued", pid=pid)
+        run.write_status(pid=pid, pid_start=process_start(pid))
     return pid
 
 
-def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> dict[str, Any]:
+def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> RunStatus:
     """Block until the run leaves the active states (for tests and scripts)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = run.status()
-        if status.get("state") not in ACTIVE_STATES:
+        if status.state not in ACTIVE_STATES:
             return status
         time.sleep(poll_s)
     raise RunError(f"Run {run.run_id} did not finish within {timeout_s:.0f} s.")

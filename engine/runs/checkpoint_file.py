@@ -75,6 +75,20 @@ def _file_keys_digest(path: Path) -> str | None:
         return None
 
 
+def head_classes(path: Path, head: str) -> int | None:
+    """How many classes the head in a weights file predicts (rows of ``HEAD.weight``), read from the
+    header alone; None when the file has no such tensor."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            if f"{head}.weight" not in fh.keys():
+                return None
+            return int(fh.get_slice(f"{head}.weight").get_shape()[0])
+    except Exception:
+        return None
+
+
 def _weights_finite(path: Path) -> bool:
     from safetensors import safe_open
 

@@ -22,17 +22,15 @@ def process_start(pid: int) -> str | None:
         return None
 
 
-def owner_gone(status: dict[str, Any]) -> bool:
-    pid = status.get("pid")
+def owner_gone(pid: int | None, pid_start: str | None, heartbeat: float | None) -> bool:
+    """The process recorded for an active run is gone: dead, its pid reused, or its heartbeat stopped."""
     if not isinstance(pid, int) or pid <= 0:
         return False  # queued, process not started yet
     if not pid_alive(pid):
         return True
-    started = status.get("pid_start")
-    if started and process_start(pid) not in (None, started):
+    if pid_start and process_start(pid) not in (None, pid_start):
         return True
-    beat = status.get("heartbeat")
-    return isinstance(beat, (int, float)) and time.time() - beat > HEARTBEAT_STALE_S
+    return isinstance(heartbeat, (int, float)) and time.time() - heartbeat > HEARTBEAT_STALE_S
 
 
 def pid_alive(pid: int) -> bool:

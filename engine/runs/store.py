@@ -17,7 +17,7 @@ import json
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +28,12 @@ from engine.runs.checkpoint_file import weights_meta
 from engine.runs.events import EpochEnded
 from engine.runs.health import run_problems
 from engine.runs.process import owner_gone
+from engine.runs.status import ACTIVE_STATES, RunStatus
 
 if TYPE_CHECKING:
     from engine.runs.events import Event
 
 
-ACTIVE_STATES = ("queued", "running")
 
 
 def sweep_temps(run: "RunDir") -> None:
@@ -54,6 +54,9 @@ def new_run_id(prefix: str = "") -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tail = secrets.token_hex(2)
     return f"{stamp}-{prefix}-{tail}" if prefix else f"{stamp}-{tail}"
+
+
+NEVER_STARTED_S = 120.0  # "queued" with no process this long after the last write: it never started
 
 
 @dataclass
@@ -103,19 +106,27 @@ class RunDir:
             raise RunError(f"Run {self.run_id} has no readable config.json.")
         return data
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RunStatus:
         """Status with crash detection: an active run whose process is gone reads as 'interrupted'.
 
         Gone means: its pid is dead, or the pid now belongs to another process (start time differs),
         or its heartbeat stopped (a process on another host, or a frozen one).
         """
-        data = read_json(self.status_path, {}) or {}
-        if not isinstance(data, dict):
-            data = {}
-        if data.get("state") in ACTIVE_STATES and owner_gone(data):
-            data = {**data, "state": "interrupted",
-                    "reason": "the training process ended without finishing (crash or kill); resume it"}
-        return data
+        status = RunStatus.from_dict(read_json(self.status_path))
+        if not status.active:
+            return status
+        if status.pid is None:  # no process recorded: one is spawned within moments of "queued"
+            last = status.updated_at or status.created_at or 0.0
+            if time.time() - last > NEVER_STARTED_S:
+                return replace(status, state="interrupted",
+                               reason="the run never started (its process ended before training began); start it again")
+            return status
+        beat = status.heartbeat if status.heartbeat is not None else (
+            status.updated_at if status.state == "running" else None)  # a running process refreshes either
+        if owner_gone(status.pid, status.pid_start, beat):
+            status = replace(status, state="interrupted",
+                             reason="the training process ended without finishing (crash or kill); resume it")
+        return status
 
     def metrics(self) -> list[dict[str, Any]]:
         rows = []
@@ -217,7 +228,7 @@ def list_runs(runs_root: str | Path) -> list[RunDir]:
 
 
 def delete_run(run: RunDir) -> None:
-    if run.status().get("state") in ACTIVE_STATES:
+    if run.status().state in ACTIVE_STATES:
         raise RunError(f"Run {run.run_id} is still running; cancel it first.")
     shutil.rmtree(run.path)
 
@@ -230,33 +241,54 @@ def extend_run(run: RunDir, epochs: int) -> dict[str, Any]:
     return config
 
 
-def describe_run(run: RunDir) -> dict[str, Any]:
-    """One row for run lists: what was trained, how, and how it went (damaged runs say why)."""
+@dataclass
+class RunSummary:
+    """One row of a run list: what was trained, how, and how it went (a damaged run says why)."""
+
+    run_id: str
+    model: str | None
+    weights: str | None
+    data: str | None  # the folder's or zip's name, never a server path
+    strategy: str | None
+    state: str
+    epochs: str  # "done/planned"
+    best_val_acc: float | None
+    has_best: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        return cls(**{f: data.get(f) for f in cls.__dataclass_fields__})
+
+
+def describe_run(run: RunDir) -> RunSummary:
     config = read_json(run.config_path, {})
     config = config if isinstance(config, dict) else {}
     status = run.status()
-    metrics = run.metrics()
     plan = config.get("plan") if isinstance(config.get("plan"), dict) else {}
     best = run.checkpoint_meta("best") or {}
     problems = run.problems()
     if problems:
-        status = {**status, "state": "damaged", "reason": "; ".join(problems)}
-    return {
-        "run_id": run.run_id,
-        "model": config.get("model"),
-        "weights": config.get("weights"),
-        "data": Path(str(config.get("data", ""))).name or config.get("data"),
-        "strategy": plan.get("strategy"),
-        "state": status.get("state", "unknown"),
-        "epochs": f"{len(metrics)}/{config.get('epochs', '?')}",
-        "best_val_acc": best.get("val_acc"),
-        "has_best": run.checkpoint("best").is_file() and not problems,
-        "reason": status.get("reason", ""),
-    }
+        status = replace(status, state="damaged", reason="; ".join(problems))
+    return RunSummary(
+        run_id=run.run_id,
+        model=config.get("model"),
+        weights=config.get("weights"),
+        data=Path(str(config.get("data", ""))).name or config.get("data"),
+        strategy=plan.get("strategy"),
+        state=status.state,
+        epochs=f"{len(run.metrics())}/{config.get('epochs', '?')}",
+        best_val_acc=best.get("val_acc"),
+        has_best=run.checkpoint("best").is_file() and not problems,
+        reason=status.reason,
+    )
 
 
 def active_runs(runs_root: str | Path) -> list[RunDir]:
-    return [r for r in list_runs(runs_root) if r.status().get("state") in ACTIVE_STATES]
+    return [r for r in list_runs(runs_root) if r.status().state in ACTIVE_STATES]
 
 
 def usable_runs(runs_root: str | Path, kind: str = "best") -> list[RunDir]:

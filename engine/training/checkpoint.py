@@ -12,14 +12,14 @@ import torch
 
 from engine.core.errors import EngineError, RunError
 from engine.core.files import atomic_write_bytes, read_json
-from engine.runs.checkpoint_file import save_weights
+from engine.runs.checkpoint_file import load_weights, save_weights
 from engine.runs.events import CheckpointSaved
 
 if TYPE_CHECKING:
-    from engine.config import TrainConfig
     from engine.models.factory import ModelHandle
     from engine.runs.events import Emit, EpochEnded
     from engine.runs.store import RunDir
+    from engine.training.state import TrainState
 
 
 def _checkpoint_meta(handle: ModelHandle, row: dict[str, Any], monitor: str) -> dict[str, Any]:
@@ -28,19 +28,19 @@ def _checkpoint_meta(handle: ModelHandle, row: dict[str, Any], monitor: str) -> 
             "monitor": monitor, "spec": handle.spec.to_dict()}
 
 
-def _save_checkpoints(run: RunDir, handle: ModelHandle, optimizer, ended: EpochEnded, improved: bool,
-                      step: int, tracking: dict[str, Any], history: list[dict[str, Any]], config: TrainConfig,
-                      sink: Emit) -> None:
+def save_commit(run: RunDir, handle: ModelHandle, optimizer, ended: EpochEnded, improved: bool,
+                state: TrainState, monitor: str, sink: Emit) -> None:
     """One commit per epoch: ``last_state.pt`` (written atomically) holds the weights, optimizer,
     counters and metrics of this epoch together. Everything after it (last/best safetensors, their
     JSON, the metrics line) is derived and is rebuilt from it by ``repair_after_crash`` if a kill
     lands in between. A kill before the commit leaves the previous epoch's commit intact."""
     weights = handle.module.state_dict()
-    meta = _checkpoint_meta(handle, ended.to_dict(), config.monitor)
+    meta = _checkpoint_meta(handle, ended.to_dict(), monitor)
     buf = io.BytesIO()
     torch.save({"model": {k: v.detach().cpu() for k, v in weights.items()},
                 "optimizer": optimizer.state_dict(), "group_layout": [g["name"] for g in optimizer.param_groups],
-                "epoch": ended.epoch, "step": step, "history": history, "meta": meta, **tracking}, buf)
+                "epoch": ended.epoch, "step": state.step, "history": state.history, "meta": meta,
+                **state.early.tracking()}, buf)
     atomic_write_bytes(run.train_state_path, buf.getvalue())  # the commit
     save_weights(run.checkpoint("last"), weights, meta)
     sink(CheckpointSaved(epoch=ended.epoch, kind="last", path=str(run.checkpoint("last")),
@@ -67,7 +67,7 @@ def read_commit(run: RunDir) -> dict[str, Any]:
     return state
 
 
-def repair_after_crash(run: RunDir, handle: ModelHandle, state: dict[str, Any], config: TrainConfig) -> None:
+def repair_after_crash(run: RunDir, handle: ModelHandle, state: dict[str, Any], monitor: str) -> None:
     """Make every derived file agree with the commit: metrics hold exactly epochs 1..N once each,
     and last/best checkpoints that a kill left behind the commit are rewritten from it."""
     epoch = int(state["epoch"])
@@ -79,7 +79,7 @@ def repair_after_crash(run: RunDir, handle: ModelHandle, state: dict[str, Any], 
     run.rewrite_metrics(history)
     if "model" not in state:
         return
-    meta = state.get("meta") or (_checkpoint_meta(handle, history[-1], config.monitor) if history else None)
+    meta = state.get("meta") or (_checkpoint_meta(handle, history[-1], monitor) if history else None)
     if meta is None:
         return
     if not _checkpoint_at(run, "last", epoch):
@@ -96,7 +96,7 @@ def _checkpoint_at(run: RunDir, kind: str, epoch: int) -> bool:
         isinstance(sidecar, dict) and sidecar.get("epoch") == epoch
 
 
-def _disk_error(exc: OSError, epoch: int | None = None) -> EngineError:
+def disk_error(exc: OSError, epoch: int | None = None) -> EngineError:
     import errno
 
     what = f"epoch {epoch}'s checkpoint could not be saved" if epoch else "the run's files could not be written"
@@ -105,3 +105,39 @@ def _disk_error(exc: OSError, epoch: int | None = None) -> EngineError:
                            "resume the run.")
     return EngineError(f"{what[0].upper() + what[1:]} ({exc.strerror or exc}). The last good checkpoint is kept; "
                        "resume the run once this is fixed.")
+
+
+class Checkpointer:
+    """A run's checkpoints: the per-epoch commit, and the resume point read back from it.
+
+    Without a run folder (a plain ``fit`` in a notebook or test) it keeps nothing.
+    """
+
+    def __init__(self, run: RunDir | None, monitor: str):
+        self.run, self.monitor = run, monitor
+
+    def resume_point(self) -> dict[str, Any] | None:
+        """The last commit; None when the run stopped before its first epoch committed (it restarts)."""
+        if self.run is None:
+            raise EngineError("Nothing to resume: no run directory.")
+        if not self.run.train_state_path.is_file():
+            self.run.rewrite_metrics([])
+            return None
+        return read_commit(self.run)
+
+    def restore(self, handle: ModelHandle, commit: dict[str, Any]) -> None:
+        """The committed weights into the model; derived files a kill left behind are rebuilt."""
+        assert self.run is not None
+        weights = commit["model"] if "model" in commit else load_weights(self.run.checkpoint("last"))
+        handle.module.load_state_dict(weights)
+        repair_after_crash(self.run, handle, commit, self.monitor)
+
+    def commit(self, handle: ModelHandle, optimizer, ended: EpochEnded, improved: bool, state: TrainState,
+               sink: Emit) -> None:
+        if self.run is None:
+            return
+        try:
+            save_commit(self.run, handle, optimizer, ended, improved, state, self.monitor, sink)
+        except OSError as exc:
+            raise disk_error(exc, ended.epoch) from exc
+

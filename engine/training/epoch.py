@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.errors import EngineError
+from engine.core.modes import evaluating
 from engine.freeze.plan import set_train_mode
 
 if TYPE_CHECKING:
@@ -93,20 +94,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
              channels_last: bool = False) -> tuple[float, float]:
     """(loss, accuracy) in eval mode under inference_mode; the model's mode is restored."""
-    was_training = model.training
-    model.eval()
     total_loss = correct = seen = 0
-    try:
-        with torch.inference_mode():
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                if channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = model(x)
-                total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
-                correct += (logits.argmax(-1) == y).sum().item()
-                seen += y.shape[0]
-    finally:
-        set_train_mode(model, was_training)
+    with evaluating(model), torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+            total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            seen += y.shape[0]
     return total_loss / max(1, seen), correct / max(1, seen)

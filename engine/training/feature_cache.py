@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from engine.core.errors import EngineError
+from engine.core.modes import evaluating
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -54,16 +55,11 @@ def extract_features(
 ) -> torch.Tensor:
     """Eval-mode features of PIL images, batched, with BN using its stored statistics."""
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    was_training = module.training
-    module.eval()
     chunks = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(device)
-                chunks.append(head_inputs(module, head, batch).float().cpu())
-    finally:
-        module.train(was_training)
+    with evaluating(module), torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(device)
+            chunks.append(head_inputs(module, head, batch).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -102,8 +98,7 @@ def cache_point(handle: ModelHandle, stages: list[Stage]) -> tuple[str, float]:
 def compute_features(model: nn.Module, point: str, loader: Iterable, device: torch.device,
                      channels_last: bool, should_stop: Callable[[], bool]) -> tuple[torch.Tensor, torch.Tensor] | None:
     feats, labels = [], []
-    model.eval()
-    with torch.inference_mode():
+    with evaluating(model), torch.inference_mode():
         for x, y in loader:
             if should_stop():
                 return None

@@ -12,7 +12,7 @@ from engine.runs.events import no_emit
 from engine.runs.locks import DeviceLock, device_lock
 from engine.runs.process import Heartbeat
 from engine.runs.store import sweep_temps
-from engine.training.checkpoint import _disk_error
+from engine.training.checkpoint import disk_error
 from engine.training.loop import fit
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
         _final_status(run, state="failed", reason=str(exc))
         raise
     except OSError as exc:  # the run folder's disk: full, gone read-only
-        error = _disk_error(exc)
+        error = disk_error(exc)
         _final_status(run, state="failed", reason=str(error))
         raise error from exc
     except BaseException as exc:

@@ -133,3 +133,24 @@ def test_config_values_out_of_range_are_refused_in_the_app_as_in_the_cli():
         TrainConfig(epochs=0)
     assert "epochs must be between 1" in str(info.value)
     assert json.dumps(TrainConfig().to_dict())  # the default is valid and serialisable
+
+
+def test_compare_page_with_a_damaged_run_still_renders(runs_dir):
+    """A run whose config.json is unreadable must not take the comparison list down with it."""
+    at = _page("compare.py")
+    at.run()
+    _assert_clean(at, runs_dir)
+
+
+def test_a_dead_queued_run_does_not_block_training_for_everyone(runs_dir):
+    import json
+    import time
+
+    stuck = open_run(runs_dir, "20990101-000000-good")
+    stuck.status_path.write_text(json.dumps({"state": "queued", "pid": None, "updated_at": time.time() - 3600}))
+    at = _page("training.py")
+    at.run()
+    text = _assert_clean(at, runs_dir)
+    assert "is training" not in text
+    assert not next(b for b in at.button if b.label == "Start training").disabled
+

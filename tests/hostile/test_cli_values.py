@@ -153,7 +153,7 @@ def test_a_loss_that_turns_nan_stops_as_diverged_and_keeps_the_last_finite_check
     result = fit(config, run)
     assert result.status == "diverged", result
     assert "lower the learning rate" in result.reason and result.epochs_done >= 1
-    assert run.status()["state"] == "diverged"
+    assert run.status().state == "diverged"
     assert [m["epoch"] for m in run.metrics()] == list(range(1, result.epochs_done + 1))
     assert run.checkpoint_meta("last")["epoch"] == result.epochs_done
     import torch
@@ -174,6 +174,8 @@ OTHER_COMMANDS = {
     "eval-unknown-run": (["eval", "no-such-run"], "No run at"),
     "compare-epochs-0": (["compare", "--epochs", "0"], "epochs must be between 1"),
     "resume-unknown-run": (["train", "--resume", "no-such-run"], "No run at"),
+    "resume-empty": (["train", "--resume", ""], "--resume needs a run"),
+    "summary-vit-size-off-its-patch-grid": (["summary", "timm:test_vit", "--input-size", "33"], "does not fit"),
     "no-command": ([], "required"),
 }
 

@@ -14,7 +14,8 @@ from engine.config import TrainConfig
 from engine.core.errors import RunError
 from engine.runs.locks import DeviceLock
 from engine.runs.process import process_start
-from engine.runs.store import ACTIVE_STATES, create_run, list_runs, open_run
+from engine.runs.status import ACTIVE_STATES, Progress
+from engine.runs.store import create_run, list_runs, open_run
 from tests.conftest import ROOT
 from tests.hostile._cli import TINY_TRAIN, engine
 
@@ -31,7 +32,7 @@ def _wait_training(out, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = list_runs(out)
-        if runs and (runs[0].status().get("progress") or {}).get("step"):
+        if runs and (runs[0].status().progress or Progress()).step:
             return runs[0]
         time.sleep(0.2)
     raise AssertionError("the training never started")
@@ -72,7 +73,7 @@ def test_a_lock_held_by_a_killed_training_is_taken_over(tmp_path, training):
     proc, run = training
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert run.status()["state"] == "interrupted"
+    assert run.status().state == "interrupted"
     ok = engine("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path / "b"), "--json")
     assert ok.rc == 0, ok.err[-1500:]
     assert json.loads(ok.out)["status"] == "finished"
@@ -89,7 +90,7 @@ def test_ctrl_c_or_sigterm_is_cancelled_not_failed_and_resumable(tmp_path, train
     assert "Traceback" not in err, err[-2000:]
     assert proc.returncode == 130, (proc.returncode, err[-1000:])
     status = run.status()
-    assert status["state"] == "cancelled", status
+    assert status.state == "cancelled", status
     done = len(run.metrics())
     config = json.loads(run.config_path.read_text())
     config["epochs"] = done + 1
@@ -114,7 +115,7 @@ def test_two_resumes_of_one_interrupted_run_at_once_one_wins(tmp_path):
     refused = next(err for rc, err in results if rc == 2)
     assert "Traceback" not in refused and ("Another training" in refused or "already running" in refused), refused
     assert [m["epoch"] for m in run.metrics()] == [1, 2]
-    assert run.status()["state"] == "finished"
+    assert run.status().state == "finished"
 
 
 _WRITER = """
@@ -141,18 +142,18 @@ def test_status_writes_from_two_processes_lose_nothing(tmp_path):
 def test_a_reused_pid_is_not_mistaken_for_the_training(tmp_path):
     run = create_run(tmp_path, TrainConfig().to_dict())
     run.write_status(state="running", pid=os.getpid(), pid_start="1")  # alive pid, another process's start time
-    assert run.status()["state"] == "interrupted"
+    assert run.status().state == "interrupted"
     run.write_status(state="running", pid=os.getpid(), pid_start=process_start(os.getpid()))
-    assert run.status()["state"] == "running"
+    assert run.status().state == "running"
 
 
 def test_a_stopped_heartbeat_reads_as_interrupted(tmp_path):
     run = create_run(tmp_path, TrainConfig().to_dict())
     run.write_status(state="running", pid=os.getpid(), pid_start=process_start(os.getpid()),
                      heartbeat=time.time() - 3600)
-    assert run.status()["state"] == "interrupted"
+    assert run.status().state == "interrupted"
     run.write_status(heartbeat=time.time())
-    assert run.status()["state"] in ACTIVE_STATES
+    assert run.status().state in ACTIVE_STATES
 
 
 def test_device_lock_names_its_holder(tmp_path):

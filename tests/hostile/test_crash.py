@@ -56,7 +56,7 @@ def _assert_same_as_reference(run: RunDir, reference: RunDir) -> None:
         assert torch.allclose(got[name].float(), tensor.float(), atol=1e-5, rtol=1e-4), name
     for name, tensor in state["model"].items():
         assert torch.equal(tensor, got[name]), name  # last.safetensors is the committed epoch's weights
-    assert run.status()["state"] == "finished"
+    assert run.status().state == "finished"
     assert not [p.name for p in run.path.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -80,7 +80,7 @@ def test_kill_at_write_point_then_resume_is_exact(tmp_path, reference, file, poi
     killed = _train(tmp_path, fault=f"kill:{file}:{point}:{nth}")
     assert killed.rc == -9, (killed.rc, killed.err[-1500:])
     run = _only_run(tmp_path)
-    assert run.status()["state"] == "interrupted"  # not "running" forever
+    assert run.status().state == "interrupted"  # not "running" forever
     resumed = engine("train", "--resume", run.run_id, "--out", str(tmp_path), "--json")
     assert resumed.rc == 0, resumed.err[-2000:]  # killed before epoch 1 committed: it starts again
     _assert_same_as_reference(run, reference)
@@ -96,8 +96,8 @@ def test_full_disk_is_a_clear_error_and_resume_works_once_freed(tmp_path, refere
     assert "Traceback" not in failed.err
     run = _only_run(tmp_path)
     status = run.status()
-    assert failed.rc != 0 and status["state"] == "failed", (failed.rc, status, failed.err[-1500:])
-    assert "space" in status["reason"] and "resume" in status["reason"], status["reason"]
+    assert failed.rc != 0 and status.state == "failed", (failed.rc, status, failed.err[-1500:])
+    assert "space" in status.reason and "resume" in status.reason, status.reason
     assert len([ln for ln in failed.err.splitlines() if ln.startswith("error:")]) == 1
     resumed = engine("train", "--resume", run.run_id, "--out", str(tmp_path), "--json")
     assert resumed.rc == 0, resumed.err[-2000:]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.runs.checkpoint_file import load_weights, weights_meta
 from engine.runs.load import load_run_model
-from engine.runs.store import create_run, describe_run, list_runs, open_run, usable_runs
+from engine.runs.process import process_start
+from engine.runs.store import active_runs, create_run, describe_run, list_runs, open_run, usable_runs
 from engine.training.loop import fit
 from tests.hostile._cli import TINY_CONFIG, engine
 
@@ -46,6 +49,22 @@ def _no_meta_anywhere(run):
     run.checkpoint("best").with_suffix(".json").unlink()
 
 
+def _other_class_count(run):
+    """Same parameter names (the fingerprint matches), but a head for 5 classes instead of 10."""
+    path = run.checkpoint("best")
+    meta = weights_meta(path)
+    head = meta["spec"]["head"]
+    tensors = load_weights(path)
+    tensors[f"{head}.weight"] = torch.zeros(5, tensors[f"{head}.weight"].shape[1])
+    tensors[f"{head}.bias"] = torch.zeros(5)
+    save_file(tensors, str(path), metadata={"workbench_meta": json.dumps(meta)})
+
+
+def _best_a_folder(run):
+    run.checkpoint("best").unlink()
+    run.checkpoint("best").mkdir()
+
+
 DAMAGE = {
     "config-garbage": (lambda r: r.config_path.write_text("{not json"), "config.json"),
     "config-a-list": (lambda r: r.config_path.write_text("[1, 2]"), "config.json"),
@@ -66,6 +85,8 @@ DAMAGE = {
     "best-no-meta": (_no_meta_anywhere, "best.json"),
     "best-missing": (lambda r: r.checkpoint("best").unlink(), "missing"),
     "best-another-models-weights": (_foreign_weights, "another model"),
+    "best-head-of-another-class-count": (_other_class_count, "another model"),
+    "best-a-folder": (_best_a_folder, "not a file"),
 }
 
 
@@ -81,7 +102,7 @@ def _damaged_copy(root, tmp_path, name, damage):
 def test_damaged_run_is_listed_with_reason_and_others_work(good_run_root, tmp_path, name):
     damage, phrase = DAMAGE[name]
     runs = _damaged_copy(good_run_root, tmp_path, name, damage)
-    rows = {r["run_id"]: r for r in (describe_run(run) for run in list_runs(runs))}
+    rows = {r["run_id"]: r for r in (describe_run(run).to_dict() for run in list_runs(runs))}
     assert rows[f"bad-{name}"]["state"] == "damaged", rows[f"bad-{name}"]
     assert phrase.lower() in rows[f"bad-{name}"]["reason"].lower(), rows[f"bad-{name}"]["reason"]
     assert rows["good"]["state"] == "finished"
@@ -128,7 +149,7 @@ def test_garbage_metrics_line_skips_that_line_only(good_run_root, tmp_path, name
     lines = run.metrics_path.read_text().splitlines()
     run.metrics_path.write_text("\n".join([lines[0], GARBAGE_LINES[name], lines[1]]) + "\n")
     assert [m["epoch"] for m in run.metrics()] == [1, 2]
-    assert describe_run(run)["state"] == "finished"
+    assert describe_run(run).state == "finished"
 
 
 def test_garbage_status_reads_as_unknown_not_a_crash(good_run_root, tmp_path):
@@ -136,5 +157,34 @@ def test_garbage_status_reads_as_unknown_not_a_crash(good_run_root, tmp_path):
     shutil.copytree(good_run_root / "good", runs / "good")
     run = open_run(runs, "good")
     run.status_path.write_text("[garbage")
-    assert describe_run(run)["state"] == "unknown"
+    assert describe_run(run).state == "unknown"
     assert load_run_model(run.path).spec.num_classes == 10
+
+
+def _status(run, **fields):
+    run.status_path.write_text(json.dumps(fields))
+
+
+def test_a_queued_run_whose_process_never_came_is_interrupted_not_queued_forever(good_run_root, tmp_path):
+    """A kill between creating the run folder and starting its process leaves 'queued' with no pid."""
+    runs = tmp_path / "runs"
+    shutil.copytree(good_run_root / "good", runs / "good")
+    run = open_run(runs, "good")
+    _status(run, state="queued", pid=None, created_at=time.time() - 3600, updated_at=time.time() - 3600)
+    assert run.status().state == "interrupted" and "never started" in run.status().reason
+    assert active_runs(runs) == []  # nothing blocks the Training page
+    _status(run, state="queued", pid=None, updated_at=time.time())  # just queued: its process is coming
+    assert run.status().state == "queued"
+
+
+@pytest.mark.parametrize("pid", [1, "12x", None], ids=["unrelated-live-pid", "pid-text", "no-pid"])
+def test_a_running_status_nobody_refreshes_reads_interrupted(good_run_root, tmp_path, pid):
+    """'running' with a pid that is not ours (no start time, no heartbeat) and no write for long."""
+    runs = tmp_path / "runs"
+    shutil.copytree(good_run_root / "good", runs / "good")
+    run = open_run(runs, "good")
+    _status(run, state="running", pid=pid, updated_at=time.time() - 3600)
+    assert run.status().state == "interrupted"
+    _status(run, state="running", pid=os.getpid(), pid_start=process_start(os.getpid()), heartbeat=time.time())
+    assert run.status().state == "running"
+

@@ -48,7 +48,7 @@ def test_a_file_that_breaks_mid_run_is_replaced_and_reported(tmp_path, how):
     assert result.status == "finished" and result.epochs_done == 2, result.reason
     assert "1 file(s) became unreadable" in result.reason
     status = run.status()
-    assert [u["file"] for u in status["unreadable"]] == ["3.png"]
+    assert [u["file"] for u in status.unreadable] == ["3.png"]
     assert [m["epoch"] for m in run.metrics()] == [1, 2]
 
 

@@ -1,0 +1,109 @@
+"""What status.json says about a run, as a typed record.
+
+status.json is written by two processes (the training and the app) and read by many; a reader
+must survive anything in it (a field of the wrong type, garbage, a file from an older version),
+so ``RunStatus.from_dict`` keeps what it can use and drops the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+ACTIVE_STATES = ("queued", "running")
+STATES = ("queued", "running", "finished", "cancelled", "failed", "diverged", "interrupted", "damaged", "unknown")
+
+
+@dataclass
+class Progress:
+    """Where a training is inside its current epoch (refreshed a few times a second)."""
+
+    epoch: int = 0
+    step: int = 0
+    steps: int = 0
+    eta_s: float = 0.0
+    loss: float | None = None
+
+    def fraction(self, epochs: int) -> float:
+        """How much of the whole run is done (0..1)."""
+        steps = max(1, self.steps)
+        return min(1.0, max(0.0, ((self.epoch - 1) * steps + self.step) / (max(1, epochs) * steps)))
+
+    def describe(self, epochs: int) -> str:
+        return f"epoch {self.epoch}/{epochs}, step {self.step}/{self.steps}, ETA {self.eta_s:.0f}s"
+
+
+@dataclass
+class RunStatus:
+    state: str = "unknown"
+    reason: str = ""
+    epoch: int = 0  # last finished epoch
+    epochs: int | None = None  # how many the run trains to
+    device: str | None = None
+    pid: int | None = None  # the training process, with its kernel start time and a heartbeat
+    pid_start: str | None = None
+    heartbeat: float | None = None
+    progress: Progress | None = None
+    val_acc: float | None = None
+    val_loss: float | None = None
+    best_epoch: int | None = None
+    best_val_acc: float | None = None
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # files that broke during training
+    created_at: float | None = None
+    updated_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RunStatus:
+        """Tolerant: a value of the wrong type falls back to the default; unknown keys are dropped."""
+        if not isinstance(data, dict):
+            return cls()
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value, default = data[f.name], getattr(defaults, f.name)
+            if f.name == "progress":
+                value = _progress(value)
+            elif f.name == "unreadable":
+                value = [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+            elif f.name == "state":
+                value = value if value in STATES else "unknown"
+            elif not _fits(value, f.type):
+                value = default
+            values[f.name] = value
+        return cls(**values)
+
+
+FIELDS = frozenset(f.name for f in fields(RunStatus))
+
+
+def _progress(value: Any) -> Progress | None:
+    if not isinstance(value, dict):
+        return None
+    try:
+        return Progress(**{k: v for k, v in value.items() if k in Progress.__dataclass_fields__})
+    except TypeError:
+        return None
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Does a JSON value fit a field's annotation (as written: 'int | None', 'str', 'float | None')?"""
+    if value is None:
+        return "None" in annotation
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return "int" in annotation or "float" in annotation
+    if isinstance(value, float):
+        return "float" in annotation
+    if isinstance(value, str):
+        return "str" in annotation
+    return False

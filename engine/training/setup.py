@@ -1,0 +1,182 @@
+"""Everything the epochs run on, set up once: data and model (``prepare``), then device, freeze
+plan, loaders, optimizer and feature cache (``set_up``).
+
+``EpochRunner.run_epoch`` is one textbook epoch (train, then evaluate) plus what a real run needs
+around it: the LR schedule, per-epoch seeds (the same batches whether resumed or not), progress
+events and divergence checks.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from engine.anatomy.stages import model_stages
+from engine.core.device import amp_dtype, default_workers, resolve_device
+from engine.core.errors import DataError, EngineError
+from engine.data.datasets import TransformDataset, load_source, validate
+from engine.data.splits import split_indices
+from engine.data.transforms import eval_transform, train_transform
+from engine.freeze.plan import apply_plan, build_optimizer, optimizer_for_groups, param_groups, unfreeze_for_epoch
+from engine.models.factory import create_model
+from engine.runs.events import EpochEnded, StepLogged
+from engine.training.epoch import Diverged, evaluate, train_one_epoch
+from engine.training.feature_cache import HeadOnly, cache_point, compute_features, uses_feature_cache
+
+if TYPE_CHECKING:
+    from engine.anatomy.stages import Stage
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan, FreezeReport
+    from engine.models.factory import ModelHandle
+    from engine.runs.events import Emit
+    from engine.training.state import TrainState
+
+
+@dataclass
+class Prepared:
+    handle: ModelHandle
+    train_ds: TransformDataset
+    val_ds: TransformDataset
+    image_size: int
+    skipped: list
+
+
+def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None) -> Prepared:
+    """Data (validated, split) and model (head sized to the classes) for a config."""
+    ds = load_source(config.data, work_dir=work_dir)
+    report = validate(ds)
+    if not report.ok:
+        raise DataError("The data cannot be trained on: " + " ".join(report.problems))
+    train_idx, val_idx = split_indices(ds, config)
+    handle = create_model(config.model, weights=weights or config.weights, class_names=ds.class_names)
+    size = config.image_size or handle.spec.input_size[-1]
+    config.validate_for_model(handle.module, model_stages(handle.module, handle.spec.head), size)
+    crop = float(config.crop_pct) if config.crop_pct is not None else handle.spec.crop_pct
+    handle.spec = replace(handle.spec, input_size=(3, size, size), crop_pct=crop)  # inference sees what training saw
+    train_ds = TransformDataset(ds, train_idx, train_transform(handle.spec, size, augment=config.augment, hflip=config.hflip))
+    val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
+    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped])
+
+
+@dataclass
+class EpochRunner:
+    config: TrainConfig
+    module: nn.Module  # the whole model: what checkpoints save
+    model: nn.Module  # what trains: the module, or only its head on cached features
+    stages: list[Stage]
+    plan: FreezePlan
+    report: FreezeReport
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader
+    generator: torch.Generator
+    device: torch.device
+    dtype: torch.dtype | None
+    scaler: Any
+    channels_last: bool
+    cached: bool
+
+    @property
+    def steps(self) -> int:
+        return len(self.train_loader)
+
+    def unfreeze(self, epoch: int) -> None:
+        """Gradual unfreezing: stages the plan releases by ``epoch`` join the optimizer."""
+        self.report, _added = unfreeze_for_epoch(self.module, self.stages, self.plan, epoch - 1, self.optimizer,
+                                                 self.config.weight_decay)
+
+    def run_epoch(self, epoch: int, state: TrainState, sink: Emit, started: float,
+                  stop: Callable[[], bool]) -> EpochEnded | None:
+        """Train and evaluate one epoch; None when stopped mid-epoch; Diverged on a NaN/inf loss."""
+        config, steps = self.config, self.steps
+        torch.manual_seed(config.seed * 1000 + epoch)  # same batches and dropout, resumed or not
+        self.generator.manual_seed(config.seed * 1000 + epoch)
+        tick = time.perf_counter()
+
+        def on_step(i: int, loss: float, seen: int) -> None:
+            elapsed = time.perf_counter() - tick
+            remaining = (steps - i) * elapsed / i + (config.epochs - epoch) * steps * elapsed / i
+            sink(StepLogged(epoch=epoch, step=i, steps=steps, loss=loss, images_per_s=seen / max(elapsed, 1e-9),
+                            eta_s=remaining))
+
+        stats = train_one_epoch(self.model, self.train_loader, self.optimizer, device=self.device,
+                                step0=state.step, total_steps=config.epochs * steps, config=config, dtype=self.dtype,
+                                scaler=self.scaler, channels_last=self.channels_last, on_step=on_step,
+                                should_stop=stop)
+        if stats is None:
+            return None
+        val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self.dtype, self.channels_last)
+        if not (math.isfinite(val_loss) and math.isfinite(stats.loss)):
+            bad = val_loss if not math.isfinite(val_loss) else stats.loss
+            raise Diverged(f"the loss became {bad}; lower the learning rate (the last finite checkpoint is kept)")
+        return EpochEnded(
+            epoch=epoch, train_loss=stats.loss, train_acc=stats.acc, val_loss=val_loss, val_acc=val_acc,
+            lr={g["name"]: g["lr"] for g in self.optimizer.param_groups}, epoch_s=stats.seconds,
+            images_per_s=stats.images / max(stats.seconds, 1e-9), trainable_params=self.report.trainable_params,
+            elapsed_s=time.perf_counter() - started,
+        )
+
+
+def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_state: dict[str, Any] | None,
+           stop: Callable[[], bool]) -> EpochRunner | None:
+    """The plan applied at the epoch the run continues from, the model on its device, the loaders
+    (features computed once when the backbone stays frozen) and the optimizer. None: cancelled
+    while computing features."""
+    handle, module = prep.handle, prep.handle.module
+    plan = config.freeze_plan()
+    device = resolve_device(config.device)
+    stages = model_stages(module, handle.spec.head)
+    report = apply_plan(module, stages, plan, epoch=state.epoch)
+    channels_last = config.channels_last if config.channels_last is not None else any(
+        isinstance(m, nn.Conv2d) for m in module.modules())
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    workers = config.num_workers if config.num_workers is not None else default_workers(device)
+    loader_kw: dict[str, Any] = dict(batch_size=config.batch_size, num_workers=workers,
+                                     pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    cached = uses_feature_cache(plan, config)
+    model: nn.Module = module
+    train_src, val_src = prep.train_ds, prep.val_ds
+    if cached:  # the frozen backbone runs once over the data; only the head trains, on its outputs
+        point, drop = cache_point(handle, stages)
+        plain = dict(loader_kw, shuffle=False)
+        tr = compute_features(module, point, DataLoader(prep.train_ds, **plain), device, channels_last, stop)
+        va = compute_features(module, point, DataLoader(prep.val_ds, **plain), device, channels_last, stop)
+        if tr is None or va is None:
+            return None
+        model = HeadOnly(module.get_submodule(point), drop)
+        train_src, val_src = TensorDataset(*tr), TensorDataset(*va)
+        loader_kw.update(num_workers=0, persistent_workers=False, pin_memory=False)
+        channels_last = False
+
+    generator = torch.Generator()
+    train_loader = DataLoader(train_src, shuffle=True, drop_last=False, generator=generator, **loader_kw)
+    val_loader = DataLoader(val_src, shuffle=False, **loader_kw)
+    if len(train_loader) == 0:
+        raise DataError("No training images after the split.")
+    optimizer = make_optimizer(module, stages, plan, config, optimizer_state)
+    return EpochRunner(config, module, model, stages, plan, report, optimizer, train_loader, val_loader, generator,
+                       device, dtype, scaler, channels_last, cached)
+
+
+def make_optimizer(module: nn.Module, stages: list[Stage], plan: FreezePlan, config: TrainConfig,
+                   saved: dict[str, Any] | None) -> torch.optim.Optimizer:
+    """Fresh, or rebuilt in the saved group layout (names) so a resumed state fits group by group."""
+    if not saved:
+        return build_optimizer(module, stages, plan, config.weight_decay, kind=config.optimizer)
+    layout = list(saved.get("group_layout", []))
+    by_name = {g["name"]: g for g in param_groups(module, stages, plan, config.weight_decay)}
+    if sorted(layout) != sorted(by_name):
+        raise EngineError("The saved optimizer does not match the plan at this epoch; cannot resume.")
+    optimizer = optimizer_for_groups([by_name[n] for n in layout], config.optimizer)
+    optimizer.load_state_dict(saved["optimizer"])
+    return optimizer

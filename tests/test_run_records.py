@@ -1,0 +1,45 @@
+"""Run records are typed: status.json and run-list rows survive a JSON round trip, and garbage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.runs.status import Progress, RunStatus
+from engine.runs.store import RunSummary, create_run, describe_run
+
+
+def test_run_status_round_trips_through_json():
+    status = RunStatus(state="running", reason="", epoch=2, epochs=5, device="cpu", pid=1234, pid_start="99",
+                       heartbeat=1.5, progress=Progress(epoch=3, step=4, steps=10, eta_s=12.5, loss=0.7),
+                       val_acc=0.9, best_epoch=2, best_val_acc=0.91,
+                       unreadable=[{"file": "a.png", "reason": "truncated"}], created_at=1.0)
+    again = RunStatus.from_dict(json.loads(json.dumps(status.to_dict())))
+    assert again == status
+    assert again.active and again.progress.fraction(5) == pytest.approx((2 * 10 + 4) / 50)
+
+
+@pytest.mark.parametrize("garbage", [None, [], "running", 7, {"state": 3}, {"state": "exploded"},
+                                     {"epoch": "two", "pid": "x", "progress": [1, 2], "unreadable": "all"},
+                                     {"progress": {"epoch": "x", "nonsense": 1}}, {"pid": True}])
+def test_a_garbage_status_reads_as_defaults_not_an_error(garbage):
+    status = RunStatus.from_dict(garbage)
+    assert status.state == "unknown"
+    assert isinstance(status.epoch, int) and isinstance(status.unreadable, list)
+    assert status.pid is None and not status.active
+
+
+def test_fields_a_newer_version_writes_are_kept_on_disk_and_ignored_when_read(tmp_path):
+    run = create_run(tmp_path, {"model": "timm:test_resnet"})
+    run.write_status(state="running", epoch=1, gpu_memory_gb=3.5)
+    assert json.loads(run.status_path.read_text())["gpu_memory_gb"] == 3.5
+    status = run.status()
+    assert status.state == "running" and status.epoch == 1 and not hasattr(status, "gpu_memory_gb")
+
+
+def test_run_summary_round_trips_through_json(tmp_path):
+    run = create_run(tmp_path, {"model": "timm:test_resnet", "weights": "none", "data": "/srv/secret/flowers",
+                                "epochs": 3, "plan": {"strategy": "full"}})
+    summary = describe_run(run)
+    assert summary.data == "flowers"  # the name the user knows, not the server path
+    assert RunSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
