@@ -338,11 +338,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_runs_folder(args.out)
     result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint)
     if args.json:
-        _print_json(result)
+        _print_json(result.to_dict())
     else:
-        print(f"{result['run_id']} ({args.checkpoint}): val acc {result['val_acc']:.4f}, "
-              f"loss {result['val_loss']:.4f} on {result['val_images']} images")
-        for name, acc in result["per_class_acc"].items():
+        print(f"{result.run_id} ({args.checkpoint}): val acc {result.val_acc:.4f}, "
+              f"loss {result.val_loss:.4f} on {result.val_images} images")
+        for name, acc in result.per_class_acc.items():
             print(f"  {name:<20} {acc:.3f}")
     return 0
 

@@ -14,7 +14,7 @@ from engine.core.errors import EngineError
 from engine.freeze.plan import FreezePlan
 from engine.lab.compare import comparison_table, create_comparison, curves, group_runs, list_groups
 from engine.models.factory import create_model
-from engine.outputs.evaluate import evaluation_report
+from engine.outputs.evaluate import EvaluationReport, evaluation_report
 from engine.runs.store import create_run
 from engine.training.loop import fit
 from engine.training.run import train_run
@@ -55,17 +55,18 @@ def test_comparison_trains_same_data_and_budget_and_tables(tmp_path):
 
 def test_evaluation_report_is_consistent(trained_run):
     report = evaluation_report(trained_run)
-    confusion = np.array(report["confusion"])
+    confusion = np.array(report.confusion)
     assert confusion.shape == (2, 2)
     n = confusion.sum()
-    assert report["accuracy"] == pytest.approx(np.trace(confusion) / n)
-    assert [c["support"] for c in report["per_class"]] == confusion.sum(axis=1).tolist()
-    assert len(report["misclassified"]) == n - np.trace(confusion)
-    conf = [m["confidence"] for m in report["misclassified"]]
+    assert report.accuracy == pytest.approx(np.trace(confusion) / n)
+    assert [c["support"] for c in report.per_class] == confusion.sum(axis=1).tolist()
+    assert len(report.misclassified) == n - np.trace(confusion)
+    conf = [m["confidence"] for m in report.misclassified]
     assert conf == sorted(conf, reverse=True)
-    assert len(report["confidence"]["correct"]) + len(report["confidence"]["wrong"]) == n
-    for row in report["per_class"]:
+    assert len(report.confidence["correct"]) + len(report.confidence["wrong"]) == n
+    for row in report.per_class:
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert EvaluationReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
 @pytest.mark.parametrize("name, layer", [("timm:test_resnet", "layer4"), ("timm:test_vit", "blocks.4"),

@@ -43,3 +43,26 @@ def test_run_summary_round_trips_through_json(tmp_path):
     summary = describe_run(run)
     assert summary.data == "flowers"  # the name the user knows, not the server path
     assert RunSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+
+
+def test_data_and_freeze_reports_round_trip_through_json(tmp_path):
+    from PIL import Image
+
+    from engine.anatomy.stages import model_stages
+    from engine.data.datasets import DataReport, load_folder, validate
+    from engine.freeze.plan import FreezePlan, FreezeReport, preview_plan
+    from engine.models.factory import create_model
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    data = validate(load_folder(tmp_path))
+    assert data.skipped and DataReport.from_dict(json.loads(json.dumps(data.to_dict()))) == data
+
+    handle = create_model("timm:test_resnet", weights="none", num_classes=3)
+    plan = FreezePlan.last(1, unfreeze_schedule=((1, 2),))
+    report = preview_plan(handle.module, model_stages(handle.module, handle.spec.head), plan, epoch=1)
+    again = FreezeReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report and again.trainable_pct == report.trainable_pct

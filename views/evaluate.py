@@ -34,16 +34,16 @@ except EngineError as exc:
     show_error(exc)
     st.stop()
 config = TrainConfig.from_dict(run.config())
-names = report["class_names"]
-st.metric("Validation accuracy (best checkpoint)", f"{report['accuracy']:.2%}")
-if report.get("unreadable"):
-    st.warning(f"{len(report['unreadable'])} validation file(s) can no longer be read and were left out: "
-               + public_message("; ".join(u["reason"] for u in report["unreadable"][:5])))
+names = report.class_names
+st.metric("Validation accuracy (best checkpoint)", f"{report.accuracy:.2%}")
+if report.unreadable:
+    st.warning(f"{len(report.unreadable)} validation file(s) can no longer be read and were left out: "
+               + public_message("; ".join(u["reason"] for u in report.unreadable[:5])))
 
 left, right = st.columns(2)
 with left:
     normalise = st.toggle("Normalise rows (recall per class)", True)
-    matrix = np.array(report["confusion"], dtype=float)
+    matrix = np.array(report.confusion, dtype=float)
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalise else matrix
     fig = go.Figure(go.Heatmap(z=shown, x=names, y=names, colorscale="Blues", text=matrix.astype(int),
                                texttemplate="%{text}", hoverinfo="skip"))
@@ -62,14 +62,14 @@ with left:
         st.session_state["ev_last_cell"] = picked[0]
         st.session_state["ev_true"], st.session_state["ev_pred"] = picked[0]
 with right:
-    st.dataframe(pd.DataFrame(report["per_class"]).round(3), hide_index=True, height=260)
-    conf = pd.DataFrame([{"confidence": c, "answer": "correct"} for c in report["confidence"]["correct"]]
-                        + [{"confidence": c, "answer": "wrong"} for c in report["confidence"]["wrong"]])
+    st.dataframe(pd.DataFrame(report.per_class).round(3), hide_index=True, height=260)
+    conf = pd.DataFrame([{"confidence": c, "answer": "correct"} for c in report.confidence["correct"]]
+                        + [{"confidence": c, "answer": "wrong"} for c in report.confidence["wrong"]])
     st.plotly_chart(px.histogram(conf, x="confidence", color="answer", nbins=20, barmode="overlay",
                                  title="Confidence of right and wrong answers (calibration at a glance)"))
 
 st.subheader("Misclassified validation images")
-wrong = pd.DataFrame(report["misclassified"])
+wrong = pd.DataFrame(report.misclassified)
 if wrong.empty:
     st.success("No validation image is misclassified.")
 else:
@@ -105,7 +105,7 @@ try:
         if upload is not None:
             image = open_image(upload.getvalue(), name=upload.name, target=need)
     else:
-        candidates = report["misclassified"][:20] or []
+        candidates = report.misclassified[:20] or []
         options = [m["index"] for m in candidates]
         if options:
             chosen = st.selectbox("Misclassified image", options,

@@ -7,9 +7,9 @@ until a sample is asked for (the Dataset pattern: decode + transform at access t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -242,6 +242,15 @@ class DataReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "skipped": [list(pair) for pair in self.skipped], "ok": self.ok}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataReport:
+        return cls(n_images=data["n_images"], counts=dict(data["counts"]),
+                   skipped=[(str(a), str(b)) for a, b in data["skipped"]], problems=list(data["problems"]),
+                   warnings=list(data["warnings"]))
 
 
 def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:

@@ -223,6 +223,14 @@ class FreezeReport:
             row["trainable_pct"] = round(100.0 * stage.trainable / max(1, stage.params), 3)
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FreezeReport:
+        """Back from ``to_dict`` (derived counts are recomputed, not read)."""
+        stage_fields = StageReport.__dataclass_fields__
+        stages = [StageReport(**{k: v for k, v in row.items() if k in stage_fields}) for row in data["stages"]]
+        return cls(plan=data["plan"], epoch=data["epoch"], stages=stages, total_params=data["total_params"],
+                   trainable_params=data["trainable_params"], frozen_bn=list(data["frozen_bn"]))
+
 
 # ------------------------------------------------------------------ applying
 def is_batchnorm(module: nn.Module) -> bool:

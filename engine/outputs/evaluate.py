@@ -1,6 +1,7 @@
 """Evaluate a run's checkpoint on the validation split it was trained with."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -8,9 +9,53 @@ from torch.utils.data import DataLoader
 
 from engine.config import TrainConfig
 from engine.core.device import resolve_device
+from engine.core.modes import evaluating
 from engine.data.splits import split_indices
 from engine.runs.load import load_run_model
 from engine.runs.store import RunDir
+
+
+@dataclass
+class EvalSummary:
+    """What ``python -m engine eval`` reports: accuracy and loss on the run's own validation split."""
+
+    run_id: str
+    checkpoint: str
+    val_acc: float
+    val_loss: float
+    val_images: int
+    per_class_acc: dict[str, float]
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # files broken since training, left out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalSummary:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class EvaluationReport:
+    """The Evaluate page's evidence: confusion, per-class scores, the misclassified images ranked by
+    confidence (a top-loss gallery) and how confident right and wrong answers are."""
+
+    run_id: str
+    checkpoint: str
+    class_names: list[str]
+    accuracy: float
+    confusion: list[list[int]]  # rows: true class, columns: predicted
+    per_class: list[dict[str, Any]]  # class, precision, recall, f1, support
+    misclassified: list[dict[str, Any]]  # index, source, true, predicted, confidence, true_prob
+    confidence: dict[str, list[float]]  # "correct" / "wrong" -> the top-1 probabilities
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationReport:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
@@ -25,9 +70,9 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
     dataset = TransformDataset(ds, indices, eval_transform(handle.spec))  # decodes reduced to the model's need
     loader = DataLoader(dataset, batch_size=64)  # no workers: ``dataset.failed`` is filled in this process
     device = resolve_device(config.device)
-    module = handle.module.to(device).eval()
+    module = handle.module.to(device)
     probs, labels = [], []
-    with torch.inference_mode():
+    with evaluating(module), torch.inference_mode():
         for x, y in loader:
             probs.append(module(x.to(device)).float().softmax(-1).cpu())
             labels.append(y)
@@ -39,7 +84,7 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
             "unreadable": list(dataset.failed)}
 
 
-def evaluate_run(run: RunDir, kind: str = "best") -> dict[str, Any]:
+def evaluate_run(run: RunDir, kind: str = "best") -> EvalSummary:
     preds = validation_predictions(run, kind)
     probs, labels = preds["probs"], preds["labels"]
     loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
@@ -48,14 +93,12 @@ def evaluate_run(run: RunDir, kind: str = "best") -> dict[str, Any]:
     for c, name in enumerate(preds["class_names"]):
         mask = labels == c
         per_class[name] = float(correct[mask].float().mean()) if mask.any() else float("nan")
-    return {"run_id": run.run_id, "checkpoint": kind, "val_acc": float(correct.float().mean()),
-            "val_loss": loss, "val_images": int(labels.numel()), "per_class_acc": per_class,
-            "unreadable": [{"file": f, "reason": r} for f, r in preds["unreadable"]]}
+    return EvalSummary(run_id=run.run_id, checkpoint=kind, val_acc=float(correct.float().mean()), val_loss=loss,
+                       val_images=int(labels.numel()), per_class_acc=per_class,
+                       unreadable=[{"file": f, "reason": r} for f, r in preds["unreadable"]])
 
 
-def evaluation_report(run: RunDir, kind: str = "best") -> dict[str, Any]:
-    """Confusion matrix, per-class precision/recall/F1/support, the misclassified images ranked by
-    confidence (a top-loss gallery), and the confidence of right vs wrong answers."""
+def evaluation_report(run: RunDir, kind: str = "best") -> EvaluationReport:
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     preds = validation_predictions(run, kind)
@@ -73,14 +116,14 @@ def evaluation_report(run: RunDir, kind: str = "best") -> dict[str, Any]:
         for i in range(len(labels)) if predicted[i] != labels[i]
     ]
     wrong.sort(key=lambda r: -r["confidence"])
-    return {
-        "run_id": run.run_id, "checkpoint": kind, "class_names": names,
-        "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
-        "confusion": confusion_matrix(labels, predicted, labels=classes).tolist(),
-        "per_class": [{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for n, p, r, f, s in zip(names, precision, recall, f1, support)],
-        "misclassified": wrong,
-        "unreadable": [{"file": f, "reason": r} for f, r in preds["unreadable"]],
-        "confidence": {"correct": confidence[predicted == labels].tolist(),
-                       "wrong": confidence[predicted != labels].tolist()},
-    }
+    return EvaluationReport(
+        run_id=run.run_id, checkpoint=kind, class_names=list(names),
+        accuracy=float((predicted == labels).mean()) if len(labels) else 0.0,
+        confusion=confusion_matrix(labels, predicted, labels=classes).tolist(),
+        per_class=[{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                   for n, p, r, f, s in zip(names, precision, recall, f1, support)],
+        misclassified=wrong,
+        confidence={"correct": confidence[predicted == labels].tolist(),
+                    "wrong": confidence[predicted != labels].tolist()},
+        unreadable=[{"file": f, "reason": r} for f, r in preds["unreadable"]],
+    )
