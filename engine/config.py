@@ -16,7 +16,7 @@ from engine.anatomy.tree import refused_input_size
 from engine.core.errors import EngineError
 from engine.core.modes import evaluating
 from engine.freeze.plan import FreezePlan
-from engine.models.registry import DEFAULT_MODEL
+from engine.models.registry import DEFAULT_MODEL, resolve
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -129,6 +129,10 @@ class TrainConfig:
         need the model (image size, stage counts) are in ``validate_for_model``.
         """
         _text(self, "model", "data", "weights", "device")
+        try:
+            resolve(self.model)  # a name from the catalog (a config.json edited by hand may not be)
+        except EngineError as exc:
+            raise ConfigError("model", str(exc)) from None
         _integer(self, "epochs", 1, 100_000)
         _integer(self, "batch_size", 1, 65_536)
         _integer(self, "image_size", 8, 4096, optional=True)

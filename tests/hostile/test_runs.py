@@ -75,6 +75,8 @@ DAMAGE = {
                                 "schedule"),
     "config-lr-nan": (lambda r: r.config_path.write_text(
         json.dumps({**r.config(), "plan": {**r.config()["plan"], "head_lr": float("nan")}})), "learning rate"),
+    "config-unknown-model": (lambda r: r.config_path.write_text(json.dumps({**r.config(), "model": "timm:no_such_net"})),
+                             "unknown model"),
     "config-plan-garbage": (lambda r: r.config_path.write_text(json.dumps({**r.config(), "plan": "all"})), "plan"),
     "best-truncated": (lambda r: r.checkpoint("best").write_bytes(r.checkpoint("best").read_bytes()[:1000]),
                        "truncated"),
