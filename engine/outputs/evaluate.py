@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from engine.config import TrainConfig
 from engine.core.device import resolve_device
+from engine.core.errors import EngineError
 from engine.core.modes import evaluating
 from engine.data.splits import split_indices
 from engine.runs.load import load_run_model
@@ -66,6 +67,10 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
     config = TrainConfig.from_dict(run.config())
     handle = load_run_model(run.path, kind)
     ds = load_source(config.data, work_dir=str(run.path))
+    if list(ds.class_names) != list(handle.spec.class_names):
+        shown = ", ".join(handle.spec.class_names[:5]) + (" ..." if len(handle.spec.class_names) > 5 else "")
+        raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes ({shown}) than its data has "
+                          f"({len(ds.class_names)} classes); it cannot be evaluated on that data.")
     _, indices = split_indices(ds, config)
     dataset = TransformDataset(ds, indices, eval_transform(handle.spec))  # decodes reduced to the model's need
     loader = DataLoader(dataset, batch_size=64)  # no workers: ``dataset.failed`` is filled in this process

@@ -121,6 +121,9 @@ class RunDir:
                 return replace(status, state="interrupted",
                                reason="the run never started (its process ended before training began); start it again")
             return status
+        if not status.pid_start and status.heartbeat is None:  # a live training records both with its pid
+            return replace(status, state="interrupted",
+                           reason="no training process can be confirmed for this run (no start time or heartbeat)")
         beat = status.heartbeat if status.heartbeat is not None else (
             status.updated_at if status.state == "running" else None)  # a running process refreshes either
         if owner_gone(status.pid, status.pid_start, beat):

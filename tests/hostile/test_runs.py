@@ -189,4 +189,24 @@ def test_a_running_status_nobody_refreshes_reads_interrupted(good_run_root, tmp_
     assert run.status().state == "interrupted"
     _status(run, state="running", pid=os.getpid(), pid_start=process_start(os.getpid()), heartbeat=time.time())
     assert run.status().state == "running"
+    _status(run, state="running", pid=os.getpid())  # fresh, but nothing confirms the process is its training
+    assert run.status().state == "interrupted"
+
+
+def test_eval_of_a_run_holding_another_tasks_checkpoint_is_one_line(good_run_root, tmp_path):
+    """Another run's best checkpoint, meta and all (consistent in itself: 2 classes), copied into a
+    10-class digits run: the data and the checkpoint disagree, and eval says so."""
+    runs = tmp_path / "runs"
+    shutil.copytree(good_run_root / "good", runs / "good")
+    run = open_run(runs, "good")
+    meta = weights_meta(run.checkpoint("best"))
+    head = meta["spec"]["head"]
+    tensors = load_weights(run.checkpoint("best"))
+    tensors[f"{head}.weight"] = tensors[f"{head}.weight"][:2].clone()
+    tensors[f"{head}.bias"] = tensors[f"{head}.bias"][:2].clone()
+    meta = {**meta, "class_names": ["face", "non-face"], "spec": {**meta["spec"], "num_classes": 2,
+                                                                  "class_names": ["face", "non-face"]}}
+    save_file(tensors, str(run.checkpoint("best")), metadata={"workbench_meta": json.dumps(meta)})
+    run.checkpoint("best").with_suffix(".json").write_text(json.dumps(meta))
+    engine("eval", "good", "--out", str(runs)).assert_one_line_error("other classes")
 
