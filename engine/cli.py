@@ -214,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lock = _take_device_lock(config.device)  # a busy device refuses before a run folder exists
         else:
             ensure_device_free(config.device)
-        run = create_run(args.out, config.to_dict())
+        run = create_run(args.out, config.to_dict(), owner=None if args.background else os.getpid())
     if args.background:
         pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid}) if args.json else print(run.path)
@@ -295,7 +295,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         plans = demo_plans() if not args.strategies else {
             s: FreezePlan.parse(s, head_lr=1e-2 if s.startswith("feature") else 2e-3, backbone_lr_ratio=1.0)
             for s in _split(args.strategies)}
-        runs = create_comparison(args.out, base, plans)
+        runs = create_comparison(args.out, base, plans, owner=None if args.background else os.getpid())
         if args.background:
             pid = start_group_background(runs, args.out)
             group = runs[0].config()["group"]

@@ -32,7 +32,8 @@ def demo_config() -> TrainConfig:
     return TrainConfig(data="digits", epochs=2, batch_size=32, image_size=96)
 
 
-def create_comparison(runs_root: str | Path, base: TrainConfig, plans: dict[str, FreezePlan]) -> list[RunDir]:
+def create_comparison(runs_root: str | Path, base: TrainConfig, plans: dict[str, FreezePlan], *,
+                      owner: int | None = None) -> list[RunDir]:
     """One queued run per plan; everything but the plan is identical (data, split, seed, epochs)."""
     if len(plans) < 2:
         raise EngineError("A comparison needs at least two strategies.")
@@ -42,7 +43,7 @@ def create_comparison(runs_root: str | Path, base: TrainConfig, plans: dict[str,
         config = replace(base, plan=plan.to_dict(), group=group, label=label)
         slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
         runs.append(create_run(runs_root, {**config.to_dict(), "order": order},
-                               run_id=new_run_id(f"{group}-{slug}")))
+                               run_id=new_run_id(f"{group}-{slug}"), owner=owner))
     return runs
 
 

@@ -27,7 +27,7 @@ from engine.core.files import atomic_write_bytes, atomic_write_json, file_lock, 
 from engine.runs.checkpoint_file import weights_meta
 from engine.runs.events import EpochEnded
 from engine.runs.health import run_problems
-from engine.runs.process import owner_gone
+from engine.runs.process import owner_gone, process_start
 from engine.runs.status import ACTIVE_STATES, RunStatus
 
 if TYPE_CHECKING:
@@ -198,7 +198,11 @@ class RunDir:
         return self.cancel_path.exists()
 
 
-def create_run(runs_root: str | Path, config: dict[str, Any], run_id: str | None = None) -> RunDir:
+def create_run(runs_root: str | Path, config: dict[str, Any], run_id: str | None = None, *,
+               owner: int | None = None) -> RunDir:
+    """A new run folder, queued. ``owner``: the pid of the process that will train it, when that is
+    the caller itself; recorded in the very first status, so a kill a moment later reads as
+    interrupted, not queued."""
     root = Path(runs_root)
     if root.exists() and not root.is_dir():
         raise RunError(f"The runs folder {root.name} is a file, not a folder.")
@@ -206,7 +210,8 @@ def create_run(runs_root: str | Path, config: dict[str, Any], run_id: str | None
     run = RunDir(root / (run_id or new_run_id()))
     run.path.mkdir(parents=False, exist_ok=False)
     atomic_write_json(run.config_path, config)
-    run.write_status(state="queued", pid=None, epoch=0, created_at=time.time())
+    run.write_status(state="queued", pid=owner, pid_start=process_start(owner) if owner else None, epoch=0,
+                     created_at=time.time())
     return run
 
 

@@ -70,6 +70,7 @@ KILL_POINTS = [
     ("best.safetensors", "before", 1), ("best.safetensors", "mid", 1), ("best.safetensors", "before-rename", 1),
     ("best.json", "before-rename", 1),
     ("metrics.jsonl", "mid", 2), ("events.jsonl", "mid", 5),
+    ("status.json", "after", 1),  # just after the run folder exists: it names its process from the start
     ("status.json", "mid", 3), ("status.json", "before-rename", 6),
     ("events.jsonl", "mid", 1),  # before the first epoch commits: the resumed run starts again
 ]
