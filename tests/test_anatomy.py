@@ -53,3 +53,34 @@ def test_vit_summary_and_depth_limit():
     # a ViT keeps cls_token and pos_embed on the root module itself
     assert tree["own_params"] > 0
     assert sum(c["params"] for c in tree["children"]) + tree["own_params"] == tree["params"]
+
+
+def test_summary_shapes_come_from_its_own_forward_while_another_thread_predicts(cat_photo):
+    """The Model page's summary hooks a shared cached model: a prediction running on it from another
+    session at that moment must never leak its batch of 3 into the shapes shown (batch 1)."""
+    import threading
+
+    from engine.data.images import open_image
+    from engine.outputs.predict import predict_images
+
+    handle = create_model("timm:test_resnet", weights="none", class_names=["a", "b", "c"])
+    images = [open_image(cat_photo)] * 3
+    stop, errors = threading.Event(), []
+
+    def predictor():
+        try:
+            while not stop.is_set():
+                predict_images(handle, images, top_k=1, batch_size=3)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=predictor)
+    thread.start()
+    try:
+        summaries = [summarize(handle.module, (3, 64, 64)) for _ in range(15)]
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert not errors, errors
+    for s in summaries:
+        assert {tuple(r.output_shape[:1]) for r in s.rows if r.output_shape} == {(1,)}

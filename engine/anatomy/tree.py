@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from engine.core.errors import EngineError
-from engine.core.modes import evaluating
+from engine.core.modes import evaluating, model_lock
 
 
 @dataclass
@@ -98,21 +98,22 @@ def summarize(
     shapes: dict[str, Any] = {}
     out_shape: list[int] = []
     if input_size is not None:
-        hooks = []
-        for name, module in model.named_modules():
-            def hook(_m, _inp, out, _name=name):
-                shapes.setdefault(_name, _shape_of(out))
-            hooks.append(module.register_forward_hook(hook))
-        try:
-            with evaluating(model), torch.inference_mode():
-                device = next((p.device for p in model.parameters()), torch.device("cpu"))
-                out = model(torch.zeros(batch, *input_size, device=device))
-            out_shape = _shape_of(out) or []
-        except Exception as exc:  # e.g. a ViT whose patch grid does not divide this size
-            raise EngineError(refused_input_size(input_size[-1], exc)) from exc
-        finally:
-            for h in hooks:
-                h.remove()
+        with model_lock(model):  # the hooks see only this forward, never another thread's
+            hooks = []
+            for name, module in model.named_modules():
+                def hook(_m, _inp, out, _name=name):
+                    shapes.setdefault(_name, _shape_of(out))
+                hooks.append(module.register_forward_hook(hook))
+            try:
+                with evaluating(model), torch.inference_mode():
+                    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+                    out = model(torch.zeros(batch, *input_size, device=device))
+                out_shape = _shape_of(out) or []
+            except Exception as exc:  # e.g. a ViT whose patch grid does not divide this size
+                raise EngineError(refused_input_size(input_size[-1], exc)) from exc
+            finally:
+                for h in hooks:
+                    h.remove()
 
     rows = []
     for name, module in model.named_modules():

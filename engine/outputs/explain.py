@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from engine.core.errors import EngineError
-from engine.core.modes import evaluating
+from engine.core.modes import evaluating, model_lock
 from engine.data.images import shrink_to
 from engine.data.transforms import eval_transform, input_target
 from engine.models.factory import ModelHandle
@@ -36,24 +36,25 @@ class CamResult:
 
 def _trace_outputs(module: nn.Module, x: torch.Tensor, head: str) -> list[tuple[str, tuple[int, ...]]]:
     order: list[tuple[str, tuple[int, ...]]] = []
-    hooks = []
-    head_reached = {"flag": False}
-    for name, sub in module.named_modules():
-        if not name:
-            continue
+    with model_lock(module):  # the hooks see only this forward, never another thread's
+        hooks = []
+        head_reached = {"flag": False}
+        for name, sub in module.named_modules():
+            if not name:
+                continue
 
-        def hook(_m, _i, out, _name=name):
-            if _name == head or _name.startswith(head + "."):
-                head_reached["flag"] = True
-            if not head_reached["flag"] and isinstance(out, torch.Tensor):
-                order.append((_name, tuple(out.shape)))
-        hooks.append(sub.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in hooks:
-            h.remove()
+            def hook(_m, _i, out, _name=name):
+                if _name == head or _name.startswith(head + "."):
+                    head_reached["flag"] = True
+                if not head_reached["flag"] and isinstance(out, torch.Tensor):
+                    order.append((_name, tuple(out.shape)))
+            hooks.append(sub.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                module(x)
+        finally:
+            for h in hooks:
+                h.remove()
     return order
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from engine.core.errors import EngineError
-from engine.core.modes import evaluating
+from engine.core.modes import evaluating, model_lock
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -34,13 +34,14 @@ def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
         box["x"] = inputs[0]
         raise _Captured
 
-    handle = module.get_submodule(head).register_forward_pre_hook(grab)
-    try:
-        module(x)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
+    with model_lock(module):  # the hook must never meet another thread's forward
+        handle = module.get_submodule(head).register_forward_pre_hook(grab)
+        try:
+            module(x)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
     if "x" not in box:
         raise RuntimeError(f"the head '{head}' was never called during forward")
     return box["x"].flatten(1)
