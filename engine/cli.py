@@ -128,6 +128,8 @@ def _progress_printer(enabled: bool):
     from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 
     def emit(event) -> None:
+        if isinstance(event, RunStarted) and enabled and event.batches:
+            sys.stderr.write(f"{event.batches}\n")
         if isinstance(event, RunStarted) and event.skipped:
             from pathlib import Path
 
@@ -149,6 +151,14 @@ def _progress_printer(enabled: bool):
     return emit
 
 
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step")
+    p.add_argument("--memory-budget", help="peak memory the training may use, e.g. 1.5GB (default: the "
+                   "container's limit, or the RAM, minus 1 GB for the app)")
+    p.add_argument("--micro-batch", type=int, help="images per forward/backward slice (default: the largest "
+                   "that fits the budget and is fast); gradients add up to --batch-size")
+
+
 def _config_from_args(args: argparse.Namespace):
     from engine.config import TrainConfig
     from engine.freeze.plan import FreezePlan
@@ -160,7 +170,8 @@ def _config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, split_seed=args.seed,
         val_fraction=args.val_fraction, max_per_class=args.max_per_class, augment=args.augment,
         device=args.device, feature_cache=args.feature_cache, patience=args.patience,
-        monitor=args.monitor, num_workers=args.workers,
+        monitor=args.monitor, num_workers=args.workers, memory_budget=args.memory_budget,
+        micro_batch=args.micro_batch,
     )
 
 
@@ -328,7 +339,8 @@ def _base_config_from_args(base, args: argparse.Namespace):
     from dataclasses import replace
 
     return replace(base, data=args.data, epochs=args.epochs, image_size=args.image_size, model=args.model,
-                   weights=args.weights, max_per_class=args.max_per_class, batch_size=args.batch_size)
+                   weights=args.weights, max_per_class=args.max_per_class, batch_size=args.batch_size,
+                   memory_budget=args.memory_budget, micro_batch=args.micro_batch)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -472,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="head learning rate")
     p.add_argument("--backbone-lr-ratio", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
+    _add_batch_args(p)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-per-class", type=int)
@@ -498,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", help="comma-separated, e.g. feature-extraction,full,last-n:2 "
                                         "(default: feature extraction vs full fine-tune)")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
+    _add_batch_args(p)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--max-per-class", type=int)
     p.add_argument("--out", default=str(runs_root()), help="runs folder")

@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.anatomy.tree import refused_input_size
 from engine.core.errors import EngineError
+from engine.core.memory import parse_size
 from engine.core.modes import evaluating
 from engine.freeze.plan import FreezePlan
 from engine.models.registry import DEFAULT_MODEL, resolve
@@ -100,6 +101,8 @@ class TrainConfig:
     channels_last: bool | None = None  # None: on for conv nets
     feature_cache: str = "auto"  # auto | on | off
     num_workers: int | None = None
+    memory_budget: str | None = None  # e.g. "1.5GB"; None: the container's limit (or RAM) minus the app's share
+    micro_batch: int | None = None  # images per forward/backward slice; None: the largest that fits and is fast
     monitor: str = "val_acc"  # val_acc | val_loss
     patience: int | None = None  # early stopping after this many epochs without improvement
     min_delta: float = 0.0
@@ -141,6 +144,12 @@ class TrainConfig:
         _integer(self, "max_per_class", 1, 10**9, optional=True)
         _integer(self, "num_workers", 0, 64, optional=True)
         _integer(self, "patience", 0, 100_000, optional=True)
+        _integer(self, "micro_batch", 1, 65_536, optional=True)
+        if self.memory_budget is not None:
+            try:
+                parse_size(self.memory_budget)
+            except EngineError as exc:
+                raise ConfigError("memory_budget", str(exc)) from None
         _number(self, "crop_pct", 0.0, 1.0, low_open=True, optional=True)
         _number(self, "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
         _number(self, "test_fraction", 0.0, 1.0, high_open=True)

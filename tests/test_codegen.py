@@ -49,8 +49,9 @@ from tests.conftest import ROOT
 DIGITS = [str(i) for i in range(10)]
 TINY = dict(weights="none", data="digits", image_size=32, batch_size=16, max_per_class=20, num_workers=0)
 CASES = {
-    # (a) a timm CNN, full fine-tune, with augmentation (timm's random crops draw on Python's RNG) and flips
-    "cnn-full": dict(model="timm:test_resnet", epochs=2, augment=True, hflip=True,
+    # (a) a timm CNN, full fine-tune, with augmentation (timm's random crops draw on Python's RNG) and flips,
+    # each batch of 16 in micro-batches (BatchNorm sees slices of 6/5/5 in both)
+    "cnn-full": dict(model="timm:test_resnet", epochs=2, augment=True, hflip=True, micro_batch=6,
                      plan=FreezePlan.full(head_lr=1e-2, backbone_lr_ratio=1.0).to_dict()),
     # (b) feature extraction with frozen BN: the engine trains the head on cached features
     "feature-extraction": dict(model="timm:test_efficientnet", epochs=2,

@@ -45,7 +45,7 @@ def _export_and_code(run, tab_export, tab_code) -> None:
         if not names:
             st.info("The run has not finished an epoch yet, so its classes are unknown.")
         else:
-            script = generate_script(config, names, run.run_id)
+            script = generate_script(config, names, run.run_id, run.status().micro_batch)
             st.download_button("Download reproduce.py", script, file_name=f"reproduce_{run.run_id}.py")
             st.code(script, language="python")
 

@@ -100,8 +100,12 @@ def trainable_stages_by_epoch(config: TrainConfig, stages: list[Stage]) -> dict[
     return result
 
 
-def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "") -> list[tuple[str, Any]]:
-    """The settings block's (name, value) pairs for ``config``, in the template's order."""
+def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "",
+                    micro_batch: int | None = None) -> list[tuple[str, Any]]:
+    """The settings block's (name, value) pairs for ``config``, in the template's order.
+
+    ``micro_batch``: the slice the run really used (its status says; picked from the memory budget
+    when the config leaves it open), so the script adds up gradients the same way."""
     mid = resolve(config.model)
     plan = config.freeze_plan()
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
@@ -155,6 +159,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("WARMUP_FRAC", config.warmup_frac),
         ("EPOCHS", config.epochs),
         ("BATCH_SIZE", config.batch_size),
+        ("MICRO_BATCH", _slice(micro_batch or config.micro_batch, config.batch_size)),
         ("SEED", config.seed),
         ("LABEL_SMOOTHING", config.label_smoothing),
         ("GRAD_CLIP", config.grad_clip),
@@ -173,6 +178,10 @@ def _stage_lrs(stages: list[Stage], plan) -> dict[str, float]:
 
     lrs = stage_learning_rates(stages, plan)
     return {s.name: float(lrs[s.name]) for s in stages}
+
+
+def _slice(micro_batch: int | None, batch_size: int) -> int | None:
+    return micro_batch if micro_batch and micro_batch < batch_size else None
 
 
 def render_settings(settings: list[tuple[str, Any]], header: str) -> str:
@@ -198,9 +207,10 @@ def template_setting_names() -> list[str]:
     return re.findall(r"^([A-Z][A-Z0-9_]*) = ", _template_parts()[1], flags=re.MULTILINE)
 
 
-def generate_script(config: TrainConfig, class_names: list[str], run_id: str = "") -> str:
+def generate_script(config: TrainConfig, class_names: list[str], run_id: str = "",
+                    micro_batch: int | None = None) -> str:
     """The standalone Python source that reproduces ``config`` (no engine import in it)."""
-    settings = script_settings(config, class_names, run_id)
+    settings = script_settings(config, class_names, run_id, micro_batch)
     names = [n for n, _ in settings]
     if names != template_setting_names():  # a setting the template reads must never keep its demo value
         raise RuntimeError(f"the settings do not match {TEMPLATE_PATH.name}: {names} vs {template_setting_names()}")
@@ -224,4 +234,4 @@ def script_for_run(run: RunDir) -> str:
             names = load_source(config.data, work_dir=str(run.path)).class_names
         except EngineError as exc:
             raise EngineError(f"Run {run.run_id} has no checkpoint yet and its data cannot be read ({exc}).") from exc
-    return generate_script(config, [str(n) for n in names], run.run_id)
+    return generate_script(config, [str(n) for n in names], run.run_id, run.status().micro_batch)

@@ -96,6 +96,8 @@ SCHEDULE = 'cosine'
 WARMUP_FRAC = 0.1
 EPOCHS = 2
 BATCH_SIZE = 16
+# images per forward/backward slice; their gradients add up to one step of BATCH_SIZE (None: whole batch)
+MICRO_BATCH = None
 SEED = 0
 LABEL_SMOOTHING = 0.0
 GRAD_CLIP = None
@@ -550,29 +552,35 @@ def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, 
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step0 + i, total_steps)
         x, y = x.to(device), y.to(device)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
-        if not torch.isfinite(loss.detach()).all():
-            raise SystemExit(f"the training loss became {loss.item()}: lower the learning rate")
+        n = y.shape[0]
+        batch_loss = torch.zeros((), device=device)
+        hits = torch.zeros((), dtype=torch.long, device=device)
+        slices = -(-n // (MICRO_BATCH or n))  # equal slices; their gradients add up
+        for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices)):
+            if channels_last and xs.ndim == 4:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(xs)
+                loss = F.cross_entropy(logits, ys, label_smoothing=LABEL_SMOOTHING) * (ys.shape[0] / n)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            batch_loss += loss.detach().float()
+            hits += (logits.detach().argmax(-1) == ys).sum()
+        if not torch.isfinite(batch_loss):
+            raise SystemExit(f"the training loss became {batch_loss.item()}: lower the learning rate")
         if scaler is not None:
-            scaler.scale(loss).backward()
             if GRAD_CLIP:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             if GRAD_CLIP:
                 nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
-        total_loss += loss.item() * y.shape[0]
-        correct += (logits.argmax(-1) == y).sum().item()
-        seen += y.shape[0]
+        total_loss += batch_loss.item() * n
+        correct += hits.item()
+        seen += n
     return total_loss / max(1, seen), correct / max(1, seen)
 
 

@@ -30,6 +30,8 @@ class RunStarted(Event):
     trainable_params: int
     feature_cache: bool
     skipped: list = field(default_factory=list)  # [file, reason] pairs the data check left out
+    micro_batch: int = 0  # images per forward/backward slice (training/micro.py)
+    batches: str = ""  # the same in words, with the predicted peak memory and the budget
 
 
 @dataclass

@@ -39,6 +39,8 @@ class RunStatus:
     epoch: int = 0  # last finished epoch
     epochs: int | None = None  # how many the run trains to
     device: str | None = None
+    micro_batch: int | None = None  # images per forward/backward slice (the batch is one step)
+    batches: str | None = None  # the same in words, with the predicted peak and the memory budget
     pid: int | None = None  # the training process, with its kernel start time and a heartbeat
     pid_start: str | None = None
     heartbeat: float | None = None

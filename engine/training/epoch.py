@@ -51,8 +51,13 @@ class EpochStats:
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                     device: torch.device, step0: int, total_steps: int,
                     config: TrainConfig, dtype: torch.dtype | None, scaler: Any, channels_last: bool,
-                    on_step: Callable[[int, float, int], None], should_stop: Callable[[], bool]) -> EpochStats | None:
-    """One pass over the training data; returns None if stopped mid-epoch."""
+                    on_step: Callable[[int, float, int], None], should_stop: Callable[[], bool],
+                    micro_batch: int | None = None) -> EpochStats | None:
+    """One pass over the training data; returns None if stopped mid-epoch.
+
+    Each batch is one optimizer step; with ``micro_batch`` its forward and backward run in slices
+    whose gradients add up to the whole batch's (each slice's mean loss weighted by its share).
+    """
     set_train_mode(model, True)  # frozen stages stay in eval (freeze hooks)
     total_loss = correct = seen = 0
     start = time.perf_counter()
@@ -61,33 +66,38 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             return None
         _set_lr(optimizer, lr_factor(step0 + i, total_steps, config.schedule, config.warmup_frac))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-        if not torch.isfinite(loss.detach()).all():
-            raise Diverged(f"the training loss became {loss.item()} at step {i + 1}; lower the learning rate "
+        n = y.shape[0]
+        batch_loss = torch.zeros((), device=device)
+        hits = torch.zeros((), dtype=torch.long, device=device)
+        slices = -(-n // (micro_batch or n))  # equal slices (a last slice of 1 would break BatchNorm)
+        for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices)):
+            if channels_last and xs.ndim == 4:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(xs)
+                loss = F.cross_entropy(logits, ys, label_smoothing=config.label_smoothing) * (ys.shape[0] / n)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            batch_loss += loss.detach().float()
+            hits += (logits.detach().argmax(-1) == ys).sum()
+        if not torch.isfinite(batch_loss):
+            raise Diverged(f"the training loss became {batch_loss.item()} at step {i + 1}; lower the learning rate "
                            "(the last finite checkpoint is kept)")
         if scaler is not None:
-            scaler.scale(loss).backward()
             if config.grad_clip:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-        n = y.shape[0]
-        batch_loss = loss.item()  # one device sync per step
-        total_loss += batch_loss * n
-        correct += (logits.argmax(-1) == y).sum().item()
+        step_loss = batch_loss.item()  # one device sync per step
+        total_loss += step_loss * n
+        correct += hits.item()
         seen += n
-        on_step(i + 1, batch_loss, seen)
+        on_step(i + 1, step_loss, seen)
     return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
 
 

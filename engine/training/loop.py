@@ -51,7 +51,8 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     sink(RunStarted(run_id=run.run_id if run else "-", device=str(runner.device), epochs=config.epochs,
                     steps_per_epoch=runner.steps, train_images=len(prep.train_ds), val_images=len(prep.val_ds),
                     trainable_params=runner.report.trainable_params, feature_cache=runner.cached,
-                    skipped=prep.skipped))
+                    skipped=prep.skipped, micro_batch=runner.batches.micro_batch,
+                    batches=runner.batches.describe()))
     first = state.epoch + 1
     for epoch in range(first, config.epochs + 1):
         if epoch > first or commit:

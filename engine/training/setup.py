@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from engine.anatomy.stages import model_stages
 from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
+from engine.core.memory import detect_budget
 from engine.data.datasets import TransformDataset, load_source, validate
 from engine.data.splits import split_indices
 from engine.data.transforms import eval_transform, train_transform
@@ -27,6 +28,7 @@ from engine.models.factory import create_model
 from engine.runs.events import EpochEnded, StepLogged
 from engine.training.epoch import Diverged, evaluate, train_one_epoch
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, uses_feature_cache
+from engine.training.micro import BatchPlan, plan_batches
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -80,6 +82,7 @@ class EpochRunner:
     scaler: Any
     channels_last: bool
     cached: bool
+    batches: BatchPlan
 
     @property
     def steps(self) -> int:
@@ -107,7 +110,7 @@ class EpochRunner:
         stats = train_one_epoch(self.model, self.train_loader, self.optimizer, device=self.device,
                                 step0=state.step, total_steps=config.epochs * steps, config=config, dtype=self.dtype,
                                 scaler=self.scaler, channels_last=self.channels_last, on_step=on_step,
-                                should_stop=stop)
+                                should_stop=stop, micro_batch=self.batches.micro_batch)
         if stats is None:
             return None
         val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self.dtype, self.channels_last)
@@ -164,8 +167,25 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     if len(train_loader) == 0:
         raise DataError("No training images after the split.")
     optimizer = make_optimizer(module, stages, plan, config, optimizer_state)
+    # what one training input looks like, without drawing an (augmented, random) sample to see it
+    input_shape = tuple(train_src.tensors[0].shape[1:]) if cached else (3, prep.image_size, prep.image_size)
+    batches = _plan_batches(config, module, model, stages, plan, state, input_shape, device, channels_last, dtype)
     return EpochRunner(config, module, model, stages, plan, report, optimizer, train_loader, val_loader, generator,
-                       device, dtype, scaler, channels_last, cached)
+                       device, dtype, scaler, channels_last, cached, batches)
+
+
+def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,
+                  state: TrainState, input_shape: tuple[int, ...], device: torch.device, channels_last: bool,
+                  dtype: torch.dtype | None) -> BatchPlan:
+    """The micro-batch, measured with the most of the model this run will ever train (the plan at its
+    last epoch: gradual unfreezing only adds), so it holds for the whole run."""
+    apply_plan(module, stages, plan, epoch=config.epochs - 1)
+    try:
+        return plan_batches(module, model, input_shape, batch_size=config.batch_size, device=device,
+                            budget=detect_budget(config.memory_budget), micro_batch=config.micro_batch,
+                            optimizer_kind=config.optimizer, channels_last=channels_last, dtype=dtype)
+    finally:
+        apply_plan(module, stages, plan, epoch=state.epoch)
 
 
 def make_optimizer(module: nn.Module, stages: list[Stage], plan: FreezePlan, config: TrainConfig,

@@ -1,0 +1,121 @@
+"""Photos at 224 px: peak memory and throughput of training, feature extraction and evaluation,
+each beside a plain torchvision loop on the same data (prints figures and ratios; not a test).
+
+Every measurement runs in its own process, so each peak RSS is that job's alone. Targets (issue 12):
+full fine-tune peak <= 1.7 GB and >= 2.5x the plain loop's img/s; feature extraction <= 1.5 GB;
+evaluation <= 1.3 GB. The engine runs under the budget a Community Cloud box gives it by default
+(2.7 GB limit minus 1.0 GB for the app = 1.7 GB), set explicitly here since this machine has more.
+
+  python bench/fit_224.py            # 2,000 photos (200 a class), efficientnet_lite0, batch 32
+  python bench/fit_224.py --quick    # 400 photos
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BUDGET = "1.7GB"
+
+PLAIN = r"""
+import json, resource, sys, time
+import torch, torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+torch.manual_seed(0)
+data, steps = sys.argv[1], int(sys.argv[2])
+tf = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
+                         transforms.Normalize([0.5] * 3, [0.5] * 3)])
+ds = datasets.ImageFolder(data, tf)
+sys.path.insert(0, sys.argv[3])
+from engine.models.factory import create_model  # only for the same model with the same packaged weights
+model = create_model("timm:efficientnet_lite0", class_names=ds.classes).module
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+loader = DataLoader(ds, batch_size=32, shuffle=True)
+model.train()
+seen, start = 0, None
+for i, (x, y) in enumerate(loader):
+    if i == 1:
+        start, seen = time.perf_counter(), 0  # the first step pays one-off set-up costs
+    if i > steps:
+        break
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    seen += len(y)
+print(json.dumps({"img_s": seen / (time.perf_counter() - start),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+OURS = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from engine.config import TrainConfig
+from engine.freeze.plan import FreezePlan
+from engine.runs.store import create_run
+from engine.training.loop import fit
+data, runs, strategy, budget = sys.argv[2:6]
+plan = FreezePlan.full(head_lr=1e-3) if strategy == "full" else FreezePlan.feature_extraction(head_lr=1e-2)
+config = TrainConfig(data=data, image_size=224, crop_pct=0.875, batch_size=32, epochs=1, plan=plan.to_dict(),
+                     memory_budget=budget)
+run = create_run(runs, config.to_dict())
+result = fit(config, run)
+print(json.dumps({"img_s": result.history[0]["images_per_s"], "val_acc": result.best_val_acc,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "run": str(run.path),
+                  "batches": run.status().batches, "seconds": result.seconds}))
+"""
+
+EVALUATE = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from engine.outputs.evaluate import evaluate_run
+from engine.runs.store import open_run
+start = time.perf_counter()
+result = evaluate_run(open_run(sys.argv[2], sys.argv[3]))
+print(json.dumps({"val_acc": result.val_acc, "seconds": time.perf_counter() - start,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _job(code: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"a bench job failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    from photos import make_photos
+
+    per_class = 40 if args.quick else 200
+    data = make_photos(HERE / ".cache" / f"photos-{per_class}", per_class)
+    runs = HERE / ".cache" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    print(f"{10 * per_class} photos at 224 px, efficientnet_lite0 (packaged ImageNet weights), batch 32, "
+          f"memory budget {BUDGET}")
+    plain = _job(PLAIN, str(data), "12" if args.quick else "25", str(ROOT))
+    print(f"  plain torchvision loop, full fine-tune: {plain['img_s']:.1f} img/s, peak {plain['peak_mb']:.0f} MiB")
+    full = _job(OURS, str(ROOT), str(data), str(runs), "full", BUDGET)
+    ratio = full["img_s"] / plain["img_s"]
+    print(f"  ours, full fine-tune: {full['img_s']:.1f} img/s ({ratio:.2f}x plain; goal >= 2.5x), peak "
+          f"{full['peak_mb']:.0f} MiB = {full['peak_mb'] * 2**20 / 1e9:.2f} GB (goal <= 1.7 GB), val acc "
+          f"{full['val_acc']:.3f}; {full['batches']}")
+    frozen = _job(OURS, str(ROOT), str(data), str(runs), "feature-extraction", BUDGET)
+    print(f"  ours, feature extraction: peak {frozen['peak_mb']:.0f} MiB = {frozen['peak_mb'] * 2**20 / 1e9:.2f} GB "
+          f"(goal <= 1.5 GB), val acc {frozen['val_acc']:.3f}, {frozen['seconds']:.0f} s in all")
+    run = Path(full["run"])
+    evaluated = _job(EVALUATE, str(ROOT), str(run.parent), run.name)
+    print(f"  ours, evaluate the fine-tuned run: peak {evaluated['peak_mb']:.0f} MiB = "
+          f"{evaluated['peak_mb'] * 2**20 / 1e9:.2f} GB (goal <= 1.3 GB), {evaluated['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

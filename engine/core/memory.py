@@ -1,0 +1,126 @@
+"""How much memory a training may use: the container's limit, not the host's RAM.
+
+Why the cgroup first: on Streamlit Community Cloud (and in Docker, Kubernetes ...) the process
+sees the host's RAM through ``/proc/meminfo`` but is killed at its container's limit, which only
+the cgroup files tell. Why an app share: the Streamlit process itself (torch, one cached model,
+the session state) lives inside the same limit, so a training started from the app gets what is
+left after it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.core.errors import EngineError
+
+GB = 1_000_000_000
+# The Streamlit process with torch, timm and one small cached model, measured with the app open on
+# the Training page (~0.95 GB RSS): what a training started from the app leaves to the app.
+APP_SHARE = 1_000_000_000
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+# a cgroup v1 "no limit" is a page-rounded 2**63; anything beyond a petabyte is no limit either
+_NO_LIMIT = 2**50
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def parse_size(text: str | int | float) -> int:
+    """'1.5GB', '1500MB', '1.4GiB', '2g' or a plain number of bytes -> bytes (decimal units unless 'i')."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise EngineError(f"memory size '{text}' is not understood; write it like 1.5GB, 1500MB or 1.4GiB")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise EngineError(f"memory size '{text}' must be more than zero")
+    return size
+
+
+def format_size(size: int | float) -> str:
+    """Bytes as a person reads them: '1.50 GB', '640 MB'."""
+    return f"{size / GB:.2f} GB" if size >= GB else f"{size / 10**6:.0f} MB"
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if 0 < value < _NO_LIMIT else None
+
+
+def _own_cgroup_dirs(root: Path) -> list[Path]:
+    """This process's cgroup folders (v2 unified path, v1 memory controller), then the root."""
+    dirs = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _id, controllers, rel = line.split(":", 2)
+            if controllers in ("", "memory") or "memory" in controllers.split(","):
+                for base in (root, root / "memory"):
+                    candidate = base / rel.lstrip("/")
+                    if candidate.is_dir():
+                        dirs.append(candidate)
+    except (OSError, ValueError):
+        pass
+    return list(dict.fromkeys(dirs + [root, root / "memory"]))  # in order, each once
+
+
+def cgroup_limit(root: Path = CGROUP_ROOT) -> tuple[int, str] | None:
+    """(bytes, which file) of the tightest memory limit on this process's cgroup, or None."""
+    found: list[tuple[int, str]] = []
+    for folder in _own_cgroup_dirs(root):
+        for name in ("memory.max", "memory.high", "memory.limit_in_bytes"):
+            value = _read_limit(folder / name)
+            if value is not None:
+                found.append((value, f"cgroup {name}"))
+    return min(found) if found else None
+
+
+def total_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What one training may take (``bytes``), and where the figure comes from (shown in the UI)."""
+
+    bytes: int
+    source: str
+
+    def __str__(self) -> str:
+        return f"{format_size(self.bytes)} ({self.source})"
+
+
+def detect_budget(given: str | int | None = None, *, app_share: int = APP_SHARE,
+                  root: Path = CGROUP_ROOT) -> MemoryBudget:
+    """The user's figure if given; else the container's limit (or total RAM) minus the app's share."""
+    if given not in (None, "", "auto"):
+        return MemoryBudget(parse_size(given), "as set")
+    limit = cgroup_limit(root)
+    total, where = limit if limit else (total_ram(), "total RAM")
+    budget = max(total - app_share, total // 4)  # a tiny box still gets a quarter of itself
+    return MemoryBudget(budget, f"{where} {format_size(total)} minus {format_size(total - budget)} for the app")
