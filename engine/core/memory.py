@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,3 +126,77 @@ def detect_budget(given: str | int | None = None, *, app_share: int = APP_SHARE,
     total, where = limit if limit else (total_ram(), "total RAM")
     budget = max(total - app_share, total // 4)  # a tiny box still gets a quarter of itself
     return MemoryBudget(budget, f"{where} {format_size(total)} minus {format_size(total - budget)} for the app")
+
+
+_ALLOCATOR_TUNED = False
+
+
+def reuse_freed_memory() -> bool:
+    """Tell glibc's malloc to serve tensors of up to 32 MB from its heap and to keep what a step frees
+    for the next step, instead of handing it back to the kernel and faulting it in again.
+
+    Why: a training step allocates and frees the same activation sizes again and again. With glibc's
+    defaults most of them are fresh ``mmap`` regions, each page zeroed by the kernel on first touch.
+    Measured (efficientnet_lite0, 224 px, micro-batches of 6, 2 cores): page faults 1.7 M -> 0.6 M,
+    23.5 -> 26.2 img/s, and a *lower* peak (1.60 -> 1.49 GiB) because sizes are reused, not
+    re-mapped. A training process only: freed memory stays with it until it ends. False where the
+    C library is not glibc (macOS, musl) - nothing changes there.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 32 * 2**20) and mallopt(m_trim_threshold, 2**31 - 1)
+                            and mallopt(m_top_pad, 64 * 2**20))
+    return _ALLOCATOR_TUNED
+
+
+# What one inference slice may hold in activations. Inference keeps only the tensors a layer is
+# working on, so small slices lose nothing: measured on 2 cores, evaluating efficientnet_lite0 at
+# 224 px on 400 photos (model load included), slices of 8 ran 32 img/s at a 1.05 GiB peak, slices of
+# 64 ran 22 img/s at 1.74 GiB.
+INFERENCE_SLICE_BYTES = 250_000_000
+_inference_batches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def inference_batch(model, input_shape: tuple[int, ...], cap: int = 64) -> int:
+    """Images per inference forward for ``model`` at ``input_shape``: as many as keep the largest
+    layer's input + output (x3, for what else is alive) within INFERENCE_SLICE_BYTES, 1..cap.
+
+    Measured by one forward of one image with hooks on the leaf modules, in eval mode; remembered
+    per model and shape.
+    """
+    import torch
+
+    known = _inference_batches.setdefault(model, {})
+    if (tuple(input_shape), cap) in known:
+        return known[(tuple(input_shape), cap)]
+
+    from engine.core.modes import evaluating
+
+    largest = [0]
+
+    def hook(_m, inputs, output) -> None:
+        size = sum(t.numel() * t.element_size() for t in (*inputs, output) if isinstance(t, torch.Tensor))
+        largest[0] = max(largest[0], size)
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with evaluating(model):  # the model's lock: the hooks see this forward only
+        handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+        try:
+            with torch.inference_mode():
+                model(torch.zeros(1, *input_shape, device=device))
+        finally:
+            for h in handles:
+                h.remove()
+    known[(tuple(input_shape), cap)] = n = max(1, min(cap, INFERENCE_SLICE_BYTES // max(1, 3 * largest[0])))
+    return n

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from engine.config import TrainConfig
 from engine.core.device import resolve_device
 from engine.core.errors import EngineError
+from engine.core.memory import inference_batch
 from engine.core.modes import evaluating
 from engine.data.splits import split_indices
 from engine.runs.load import load_run_model
@@ -73,9 +74,11 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
                           f"({len(ds.class_names)} classes); it cannot be evaluated on that data.")
     _, indices = split_indices(ds, config)
     dataset = TransformDataset(ds, indices, eval_transform(handle.spec))  # decodes reduced to the model's need
-    loader = DataLoader(dataset, batch_size=64)  # no workers: ``dataset.failed`` is filled in this process
     device = resolve_device(config.device)
     module = handle.module.to(device)
+    # slices sized to the model and image size (core/memory.py); no workers: ``dataset.failed`` is
+    # filled in this process
+    loader = DataLoader(dataset, batch_size=inference_batch(module, handle.spec.input_size))
     probs, labels = [], []
     with evaluating(module), torch.inference_mode():
         for x, y in loader:

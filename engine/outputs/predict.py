@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from engine.core.errors import EngineError
+from engine.core.memory import inference_batch
 from engine.core.modes import evaluating
 from engine.data.images import open_image, shrink_to
 from engine.data.transforms import eval_transform, input_target
@@ -49,10 +50,13 @@ def predict_images(
     handle: ModelHandle,
     images: Sequence[Image.Image],
     top_k: int = 5,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     image_size: int | None = None,
 ) -> list[list[TopK]]:
-    """Top-k classes for each PIL image (any mode: converted to RGB by the caller or here)."""
+    """Top-k classes for each PIL image (any mode: converted to RGB by the caller or here).
+
+    ``batch_size`` None: slices sized to the model and image size (``core.memory.inference_batch``).
+    """
     if not images:
         return []
     transform = eval_transform(handle.spec, image_size)
@@ -60,6 +64,9 @@ def predict_images(
     k = max(1, min(top_k, handle.spec.num_classes))
     module = handle.module
     device = model_device(module)
+    if batch_size is None:
+        side = image_size or handle.spec.input_size[-1]
+        batch_size = inference_batch(module, (3, side, side))
     results: list[list[TopK]] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -85,8 +92,8 @@ def predict_sources(
     """Predict for (name, path-or-bytes) pairs, one result per pair in the same order (names may
     repeat); unreadable ones get an error, the rest a top-k.
 
-    Images are decoded reduced to what the model needs (input_target) and a batch at a time, so
-    memory stays bounded however many files come. ``preview``: also keep a thumbnail of at most
+    Images are decoded reduced to what the model needs (input_target), ``batch_size`` files at a
+    time, and predicted in model-sized slices, so memory stays bounded however many files come. ``preview``: also keep a thumbnail of at most
     that many pixels a side in each result.
     """
     target = input_target(handle.spec)
@@ -105,7 +112,7 @@ def predict_sources(
                 result.preview = image.copy()
                 result.preview.thumbnail((preview, preview))
             good.append((result, image))
-        preds = predict_images(handle, [im for _, im in good], top_k=top_k, batch_size=batch_size)
+        preds = predict_images(handle, [im for _, im in good], top_k=top_k)  # model-sized slices
         for (result, _), topk in zip(good, preds):
             result.topk = topk
     return out

@@ -638,7 +638,7 @@ def main():
 
     generator = torch.Generator()
     train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **loader_kw)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_kw)
+    val_loader = DataLoader(val_set, shuffle=False, **dict(loader_kw, batch_size=MICRO_BATCH or BATCH_SIZE))
     optimizer = make_optimizer(param_groups(model))
     total_steps = EPOCHS * len(train_loader)
 

@@ -163,13 +163,14 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
 
     generator = torch.Generator()
     train_loader = DataLoader(train_src, shuffle=True, drop_last=False, generator=generator, **loader_kw)
-    val_loader = DataLoader(val_src, shuffle=False, **loader_kw)
     if len(train_loader) == 0:
         raise DataError("No training images after the split.")
     optimizer = make_optimizer(module, stages, plan, config, optimizer_state)
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = tuple(train_src.tensors[0].shape[1:]) if cached else (3, prep.image_size, prep.image_size)
     batches = _plan_batches(config, module, model, stages, plan, state, input_shape, device, channels_last, dtype)
+    # evaluation in the same slices: what fits a training step fits an inference pass
+    val_loader = DataLoader(val_src, shuffle=False, **dict(loader_kw, batch_size=batches.micro_batch))
     return EpochRunner(config, module, model, stages, plan, report, optimizer, train_loader, val_loader, generator,
                        device, dtype, scaler, channels_last, cached, batches)
 
