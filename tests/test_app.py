@@ -117,6 +117,12 @@ def test_training_page_runs_a_tiny_training_to_completion(isolated_dirs):
     by_label(at.number_input, "Image size").set_value(32)
     by_label(at.number_input, "Max images per class (0: all)").set_value(10)
     by_label(at.number_input, "Epochs").set_value(2)
+    by_label(at.text_input, "Memory budget").set_value("lots")
+    by_label(at.button, "Start training").click().run()  # refused beside the settings: nothing created
+    assert not at.exception and any("memory size 'lots'" in e.value for e in at.error)
+    assert not (isolated_dirs / "runs").is_dir() or not any((isolated_dirs / "runs").iterdir())
+    by_label(at.text_input, "Memory budget").set_value("2GB")
+    by_label(at.number_input, "Micro-batch (0: automatic)").set_value(4)
     by_label(at.button, "Start training").click().run()
     assert not at.exception
     run_id = at.session_state["selected_run"]
@@ -129,6 +135,7 @@ def test_training_page_runs_a_tiny_training_to_completion(isolated_dirs):
     at.run()
     assert not at.exception
     assert any("Finished" in s.value for s in at.success)
+    assert any("8 micro-batches of 4" in c.value for c in at.caption)  # batch 32, slices of 4: shown
     assert len(at.get("plotly_chart")) >= 3  # class balance + loss + accuracy (+ lr)
 
 

@@ -51,6 +51,8 @@ def _panel(run: RunDir) -> None:
         st.error(f"Diverged: {status.reason}")
     elif state == "damaged":
         st.error(f"Damaged: {status.reason}")
+    if status.batches:
+        st.caption(f"Memory: {status.batches}.")
     if metrics:
         _curves(metrics)
         last = metrics[-1]

@@ -7,6 +7,7 @@ import streamlit as st
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
+from engine.core.memory import detect_budget, format_size
 from engine.core.paths import data_root, resolve_data_path, runs_root
 from engine.data.archive import extract_upload
 from engine.freeze.plan import FreezePlan
@@ -81,6 +82,13 @@ augment = c5.toggle("Augment", False, help="random crops while training (helps l
 patience = c6.number_input("Early stop patience (0: off)", 0, 100, 0)
 per_class = c7.number_input("Max images per class (0: all)", 0, 1_000_000, 0)
 seed = c8.number_input("Seed", 0, 10_000, 0)
+c9, c10 = st.columns(2)
+detected = detect_budget(None)
+budget = c9.text_input("Memory budget", "", placeholder=f"auto: {format_size(detected.bytes)}",
+                       help=f"Peak memory the training may use, e.g. 1.5GB. Empty: {detected}. The batch is then "
+                            "computed in micro-batches that fit, and their gradients add up to the batch size.")
+micro = c10.number_input("Micro-batch (0: automatic)", 0, 1024, 0,
+                         help="Images per forward/backward pass; 0 picks the largest that fits the budget and is fast.")
 
 busy = active_runs(runs_root())
 device_free = device_lock("auto").is_free()
@@ -95,7 +103,8 @@ if st.button("Start training", type="primary", disabled=not can_start):
         config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
                              batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
                              augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
-                             seed=int(seed), split_seed=int(seed))
+                             seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
+                             micro_batch=int(micro) or None)
         ensure_device_free(config.device)
     except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
         show_error(exc, start_box)
