@@ -21,6 +21,7 @@ from torch import nn
 from engine.anatomy.stages import Stage, model_stages
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
+from engine.core.memory import inference_batch
 from engine.data.transforms import eval_transform, resize_target, train_transform
 from engine.models.factory import create_model
 from engine.models.registry import resolve
@@ -152,6 +153,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("FEATURE_CACHE", uses_feature_cache(plan, config)),
         ("CACHE_POINT", point),
         ("CACHE_DROPOUT", drop),
+        ("FEATURE_BATCH", inference_batch(handle.module, (3, size, size))),
         ("OPTIMIZER", config.optimizer),
         ("MOMENTUM", SGD_MOMENTUM),
         ("WEIGHT_DECAY", config.weight_decay),

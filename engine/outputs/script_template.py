@@ -88,6 +88,8 @@ BN_POLICY = 'freeze'
 FEATURE_CACHE = False
 CACHE_POINT = 'fc'
 CACHE_DROPOUT = 0.0
+# images per forward of the one pass that computes the features (sized to the model's largest layer)
+FEATURE_BATCH = 32
 OPTIMIZER = 'adamw'
 MOMENTUM = 0.9
 WEIGHT_DECAY = 0.01
@@ -630,8 +632,9 @@ def main():
 
     trained = model  # what the loop trains: the whole model, or only its head on cached features
     if FEATURE_CACHE:
-        train_set = TensorDataset(*compute_features(model, DataLoader(train_set, **loader_kw), device, channels_last))
-        val_set = TensorDataset(*compute_features(model, DataLoader(val_set, **loader_kw), device, channels_last))
+        once = dict(loader_kw, batch_size=FEATURE_BATCH)
+        train_set = TensorDataset(*compute_features(model, DataLoader(train_set, **once), device, channels_last))
+        val_set = TensorDataset(*compute_features(model, DataLoader(val_set, **once), device, channels_last))
         trained = HeadOnly(model.get_submodule(CACHE_POINT), CACHE_DROPOUT)
         loader_kw.update(num_workers=0, persistent_workers=False, pin_memory=False)
         channels_last = False

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from engine.anatomy.stages import model_stages
 from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
-from engine.core.memory import detect_budget
+from engine.core.memory import detect_budget, inference_batch
 from engine.data.datasets import TransformDataset, load_source, validate
 from engine.data.splits import split_indices
 from engine.data.transforms import eval_transform, train_transform
@@ -151,7 +151,8 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     train_src, val_src = prep.train_ds, prep.val_ds
     if cached:  # the frozen backbone runs once over the data; only the head trains, on its outputs
         point, drop = cache_point(handle, stages)
-        plain = dict(loader_kw, shuffle=False)
+        # one inference pass, in model-sized slices (core/memory.py)
+        plain = dict(loader_kw, shuffle=False, batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
         tr = compute_features(module, point, DataLoader(prep.train_ds, **plain), device, channels_last, stop)
         va = compute_features(module, point, DataLoader(prep.val_ds, **plain), device, channels_last, stop)
         if tr is None or va is None:
