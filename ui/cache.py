@@ -1,7 +1,7 @@
 """Cached engine calls: a rerun of a page never rebuilds a model or re-reads a dataset.
 
-Models are ``st.cache_resource`` (read-only, shared by every session, never trained in place);
-derived data is ``st.cache_data`` (small values keyed by their inputs).
+Models live in one size-bounded LRU (ui/model_cache.py; read-only, shared by every session, never
+trained in place); derived data is ``st.cache_data`` (small values keyed by their inputs).
 """
 from __future__ import annotations
 
@@ -10,13 +10,29 @@ from typing import Any
 
 import streamlit as st
 
+from ui.model_cache import SizedLRU, model_cache_bytes
 
-@st.cache_resource(max_entries=6, show_spinner="Loading model...")
+
+@st.cache_resource
+def shared_models() -> SizedLRU:
+    """The one model cache of this server process, bounded by size (ui/model_cache.py)."""
+    return SizedLRU(model_cache_bytes())
+
+
+def _cached(key: tuple, build, message: str):
+    models = shared_models()
+    if key in models:
+        return models.get(key, build)
+    with st.spinner(message):
+        return models.get(key, build)
+
+
 def load_model(name: str, weights: str, num_classes: int | None = None):
     """A read-only model shared by all sessions; training always builds its own copy."""
     from engine.models.factory import create_model
 
-    return create_model(name, weights=weights, num_classes=num_classes)
+    return _cached(("model", name, weights, num_classes),
+                   lambda: create_model(name, weights=weights, num_classes=num_classes), "Loading model...")
 
 
 @st.cache_data(show_spinner=False)
@@ -95,12 +111,11 @@ def dataset_sample(source: str, per_class: int = 12, seed: int = 0) -> tuple[lis
     return images, labels
 
 
-@st.cache_resource(max_entries=3, show_spinner="Loading the trained model...")
 def load_trained(run_path: str, mtime: float):
     """A run's best checkpoint; keyed by its mtime, so a newer best loads again."""
     from engine.runs.load import load_run_model
 
-    return load_run_model(run_path)
+    return _cached(("run", run_path, mtime), lambda: load_run_model(run_path), "Loading the trained model...")
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
