@@ -111,7 +111,7 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     print(f"{10 * per_class} photos at 224 px, efficientnet_lite0 (packaged ImageNet weights), batch 32, "
           f"memory budget {BUDGET}")
-    steps = "12" if args.quick else "25"
+    steps = "12" if args.quick else "40"
     plain = _job(PLAIN, str(data), steps, str(ROOT), "full")
     print(f"  plain torchvision loop, full fine-tune: {plain['img_s']:.1f} img/s, peak {plain['peak_mb']:.0f} MiB")
     full = _job(OURS, str(ROOT), str(data), str(runs), "full", BUDGET)

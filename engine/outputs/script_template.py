@@ -606,6 +606,7 @@ def main():
     random.seed(SEED)
     np.random.seed(SEED % 2**32)
     torch.manual_seed(SEED)
+    torch.set_flush_denormal(True)  # as the workbench trains: tiny gradients become 0, CPU steps ~5% faster
 
     class_names, labels, load = load_dataset(DATA)
     if class_names != CLASS_NAMES:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from engine.core.device import seed_everything
+from engine.core.device import flush_denormals, seed_everything
 from engine.core.memory import reuse_freed_memory
 from engine.runs.events import RunFinished, RunStarted, no_emit
 from engine.runs.recorder import RunRecorder
@@ -33,6 +33,7 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     """Train per ``config``; with ``run``, record everything there; ``resume`` continues its last commit."""
     started = time.perf_counter()
     reuse_freed_memory()  # faster steps and a lower peak in a training process (core/memory.py)
+    flush_denormals()  # faster CPU steps (core/device.py)
     sink: Emit = RunRecorder(run, emit) if run is not None else emit
     stop = should_stop or (run.cancel_requested if run is not None else (lambda: False))
     seed_everything(config.seed)
