@@ -23,6 +23,12 @@ def _leave() -> None:
 
 
 atexit.register(_leave)
+_nice = os.environ.pop("WORKBENCH_NICE", "")  # set for background work (runs/background.py)
+if _nice:
+    try:
+        os.nice(int(_nice))  # now, before torch starts its threads: they inherit it
+    except (ValueError, OSError, AttributeError):  # not a number, not allowed, or not POSIX
+        pass
 
 from engine.cli import main  # noqa: E402 - after the handler, so that it runs last
 

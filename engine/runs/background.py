@@ -21,14 +21,19 @@ def request_cancel(run: RunDir) -> None:
     run.cancel_path.write_text(str(time.time()))
 
 
+# Background work yields the CPU to the people clicking: on a shared 2-core server the app's page
+# reruns come first, a training takes what is left (engine/__main__.py applies it before any thread).
+BACKGROUND_NICE = 10
+
+
 def spawn_engine(args: list[str], log_path: Path) -> int:
-    """``python -m engine ARGS`` in its own process session; returns the pid.
+    """``python -m engine ARGS`` in its own process session, at lower CPU priority; returns the pid.
 
     Its own session: closing a browser tab or restarting a page never kills it; status and
     progress are read back from run directories.
     """
     project_root = PROJECT_ROOT
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "WORKBENCH_NICE": str(BACKGROUND_NICE), "PYTHONPATH": os.pathsep.join(
         [str(project_root), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
