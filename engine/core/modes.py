@@ -29,13 +29,19 @@ def model_lock(model: nn.Module) -> threading.RLock:
 
 
 @contextmanager
+def modes_restored(model: nn.Module) -> Iterator[nn.Module]:
+    """Whatever the block switches, each module regains its own train/eval flag afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """``model.eval()`` for the block under the model's lock; afterwards each module regains its mode."""
-    with model_lock(model):
-        modes = [(m, m.training) for m in model.modules()]
+    with model_lock(model), modes_restored(model):
         model.eval()
-        try:
-            yield model
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        yield model

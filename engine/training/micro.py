@@ -13,7 +13,7 @@ first step + gradients + optimizer state + slice x per-image, within a few perce
 
 BatchNorm, a stated choice: a layer in training mode normalises with the statistics of the slice it
 sees (as "ghost batch norm" does), not of the whole batch. Slices of 8 or more are within noise of
-the whole batch (tests/test_micro.py trains both at 224 px); frozen BN (``bn="frozen"``) is not
+the whole batch (tests/test_micro.py trains both at 224 px); frozen BN (bn policy "freeze") is not
 affected at all.
 
 When even one image does not fit, timm's gradient checkpointing (recompute activations in the
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from engine.core.errors import EngineError
 from engine.core.memory import MemoryBudget, current_rss, format_size
+from engine.core.modes import modes_restored
 from engine.freeze.plan import set_train_mode
 
 # On CPU a slice whose saved activations pass ~1 GB gets slower, not only bigger. Measured on 2 cores,
@@ -69,12 +69,6 @@ class BatchPlan:
             extra += f"; predicted peak {format_size(self.predicted_peak)} within a budget of {self.budget}"
         return how + extra
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "micro_batch": self.micro_batch,
-                "grad_checkpointing": self.grad_checkpointing, "per_image_bytes": self.per_image,
-                "predicted_peak_bytes": self.predicted_peak if self.per_image else None,
-                "budget": str(self.budget) if self.budget else None}
-
 
 def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
                           channels_last: bool = False, dtype: torch.dtype | None = None) -> int:
@@ -84,7 +78,6 @@ def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device
     random number generators are put back, so the probe leaves no trace on the run.
     """
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    modes = [(m, m.training) for m in model.modules()]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def count(n: int) -> int:
@@ -106,15 +99,14 @@ def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device
         return sum(seen.values())
 
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        with modes_restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.enable_grad():
             set_train_mode(model, True)
             two, four = count(2), count(4)  # not 1: BatchNorm refuses a batch of one in training
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-        for module, mode in modes:
-            module.training = mode
     return max(0, (four - two) // 2)
 
 
