@@ -363,6 +363,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from engine.runs.store import describe_run, list_runs
 
     check_runs_folder(args.out)
+    if args.action != "list" or args.target:
+        return _runs_bundle(args)
     rows = [describe_run(r).to_dict() for r in list_runs(args.out)]
     if args.json:
         _print_json(rows)
@@ -373,6 +375,40 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"{row['run_id']:<32} {row['state']:<12} {str(row['model']):<32} epochs {row['epochs']:<7} "
               f"best {acc}{note}")
     print(f"{len(rows)} runs in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _runs_bundle(args: argparse.Namespace) -> int:
+    """``runs export RUN -o FILE.zip`` / ``runs import FILE.zip``: a run as one file, for another machine."""
+    from pathlib import Path
+
+    from engine.runs.bundle import export_bundle_file, import_bundle
+
+    if args.action == "list" or not args.target:
+        raise EngineError("use `runs` to list, `runs export RUN -o FILE.zip` or `runs import FILE.zip`.")
+    if args.action == "import":
+        run = import_bundle(Path(args.target), args.out)
+        status = run.status()
+        if args.json:
+            _print_json({"run_id": run.run_id, "run_dir": str(run.path), "state": status.state,
+                         "imported_from": status.imported_from})
+        else:
+            print(run.run_id)
+            print(f"imported {Path(args.target).name} as run {run.run_id} in {args.out}", file=sys.stderr)
+        return 0
+    from engine.outputs.code import script_for_run
+    from engine.runs.store import open_run
+
+    run = open_run(args.out, args.target)
+    target = Path(args.output or f"{run.run_id}.zip")
+    manifest = export_bundle_file(run, target, script_for=script_for_run)
+    size = target.stat().st_size
+    if args.json:
+        _print_json({"run_id": run.run_id, "path": str(target), "bytes": size, "files": sorted(manifest["files"])})
+    else:
+        print(target)
+        print(f"wrote {target.name} ({size / 1e6:.1f} MB): run {run.run_id}, import it with "
+              f"`python -m engine runs import {target.name}`", file=sys.stderr)
     return 0
 
 
@@ -519,7 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("runs", help="list the runs in a runs folder (damaged ones say why)")
+    p = sub.add_parser("runs", help="list the runs in a runs folder (damaged ones say why); export or import "
+                                    "one as a bundle (.zip)")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "export", "import"],
+                   help="list (default) | export RUN -o FILE.zip | import FILE.zip")
+    p.add_argument("target", nargs="?", help="export: run id or folder; import: the bundle (.zip)")
+    p.add_argument("-o", "--output", help="export: the bundle to write (default: RUN_ID.zip)")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)

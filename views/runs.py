@@ -1,4 +1,8 @@
-"""Runs: every training on this machine; overlay, export, the code behind it, delete."""
+"""Runs: every training on this machine; overlay, export, the code behind it, delete; bundles in and out.
+
+A run bundle (engine/runs/bundle.py) is how a run outlives a server whose disk is wiped on restart
+(Streamlit Community Cloud): download it here, upload it again on the next server.
+"""
 from __future__ import annotations
 
 import pandas as pd
@@ -8,12 +12,59 @@ import streamlit as st
 from engine.config import TrainConfig
 from engine.core.errors import EngineError, RunError
 from engine.core.paths import runs_root
-from engine.outputs.code import generate_script
+from engine.outputs.code import generate_script, script_for_run
 from engine.outputs.export import export_to_bytes, weights_bundle
-from engine.runs.store import delete_run, describe_run, list_runs, open_run
+from engine.runs.bundle import export_bundle, import_bundle
+from engine.runs.store import RunDir, delete_run, describe_run, list_runs, open_run
 from ui.cache import load_trained
-from ui.errors import show_error
+from ui.errors import public_message, show_error
 from ui.state import SELECTED_RUN
+
+IMPORTED = "runs_imported_bundle"  # the last uploaded bundle: (upload token, run id or None, message)
+
+
+def _import_section() -> None:
+    """A bundle from another machine (or from before this server's disk was wiped) becomes a run here.
+
+    Imported once per upload: a rerun of the page shows the outcome again instead of redoing it.
+    """
+    upload = st.file_uploader("Import a run bundle", type=["zip"], key="run_bundle_upload",
+                              help="A .zip made with 'Run bundle (.zip)' (Export tab) or "
+                                   "`python -m engine runs export`.")
+    if upload is None:
+        return
+    token = f"{getattr(upload, 'file_id', '')}:{upload.name}:{upload.size}"
+    last = st.session_state.get(IMPORTED)
+    if last and last[0] == token:
+        if last[2]:
+            (st.success if last[1] else st.error)(last[2])
+        return
+    run_id, message = None, None
+    try:
+        with st.spinner("Checking the bundle..."):
+            run = import_bundle(upload.getvalue(), runs_root(), display_name=upload.name)
+    except EngineError as exc:
+        message = public_message(str(exc))
+        show_error(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug: an error id here, the trace in the server log
+        show_error(exc)
+    else:
+        run_id, message = run.run_id, f"{upload.name}: imported as run {run.run_id} (selected below)."
+        st.session_state[SELECTED_RUN] = run_id
+        st.success(message)
+    st.session_state[IMPORTED] = (token, run_id, message)
+
+
+def _bundle_download(run: RunDir) -> None:
+    """Built when clicked (not on every rerun): the weights file can be hundreds of MB."""
+    if run.status().active:
+        st.caption("The run bundle can be downloaded once the run has ended.")
+        return
+    st.download_button("Run bundle (.zip)", lambda: export_bundle(run, script_for=script_for_run),
+                       file_name=f"{run.run_id}-bundle.zip", mime="application/zip", on_click="ignore")
+    st.caption("The whole run in one file, to keep it past a server restart or move it to another machine: "
+               "config, curves, best weights with their classes, the reproduce script. Import it at the top of "
+               "this page or with `python -m engine runs import`.")
 
 
 def _export_and_code(run, tab_export, tab_code) -> None:
@@ -23,6 +74,7 @@ def _export_and_code(run, tab_export, tab_code) -> None:
         if not best.is_file():
             st.info("This run has no checkpoint yet.")
         else:
+            _bundle_download(run)
             handle = load_trained(str(run.path), best.stat().st_mtime)
             st.download_button("Best weights + JSON (zip: model.safetensors, model.json)",
                                weights_bundle(handle, {"run_id": run.run_id}), file_name=f"{run.run_id}.zip")
@@ -51,6 +103,7 @@ def _export_and_code(run, tab_export, tab_code) -> None:
 
 
 st.title("Runs")
+_import_section()
 runs = list_runs(runs_root())
 if not runs:
     st.info("No runs yet: train one on the Training or Compare page.")
@@ -73,6 +126,9 @@ selected = st.session_state.get(SELECTED_RUN)
 pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0)
 st.session_state[SELECTED_RUN] = pick
 run = open_run(runs_root(), pick)
+origin = run.status().imported_from
+if origin:
+    st.caption(f"Imported from {origin.get('bundle', 'a bundle')} (run {origin.get('run_id', '?')} there).")
 problems = run.problems()
 if problems:
     st.error(f"Run {run.run_id} is damaged: {'; '.join(problems)}. It cannot be exported or reproduced; "

@@ -53,6 +53,8 @@ class RunStatus:
     created_at: float | None = None
     updated_at: float | None = None
     finished_at: float | None = None
+    # a run that came in as a bundle (engine/runs/bundle.py): file name, original id, when exported/imported
+    imported_from: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -78,6 +80,8 @@ class RunStatus:
                 value = [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
             elif f.name == "state":
                 value = value if value in STATES else "unknown"
+            elif f.name == "imported_from":
+                value = _origin(value)
             elif not _fits(value, f.type):
                 value = default
             values[f.name] = value
@@ -85,6 +89,14 @@ class RunStatus:
 
 
 FIELDS = frozenset(f.name for f in fields(RunStatus))
+
+
+def _origin(value: Any) -> dict[str, Any] | None:
+    """Where an imported run came from: plain text and number values only, anything else dropped."""
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(k, str) and (v is None or isinstance(v, (str, int, float)))
+            and not isinstance(v, bool)}
 
 
 def _progress(value: Any) -> Progress | None:
