@@ -195,7 +195,6 @@ def _refuse_if_active(run) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from engine.runs.background import start_background
-    from engine.runs.locks import ensure_device_free
     from engine.runs.store import create_run, extend_run, open_run
     from engine.training.run import train_run
 
@@ -223,12 +222,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _config_from_args(args)  # every setting validated before anything is on disk
         if not args.background:
             lock = _take_device_lock(config.device)  # a busy device refuses before a run folder exists
-        else:
-            ensure_device_free(config.device)
         run = create_run(args.out, config.to_dict(), owner=None if args.background else os.getpid())
     if args.background:
+        from engine.runs.locks import device_lock
+
+        queued = not device_lock(run.config().get("device", "auto")).is_free()
         pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
-        _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid}) if args.json else print(run.path)
+        if args.json:
+            _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid, "queued": queued})
+        else:
+            print(run.path)
+            if queued:
+                print("queued: another training is using the device; this one starts when it is free "
+                      "(python -m engine runs shows its place in line)", file=sys.stderr)
         return 0
     started: list[bool] = []
     printer = _progress_printer(sys.stderr.isatty() and not args.json)
@@ -241,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         printer(event)
 
     try:
-        result = train_run(run, resume=resume, emit=emit, lock=lock)
+        result = train_run(run, resume=resume, emit=emit, lock=lock, wait=bool(args.run_dir))
     except EngineError:
         if not (args.run_dir or args.resume) and not started:
             import shutil
@@ -266,8 +272,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _take_device_lock(device: str):
+    """The device, now, for a training in the foreground: refused when busy or when others wait in
+    line for it (``--background`` joins the line instead)."""
+    from engine.core.errors import RunError
     from engine.runs.locks import device_lock
+    from engine.runs.queue import device_queue
 
+    waiting = len(device_queue(device).line())
+    if waiting:
+        raise RunError(f"{waiting} training{'s wait' if waiting > 1 else ' waits'} in line for this device; "
+                       "add --background to join the queue.")
     lock = device_lock(device, holder="a training started from the command line")
     lock.acquire()
     return lock
@@ -321,7 +335,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         state = run.status().state
         if state == "finished":
             continue
-        train_run(run, resume=run.checkpoint("last").is_file(),
+        train_run(run, resume=run.checkpoint("last").is_file(), wait=bool(args.group),
                   emit=_progress_printer(sys.stderr.isatty() and not args.json))
         if run.status().state == "cancelled":
             break
@@ -371,7 +385,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         acc = f"{row['best_val_acc']:.4f}" if isinstance(row["best_val_acc"], (int, float)) else "-"
-        note = f"  ({row['reason']})" if row["state"] in ("damaged", "failed", "interrupted", "diverged") else ""
+        note = f"  ({row['reason']})" if row["reason"] and row["state"] not in ("running", "finished") else ""
         print(f"{row['run_id']:<32} {row['state']:<12} {str(row['model']):<32} epochs {row['epochs']:<7} "
               f"best {acc}{note}")
     print(f"{len(rows)} runs in {args.out}", file=sys.stderr)

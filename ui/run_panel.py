@@ -35,7 +35,11 @@ def _panel(run: RunDir) -> None:
     progress = status.progress
     config = read_json(run.config_path, {})
     epochs = int(status.epochs or (config.get("epochs") if isinstance(config, dict) else 1) or 1)
-    if status.active:
+    if state == "queued" and status.queue_position:
+        st.info(f"Queued: {status.reason}. It starts by itself when the device is free.")
+        if st.button("Cancel (leave the queue)", key=f"cancel-{run.run_id}"):
+            request_cancel(run)
+    elif status.active:
         st.progress(progress.fraction(epochs) if progress else 0.0,
                     text=f"{state}: {progress.describe(epochs)}" if progress else f"{state}: preparing data and model...")
         if st.button("Cancel training", key=f"cancel-{run.run_id}"):

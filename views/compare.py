@@ -44,10 +44,13 @@ def launch(base, plans: dict[str, FreezePlan]) -> None:
 
 
 busy = active_runs(runs_root())
+if busy:
+    st.info(f"{len(busy)} training{'s are' if len(busy) > 1 else ' is'} running or waiting on this machine: a comparison "
+            "you start now joins the queue and starts by itself when the device is free.")
 
 left, right = st.columns(2)
 with left:
-    if st.button("Run the default demo (digits, 96 px, 2 epochs each)", type="primary", disabled=bool(busy)):
+    if st.button("Run the default demo (digits, 96 px, 2 epochs each)", type="primary"):
         name, weights, _ = active()
         base = demo_config()
         launch(replace(base, model=name, weights=weights), demo_plans())
@@ -59,7 +62,7 @@ with right:
         choices = st.multiselect("Strategies", ["feature extraction", "full fine-tune", "last 2 stages",
                                                 "my plan (Freeze Configurator)"],
                                  default=["feature extraction", "full fine-tune"])
-        if st.button("Start comparison", disabled=bool(busy) or len(choices) < 2):
+        if st.button("Start comparison", disabled=len(choices) < 2):
             presets = {**demo_plans(), "last 2 stages": FreezePlan.last(2, head_lr=2e-3, backbone_lr_ratio=1.0),
                        "my plan (Freeze Configurator)": FreezePlan.from_dict(st.session_state[PLAN])}
             name, weights, _ = active()

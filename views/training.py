@@ -12,7 +12,8 @@ from engine.core.paths import data_root, resolve_data_path, runs_root
 from engine.data.archive import extract_upload
 from engine.freeze.plan import FreezePlan
 from engine.runs.background import start_background
-from engine.runs.locks import device_lock, ensure_device_free
+from engine.runs.locks import device_lock
+from engine.runs.queue import device_queue
 from engine.runs.store import active_runs, create_run, describe_run, extend_run, list_runs, open_run
 from ui.cache import dataset_overview
 from ui.errors import show_error
@@ -92,11 +93,14 @@ micro = c10.number_input("Micro-batch (0: automatic)", 0, 1024, 0,
 
 busy = active_runs(runs_root())
 device_free = device_lock("auto").is_free()
-if busy:
-    st.info(f"Run {busy[0].run_id} is training; one training runs at a time on this machine.")
-elif not device_free:
-    st.info("Another training is using this machine's device; wait for it to finish.")
-can_start = bool(overview) and not overview["problems"] and not busy and device_free
+waiting = len(device_queue("auto").line())
+if busy or not device_free:
+    running = [r for r in busy if r.status().state == "running"]
+    who = f"Run {running[0].run_id} is training" if running else "Another training is using this machine's device"
+    line = f"; {waiting} more wait{'s' if waiting == 1 else ''} in line" if waiting else ""
+    st.info(f"{who}{line}. One training runs at a time on this machine: a run you start now waits in the "
+            f"queue (number {waiting + 1}) and starts by itself when the device is free.")
+can_start = bool(overview) and not overview["problems"]
 start_box = st.container()
 if st.button("Start training", type="primary", disabled=not can_start):
     try:
@@ -105,7 +109,6 @@ if st.button("Start training", type="primary", disabled=not can_start):
                              augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
                              seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
                              micro_batch=int(micro) or None)
-        ensure_device_free(config.device)
     except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
         show_error(exc, start_box)
     else:
@@ -129,7 +132,7 @@ if runs:
     if state in ("cancelled", "interrupted", "failed", "finished", "diverged") and run.train_state_path.is_file():
         more = st.number_input("Train until epoch", 1, 1000, max(len(run.metrics()) + 1, 1))
         resume_box = st.container()
-        if st.button("Resume", disabled=bool(busy) or not device_free):
+        if st.button("Resume"):
             try:
                 TrainConfig.from_dict({**run.config(), "epochs": int(more)})
                 extend_run(run, int(more))

@@ -44,8 +44,12 @@ def spawn_engine(args: list[str], log_path: Path) -> int:
 
 
 def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
-    """Train ``run`` in its own process (``python -m engine train --run-dir``); returns the pid."""
-    run.write_status(state="queued", pid=None, reason="")  # recorded before the process exists
+    """Train ``run`` in its own process (``python -m engine train --run-dir``); returns the pid.
+
+    When the device is busy the process waits in the machine's queue (its status says where).
+    """
+    run.cancel_path.unlink(missing_ok=True)  # a cancel left from an earlier attempt is not for this one
+    run.write_status(state="queued", pid=None, reason="", queue_position=None)  # recorded before the process exists
     pid = spawn_engine(["train", "--run-dir", str(run.path), *(extra_args or [])], run.log_path)
     run.write_status(pid=pid, pid_start=process_start(pid))
     return pid
@@ -55,7 +59,8 @@ def start_group_background(runs: list[RunDir], runs_root: str | Path) -> int:
     """Train a comparison's runs one after another in one background process."""
     group = runs[0].config()["group"]
     for run in runs:
-        run.write_status(state="queued", pid=None, reason="")  # recorded before the process exists
+        run.cancel_path.unlink(missing_ok=True)
+        run.write_status(state="queued", pid=None, reason="", queue_position=None)  # recorded before the process exists
     pid = spawn_engine(["compare", "--group", group, "--out", str(runs_root)], runs[0].log_path)
     for run in runs:
         run.write_status(pid=pid, pid_start=process_start(pid))

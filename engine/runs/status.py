@@ -45,6 +45,7 @@ class RunStatus:
     pid_start: str | None = None
     heartbeat: float | None = None
     progress: Progress | None = None
+    queue_position: int | None = None  # while queued behind another training: 1 is next
     val_acc: float | None = None
     val_loss: float | None = None
     best_epoch: int | None = None

@@ -11,32 +11,43 @@ from engine.core.errors import EngineError
 from engine.runs.events import no_emit
 from engine.runs.locks import DeviceLock, device_lock
 from engine.runs.process import Heartbeat
+from engine.runs.queue import CancelledInQueue, device_queue, wait_for_device
 from engine.runs.store import sweep_temps
 from engine.training.checkpoint import disk_error
-from engine.training.loop import fit
+from engine.training.loop import RunResult, fit
 
 if TYPE_CHECKING:
     from engine.runs.events import Emit
     from engine.runs.store import RunDir
-    from engine.training.loop import RunResult
 
 
 def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
-              lock: DeviceLock | None = None) -> RunResult:
+              lock: DeviceLock | None = None, wait: bool = False) -> RunResult:
     """Train a run directory under the machine's device lock, recording how it ended in its status.
 
     ``lock``: one the caller already holds (the CLI takes it before creating a run folder, so a
-    refused start leaves nothing on disk). Ctrl-C and SIGTERM end the run as "cancelled".
+    refused start leaves nothing on disk). ``wait``: when the device is busy, wait in the machine's
+    queue (status "queued" with its position) instead of being refused; a cancel while waiting
+    ends the run as "cancelled" with nothing trained. Ctrl-C and SIGTERM end the run as "cancelled".
     """
     config = TrainConfig.from_dict(run.config())
     held = lock or device_lock(config.device, holder=f"run {run.run_id}")
-    if lock is None:
+    if lock is None and wait:
+        try:
+            _wait_in_line(run, held, config.device)
+        except CancelledInQueue as exc:
+            _final_status(run, state="cancelled", reason=str(exc), queue_position=None)
+            run.cancel_path.unlink(missing_ok=True)
+            return RunResult(status="cancelled", reason=str(exc), run_dir=str(run.path), best_epoch=None,
+                             best_val_acc=None, epochs_done=len(run.metrics()), seconds=0.0,
+                             history=run.metrics(), feature_cache=False)
+    elif lock is None:
         held.acquire()  # refused: raises before anything is written
     try:
         run.cancel_path.unlink(missing_ok=True)
         sweep_temps(run)
         with _sigterm_as_interrupt(), Heartbeat(run.write_status):
-            run.write_status(state="running", reason="")
+            run.write_status(state="running", reason="", queue_position=None)
             return fit(config, run, resume=resume, emit=emit)
     except KeyboardInterrupt:
         _final_status(run, state="cancelled", reason="stopped by Ctrl-C or a termination signal")
@@ -53,6 +64,15 @@ def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
         raise
     finally:
         held.release()
+
+
+def _wait_in_line(run: RunDir, lock: DeviceLock, device: str) -> None:
+    """Queue for the device, saying the position in the run's status (with a heartbeat)."""
+    def report(position: int, ahead: str) -> None:
+        run.write_status(state="queued", queue_position=position, heartbeat=time.time(),
+                         reason=f"number {position} in line for the device, behind {ahead}")
+
+    wait_for_device(lock, device_queue(device), str(run.path), cancelled=run.cancel_requested, report=report)
 
 
 def _final_status(run: RunDir, **fields: Any) -> None:

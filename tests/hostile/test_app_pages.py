@@ -105,13 +105,14 @@ def test_training_page_with_damaged_runs_still_renders(runs_dir):
     assert any(b.label == "Start training" for b in at.button)
 
 
-def test_training_page_says_when_the_device_is_busy(runs_dir):
+def test_training_page_says_when_the_device_is_busy_and_that_a_start_joins_the_queue(runs_dir):
     with DeviceLock(None, "cpu", holder="another user's run"):
         at = _page("training.py")
         at.run()
         text = _assert_clean(at, runs_dir)
     assert "Another training is using this machine's device" in text
-    assert next(b for b in at.button if b.label == "Start training").disabled
+    assert "waits in the queue (number 1)" in text
+    assert not next(b for b in at.button if b.label == "Start training").disabled
 
 
 @pytest.mark.parametrize("bad_state", [{"freeze_plan": "garbage"}, {"active_num_classes": "ten"}],

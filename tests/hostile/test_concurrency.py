@@ -54,10 +54,47 @@ def test_two_runs_folders_cannot_train_on_one_device_at_once(tmp_path, training)
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 
-def test_background_start_on_a_busy_device_is_refused_without_a_run_folder(tmp_path, training):
-    second = engine("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path / "b"), "--background")
-    second.assert_one_line_error("Another training is using this device")
-    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+def _until(check, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"never: {what}")
+
+
+def test_background_starts_on_a_busy_device_wait_in_line_in_order_and_a_queued_one_can_be_cancelled(
+        tmp_path, training):
+    """Not refused: a second and third request queue (positions 1 and 2); a foreground start cannot jump the
+    line; cancelling the first moves the second up; when the device frees, the second trains by itself."""
+    from engine.runs.background import request_cancel, wait_for
+
+    proc, _busy = training
+    queued = []
+    for _ in range(2):
+        started = engine("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path / "b"), "--background", "--json")
+        assert started.rc == 0, started.err[-1500:]
+        assert json.loads(started.out)["queued"] is True
+        queued.append(open_run(tmp_path / "b", json.loads(started.out)["run_id"]))
+    first, second = queued
+    _until(lambda: (first.status().queue_position, second.status().queue_position) == (1, 2), "positions 1 and 2")
+    assert first.status().state == second.status().state == "queued"
+    assert "number 2 in line for the device, behind" in second.status().reason
+
+    jumper = engine("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path / "c"))
+    jumper.assert_one_line_error("2 trainings wait in line for this device")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+    request_cancel(first)
+    _until(lambda: first.status().state == "cancelled", "the queued run cancelled", timeout=30)
+    assert "waiting in the queue" in first.status().reason and not first.metrics()
+    _until(lambda: second.status().queue_position == 1, "the second moved up", timeout=30)
+
+    proc.kill()  # the device is freed (a crash releases it like a normal end)
+    proc.wait()
+    final = wait_for(second, timeout_s=240)
+    assert final.state == "finished", final
+    assert [m["epoch"] for m in second.metrics()] == [1] and final.queue_position is None
 
 
 def test_resuming_a_running_run_is_refused_and_changes_nothing(tmp_path, training):
