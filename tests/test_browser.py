@@ -4,104 +4,25 @@ Screenshots go to test-artifacts/. Skipped, with the reason, only when no Chromi
 """
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.browser_support import (  # noqa: F401 (fixtures and helpers, also imported from here by others)
+    ARTIFACTS,
+    CHROMIUM,
+    FLAGS,
+    NO_CHROMIUM,
+    _free_port,
+    _no_exception,
+    _tiny_run,
+    _wait_ready,
+    browser_page,
+    served_app,
+)
 
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
-                             shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).exists()), None)
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (apt-get install chromium) on this machine"),
+    pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM),
 ]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_run(root: Path) -> None:
-    """One finished run (tiny model, LFW faces) so Evaluate and Runs have something to show."""
-    from engine.config import TrainConfig
-    from engine.freeze.plan import FreezePlan
-    from engine.runs.store import create_run
-    from engine.training.loop import fit
-
-    config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
-                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
-    fit(config, create_run(root, config.to_dict()))
-
-
-@pytest.fixture(scope="module")
-def served_app(tmp_path_factory):
-    port = _free_port()
-    tmp = tmp_path_factory.mktemp("served")
-    env = {**os.environ, "WORKBENCH_RUNS": str(tmp / "runs"), "WORKBENCH_DATA": str(tmp / "data")}
-    _tiny_run(tmp / "runs")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-
-
-@pytest.fixture(scope="module")
-def browser_page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        yield page
-        browser.close()
-
-
-def _wait_ready(page) -> None:
-    """Until the script run that the navigation started has finished and nothing is a skeleton."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    page.wait_for_selector("[data-testid='stApp']", timeout=60_000)
-    try:
-        page.wait_for_selector("[data-testid='stStatusWidget']", timeout=5_000)
-    except PlaywrightTimeout:
-        pass  # the run was already over
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " && !document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=180_000)
-    page.wait_for_timeout(300)
-
-
-def _no_exception(page) -> None:
-    assert page.locator("[data-testid='stException']").count() == 0, page.inner_text("body")[:2000]
 
 
 def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat_photo):

@@ -1,0 +1,173 @@
+"""What the real-browser tests share: the system Chromium, a served app, a page, and waits on reruns.
+
+The app is the real one (`streamlit run streamlit_app.py` on a free port, its own runs and data
+folders); the browser is Debian's Chromium driven by playwright, never a downloaded one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
+                             shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).exists()), None)
+NO_CHROMIUM = "no system Chromium (apt-get install chromium) on this machine"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_run(root: Path) -> None:
+    """One finished run (tiny model, LFW faces) so Evaluate and Runs have something to show."""
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
+
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
+                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
+    fit(config, create_run(root, config.to_dict()))
+
+
+@dataclass
+class ServedApp:
+    url: str
+    proc: subprocess.Popen
+    runs: Path  # WORKBENCH_RUNS of the served app
+    log: Path  # its stdout and stderr (a file, so a chatty server never blocks on a full pipe)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def start_app(tmp: Path, env: dict[str, str] | None = None) -> ServedApp:
+    """`streamlit run streamlit_app.py` on a free port, runs and data under ``tmp``; returns once healthy."""
+    port = _free_port()
+    runs, log = tmp / "runs", tmp / "streamlit.log"
+    env = {**os.environ, "WORKBENCH_RUNS": str(runs), "WORKBENCH_DATA": str(tmp / "data"), **(env or {})}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    app = ServedApp(f"http://127.0.0.1:{port}", proc, runs, log)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if urllib.request.urlopen(f"{app.url}/_stcore/health", timeout=2).read() == b"ok":
+                return app
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    proc.wait(timeout=20)
+    pytest.fail("streamlit did not start: " + app.log_tail())
+
+
+def stop_app(app: ServedApp) -> None:
+    """End the app, then any training it started that still runs (they live in their own sessions)."""
+    app.proc.terminate()
+    try:
+        app.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        app.proc.kill()
+        app.proc.wait(timeout=20)
+    end_trainings(app.runs)
+
+
+def _training_process(run: Path):
+    """The live process training ``run`` (its status names it; its command line must name the run), or None."""
+    import json
+
+    import psutil
+
+    try:
+        pid = json.loads((run / "status.json").read_text()).get("pid")
+        proc = psutil.Process(pid) if isinstance(pid, int) else None
+        return proc if proc and str(run) in " ".join(proc.cmdline()) else None
+    except (OSError, ValueError, psutil.Error):
+        return None
+
+
+def end_trainings(runs: Path, grace_s: float = 20) -> None:
+    """Cancel every training still running under ``runs`` (the cancel file, then SIGTERM, then SIGKILL)."""
+    import psutil
+
+    from engine.runs.background import request_cancel
+    from engine.runs.store import RunDir
+
+    live = {run: proc for run in (runs.iterdir() if runs.is_dir() else []) if (proc := _training_process(run))}
+    for run in live:
+        request_cancel(RunDir(run))
+    gone, alive = psutil.wait_procs(list(live.values()), timeout=grace_s)
+    for proc in alive:
+        proc.terminate()
+    gone, alive = psutil.wait_procs(alive, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    """The app's URL, with one finished tiny run in its runs folder."""
+    tmp = tmp_path_factory.mktemp("served")
+    _tiny_run(tmp / "runs")
+    app = start_app(tmp)
+    yield app.url
+    stop_app(app)
+
+
+def launch_browser(pw):
+    return pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+
+
+@pytest.fixture(scope="module")
+def browser_page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = launch_browser(pw)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield page
+        browser.close()
+
+
+IDLE = ("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " && !document.querySelector('[data-testid=\"stSkeleton\"]')")
+
+
+def _wait_ready(page) -> None:
+    """Until the script run that the navigation started has finished and nothing is a skeleton."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.wait_for_selector("[data-testid='stApp']", timeout=60_000)
+    try:
+        page.wait_for_selector("[data-testid='stStatusWidget']", timeout=5_000)
+    except PlaywrightTimeout:
+        pass  # the run was already over
+    page.wait_for_function(IDLE, timeout=180_000)
+    page.wait_for_timeout(300)
+
+
+def _no_exception(page) -> None:
+    assert page.locator("[data-testid='stException']").count() == 0, page.inner_text("body")[:2000]
