@@ -6,6 +6,7 @@ import streamlit as st
 
 from ui.errors import report_unexpected
 from ui.state import init_state
+from ui.threads import set_app_threads
 from ui.widgets import render_sidebar
 
 st.set_page_config(page_title="Transfer-learning workbench", page_icon=":material/neurology:", layout="wide")
@@ -22,6 +23,7 @@ PAGES = [
 ]
 
 init_state()
+set_app_threads()  # one thread while a training holds the CPU: see ui/threads.py
 navigation = st.navigation(PAGES)
 try:
     render_sidebar()

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from engine.core.errors import RunError
+
+
+ACQUIRE_TRIES = 3  # over ~40 ms, so a probe of the lock never refuses a real start
 
 
 class DeviceLock:
@@ -24,14 +28,19 @@ class DeviceLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            fh.seek(0)
-            holder = fh.read().strip()
-            fh.close()
-            raise RunError(f"Another training is using this device ({holder or 'unknown run'}); "
-                           "wait for it or cancel it.") from exc
+        for attempt in range(ACQUIRE_TRIES):
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as exc:
+                if attempt + 1 < ACQUIRE_TRIES:
+                    time.sleep(0.02)  # a probe (is_free, busy) holds it for microseconds: look again
+                    continue
+                fh.seek(0)
+                holder = fh.read().strip()
+                fh.close()
+                raise RunError(f"Another training is using this device ({holder or 'unknown run'}); "
+                               "wait for it or cancel it.") from exc
         fh.seek(0)
         fh.truncate()
         fh.write(f"{self.holder + ', ' if self.holder else ''}pid {os.getpid()}")
@@ -39,13 +48,22 @@ class DeviceLock:
         self._fh = fh
 
     def is_free(self) -> bool:
-        """A probe: could a training start now? (Takes and drops the lock at once.)"""
+        """Could a training start now?"""
+        return not self.busy()
+
+    def busy(self) -> bool:
+        """Is a training holding it now? A shared-lock probe that writes nothing (the app asks at
+        every rerun)."""
         try:
-            self.acquire()
-        except RunError:
+            with open(self.path) as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                return False
+        except OSError:  # never taken on this machine
             return False
-        self.release()
-        return True
 
     def release(self) -> None:
         if self._fh is not None:
