@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from engine.core.errors import EngineError
+from engine.core.errors import EngineError, RunError
 from engine.core.paths import runs_root
 from engine.models.registry import DEFAULT_MODEL
 
@@ -165,7 +165,7 @@ def _config_from_args(args: argparse.Namespace):
 
     plan = FreezePlan.parse(args.strategy, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
                             bn_policy=args.bn, unfreeze_schedule=_schedule(args.unfreeze))
-    return TrainConfig(
+    config = TrainConfig(
         model=args.model, weights=args.weights, data=args.data, plan=plan.to_dict(), epochs=args.epochs,
         batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, split_seed=args.seed,
         val_fraction=args.val_fraction, max_per_class=args.max_per_class, augment=args.augment,
@@ -173,6 +173,8 @@ def _config_from_args(args: argparse.Namespace):
         monitor=args.monitor, num_workers=args.workers, memory_budget=args.memory_budget,
         micro_batch=args.micro_batch,
     )
+    config.check_hosted()  # on a shared server: refused before anything is on disk
+    return config
 
 
 def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
@@ -185,7 +187,6 @@ def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:
 
 
 def _refuse_if_active(run) -> None:
-    from engine.core.errors import RunError
     from engine.runs.status import ACTIVE_STATES
 
     status = run.status()
@@ -210,10 +211,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise EngineError("--resume needs a run id or a run folder (python -m engine runs lists them).")
         run = open_run(args.out, args.resume)
         _refuse_if_active(run)  # before touching its config
+        if not run.train_state_path.is_file() and (run.metrics() or run.status().imported_from):
+            raise RunError(f"run {run.run_id} has no training state to resume from"
+                           + (" (a run bundle carries its best weights, not the optimizer state)"
+                              if run.status().imported_from else "")
+                           + "; start a new run with its settings instead.")
         if args.epochs_given:
             from engine.config import TrainConfig
 
-            TrainConfig.from_dict({**run.config(), "epochs": args.epochs})  # validated before it is written
+            TrainConfig.from_dict({**run.config(), "epochs": args.epochs}).check_hosted()  # before it is written
             if not args.background:
                 lock = _take_device_lock(run.config().get("device", "auto"))
             extend_run(run, args.epochs)
@@ -274,7 +280,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _take_device_lock(device: str):
     """The device, now, for a training in the foreground: refused when busy or when others wait in
     line for it (``--background`` joins the line instead)."""
-    from engine.core.errors import RunError
     from engine.runs.locks import device_lock
     from engine.runs.queue import device_queue
 

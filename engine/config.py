@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.anatomy.tree import refused_input_size
 from engine.core.errors import EngineError
+from engine.core.hosting import HostedLimits, hosted_limits
 from engine.core.memory import parse_size
 from engine.core.modes import evaluating
 from engine.freeze.plan import FreezePlan
@@ -179,6 +180,23 @@ class TrainConfig:
         for epoch, _n in plan.unfreeze_schedule:
             if epoch < 1:
                 raise ConfigError("unfreeze", f"unfreeze epochs start at 1 (got {epoch}).")
+
+    def check_hosted(self, limits: HostedLimits | None = None, image_size: int | None = None) -> None:
+        """The caps of a shared server (engine.core.hosting), checked when a training starts, never
+        when a config is read back: a run trained elsewhere and imported stays usable.
+
+        ``image_size``: the size the run will use when the config leaves it to the model.
+        """
+        limits = limits or hosted_limits()
+        if limits is None:
+            return
+        why = "this app runs on a shared server (hosted mode), where"
+        if self.epochs > limits.epochs:
+            raise ConfigError("epochs", f"{why} a run trains at most {limits.epochs} epochs (got {self.epochs}).")
+        size = self.image_size or image_size
+        if size and size > limits.image_size:
+            raise ConfigError("image_size", f"{why} images are at most {limits.image_size} px (got {size}); "
+                                            f"set the image size to {limits.image_size} or less.")
 
     def validate_for_model(self, module: nn.Module, stages: list[Stage], image_size: int) -> None:
         """The checks that need the model: its stages and the input sizes it accepts."""

@@ -117,6 +117,16 @@ def test_round_trip_evaluates_and_predicts_the_same(trained, bundle, tmp_path, c
     assert _probs(run, cat_photo) == _probs(trained, cat_photo)
 
 
+def test_an_imported_run_is_not_resumed_from_scratch(trained, bundle, tmp_path):
+    """A bundle has no optimizer state: resuming would silently retrain and overwrite its best weights."""
+    other = tmp_path / "other-machine"
+    run = import_bundle(bundle, other, display_name="tiny.zip")
+    best = _sha(run.checkpoint("best"))
+    ran = engine("train", "--resume", run.run_id, "--epochs", "2", "--out", str(other))
+    ran.assert_one_line_error("no training state to resume from (a run bundle carries its best weights")
+    assert _sha(run.checkpoint("best")) == best and run.config()["epochs"] == 1 and run.status().state == "finished"
+
+
 def test_reimporting_the_same_bundle_returns_the_same_run(trained, bundle, tmp_path):
     first = import_bundle(bundle, tmp_path / "runs")
     stamp = first.status_path.stat().st_mtime_ns

@@ -108,7 +108,7 @@ def test_cgroup_limits_v1_and_v2_are_read(tmp_path):
     (v1 / "memory.limit_in_bytes").write_text("2700000000\n")
     assert cgroup_limit(tmp_path / "v1") == (2_700_000_000, "cgroup memory.limit_in_bytes")
     budget = detect_budget(None, root=tmp_path / "v1")
-    assert budget.bytes == 1_700_000_000 and "2.70 GB" in budget.source
+    assert budget.bytes == 1_500_000_000 and "2.70 GB" in budget.source  # minus the app's 1.2 GB
 
 
 def test_batchnorm_on_slices_of_8_learns_like_the_whole_batch_at_224px():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from engine.core.errors import EngineError
+from engine.core.hosting import hosted_limits
 from ui.cache import load_model
 from ui.state import PLAN, SELECTED_RUN, active, weights_label
 
@@ -32,9 +33,21 @@ def pick_trained_run(label: str = "Run"):
     return runs[ids.index(pick)]
 
 
+HOSTED_BANNER = ("**Hosted mode** (a shared server): runs vanish when this server restarts unless you export them "
+                 "(Runs page: *Run bundle (.zip)*; import it again there). Limits: {limits}.")
+
+
+def hosted_banner(where=st) -> None:
+    """On a shared server: say that runs are lost on restart unless exported, and the caps in force."""
+    limits = hosted_limits()
+    if limits is not None:
+        where.warning(HOSTED_BANNER.format(limits="; ".join(limits.lines())), icon=":material/cloud:")
+
+
 def render_sidebar() -> None:
     name, weights, classes = active()
     with st.sidebar:
+        hosted_banner()
         st.caption("Active model")
         st.markdown(f"**{name}**  \nweights: `{weights_label(weights)}`")
         try:

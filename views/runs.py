@@ -19,6 +19,7 @@ from engine.runs.store import RunDir, delete_run, describe_run, list_runs, open_
 from ui.cache import load_trained
 from ui.errors import public_message, show_error
 from ui.state import SELECTED_RUN
+from ui.widgets import hosted_banner
 
 IMPORTED = "runs_imported_bundle"  # the last uploaded bundle: (upload token, run id or None, message)
 
@@ -103,6 +104,7 @@ def _export_and_code(run, tab_export, tab_code) -> None:
 
 
 st.title("Runs")
+hosted_banner()  # on a shared server: export what you want to keep
 _import_section()
 runs = list_runs(runs_root())
 if not runs:

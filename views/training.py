@@ -7,6 +7,7 @@ import streamlit as st
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
+from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import detect_budget, format_size
 from engine.core.paths import data_root, resolve_data_path, runs_root
 from engine.data.archive import extract_upload
@@ -73,15 +74,21 @@ st.subheader("2. Settings")
 plan = FreezePlan.from_dict(st.session_state[PLAN])
 st.caption(f"Model `{name}` ({weights}), plan `{plan.strategy}`, head LR {plan.head_lr:g}: change them on the "
            "Model Explorer and Freeze Configurator pages.")
+limits = hosted_limits()
+fits = 0  # the per-class cap that keeps this dataset within a hosted run's images
+if limits and overview and overview["n_images"] > limits.images:
+    fits = per_class_that_fits(list(overview["counts"].values()), limits.images)
+    st.info(f"Hosted mode: a run uses at most {limits.images:,} images, so at most {fits} per class of these "
+            f"{overview['n_images']:,} are used (set below).")
 c1, c2, c3, c4 = st.columns(4)
-epochs = c1.number_input("Epochs", 1, 500, 1)
+epochs = c1.number_input("Epochs", 1, limits.epochs if limits else 500, 1)
 batch = c2.number_input("Batch size", 1, 1024, 32)
-size = c3.number_input("Image size", 16, 1024, 96, step=16)
+size = c3.number_input("Image size", 16, limits.image_size if limits else 1024, 96, step=16)
 val_fraction = c4.number_input("Validation share", 0.05, 0.5, 0.2, step=0.05)
 c5, c6, c7, c8 = st.columns(4)
 augment = c5.toggle("Augment", False, help="random crops while training (helps longer runs)")
 patience = c6.number_input("Early stop patience (0: off)", 0, 100, 0)
-per_class = c7.number_input("Max images per class (0: all)", 0, 1_000_000, 0)
+per_class = c7.number_input("Max images per class (0: all)", 0, fits or 1_000_000, fits)
 seed = c8.number_input("Seed", 0, 10_000, 0)
 c9, c10 = st.columns(2)
 detected = detect_budget(None)
@@ -109,6 +116,7 @@ if st.button("Start training", type="primary", disabled=not can_start):
                              augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
                              seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
                              micro_batch=int(micro) or None)
+        config.check_hosted()
     except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
         show_error(exc, start_box)
     else:
@@ -130,11 +138,12 @@ if runs:
     live_panel(run)
     state = run.status().state
     if state in ("cancelled", "interrupted", "failed", "finished", "diverged") and run.train_state_path.is_file():
-        more = st.number_input("Train until epoch", 1, 1000, max(len(run.metrics()) + 1, 1))
+        most = limits.epochs if limits else 1000
+        more = st.number_input("Train until epoch", 1, most, min(most, max(len(run.metrics()) + 1, 1)))
         resume_box = st.container()
         if st.button("Resume"):
             try:
-                TrainConfig.from_dict({**run.config(), "epochs": int(more)})
+                TrainConfig.from_dict({**run.config(), "epochs": int(more)}).check_hosted()
                 extend_run(run, int(more))
             except EngineError as exc:
                 show_error(exc, resume_box)

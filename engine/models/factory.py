@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.core.errors import HubUnavailableError, WeightsError
+from engine.core.errors import EngineError, HubUnavailableError, WeightsError
+from engine.core.hosting import hosted_limits
 from engine.core.modes import evaluating
 from engine.models.registry import DEFAULT_MODEL, ModelId, resolve
 from engine.models.weights import (
@@ -259,6 +260,20 @@ def output_shape(model: nn.Module, input_size: tuple[int, int, int], batch: int 
 
 
 # ---------------------------------------------------------------- factory
+def check_hosted_size(mid: ModelId) -> None:
+    """On a shared server, a model above the size cap is refused before any memory is spent on it."""
+    limits = hosted_limits()
+    if limits is None:
+        return
+    from engine.models.catalog import param_count
+
+    params = param_count(mid.qualified)
+    if params is not None and params > limits.params:
+        raise EngineError(f"{mid.qualified} has {params / 1e6:.1f} M parameters; this app runs on a shared server "
+                          f"(hosted mode), where models have at most {limits.params / 1e6:.0f} M. Pick a smaller "
+                          "one (efficientnet_lite0, mobilenetv3_large_100, resnet18, resnet50).")
+
+
 def create_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -274,6 +289,7 @@ def create_model(
     the classifier is replaced by a freshly initialised one of that size.
     """
     mid = resolve(name)
+    check_hosted_size(mid)
     kind, path = _parse_weights(weights)
     build = _build_timm if mid.source == "timm" else _build_torchvision
     module, config = build(mid, "none" if kind == "file" else kind)

@@ -9,7 +9,6 @@ from typing import Any
 
 from engine.core.errors import RunError
 
-
 ACQUIRE_TRIES = 3  # over ~40 ms, so a probe of the lock never refuses a real start
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from engine.anatomy.stages import model_stages
 from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
+from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import detect_budget, inference_batch
 from engine.data.datasets import TransformDataset, load_source, validate
 from engine.data.splits import split_indices
@@ -39,6 +41,20 @@ if TYPE_CHECKING:
     from engine.training.state import TrainState
 
 
+def check_hosted_images(labels: list[int], used: int, config: TrainConfig) -> None:
+    """On a shared server a run uses at most ``HostedLimits.images`` images: say which per-class cap fits."""
+    limits = hosted_limits()
+    if limits is None or used <= limits.images:
+        return
+    counts = list(Counter(labels).values())
+    fits = per_class_that_fits(counts, limits.images)
+    if config.max_per_class:
+        fits = min(fits, config.max_per_class)
+    raise DataError(f"This app runs on a shared server (hosted mode), where a run uses at most {limits.images:,} "
+                    f"images; this one would use {used:,}. Set max images per class to {fits} "
+                    f"(--max-per-class {fits}) or use a smaller dataset.")
+
+
 @dataclass
 class Prepared:
     handle: ModelHandle
@@ -54,9 +70,12 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     report = validate(ds)
     if not report.ok:
         raise DataError("The data cannot be trained on: " + " ".join(report.problems))
+    config.check_hosted()
     train_idx, val_idx = split_indices(ds, config)
+    check_hosted_images(ds.labels, len(train_idx) + len(val_idx), config)
     handle = create_model(config.model, weights=weights or config.weights, class_names=ds.class_names)
     size = config.image_size or handle.spec.input_size[-1]
+    config.check_hosted(image_size=size)
     config.validate_for_model(handle.module, model_stages(handle.module, handle.spec.head), size)
     crop = float(config.crop_pct) if config.crop_pct is not None else handle.spec.crop_pct
     handle.spec = replace(handle.spec, input_size=(3, size, size), crop_pct=crop)  # inference sees what training saw
