@@ -3,8 +3,10 @@ each beside a plain torchvision loop on the same data (prints figures and ratios
 
 Every measurement runs in its own process, so each peak RSS is that job's alone. Targets (issue 12):
 full fine-tune peak <= 1.7 GB and >= 2.5x the plain loop's img/s; feature extraction <= 1.5 GB;
-evaluation <= 1.3 GB. The engine runs under the budget a Community Cloud box gives it by default
-(2.7 GB limit minus 1.0 GB for the app = 1.7 GB), set explicitly here since this machine has more.
+evaluation <= 1.3 GB. The engine runs under a 1.7 GB budget, the training target, set explicitly since
+this machine has more (a Community Cloud box gives a training 2.7 GB minus the app's 1.2 GB = 1.5 GB
+by default). Hosts differ: on a Xeon with AVX-512/AMX (2026-11-27) one fp32 step of slices of 4-8
+ran 21-23 img/s against 26 on the host of the earlier figures, while the plain loop ran about the same.
 
   python bench/fit_224.py            # 2,000 photos (200 a class), efficientnet_lite0, batch 32
   python bench/fit_224.py --quick    # 400 photos
