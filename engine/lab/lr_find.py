@@ -1,0 +1,146 @@
+"""The learning-rate finder: an exponential LR sweep on a fresh copy of the model, loss against LR.
+
+Why a sweep: the learning rate is the setting that matters most and the one users guess. Raising it
+step by step from far too small to far too large over a few hundred mini-batches shows the range
+where the loss falls fastest (the LR to train with) and where it blows up (Smith 2015, "Cyclical
+Learning Rates"; fastai's ``lr_find``).
+
+What it respects: the run's freeze plan (only what trains moves; BatchNorm as the plan says; the
+feature cache when the backbone is frozen), the per-stage LR ratios (every group is scaled by the
+same factor, so the sweep is of the head LR and the backbone keeps its ratio), micro-batches and the
+memory budget. The steps are the training loop's own (``train_one_epoch``), so what is swept is what
+trains. Nothing is saved: the model is built fresh, and no run folder is written.
+
+The suggestion, stated so a user can check it on the plot: the LR where the smoothed loss falls
+fastest (the steepest downward slope against log LR), looked for before the loss's minimum. The LR at
+the minimum divided by 10 is reported beside it (the older rule of thumb).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+from engine.core.device import seed_everything
+from engine.core.errors import EngineError
+from engine.training.epoch import Diverged, train_one_epoch
+from engine.training.setup import prepare, set_up
+from engine.training.state import TrainState
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
+
+SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (the raw loss is noisy)
+BLOW_UP = 4.0  # the sweep ends once the smoothed loss passes this many times its best
+RULE = ("the LR where the smoothed loss falls fastest (steepest downward slope against log LR), "
+        "after the first tenth of the sweep and before the loss's minimum")
+
+
+@dataclass
+class LRSweep:
+    """One sweep: the head LR and the loss at every step, the suggestion and why the sweep ended."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    suggestion: float | None = None
+    min_over_10: float | None = None
+    rule: str = RULE
+    ended: str = ""
+    head_lr: float = 0.0  # the plan's head LR (what "apply" replaces)
+    group_lrs: dict[str, float] = field(default_factory=dict)  # every group's LR at the last step
+    trainable_params: int = 0
+    feature_cache: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None]:
+    """(steepest-descent LR before the minimum, LR at the minimum / 10); None when too few points.
+
+    The first tenth of the sweep (at least 3 steps) is not searched: there the moving average is
+    still settling and a random head's first steps fall fast at any LR. Slopes are central
+    differences against log LR, so one noisy step does not decide.
+    """
+    if len(lrs) < 5:
+        return None, None
+    low = min(range(len(smoothed)), key=smoothed.__getitem__)
+    min_over_10 = lrs[low] / 10
+    skip = max(3, len(lrs) // 10)
+    logs = [math.log(lr) for lr in lrs]
+    slopes = {i: (smoothed[i + 1] - smoothed[i - 1]) / (logs[i + 1] - logs[i - 1])
+              for i in range(max(1, skip), min(low + 1, len(lrs) - 1))}
+    if not slopes:
+        return None, min_over_10
+    steepest = min(slopes, key=slopes.__getitem__)
+    return (lrs[steepest] if slopes[steepest] < 0 else None), min_over_10
+
+
+def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int = 100,
+            on_point: Callable[[int, float, float], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> LRSweep:
+    """Sweep the head LR from ``start_lr`` to ``end_lr`` over ``steps`` optimizer steps (exponentially),
+    on a fresh model built from ``config``; ``on_point(step, lr, loss)`` after each step."""
+    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
+        raise EngineError(f"the sweep needs 0 < start LR < end LR (got {start_lr:g} .. {end_lr:g}).")
+    if not 5 <= steps <= 10_000:
+        raise EngineError(f"the sweep needs 5 to 10,000 steps (got {steps}).")
+    config.check_hosted()
+    seed_everything(config.seed)
+    stop_asked = should_stop or (lambda: False)
+    prep = prepare(config)
+    state = TrainState.start(config.monitor, config.min_delta, config.patience)
+    runner = set_up(config, prep, state, None, stop_asked)
+    sweep = LRSweep(head_lr=config.freeze_plan().head_lr)
+    if runner is not None:
+        sweep.trainable_params, sweep.feature_cache = runner.report.trainable_params, runner.cached
+    if runner is None:
+        sweep.ended = "cancelled while computing features"
+        return sweep
+    planned = [group["lr"] for group in runner.optimizer.param_groups]
+    ratio = (end_lr / start_lr) ** (1 / (steps - 1))
+
+    def set_head_lr(lr: float) -> None:
+        """Every group scaled alike: the head gets ``lr``, each backbone stage keeps its ratio to it."""
+        for group, base in zip(runner.optimizer.param_groups, planned):
+            group["initial_lr"] = base * lr / sweep.head_lr  # train_one_epoch sets lr = initial_lr x 1
+
+    best = math.inf
+    average = 0.0
+
+    def on_step(_i: int, loss: float, _seen: int) -> None:
+        nonlocal best, average
+        k = len(sweep.lrs)
+        lr = start_lr * ratio ** k
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        smoothed = average / (1 - SMOOTHING ** (k + 1))
+        sweep.lrs.append(lr)
+        sweep.losses.append(loss)
+        sweep.smoothed.append(smoothed)
+        best = min(best, smoothed)
+        if on_point is not None:
+            on_point(k + 1, lr, loss)
+        if not math.isfinite(smoothed) or smoothed > BLOW_UP * best:
+            sweep.ended = f"the loss blew up at LR {lr:.2g}"
+        elif k + 1 >= steps:
+            sweep.ended = f"reached the end LR {end_lr:g}"
+        else:
+            set_head_lr(start_lr * ratio ** (k + 1))
+
+    constant = replace(config, schedule="constant")  # the sweep sets every step's LR itself
+    set_head_lr(start_lr)
+    try:
+        while not sweep.ended:
+            stats = train_one_epoch(runner.model, runner.train_loader, runner.optimizer, device=runner.device,
+                                    step0=0, total_steps=steps, config=constant, dtype=runner.dtype,
+                                    scaler=runner.scaler, channels_last=runner.channels_last, on_step=on_step,
+                                    should_stop=lambda: bool(sweep.ended) or stop_asked(),
+                                    micro_batch=runner.batches.micro_batch)
+            if stats is None and not sweep.ended:
+                sweep.ended = "cancelled"
+    except Diverged:
+        sweep.ended = f"the loss became infinite at LR {start_lr * ratio ** len(sweep.lrs):.2g}"
+    sweep.group_lrs = {group["name"]: group["lr"] for group in runner.optimizer.param_groups}
+    sweep.suggestion, sweep.min_over_10 = suggest(sweep.lrs, sweep.smoothed)
+    return sweep

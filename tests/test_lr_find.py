@@ -1,0 +1,87 @@
+"""The learning-rate finder on real data and a real (tiny) model: the sweep, the plan it respects,
+the suggestion and its rule, and that nothing is written."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.freeze.plan import FreezePlan
+from engine.lab.lr_find import RULE, lr_find, suggest
+
+BASE = dict(model="timm:test_resnet", weights="none", data="digits", image_size=32, batch_size=16,
+            max_per_class=20, num_workers=0, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def full_sweep():
+    config = TrainConfig(**BASE, plan=FreezePlan.full(head_lr=1e-3, backbone_lr_ratio=0.1).to_dict())
+    points = []
+    sweep = lr_find(config, start_lr=1e-5, end_lr=10.0, steps=40, on_point=lambda *p: points.append(p))
+    return config, sweep, points
+
+
+def test_the_sweep_is_exponential_and_ends_on_its_own(full_sweep, tmp_path):
+    _config, sweep, points = full_sweep
+    assert 5 <= len(sweep.lrs) <= 40 and len(sweep.losses) == len(sweep.smoothed) == len(sweep.lrs)
+    assert sweep.lrs[0] == pytest.approx(1e-5)
+    ratios = [b / a for a, b in zip(sweep.lrs, sweep.lrs[1:])]
+    assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] == pytest.approx((10 / 1e-5) ** (1 / 39))
+    assert [p[0] for p in points] == list(range(1, len(sweep.lrs) + 1))  # one point per optimizer step
+    assert sweep.ended.startswith(("the loss blew up", "reached the end LR", "the loss became infinite"))
+    assert all(math.isfinite(x) for x in sweep.losses[:5])  # more than one pass over 256 training images
+
+
+def test_the_suggestion_follows_the_stated_rule(full_sweep):
+    _config, sweep, _ = full_sweep
+    assert sweep.rule == RULE and "steepest" in sweep.rule
+    assert sweep.suggestion is not None and 1e-5 < sweep.suggestion < 10
+    low = min(range(len(sweep.smoothed)), key=sweep.smoothed.__getitem__)
+    assert sweep.suggestion <= sweep.lrs[low]  # before the minimum
+    assert sweep.min_over_10 == pytest.approx(sweep.lrs[low] / 10)
+    at = sweep.lrs.index(sweep.suggestion)
+    assert sweep.smoothed[min(low, at + 3)] < sweep.smoothed[0]  # the loss is falling there
+
+
+def test_the_plan_is_respected_groups_keep_their_ratio_and_frozen_backbones_use_the_cache(full_sweep):
+    config, sweep, _ = full_sweep
+    head = [lr for name, lr in sweep.group_lrs.items() if name.startswith("head")]
+    backbone = [lr for name, lr in sweep.group_lrs.items() if not name.startswith("head")]
+    assert head and backbone and max(backbone) == pytest.approx(0.1 * head[0])  # the stage just below the head
+    assert head[0] == pytest.approx(sweep.lrs[-1])
+    frozen = TrainConfig(**BASE, plan=FreezePlan.feature_extraction(head_lr=1e-2).to_dict())
+    fe = lr_find(frozen, start_lr=1e-4, end_lr=1.0, steps=10)
+    assert fe.feature_cache and 0 < fe.trainable_params < sweep.trainable_params
+    assert set(fe.group_lrs) == {name for name in fe.group_lrs if name.startswith("head")}
+
+
+def test_nothing_is_written_and_bad_settings_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    config = TrainConfig(**BASE, plan=FreezePlan.feature_extraction(head_lr=1e-2).to_dict())
+    lr_find(config, start_lr=1e-3, end_lr=1.0, steps=5)
+    assert not (tmp_path / "runs").exists()
+    for kw, phrase in ((dict(start_lr=1.0, end_lr=1e-3), "start LR < end LR"), (dict(steps=2), "5 to 10,000 steps"),
+                       (dict(end_lr=math.inf), "start LR < end LR")):
+        with pytest.raises(EngineError, match=phrase):
+            lr_find(config, **kw)
+
+
+def test_suggest_needs_a_falling_loss():
+    assert suggest([1e-3, 1e-2], [1.0, 0.9]) == (None, None)
+    lrs = [10 ** (-5 + i / 2) for i in range(10)]
+    rising = [1.0 + i for i in range(10)]
+    assert suggest(lrs, rising)[0] is None  # never falls: no suggestion, only the minimum rule
+
+
+def test_training_at_the_suggestion_beats_the_bottom_of_the_sweep(full_sweep):
+    """The point of the finder: the suggested LR learns; the sweep's lowest LR barely moves."""
+    from engine.training.loop import fit
+
+    config, sweep, _ = full_sweep
+    accs = {}
+    for name, lr in (("suggested", sweep.suggestion), ("lowest", sweep.lrs[0])):
+        trial = TrainConfig(**{**BASE, "epochs": 3}, plan=FreezePlan.full(head_lr=lr, backbone_lr_ratio=0.1).to_dict())
+        accs[name] = fit(trial).best_val_acc
+    assert accs["suggested"] > accs["lowest"] + 0.1, accs
