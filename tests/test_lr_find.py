@@ -2,7 +2,9 @@
 the suggestion and its rule, and that nothing is written."""
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 
@@ -85,3 +87,48 @@ def test_training_at_the_suggestion_beats_the_bottom_of_the_sweep(full_sweep):
         trial = TrainConfig(**{**BASE, "epochs": 3}, plan=FreezePlan.full(head_lr=lr, backbone_lr_ratio=0.1).to_dict())
         accs[name] = fit(trial).best_val_acc
     assert accs["suggested"] > accs["lowest"] + 0.1, accs
+
+
+def test_the_cli_sweeps_and_says_the_rule_and_refuses_nonsense():
+    from tests.hostile._cli import engine
+
+    args = ["lr-find", "--model", "timm:test_resnet", "--weights", "none", "--image-size", "32", "--batch-size", "16",
+            "--max-per-class", "20", "--workers", "0", "--steps", "20", "--start-lr", "1e-5", "--end-lr", "10"]
+    ran = engine(*args, "--json")
+    assert ran.rc == 0, ran.err[-2000:]
+    result = json.loads(ran.out)
+    assert len(result["lrs"]) == len(result["losses"]) >= 5 and result["rule"] == RULE
+    text = engine(*args)
+    assert "suggested head LR" in text.out or "no suggestion" in text.out
+    engine(*args[:-4], "--start-lr", "1", "--end-lr", "1e-3").assert_one_line_error("start LR < end LR")
+
+
+def _until(job, states, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = job.read()
+        if data.get("state") in states:
+            return data
+        time.sleep(0.2)
+    log = job.path.with_suffix(".log")
+    raise AssertionError(f"{job.read()} {log.read_text()[-2000:] if log.exists() else ''}")
+
+
+def test_a_background_sweep_waits_its_turn_reports_and_can_be_cancelled_in_line():
+    from engine.lab.lr_find import start_sweep
+    from engine.runs.locks import device_lock
+
+    config = TrainConfig(**BASE, plan=FreezePlan.feature_extraction(head_lr=1e-2).to_dict())
+    with device_lock("cpu", holder="a training"):  # the device is busy: the sweep queues
+        waiting = start_sweep(config, steps=10, start_lr=1e-4, end_lr=1.0)
+        queued = _until(waiting, ("queued",))
+        deadline = time.monotonic() + 60
+        while "in line" not in waiting.read().get("reason", "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "number 1 in line for the device" in waiting.read()["reason"], queued
+        waiting.cancel()
+        assert "waiting in the queue" in _until(waiting, ("cancelled", "failed", "finished"))["reason"]
+    job = start_sweep(config, steps=10, start_lr=1e-4, end_lr=1.0)
+    done = _until(job, ("finished", "failed", "cancelled"))
+    assert done["state"] == "finished", done
+    assert len(done["points"]) == len(done["sweep"]["lrs"]) >= 5 and done["sweep"]["feature_cache"]

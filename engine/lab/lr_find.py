@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.device import seed_everything
@@ -143,4 +144,110 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
         sweep.ended = f"the loss became infinite at LR {start_lr * ratio ** len(sweep.lrs):.2g}"
     sweep.group_lrs = {group["name"]: group["lr"] for group in runner.optimizer.param_groups}
     sweep.suggestion, sweep.min_over_10 = suggest(sweep.lrs, sweep.smoothed)
+    return sweep
+
+
+# --- a sweep in its own process, as the app starts it ------------------------------------------
+
+SWEEP_FOLDER = "lr-find"  # beside the device locks: machine-local and short-lived, never in a run
+
+
+def sweep_dir() -> Path:
+    from engine.core.paths import lock_dir
+
+    return lock_dir() / SWEEP_FOLDER
+
+
+class SweepJob:
+    """One background sweep, read back from one JSON file (``<id>.json``; its cancel file beside it).
+
+    The file says ``state`` (queued, running, finished, cancelled, failed), ``points`` so far, and at
+    the end the whole sweep with its suggestion. Written atomically, so a reader never sees half.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def cancel_path(self) -> Path:
+        return self.path.with_suffix(".cancel")
+
+    @property
+    def config_path(self) -> Path:
+        return self.path.with_suffix(".config.json")
+
+    def read(self) -> dict[str, Any]:
+        from engine.core.files import read_json
+
+        data = read_json(self.path, {})
+        return data if isinstance(data, dict) else {}
+
+    def write(self, **fields: Any) -> None:
+        from engine.core.files import atomic_write_json
+
+        atomic_write_json(self.path, {**self.read(), **fields})
+
+    def cancel(self) -> None:
+        self.cancel_path.touch()
+
+    def cancelled(self) -> bool:
+        return self.cancel_path.exists()
+
+
+def start_sweep(config: TrainConfig, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 1.0) -> SweepJob:
+    """Run ``lr_find`` for ``config`` in its own process (``python -m engine lr-find --config``); returns
+    the job to poll. It waits its turn for the device like a training."""
+    import uuid
+
+    from engine.core.files import atomic_write_json
+    from engine.runs.background import spawn_engine
+
+    config.validate()
+    config.check_hosted()
+    folder = sweep_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    job = SweepJob(folder / f"{uuid.uuid4().hex[:12]}.json")
+    atomic_write_json(job.config_path, config.to_dict())
+    job.write(state="queued", points=[], steps=steps, reason="starting")
+    pid = spawn_engine(["lr-find", "--config", str(job.config_path), "--save", str(job.path), "--steps", str(steps),
+                        "--start-lr", repr(start_lr), "--end-lr", repr(end_lr)], job.path.with_suffix(".log"))
+    job.write(pid=pid)
+    return job
+
+
+def run_sweep_job(config: TrainConfig, job: SweepJob, *, steps: int, start_lr: float, end_lr: float) -> LRSweep:
+    """The body of a background sweep: wait for the device, sweep, write progress and the result."""
+    import time
+
+    from engine.runs.locks import device_lock
+    from engine.runs.queue import CancelledInQueue, device_queue, wait_for_device
+
+    lock = device_lock(config.device, holder="a learning-rate sweep")
+    try:
+        wait_for_device(lock, device_queue(config.device), str(job.path), cancelled=job.cancelled,
+                        report=lambda position, ahead: job.write(
+                            state="queued", reason=f"number {position} in line for the device, behind {ahead}"))
+    except CancelledInQueue as exc:
+        job.write(state="cancelled", reason=str(exc))
+        raise
+    points: list[list[float]] = []
+    last = [0.0]
+
+    def on_point(step: int, lr: float, loss: float) -> None:
+        points.append([lr, loss])
+        if time.monotonic() - last[0] > 0.5:  # a few writes a second at most
+            job.write(state="running", points=points, reason=f"step {step} of {steps}")
+            last[0] = time.monotonic()
+
+    try:
+        job.write(state="running", reason="preparing data and model")
+        sweep = lr_find(config, start_lr=start_lr, end_lr=end_lr, steps=steps, on_point=on_point,
+                        should_stop=job.cancelled)
+    except EngineError as exc:
+        job.write(state="failed", reason=str(exc))
+        raise
+    finally:
+        lock.release()
+    job.write(state="cancelled" if sweep.ended.startswith("cancelled") else "finished", reason=sweep.ended,
+              points=[[lr, loss] for lr, loss in zip(sweep.lrs, sweep.losses)], sweep=sweep.to_dict())
     return sweep
