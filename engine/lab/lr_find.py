@@ -182,6 +182,16 @@ class SweepJob:
         data = read_json(self.path, {})
         return data if isinstance(data, dict) else {}
 
+    def status(self) -> dict[str, Any]:
+        """``read()``, with a sweep whose process died (killed, out of memory) said as interrupted."""
+        from engine.runs.process import pid_alive
+
+        data = self.read()
+        pid = data.get("pid")
+        if data.get("state") in ("queued", "running") and isinstance(pid, int) and not pid_alive(pid):
+            data = {**data, "state": "interrupted", "reason": "the sweep's process ended without a result"}
+        return data
+
     def write(self, **fields: Any) -> None:
         from engine.core.files import atomic_write_json
 
