@@ -1,10 +1,11 @@
-"""The emit sink of a run folder: events to disk, status.json refreshed (throttled)."""
+"""The emit sink of a run folder: events to disk, status.json refreshed (throttled), TensorBoard files."""
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
 
 from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged, no_emit
+from engine.runs.tensorboard import TensorBoardLog
 
 if TYPE_CHECKING:
     from engine.runs.events import Emit, Event
@@ -15,10 +16,12 @@ STATUS_EVERY_S = 0.5
 
 
 class RunRecorder:
-    """The emit sink of a run directory: events to disk, status.json refreshed (throttled)."""
+    """The emit sink of a run directory: events to disk, status.json refreshed (throttled), and the
+    run's TensorBoard event files (runs/tensorboard.py; they never fail a training)."""
 
     def __init__(self, run: RunDir, forward: Emit = no_emit):
         self.run, self.forward, self._last = run, forward, 0.0
+        self.tensorboard = TensorBoardLog(run)
 
     def __call__(self, event: Event) -> None:
         if not isinstance(event, StepLogged):
@@ -38,4 +41,6 @@ class RunRecorder:
         elif isinstance(event, RunFinished):
             self.run.write_status(state=event.status, reason=event.reason, best_epoch=event.best_epoch,
                                   best_val_acc=event.best_val_acc, finished_at=time.time())
+        if not isinstance(event, StepLogged):
+            self.tensorboard(event)
         self.forward(event)
