@@ -434,11 +434,16 @@ def _runs_bundle(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engine.outputs.code import script_for_run
     from engine.runs.store import open_run
 
     check_runs_folder(args.out)
     run = open_run(args.out, args.run)
+    if args.format != "script":
+        return _export_model(args, run)
+    if args.quantize:
+        raise EngineError("--quantize int8 applies to --format onnx only.")
+    from engine.outputs.code import script_for_run
+
     text = script_for_run(run)
     if not args.output or args.output == "-":
         sys.stdout.write(text)
@@ -449,6 +454,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     target.write_text(text)
     print(f"wrote {target}: `python {target.name}` reproduces run {run.run_id} (plain torch + timm)",
           file=sys.stderr)
+    return 0
+
+
+def _export_model(args: argparse.Namespace, run: Any) -> int:
+    """onnx | torchscript | safetensors: the run's best model as files, checked against PyTorch."""
+    from pathlib import Path
+
+    from engine.outputs.run_export import export_run
+
+    report = export_run(run, args.format, args.output, args.quantize)
+    parity = report.get("parity")
+    if args.json:
+        _print_json(report)
+    else:
+        for path in report["files"]:
+            print(path)
+        first = Path(report["files"][0])
+        if parity:
+            verdict = "matches" if parity["ok"] else "does NOT match"
+            print(f"wrote {first.name} ({first.stat().st_size / 1e6:.1f} MB): {verdict} PyTorch (max |logit "
+                  f"difference| {parity['max_abs_diff']:.1e}, tolerance {parity['tolerance']:.0e})", file=sys.stderr)
+        else:
+            print(f"wrote {first.name} + {Path(report['files'][1]).name} (the model spec: architecture, classes, "
+                  "preprocessing): model_from_spec(ModelSpec.from_dict(json['spec']), load_file(weights)) rebuilds "
+                  "the run's model", file=sys.stderr)
+        if args.format == "onnx":
+            print(f"class names and preprocessing are in its metadata; `python predict_onnx.py --model {first.name} "
+                  "IMAGE...` predicts with onnxruntime + numpy + pillow (no torch)", file=sys.stderr)
+        q = report.get("int8")
+        if q:
+            print(f"int8: {Path(q['path']).name} ({q['bytes_int8'] / 1e6:.1f} MB, float32 {q['bytes_float32'] / 1e6:.1f}"
+                  f" MB); validation accuracy {q['val_acc_float32']:.4f} -> {q['val_acc_int8']:.4f} "
+                  f"({100 * q['val_acc_change']:+.2f} points) on {q['images']} images (onnxruntime), "
+                  f"same top-1 as float32 on {100 * q['top1_agreement']:.1f}%", file=sys.stderr)
+    if parity and not parity["ok"]:
+        print(f"error: the {args.format} export does not match PyTorch (max |logit difference| "
+              f"{parity['max_abs_diff']:.1e} > {parity['tolerance']:.0e}); the file is written but not trustworthy",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -591,11 +635,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write a run as a standalone training script (plain torch + timm)")
+    p = sub.add_parser("export", help="write a run as a standalone training script (plain torch + timm), or its best "
+                                      "model as ONNX (+ predict_onnx.py), TorchScript or safetensors")
     p.add_argument("run", help="run id (in --out) or path of a run folder")
-    p.add_argument("--format", default="script", choices=["script"], help="script: a Python file, no engine import")
-    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p.add_argument("--format", default="script", choices=["script", "onnx", "torchscript", "safetensors"],
+                   help="script (default): a Python file, no engine import | onnx: RUN.onnx with classes and "
+                        "preprocessing in its metadata, and predict_onnx.py beside it | torchscript: RUN.pt | "
+                        "safetensors: RUN.safetensors + RUN.json")
+    p.add_argument("--quantize", choices=["int8"], help="onnx: also write RUN.int8.onnx (onnxruntime dynamic "
+                   "quantisation) and report the validation accuracy of both")
+    p.add_argument("-o", "--output", help="file to write (default: standard output for script, RUN_ID.onnx/.pt/"
+                   ".safetensors otherwise)")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--json", action="store_true", help="model formats: one JSON document on stdout")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from engine.core.errors import EngineError
-from engine.models.factory import ModelHandle
+from engine.data.transforms import input_target
+from engine.models.factory import ModelHandle, ModelSpec
 
 TOLERANCE = 1e-4  # max |exported - pytorch| on logits, float32
 
@@ -39,6 +41,22 @@ class ExportResult:
         return {**asdict(self), "ok": self.ok}
 
 
+def preprocessing(spec: ModelSpec) -> dict[str, Any]:
+    """Everything needed to rebuild the engine's eval transform from a raw image file, without torch:
+    decode reduced to ``decode_target`` (shortest side; JPEG DCT scaling, then a whole-factor
+    ``Image.reduce``), transparency over white, EXIF orientation applied, RGB; torchvision's Resize to
+    ``resize_size`` with ``interpolation`` (center: the shortest side, squash: both sides), CenterCrop to
+    ``input_size``; pixels / ``scale``; (x - mean) / std; NCHW float32. ``predict_onnx.py`` applies it."""
+    _, height, width = spec.input_size
+    crop_pct = spec.crop_pct or 0.875  # timm's default when a config has none
+    return {"input_size": [int(v) for v in spec.input_size], "layout": "NCHW", "dtype": "float32",
+            "channel_order": "RGB", "scale": 255.0, "mean": [float(v) for v in spec.mean],
+            "std": [float(v) for v in spec.std], "interpolation": spec.interpolation, "crop_pct": float(crop_pct),
+            "crop_mode": spec.crop_mode,
+            "resize_size": [math.floor(height / crop_pct), math.floor(width / crop_pct)],
+            "decode_target": input_target(spec), "alpha": "over white", "exif_orientation": "applied"}
+
+
 def model_card(handle: ModelHandle, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a loader needs besides the tensors: architecture, classes, preprocessing, versions."""
     import timm
@@ -46,21 +64,46 @@ def model_card(handle: ModelHandle, extra: dict[str, Any] | None = None) -> dict
 
     return {"spec": handle.spec.to_dict(), "class_names": handle.spec.class_names,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in handle.spec.data_config().items()},
+            "preprocessing": preprocessing(handle.spec),
             "versions": {"torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__},
             **(extra or {})}
+
+
+def weights_bytes(handle: ModelHandle) -> bytes:
+    """The model's tensors as one safetensors file."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in handle.module.state_dict().items()})
 
 
 def weights_bundle(handle: ModelHandle, extra: dict[str, Any] | None = None) -> bytes:
     """A zip with ``model.safetensors`` + ``model.json``: ``create_model(arch, weights='model.safetensors')``
     loads it back with its classes (the JSON beside the weights is read)."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in handle.module.state_dict().items()}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("model.safetensors", save(tensors))
+        zf.writestr("model.safetensors", weights_bytes(handle))
         zf.writestr("model.json", json.dumps(model_card(handle, extra), indent=2))
     return buf.getvalue()
+
+
+def onnx_metadata(handle: ModelHandle, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """The ONNX file's metadata_props: class names and preprocessing (JSON), the model's name."""
+    return {"class_names": json.dumps(list(handle.spec.class_names)),
+            "preprocessing": json.dumps(preprocessing(handle.spec)), "model": handle.spec.name,
+            **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()}}
+
+
+def write_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set (replace) metadata_props entries of an ONNX file in place."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in metadata]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
 
 
 def _inputs(handle: ModelHandle, batch: int, seed: int) -> torch.Tensor:
@@ -100,8 +143,9 @@ def _onnx_export(module: torch.nn.Module, example: tuple, path: Path) -> None:
         torch.onnx.export(module, example, str(path), dynamo=True, **names)
 
 
-def export_onnx(handle: ModelHandle, path: str | Path) -> ExportResult:
-    """torch.onnx (dynamo exporter) with a dynamic batch; checked with onnxruntime."""
+def export_onnx(handle: ModelHandle, path: str | Path, extra: dict[str, Any] | None = None) -> ExportResult:
+    """torch.onnx (dynamo exporter) with a dynamic batch and the class names + preprocessing in its
+    metadata (``onnx_metadata``; ``extra`` adds entries); checked with onnxruntime."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -110,6 +154,7 @@ def export_onnx(handle: ModelHandle, path: str | Path) -> ExportResult:
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
             _onnx_export(module, example, path)
+        write_onnx_metadata(path, onnx_metadata(handle, extra))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise EngineError(f"{handle.spec.name} cannot be exported to ONNX: {type(exc).__name__}: "

@@ -1,0 +1,117 @@
+"""ONNX beyond the file itself: the torch-free ``predict_onnx.py`` that goes beside it, a download of
+both, dynamic INT8 quantisation and the validation accuracy of exported models under onnxruntime.
+
+The exported file carries its class names and preprocessing in its metadata (export.onnx_metadata);
+``predict_onnx_script.py`` (shipped as ``predict_onnx.py``) reads them and reproduces the engine's eval
+transform from a raw image file with pillow + numpy alone.
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.core.errors import EngineError
+from engine.models.factory import ModelHandle
+from engine.outputs.export import ExportResult, export_onnx, write_onnx_metadata
+from engine.runs.store import RunDir
+
+PREDICT_SCRIPT = Path(__file__).with_name("predict_onnx_script.py")
+PREDICT_SCRIPT_NAME = "predict_onnx.py"
+
+
+def predict_script() -> str:
+    """The text of ``predict_onnx.py`` (onnxruntime, numpy, pillow; never torch)."""
+    return PREDICT_SCRIPT.read_text()
+
+
+def onnx_package(handle: ModelHandle, extra: dict[str, Any] | None = None) -> tuple[bytes, ExportResult]:
+    """A zip of ``model.onnx`` (metadata included) and ``predict_onnx.py``, with the parity result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model.onnx"
+        result = export_onnx(handle, target, extra)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.write(target, "model.onnx")
+            zf.writestr(PREDICT_SCRIPT_NAME, predict_script())
+        return buf.getvalue(), result
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """onnxruntime's dynamic quantisation (INT8 weights, activations quantised at run time); the
+    metadata of ``source`` is kept."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.disable(logging.WARNING)  # "consider pre-processing" on the root logger: advice, not a problem
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    except Exception as exc:  # noqa: BLE001 - the quantiser raises anything on an unusual graph
+        raise EngineError(f"INT8 quantisation failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
+    meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
+    write_onnx_metadata(target, {**meta, "quantization": "int8 dynamic (onnxruntime quantize_dynamic)"})
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # no warnings on stderr about the quantised graph
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _logits(session, x: np.ndarray) -> np.ndarray:
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    if not fixed:
+        return session.run(None, {inp.name: x})[0]
+    out = []
+    for i in range(0, len(x), fixed):
+        chunk = x[i:i + fixed]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
+        out.append(session.run(None, {inp.name: padded})[0][:len(chunk)])
+    return np.concatenate(out)
+
+
+def onnx_validation_accuracy(run: RunDir, models: dict[str, Path], batch: int = 32) -> dict[str, Any]:
+    """Accuracy of each ONNX file on the run's own validation split, computed with onnxruntime on the
+    engine's eval transform (images unreadable since training are left out). Also how often the
+    models agree with the first one on top-1."""
+    from engine.config import TrainConfig
+    from engine.data.datasets import TransformDataset, load_source
+    from engine.data.splits import split_indices
+    from engine.data.transforms import eval_transform
+    from engine.runs.load import load_run_model
+
+    config = TrainConfig.from_dict(run.config())
+    spec = load_run_model(run.path).spec
+    ds = load_source(config.data, work_dir=str(run.path))
+    if list(ds.class_names) != list(spec.class_names):
+        raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes than its data has; "
+                          "the exported models cannot be scored on that data.")
+    _, indices = split_indices(ds, config)
+    dataset = TransformDataset(ds, indices, eval_transform(spec))
+    sessions = {name: _session(path) for name, path in models.items()}
+    preds: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    labels: list[int] = []
+    for start in range(0, len(dataset), batch):
+        items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+        x = np.stack([item[0].numpy() for item in items]).astype(np.float32)
+        labels.extend(int(item[1]) for item in items)
+        for name, session in sessions.items():
+            preds[name].append(_logits(session, x).argmax(-1))
+    keep = np.array([p not in dataset.substituted for p in range(len(indices))], dtype=bool)
+    y = np.asarray(labels)[keep]
+    top1 = {name: np.concatenate(p)[keep] if p else np.zeros(0, int) for name, p in preds.items()}
+    first = next(iter(top1.values()))
+    return {"images": int(keep.sum()),
+            "accuracy": {name: float((p == y).mean()) if len(y) else 0.0 for name, p in top1.items()},
+            "agreement": {name: float((p == first).mean()) if len(y) else 0.0 for name, p in top1.items()}}

@@ -1,0 +1,101 @@
+"""``python -m engine export RUN --format onnx|torchscript|safetensors``: a run's best model as files.
+
+onnx: RUN.onnx (class names + preprocessing in its metadata) and predict_onnx.py beside it;
+``quantize="int8"`` adds RUN.int8.onnx and the validation accuracy of both under onnxruntime.
+torchscript: RUN.pt (traced). safetensors: RUN.safetensors + RUN.json (classes, preprocessing,
+architecture; ``create_model(NAME, weights='RUN.safetensors')`` reads both). Every file is checked
+against the PyTorch model before it is reported, and written by rename (never half a file).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from engine.core.errors import EngineError
+from engine.core.files import atomic_write_bytes
+from engine.runs.store import RunDir
+
+FORMATS = ("script", "onnx", "torchscript", "safetensors")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+
+
+def output_path(run: RunDir, fmt: str, output: str | None) -> Path:
+    """Where ``fmt`` goes (default: RUN_ID + suffix in the working folder), refused in one line when
+    it cannot be written, before any work is done."""
+    if output == "-":
+        raise EngineError(f"--format {fmt} writes binary files; name one with -o (e.g. -o {run.run_id}{SUFFIX[fmt]}).")
+    target = Path(output or f"{run.run_id}{SUFFIX[fmt]}")
+    if target.is_dir():
+        raise EngineError(f"-o {target} is a folder; name the file to write, e.g. {target / (run.run_id + SUFFIX[fmt])}.")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise EngineError(f"-o {target}: the folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise EngineError(f"-o {target}: not allowed to write there.")
+    return target
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomically, readable as an ordinary file would be (the temp file is private)."""
+    atomic_write_bytes(path, data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def int8_path(target: Path) -> Path:
+    return target.with_name(f"{target.stem}.int8.onnx")
+
+
+def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str | None = None) -> dict[str, Any]:
+    """Export the run's best model; returns what was written and the checks (JSON-ready)."""
+    from engine.outputs.export import export_onnx, export_torchscript, model_card, weights_bytes
+    from engine.runs.load import load_run_model
+
+    if fmt not in SUFFIX:
+        raise EngineError(f"unknown export format '{fmt}'; use one of: {', '.join(FORMATS)}.")
+    if quantize and fmt != "onnx":
+        raise EngineError(f"--quantize {quantize} applies to --format onnx only.")
+    if quantize not in (None, "int8"):
+        raise EngineError(f"unknown quantisation '{quantize}'; use int8.")
+    target = output_path(run, fmt, output)
+    extra = {"run_id": run.run_id}
+    handle = load_run_model(run.path)  # best weights; a damaged run or one without them is refused here
+    report: dict[str, Any] = {"run_id": run.run_id, "format": fmt, "model": handle.spec.name,
+                              "class_names": list(handle.spec.class_names)}
+    if fmt == "safetensors":
+        card = target.with_suffix(".json")
+        _write(target, weights_bytes(handle))
+        _write(card, json.dumps(model_card(handle, extra), indent=2).encode())
+        return {**report, "files": [str(target), str(card)], "parity": None}
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / f"model{SUFFIX[fmt]}"
+        result = (export_onnx(handle, staged, extra) if fmt == "onnx" else export_torchscript(handle, staged))
+        result.path = str(target)
+        report["parity"] = result.to_dict()
+        files = [target]
+        if fmt == "onnx" and quantize:
+            from engine.outputs.onnx_export import onnx_validation_accuracy, quantize_int8
+
+            quantized = Path(tmp) / "model.int8.onnx"
+            quantize_int8(staged, quantized)
+            scores = onnx_validation_accuracy(run, {"float32": staged, "int8": quantized})
+            acc = scores["accuracy"]
+            report["int8"] = {"path": str(int8_path(target)), "images": scores["images"],
+                              "val_acc_float32": acc["float32"], "val_acc_int8": acc["int8"],
+                              "val_acc_change": acc["int8"] - acc["float32"],
+                              "top1_agreement": scores["agreement"]["int8"],
+                              "bytes_float32": staged.stat().st_size, "bytes_int8": quantized.stat().st_size}
+            os.replace(quantized, int8_path(target))
+            files.append(int8_path(target))
+        os.replace(staged, target)
+    if fmt == "onnx":
+        from engine.outputs.onnx_export import PREDICT_SCRIPT_NAME, predict_script
+
+        script = target.with_name(PREDICT_SCRIPT_NAME)
+        _write(script, predict_script().encode(), 0o755)
+        files.append(script)
+    return {**report, "files": [str(f) for f in files]}
