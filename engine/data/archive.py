@@ -207,7 +207,7 @@ def _check_layout(members: list[zipfile.ZipInfo], shown: str) -> list[zipfile.Zi
         inner = "/".join(min(visible))
         raise DataError(f"{shown}: the zip holds only other archives ('{inner}'); unzip it first and use the "
                         "folder of images inside (zips inside a zip are not opened).")
-    if all(len(p) == 1 for p in visible):
+    if all(len(p) == 1 for p in visible) and not any(p[0].lower().endswith(".csv") for p in visible):
         raise DataError(f"{shown}: no class folders: its files are all at the top level; put the images in "
                         "one folder per class (e.g. cats/, dogs/) and zip those folders.")
     return list(visible.values())
@@ -364,7 +364,8 @@ def _dataset_root(folder: Path) -> Path:
     """A zip of 'flowers/' holds one top folder: the classes are one level down."""
     entries = [p for p in folder.iterdir() if not is_hidden_name(p.name)]
     if len(entries) == 1 and entries[0].is_dir():
-        inner = [p for p in entries[0].iterdir() if p.is_dir() and not is_hidden_name(p.name)]
+        inner = [p for p in entries[0].iterdir() if not is_hidden_name(p.name)
+                 and (p.is_dir() or p.suffix.lower() == ".csv")]  # class or split folders, a labels CSV
         if inner:
             return entries[0]
     return folder

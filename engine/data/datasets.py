@@ -19,6 +19,7 @@ from engine.core.errors import DataError, ImageError
 from engine.core.paths import data_root
 from engine.data.archive import extract_once, is_hidden_name
 from engine.data.images import IMAGE_SUFFIXES, check_image, open_image
+from engine.data.layouts import SPLITS, Layout, detect_layout, read_labels_csv, split_note
 from engine.data.transforms import resize_target
 
 BUILTIN = ("digits", "lfw")
@@ -39,6 +40,8 @@ BUILTIN_FACTS = {
 }
 TORCHVISION_SETS = ("cifar10",)
 MIN_PER_CLASS = 2  # fewer images than this in a class cannot be split into train and val
+BUILTIN_NOTE = "built-in dataset {}: a random stratified split."
+CLASSES_NOTE = "one folder per class: a random stratified split."
 
 
 @dataclass
@@ -51,6 +54,10 @@ class ImageSet:
     loaders: list[Callable[[], Image.Image]] = field(repr=False)
     sources: list[str]  # file path or "digits[17]": shown in reports and galleries
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    # the split each sample belongs to ("train" | "val" | "test") when the data names it (split folders,
+    # a CSV's split column); None: a random stratified split (engine.data.splits.split_all)
+    splits: list[str] | None = None
+    layout: str = ""  # the data report's sentence: which layout was found and which split it gives
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,7 +90,7 @@ def load_digits_set() -> ImageSet:
     return ImageSet(
         name="digits", class_names=[str(i) for i in range(10)], labels=[int(t) for t in d.target],
         loaders=[_array_loader(img, 255.0 / 16.0) for img in d.images],
-        sources=[f"digits[{i}]" for i in range(len(d.target))],
+        sources=[f"digits[{i}]" for i in range(len(d.target))], layout=BUILTIN_NOTE.format("digits"),
     )
 
 
@@ -96,7 +103,7 @@ def load_lfw_set() -> ImageSet:
     return ImageSet(
         name="lfw", class_names=["non-face", "face"], labels=labels,
         loaders=[_array_loader(img, 255.0) for img in faces],
-        sources=[f"lfw[{i}]" for i in range(len(labels))],
+        sources=[f"lfw[{i}]" for i in range(len(labels))], layout=BUILTIN_NOTE.format("lfw"),
     )
 
 
@@ -149,52 +156,169 @@ def load_folder(root: str | Path, verify: bool = True) -> ImageSet:
     (class folder or deeper, inside or outside), is skipped with the reason. With ``verify`` every
     image is checked (engine.images.check_image: header limits, a reduced decode, Pillow's verify).
     """
+    root = _dataset_folder(root)
+    root_real = os.path.realpath(root)
+    names, labels, loaders, sources, skipped = [], [], [], [], []
+    class_dirs, loose_images = _class_dirs(root, root, root_real, skipped)
+    if not class_dirs:
+        hint = " It holds images directly: put them in one sub-folder per class." if loose_images else ""
+        raise DataError(f"{root.name} has no class folders.{hint}")
+    _refuse_case_twins([d.name for d in class_dirs], "Class folders")
+    for label, d in enumerate(class_dirs):
+        names.append(d.name)
+        for path, rel in _images_in(d, root, root_real, skipped, verify):
+            labels.append(label)
+            loaders.append(FileLoader(path, rel, root_real))
+            sources.append(str(path))
+    return ImageSet(name=root.name, class_names=names, labels=labels, loaders=loaders,
+                    sources=sources, skipped=skipped, layout=CLASSES_NOTE)
+
+
+def _dataset_folder(root: str | Path) -> Path:
     root = Path(root)
     if not root.name:  # '.', './': name the folder as the user sees it
         root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.")
-    root_real = os.path.realpath(root)
-    names, labels, loaders, sources, skipped = [], [], [], [], []
+    return root
+
+
+def _refuse_case_twins(names: list[str], what: str) -> None:
+    lowered: dict[str, str] = {}
+    for name in names:
+        if name.lower() in lowered and lowered[name.lower()] != name:
+            raise DataError(f"{what} '{lowered[name.lower()]}' and '{name}' differ only by case; merge them.")
+        lowered[name.lower()] = name
+
+
+def _class_dirs(folder: Path, root: Path, root_real: str, skipped: list[tuple[str, str]]) -> tuple[list[Path], bool]:
+    """The class folders directly in ``folder`` (links to folders, or to outside, skipped and listed),
+    and whether it also holds images directly."""
     class_dirs: list[Path] = []
     loose_images = False
-    for entry in sorted(root.iterdir()):
+    for entry in sorted(folder.iterdir()):
         if is_hidden_name(entry.name):
             continue
         if entry.is_symlink():
             problem = _link_problem(entry, root_real)
             if problem in (OUTSIDE, FOLDER_LINK):  # a linked "class folder" is never read
-                skipped.append((entry.name, problem))
+                skipped.append((entry.relative_to(root).as_posix(), problem))
                 continue
         if entry.is_dir():
             class_dirs.append(entry)
         elif entry.suffix.lower() in IMAGE_SUFFIXES:
             loose_images = True
-    if not class_dirs:
-        hint = " It holds images directly: put them in one sub-folder per class." if loose_images else ""
-        raise DataError(f"{root.name} has no class folders.{hint}")
-    lowered: dict[str, str] = {}
-    for d in class_dirs:
-        if d.name.lower() in lowered:
-            raise DataError(f"Class folders '{lowered[d.name.lower()]}' and '{d.name}' differ only by case; merge them.")
-        lowered[d.name.lower()] = d.name
-    for label, d in enumerate(class_dirs):
-        names.append(d.name)
-        for path in _class_files(d, root, root_real, skipped):
-            rel = path.relative_to(root).as_posix()
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append((rel, "not an image file type"))
-                continue
-            if verify:
-                problem = check_image(path)
-                if problem:
-                    skipped.append((rel, problem))
-                    continue
-            labels.append(label)
-            loaders.append(FileLoader(path, rel, root_real))
-            sources.append(str(path))
-    return ImageSet(name=root.name, class_names=names, labels=labels, loaders=loaders,
-                    sources=sources, skipped=skipped)
+    return class_dirs, loose_images
+
+
+def _images_in(folder: Path, root: Path, root_real: str, skipped: list[tuple[str, str]],
+               verify: bool) -> list[tuple[Path, str]]:
+    """(path, name inside the dataset) of every usable image under a class folder; the rest listed."""
+    found = []
+    for path in _class_files(folder, root, root_real, skipped):
+        rel = path.relative_to(root).as_posix()
+        problem = _image_problem(path, verify)
+        if problem:
+            skipped.append((rel, problem))
+            continue
+        found.append((path, rel))
+    return found
+
+
+def _image_problem(path: Path, verify: bool) -> str | None:
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return "not an image file type"
+    return check_image(path) if verify else None
+
+
+def _file_problem(root: Path, rel: str, root_real: str) -> str | None:
+    """Why the file ``rel`` (a checked relative path: no '..', not absolute) of a labels file is not
+    read: a folder on the way that is a link (links to folders are never followed, as when a folder
+    is scanned), a link leading out or broken, a missing file, not a file."""
+    here = root
+    for part in rel.split("/")[:-1]:
+        here = here / part
+        if here.is_symlink():
+            return _link_problem(here, root_real) or FOLDER_LINK
+    path = root / rel
+    if path.is_symlink():
+        problem = _link_problem(path, root_real)
+        if problem:
+            return problem
+    if not os.path.lexists(path):
+        return "file not found"
+    if not path.is_file():
+        return "not a file"
+    if not _inside(path, root_real):
+        return OUTSIDE
+    return None
+
+
+def load_dataset(root: str | Path, verify: bool = True) -> ImageSet:
+    """A dataset folder in any of its layouts (engine.data.layouts): a labels CSV, train/ val/ test/
+    folders, or one folder per class (``load_folder``)."""
+    root = _dataset_folder(root)
+    layout = detect_layout(root)
+    if layout.kind == "csv":
+        ds = _load_csv(root, layout, verify)
+    elif layout.kind == "splits":
+        ds = _load_split_folders(root, layout, verify)
+    else:
+        ds = load_folder(root) if verify else load_folder(root, verify=False)
+    ds.skipped[:0] = layout.ignored
+    return ds
+
+
+def _load_split_folders(root: Path, layout: Layout, verify: bool) -> ImageSet:
+    """train/ (val/, test/) each with class folders; classes are the union, in name order."""
+    root_real = os.path.realpath(root)
+    skipped: list[tuple[str, str]] = []
+    found: list[tuple[str, str, Path, str]] = []  # (split, class, path, rel)
+    names_found: set[str] = set()
+    for split, folder in layout.split_dirs.items():
+        class_dirs, loose = _class_dirs(folder, root, root_real, skipped)
+        names_found |= {d.name for d in class_dirs}
+        if loose:
+            skipped += [(p.relative_to(root).as_posix(), f"not in a class folder of {folder.name}/")
+                        for p in sorted(folder.iterdir()) if p.is_file() and not is_hidden_name(p.name)]
+        for d in class_dirs:
+            found += [(split, d.name, path, rel) for path, rel in _images_in(d, root, root_real, skipped, verify)]
+    names = sorted(names_found)
+    _refuse_case_twins(names, "Class folders")
+    index = {n: i for i, n in enumerate(names)}
+    return ImageSet(name=root.name, class_names=names, labels=[index[c] for _, c, _, _ in found],
+                    loaders=[FileLoader(path, rel, root_real) for _, _, path, rel in found],
+                    sources=[str(path) for _, _, path, _ in found], skipped=skipped,
+                    splits=[s for s, _, _, _ in found],
+                    layout=split_note(layout.why, {s for s, _, _, _ in found}))
+
+
+def _load_csv(root: Path, layout: Layout, verify: bool) -> ImageSet:
+    """The images a labels CSV lists, each checked like a scanned file (links, boundary, decode)."""
+    assert layout.csv is not None
+    root_real = os.path.realpath(root)
+    table = read_labels_csv(layout.csv)
+    skipped = list(table.skipped)
+    names = sorted({r.label for r in table.rows})
+    index = {n: i for i, n in enumerate(names)}
+    labels, loaders, sources, splits = [], [], [], []
+    for row in table.rows:
+        path = root / row.path
+        problem = _file_problem(root, row.path, root_real) or _image_problem(path, verify)
+        if problem:
+            skipped.append((row.path, problem))
+            continue
+        labels.append(index[row.label])
+        loaders.append(FileLoader(path, row.path, root_real))
+        sources.append(str(path))
+        splits.append(row.split)
+    extra = f" (columns {', '.join(table.ignored_columns)} not used)" if table.ignored_columns else ""
+    if table.has_split:
+        note = split_note(f"{layout.why} with a split column{extra}", set(splits))
+    else:
+        note = f"{layout.why}, no split column{extra}: a random stratified split."
+    return ImageSet(name=root.name, class_names=names, labels=labels, loaders=loaders, sources=sources,
+                    skipped=skipped, splits=splits if table.has_split else None, layout=note)
 
 
 def _class_files(folder: Path, root: Path, root_real: str, skipped: list[tuple[str, str]]) -> list[Path]:
@@ -238,6 +362,8 @@ class DataReport:
     skipped: list[tuple[str, str]]
     problems: list[str]  # blocking: training cannot start
     warnings: list[str]
+    layout: str = ""  # which layout was found, and the split it gives
+    split_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images (given splits)
 
     @property
     def ok(self) -> bool:
@@ -250,11 +376,23 @@ class DataReport:
     def from_dict(cls, data: dict[str, Any]) -> DataReport:
         return cls(n_images=data["n_images"], counts=dict(data["counts"]),
                    skipped=[(str(a), str(b)) for a, b in data["skipped"]], problems=list(data["problems"]),
-                   warnings=list(data["warnings"]))
+                   warnings=list(data["warnings"]), layout=str(data.get("layout") or ""),
+                   split_counts={str(k): dict(v) for k, v in (data.get("split_counts") or {}).items()})
+
+
+def split_counts(ds: ImageSet) -> dict[str, dict[str, int]]:
+    """Images per class in each split the data names ({} for a random split)."""
+    if ds.splits is None:
+        return {}
+    out = {s: {c: 0 for c in ds.class_names} for s in SPLITS if s in set(ds.splits)}
+    for y, s in zip(ds.labels, ds.splits):
+        out[s][ds.class_names[y]] += 1
+    return out
 
 
 def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
     counts = ds.counts()
+    per_split = split_counts(ds)
     problems, warnings = [], []
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
@@ -262,16 +400,31 @@ def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
     populated = [c for c, n in counts.items() if n > 0]
     if len(populated) < 2:
         problems.append("Only one class has images: a classifier needs at least two classes.")
-    few = [c for c, n in counts.items() if 0 < n < min_per_class]
+    # the images a class trains on: all of them (random split), or its given train split
+    pool = per_split.get("train", {c: 0 for c in counts}) if per_split else counts
+    if per_split:
+        untrained = [c for c in populated if pool[c] == 0]
+        if untrained:
+            where = " and ".join(s for s in ("val", "test") if any(per_split.get(s, {}).get(c) for c in untrained))
+            problems.append(f"Class(es) with images only in {where}, none in train: {', '.join(untrained)}; "
+                            "a model cannot learn a class it never trains on.")
+    need = min_per_class if not per_split or "val" not in per_split else 1
+    few = [c for c, n in pool.items() if 0 < n < need]
     if few:
-        problems.append(f"Classes with fewer than {min_per_class} images: {', '.join(few)}.")
+        what = "training images" if per_split else "images"
+        problems.append(f"Classes with fewer than {need} {what}: {', '.join(few)}.")
+    for split in ("val", "test"):
+        missing = [c for c in populated if pool.get(c) and split in per_split and not per_split[split][c]]
+        if missing:
+            warnings.append(f"No {split} images for: {', '.join(missing)}; its {split} scores leave "
+                            f"{'this class' if len(missing) == 1 else 'these classes'} out.")
     if ds.skipped:
         warnings.append(f"{len(ds.skipped)} file(s) skipped (listed below).")
-    small = [c for c, n in counts.items() if min_per_class <= n < 10]
+    small = [c for c, n in pool.items() if need <= n < 10]
     if small:
         warnings.append(f"Very few images (<10) in: {', '.join(small)}; expect noisy results.")
     return DataReport(n_images=len(ds), counts=counts, skipped=list(ds.skipped),
-                      problems=problems, warnings=warnings)
+                      problems=problems, warnings=warnings, layout=ds.layout, split_counts=per_split)
 
 
 class TransformDataset(torch.utils.data.Dataset):
@@ -358,13 +511,13 @@ def load_source(source: str, work_dir: str | Path | None = None) -> ImageSet:
         target = Path(work_dir) / "extracted" if work_dir else path.parent / f".{path.name}.extracted"
         root = extract_once(path, target, display_name=path.name)
         try:
-            return load_folder(root)
+            return load_dataset(root)
         except DataError as exc:  # "<internal folder> has no class folders": name the user's zip instead
             text = str(exc)
             if text.startswith(root.name + " "):
                 raise DataError(f"{path.name}:{text[len(root.name):]}") from exc
             raise
     if path.is_dir():
-        return load_folder(path)
+        return load_dataset(path)
     raise DataError(f"Unknown data '{source}': use {', '.join(BUILTIN + TORCHVISION_SETS)}, a folder with one sub-folder "
                     "per class, or a .zip of such a folder.")

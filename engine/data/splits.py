@@ -1,7 +1,8 @@
-"""Which images train and which validate: per-class subsampling and a stratified split.
+"""Which images train, which validate and which are held out for a test: per-class subsampling and
+a stratified split, or the split the data names (train/ val/ test/ folders, a CSV's split column).
 
-One split path serves training and evaluation, so an evaluation sees exactly the images
-its run was validated on.
+One split path (``split_all``) serves training and evaluation, so an evaluation sees exactly the
+images its run was validated (or tested) on.
 """
 from __future__ import annotations
 
@@ -58,9 +59,37 @@ class SplitSettings(Protocol):
     split_seed: int
 
 
+def split_all(ds: ImageSet, config: SplitSettings) -> tuple[list[int], list[int], list[int]]:
+    """(train, val, test) indices into ``ds``: the one split a run trains on and is evaluated with.
+
+    A random stratified split of the (per-class capped) images, or, when the data names a split
+    (``ds.splits``), that split with ``max_per_class`` applied to each part; without given validation
+    images, validation is a stratified share of the given train images (and so is a test share, by
+    ``test_fraction``, when no test images are given either).
+    """
+    given = getattr(ds, "splits", None)
+    if given is None:
+        keep = subsample_per_class(ds.labels, config.max_per_class, config.split_seed)
+        tr, va, te = stratified_split([ds.labels[i] for i in keep], config.val_fraction, config.test_fraction,
+                                      config.split_seed)
+        return [keep[i] for i in tr], [keep[i] for i in va], [keep[i] for i in te]
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, split in enumerate(given):
+        parts[split].append(i)
+
+    def capped(idx: list[int]) -> list[int]:
+        return [idx[j] for j in subsample_per_class([ds.labels[i] for i in idx], config.max_per_class,
+                                                    config.split_seed)]
+
+    train, val, test = capped(parts["train"]), capped(parts["val"]), capped(parts["test"])
+    if not val and train:
+        tr, va, te = stratified_split([ds.labels[i] for i in train], config.val_fraction,
+                                      0.0 if test else config.test_fraction, config.split_seed)
+        train, val, test = [train[i] for i in tr], [train[i] for i in va], test or [train[i] for i in te]
+    return train, val, test
+
+
 def split_indices(ds: ImageSet, config: SplitSettings) -> tuple[list[int], list[int]]:
-    """(train, val) indices into ``ds``: the one split a run trains on and is evaluated with."""
-    keep = subsample_per_class(ds.labels, config.max_per_class, config.split_seed)
-    tr, va, _ = stratified_split([ds.labels[i] for i in keep], config.val_fraction, config.test_fraction,
-                                 config.split_seed)
-    return [keep[i] for i in tr], [keep[i] for i in va]
+    """(train, val) indices into ``ds`` (``split_all`` without its held-out test part)."""
+    train, val, _ = split_all(ds, config)
+    return train, val

@@ -1,4 +1,4 @@
-"""Evaluate a run's checkpoint on the validation split it was trained with."""
+"""Evaluate a run's checkpoint on the validation split it was trained with, or on its held-out test split."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -12,25 +12,31 @@ from engine.core.device import resolve_device
 from engine.core.errors import EngineError
 from engine.core.memory import inference_batch
 from engine.core.modes import evaluating
-from engine.data.splits import split_indices
+from engine.data.splits import split_all
 from engine.runs.load import load_run_model
 from engine.runs.store import RunDir
 
 
 @dataclass
 class EvalSummary:
-    """What ``python -m engine eval`` reports: accuracy and loss on the run's own validation split."""
+    """What ``python -m engine eval`` reports: accuracy and loss on the run's own validation split
+    (``val_*``), or with ``--split test`` on its held-out test split (``test_*``; ``val_*`` are then None)."""
 
     run_id: str
     checkpoint: str
-    val_acc: float
-    val_loss: float
-    val_images: int
+    val_acc: float | None
+    val_loss: float | None
+    val_images: int | None
     per_class_acc: dict[str, float]
     unreadable: list[dict[str, str]] = field(default_factory=list)  # files broken since training, left out
+    split: str = "val"
+    test_acc: float | None = None
+    test_loss: float | None = None
+    test_images: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        other = "test" if self.split == "val" else "val"  # the split not evaluated: left out
+        return {k: v for k, v in asdict(self).items() if not k.startswith(other + "_")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalSummary:
@@ -60,8 +66,12 @@ class EvaluationReport:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
-    """Labels, probabilities and sources of every validation image, in eval + inference mode."""
+SPLIT_CHOICES = ("val", "test")
+
+
+def validation_predictions(run: RunDir, kind: str = "best", split: str = "val") -> dict[str, Any]:
+    """Labels, probabilities and sources of every validation image (or, with ``split="test"``, every
+    held-out test image), in eval + inference mode."""
     from engine.data.datasets import TransformDataset, load_source
     from engine.data.transforms import eval_transform
 
@@ -72,7 +82,14 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
         shown = ", ".join(handle.spec.class_names[:5]) + (" ..." if len(handle.spec.class_names) > 5 else "")
         raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes ({shown}) than its data has "
                           f"({len(ds.class_names)} classes); it cannot be evaluated on that data.")
-    _, indices = split_indices(ds, config)
+    if split not in SPLIT_CHOICES:
+        raise EngineError(f"Unknown split '{split}': use {' or '.join(SPLIT_CHOICES)}.")
+    _, val, test = split_all(ds, config)
+    indices = val if split == "val" else test
+    if not indices:
+        raise EngineError(f"Run {run.run_id} has no {split} split: its data has no test/ folder and no test rows "
+                          "in a labels CSV, and its test fraction is 0." if split == "test" else
+                          f"Run {run.run_id} has no validation images.")
     dataset = TransformDataset(ds, indices, eval_transform(handle.spec))  # decodes reduced to the model's need
     device = resolve_device(config.device)
     module = handle.module.to(device)
@@ -92,8 +109,8 @@ def validation_predictions(run: RunDir, kind: str = "best") -> dict[str, Any]:
             "unreadable": list(dataset.failed)}
 
 
-def evaluate_run(run: RunDir, kind: str = "best") -> EvalSummary:
-    preds = validation_predictions(run, kind)
+def evaluate_run(run: RunDir, kind: str = "best", split: str = "val") -> EvalSummary:
+    preds = validation_predictions(run, kind, split)
     probs, labels = preds["probs"], preds["labels"]
     loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     correct = probs.argmax(-1) == labels
@@ -101,15 +118,17 @@ def evaluate_run(run: RunDir, kind: str = "best") -> EvalSummary:
     for c, name in enumerate(preds["class_names"]):
         mask = labels == c
         per_class[name] = float(correct[mask].float().mean()) if mask.any() else float("nan")
-    return EvalSummary(run_id=run.run_id, checkpoint=kind, val_acc=float(correct.float().mean()), val_loss=loss,
-                       val_images=int(labels.numel()), per_class_acc=per_class,
-                       unreadable=[{"file": f, "reason": r} for f, r in preds["unreadable"]])
+    scores = {f"{split}_acc": float(correct.float().mean()), f"{split}_loss": loss, f"{split}_images": int(labels.numel())}
+    if split == "test":
+        scores.update(val_acc=None, val_loss=None, val_images=None)
+    return EvalSummary(run_id=run.run_id, checkpoint=kind, per_class_acc=per_class, split=split,
+                       unreadable=[{"file": f, "reason": r} for f, r in preds["unreadable"]], **scores)
 
 
-def evaluation_report(run: RunDir, kind: str = "best") -> EvaluationReport:
+def evaluation_report(run: RunDir, kind: str = "best", split: str = "val") -> EvaluationReport:
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    preds = validation_predictions(run, kind)
+    preds = validation_predictions(run, kind, split)
     probs, labels = preds["probs"], preds["labels"].numpy()
     names = preds["class_names"]
     predicted = probs.argmax(-1).numpy()

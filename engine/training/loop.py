@@ -19,7 +19,7 @@ from engine.runs.events import RunFinished, RunStarted, no_emit
 from engine.runs.recorder import RunRecorder
 from engine.training.checkpoint import Checkpointer
 from engine.training.epoch import Diverged
-from engine.training.setup import Prepared, prepare, set_up
+from engine.training.setup import Prepared, describe_test, prepare, record_split, set_up, test_evaluation
 from engine.training.state import TrainState
 
 if TYPE_CHECKING:
@@ -43,10 +43,13 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
                    weights="none" if commit else None)  # resumed weights come from the commit
     if commit:
         checkpointer.restore(prep.handle, commit)
+    record_split(prep, run)
     state = TrainState.start(config.monitor, config.min_delta, config.patience, commit)
     runner = set_up(config, prep, state, commit, stop)
 
     def finish(status: str, reason: str) -> RunResult:
+        if status == "finished" and runner is not None and (test := test_evaluation(prep, runner, run)):
+            reason = f"{reason}; {describe_test(test)}"  # the held-out split, once, with the best checkpoint
         return RunResult.record(sink, status, reason, state, started, runner is not None and runner.cached, run)
 
     if runner is None:

@@ -23,10 +23,11 @@ from engine.core.errors import DataError, EngineError
 from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import detect_budget, inference_batch
 from engine.data.datasets import TransformDataset, load_source, validate
-from engine.data.splits import split_indices
+from engine.data.splits import split_all
 from engine.data.transforms import eval_transform, train_transform
 from engine.freeze.plan import apply_plan, build_optimizer, optimizer_for_groups, param_groups, unfreeze_for_epoch
 from engine.models.factory import create_model
+from engine.runs.checkpoint_file import load_weights
 from engine.runs.events import EpochEnded, StepLogged
 from engine.training.epoch import Diverged, evaluate, train_one_epoch
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, uses_feature_cache
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from engine.freeze.plan import FreezePlan, FreezeReport
     from engine.models.factory import ModelHandle
     from engine.runs.events import Emit
+    from engine.runs.store import RunDir
     from engine.training.state import TrainState
 
 
@@ -62,6 +64,8 @@ class Prepared:
     val_ds: TransformDataset
     image_size: int
     skipped: list
+    test_ds: TransformDataset | None = None  # held out: evaluated once, at the end of the run
+    layout: str = ""  # the data report's sentence on the layout and its split
 
 
 def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None) -> Prepared:
@@ -71,8 +75,8 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     if not report.ok:
         raise DataError("The data cannot be trained on: " + " ".join(report.problems))
     config.check_hosted()
-    train_idx, val_idx = split_indices(ds, config)
-    check_hosted_images(ds.labels, len(train_idx) + len(val_idx), config)
+    train_idx, val_idx, test_idx = split_all(ds, config)
+    check_hosted_images(ds.labels, len(train_idx) + len(val_idx) + len(test_idx), config)
     handle = create_model(config.model, weights=weights or config.weights, class_names=ds.class_names)
     size = config.image_size or handle.spec.input_size[-1]
     config.check_hosted(image_size=size)
@@ -81,7 +85,40 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     handle.spec = replace(handle.spec, input_size=(3, size, size), crop_pct=crop)  # inference sees what training saw
     train_ds = TransformDataset(ds, train_idx, train_transform(handle.spec, size, augment=config.augment, hflip=config.hflip))
     val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
-    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped])
+    test_ds = TransformDataset(ds, test_idx, eval_transform(handle.spec, size)) if test_idx else None
+    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout)
+
+
+def test_evaluation(prep: Prepared, runner: EpochRunner, run: RunDir | None) -> dict[str, Any] | None:
+    """The held-out test split, evaluated once at the end of a run with its best checkpoint (the last
+    weights when there is no run folder); recorded in the run's status.json as ``test``. None: no test split."""
+    if prep.test_ds is None or not len(prep.test_ds):
+        return None
+    checkpoint, epoch = "last", None
+    if run is not None and run.checkpoint("best").is_file():
+        runner.module.load_state_dict(load_weights(run.checkpoint("best")))
+        checkpoint, epoch = "best", (run.checkpoint_meta("best") or {}).get("epoch")
+    loader = DataLoader(prep.test_ds, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
+    loss, acc = evaluate(runner.module, loader, runner.device, runner.dtype, runner.channels_last)
+    result = {"acc": acc, "loss": loss, "images": len(prep.test_ds), "checkpoint": checkpoint, "epoch": epoch,
+              "unreadable": [{"file": src, "reason": why} for src, why in prep.test_ds.failed]}
+    if run is not None:
+        run.write_status(test=result)
+    return result
+
+
+def record_split(prep: Prepared, run: RunDir | None) -> None:
+    """The run's status says which layout gave its split and how many images each part has; a test
+    result of an earlier finish (a run extended by more epochs) is cleared until this one ends."""
+    if run is not None:
+        run.write_status(split={"layout": prep.layout, "train": len(prep.train_ds), "val": len(prep.val_ds),
+                                "test": len(prep.test_ds) if prep.test_ds is not None else 0}, test=None)
+
+
+def describe_test(result: dict[str, Any]) -> str:
+    at = f", epoch {result['epoch']}" if result.get("epoch") else ""
+    return (f"test acc {result['acc']:.4f}, loss {result['loss']:.4f} on {result['images']} held-out images "
+            f"({result['checkpoint']} checkpoint{at})")
 
 
 @dataclass
