@@ -367,12 +367,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engine.runs.store import open_run
 
     check_runs_folder(args.out)
-    result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint)
+    result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint, split=args.split)
     if args.json:
         _print_json(result.to_dict())
     else:
-        print(f"{result.run_id} ({args.checkpoint}): val acc {result.val_acc:.4f}, "
-              f"loss {result.val_loss:.4f} on {result.val_images} images")
+        scores = result.to_dict()
+        print(f"{result.run_id} ({args.checkpoint}): {args.split} acc {scores[args.split + '_acc']:.4f}, "
+              f"loss {scores[args.split + '_loss']:.4f} on {scores[args.split + '_images']} images")
         for name, acc in result.per_class_acc.items():
             print(f"  {name:<20} {acc:.3f}")
     return 0
@@ -628,9 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("eval", help="evaluate a run's checkpoint on its validation split")
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on its validation (or held-out test) split")
     p.add_argument("run")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--split", default="val", choices=["val", "test"],
+                   help="val (default): the split the run was validated on; test: its held-out test split")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
