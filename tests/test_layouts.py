@@ -228,3 +228,22 @@ def test_a_run_without_a_test_split_records_none(tmp_path):
     assert result.reason == "completed" and read_json(run.status_path).get("test") is None
     with pytest.raises(Exception, match="has no test split"):
         evaluate_run(run, split="test")
+
+
+def test_training_page_reports_the_layout_and_the_given_split(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    split_folders(tmp_path / "data" / "digits3", per_split={"train": 4, "val": 2, "test": 1})
+    at = AppTest.from_file(str(ROOT / "views" / "training.py"), default_timeout=180)
+    at.session_state["active_model"], at.session_state["active_weights"] = "timm:test_resnet", "none"
+    at.session_state["active_num_classes"] = None
+    at.run()
+    next(r for r in at.radio if r.label == "Data").set_value("folder in the data directory").run()
+    assert not at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "Layout: train/, val/ and test/ folders: the given split is used; test is held out" in captions
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["class", "train", "val", "test"] and table["val"].tolist() == [2, 2, 2]
+    assert not next(b for b in at.button if b.label == "Start training").disabled

@@ -64,7 +64,8 @@ def freeze_preview(name: str, weights: str, num_classes: int | None, plan_json: 
 
 @st.cache_data(show_spinner="Reading the dataset...", max_entries=8)
 def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
-    """Counts, validation report and a few thumbnails per class (small arrays, cache-friendly)."""
+    """Counts, validation report (with the layout found and the images per given split) and a few
+    thumbnails per class (small arrays, cache-friendly)."""
     import numpy as np
 
     from engine.core.errors import ImageError
@@ -86,7 +87,8 @@ def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
             img.thumbnail((96, 96))
             thumbs[name].append(np.asarray(img))
     return {"counts": report.counts, "problems": report.problems, "warnings": report.warnings,
-            "skipped": skipped, "n_images": report.n_images, "thumbs": thumbs}
+            "skipped": skipped, "n_images": report.n_images, "thumbs": thumbs,
+            "layout": report.layout, "split_counts": report.split_counts}
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

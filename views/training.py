@@ -35,14 +35,16 @@ try:
     elif choice.startswith("lfw"):
         source = "lfw"
     elif choice == "upload a zip":
-        upload = st.file_uploader("A .zip of one folder per class", type=["zip"])
+        upload = st.file_uploader("A .zip of one folder per class, of train/ val/ (test/) folders of class "
+                                  "folders, or of images with a labels.csv (path,label[,split])", type=["zip"])
         if upload is not None:
             stored = save_upload(upload.getvalue(), upload.name, "datasets")  # <sha12>_<name>.zip
             source = str(extract_upload(stored, display_name=upload.name))  # messages name the user's file
     else:
         root = data_root()
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "uploads") if root.is_dir() else []
-        st.caption("Folders inside the app's data folder (one sub-folder per class).")
+        st.caption("Folders inside the app's data folder: one sub-folder per class, train/ val/ (test/) folders of "
+                   "class folders, or images with a labels.csv (path,label[,split]).")
         if folders:
             source = str(resolve_data_path(st.selectbox("Folder", folders)))
         else:
@@ -53,6 +55,10 @@ except EngineError as exc:
     overview = None
 
 if overview:
+    if overview.get("layout"):
+        st.caption(f"Layout: {overview['layout']}")
+    if overview.get("split_counts"):  # the split the data names: images per class in each part
+        st.dataframe(pd.DataFrame(overview["split_counts"]).rename_axis("class").reset_index(), hide_index=True)
     counts = pd.DataFrame({"class": list(overview["counts"]), "images": list(overview["counts"].values())})
     left, right = st.columns([2, 3])
     balance = px.bar(counts, x="class", y="images", title=f"{overview['n_images']} images")
@@ -84,7 +90,9 @@ c1, c2, c3, c4 = st.columns(4)
 epochs = c1.number_input("Epochs", 1, limits.epochs if limits else 500, 1)
 batch = c2.number_input("Batch size", 1, 1024, 32)
 size = c3.number_input("Image size", 16, limits.image_size if limits else 1024, 96, step=16)
-val_fraction = c4.number_input("Validation share", 0.05, 0.5, 0.2, step=0.05)
+val_fraction = c4.number_input("Validation share", 0.05, 0.5, 0.2, step=0.05,
+                               help="Used for a random split; data that names its validation images (a val/ "
+                                    "folder, val rows in a labels CSV) is validated on those instead.")
 c5, c6, c7, c8 = st.columns(4)
 augment = c5.toggle("Augment", False, help="random crops while training (helps longer runs)")
 patience = c6.number_input("Early stop patience (0: off)", 0, 100, 0)
