@@ -12,8 +12,10 @@ import shutil
 import sys
 
 import pytest
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
 from engine.config import TrainConfig
@@ -41,10 +43,9 @@ def _scalars(acc: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _hparams(acc: EventAccumulator) -> plugin_data_pb2.HParamsPluginData:
+def _hparams(acc: EventAccumulator) -> dict[str, plugin_data_pb2.HParamsPluginData]:
     content = acc.PluginTagToContent("hparams")
-    data = {tag: plugin_data_pb2.HParamsPluginData.FromString(raw) for tag, raw in content.items()}
-    return data
+    return {tag: plugin_data_pb2.HParamsPluginData.FromString(raw) for tag, raw in content.items()}
 
 
 def _assert_matches_metrics(run, acc: EventAccumulator) -> None:
@@ -148,12 +149,14 @@ def test_resumed_run_continues_the_same_curves_once(resumed):
 def test_a_kill_before_the_old_files_went_leaves_the_later_values(resumed, tmp_path):
     """Kill -9 after a resume's replay but before it removed the earlier file: the earlier file
     (here with values for epochs past the commit and a different epoch 1) sorts first, and the
-    SessionLog START at the head of the new file makes TensorBoard's reader drop it."""
+    SessionLog START at the head of the new file makes TensorBoard's readers drop it: the
+    EventAccumulator and the one `tensorboard --load_fast=false` serves from (the default Rust data
+    server drops a tag's later steps whenever a step repeats)."""
     run, _, _ = resumed
     tb = tmp_path / "tb"
     shutil.copytree(run.path / TB_DIR, tb)
     stale = tmp_path / "stale"
-    writer = SummaryWriter(str(stale))
+    writer = SummaryWriter(str(stale), purge_step=0)  # as every start of ours opens its file
     for epoch in (1, 2, 3):
         writer.add_scalar("loss/val", 99.0, epoch)
         writer.add_scalar("lr/gone", 1.0, epoch)
@@ -166,6 +169,11 @@ def test_a_kill_before_the_old_files_went_leaves_the_later_values(resumed, tmp_p
     assert [s for s, _ in scalars["loss/val"]] == [1, 2]
     assert 99.0 not in [v for _, v in scalars["loss/val"]]
     assert scalars.get("lr/gone", []) == []
+    served = plugin_event_accumulator.EventAccumulator(str(tb))
+    served.Reload()
+    assert [(t.step, tensor_util.make_ndarray(t.tensor_proto).item()) for t in served.Tensors("loss/val")] == \
+        [(s, pytest.approx(v)) for s, v in scalars["loss/val"]]
+    assert "lr/gone" not in served.Tags()["tensors"] or not served.Tensors("lr/gone")
 
 
 def test_killed_between_commit_and_event_resume_writes_the_epoch(tmp_path):
