@@ -286,3 +286,22 @@ def test_export_refusals_are_one_line(trained, tmp_path, capsys):
     _one_line_error(capsys, ["export", "damaged", "--out", str(runs), "--format", "safetensors", "-o",
                              str(tmp_path / "d.safetensors")], "damaged")
     assert not (tmp_path / "f.onnx").exists() and not (tmp_path / "d.safetensors").exists()
+
+
+def test_runs_page_download_is_the_model_with_its_metadata_and_the_script(trained, tmp_path):
+    """What the Runs page offers for ONNX: one zip of model.onnx (metadata included) + predict_onnx.py."""
+    import io
+    import zipfile
+
+    import onnx
+
+    from engine.outputs.onnx_export import onnx_package
+    from engine.runs.load import load_run_model
+
+    data, result = onnx_package(load_run_model(trained.path), {"run_id": "tiny"})
+    assert result.ok
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert sorted(zf.namelist()) == ["model.onnx", "predict_onnx.py"]
+        assert zf.read("predict_onnx.py").decode() == PREDICT_SCRIPT.read_text()
+        meta = {p.key: p.value for p in onnx.load_from_string(zf.read("model.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == ["non-face", "face"] and "preprocessing" in meta

@@ -14,6 +14,7 @@ from engine.core.errors import EngineError, RunError
 from engine.core.paths import runs_root
 from engine.outputs.code import generate_script, script_for_run
 from engine.outputs.export import export_to_bytes, weights_bundle
+from engine.outputs.onnx_export import onnx_package
 from engine.runs.bundle import export_bundle, import_bundle
 from engine.runs.store import RunDir, delete_run, describe_run, list_runs, open_run
 from ui.cache import load_trained
@@ -84,7 +85,10 @@ def _export_and_code(run, tab_export, tab_code) -> None:
             fmt = st.radio("Also export as", ["onnx", "torchscript"], horizontal=True)
             if st.button(f"Export to {fmt} and check parity"):
                 try:
-                    data, result = export_to_bytes(handle, fmt)
+                    if fmt == "onnx":  # model.onnx (classes + preprocessing in its metadata) + predict_onnx.py
+                        data, result = onnx_package(handle, {"run_id": run.run_id})
+                    else:
+                        data, result = export_to_bytes(handle, fmt)
                 except EngineError as exc:
                     show_error(exc)
                 else:
@@ -92,7 +96,15 @@ def _export_and_code(run, tab_export, tab_code) -> None:
                     (st.success if result.ok else st.error)(
                         f"{fmt}: {verdict} PyTorch (max |difference| {result.max_abs_diff:.2e}, tolerance "
                         f"{result.tolerance:.0e}, same top-1: {result.same_top1}).")
-                    st.download_button(f"Download {fmt}", data, file_name=f"{run.run_id}.{'onnx' if fmt == 'onnx' else 'pt'}")
+                    if fmt == "onnx":
+                        st.download_button("Download ONNX + predict_onnx.py (zip)", data,
+                                           file_name=f"{run.run_id}-onnx.zip", mime="application/zip")
+                        st.caption("The model carries its class names and preprocessing in its metadata; "
+                                   "`python predict_onnx.py photo.jpg` predicts with onnxruntime, numpy and pillow "
+                                   "(no torch), exactly as this app does. `python -m engine export RUN --format onnx "
+                                   "--quantize int8` adds an INT8 model and its validation accuracy.")
+                    else:
+                        st.download_button(f"Download {fmt}", data, file_name=f"{run.run_id}.pt")
     with tab_code:
         names = (run.checkpoint_meta("best") or run.checkpoint_meta("last") or {}).get("class_names")
         if not names:
