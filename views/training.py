@@ -83,7 +83,8 @@ st.caption(f"Model `{name}` ({weights}), plan `{plan.strategy}`, head LR {plan.h
 limits = hosted_limits()
 fits = 0  # the per-class cap that keeps this dataset within a hosted run's images
 if limits and overview and overview["n_images"] > limits.images:
-    fits = per_class_that_fits(list(overview["counts"].values()), limits.images)
+    groups = [n for part in (overview.get("split_counts") or {}).values() for n in part.values()]  # capped each
+    fits = per_class_that_fits(groups or list(overview["counts"].values()), limits.images)
     st.info(f"Hosted mode: a run uses at most {limits.images:,} images, so at most {fits} per class of these "
             f"{overview['n_images']:,} are used (set below).")
 c1, c2, c3, c4 = st.columns(4)

@@ -265,7 +265,8 @@ def load_dataset(root: str | Path, verify: bool = True) -> ImageSet:
         ds = _load_split_folders(root, layout, verify)
     else:
         ds = load_folder(root) if verify else load_folder(root, verify=False)
-    ds.skipped[:0] = layout.ignored
+    listed = {name for name, _ in ds.skipped}  # a link at the top is listed once, by the scan's reason
+    ds.skipped[:0] = [(name, why) for name, why in layout.ignored if name not in listed]
     return ds
 
 

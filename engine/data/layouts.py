@@ -105,8 +105,8 @@ def detect_layout(root: Path) -> Layout:
     csvs = [e for e in entries if e.suffix.lower() == ".csv" and not e.is_dir()]
     ignored: list[tuple[str, str]] = []
     chosen = next((e for e in csvs if e.name.lower() == LABELS_CSV), None)
-    if chosen is None and csvs:
-        labelled = [e for e in csvs if _is_labels_header(_csv_header(e))]
+    if chosen is None and csvs:  # a link is never opened, not even to read its header
+        labelled = [e for e in csvs if not e.is_symlink() and _is_labels_header(_csv_header(e))]
         if len(labelled) > 1:
             raise DataError(f"Several labels files ({', '.join(e.name for e in labelled)}): keep one, or name the "
                             f"one to use {LABELS_CSV}.")
@@ -133,7 +133,11 @@ def detect_layout(root: Path) -> Layout:
         split_names = {p.name for p in dirs.values()}
         for e in entries:
             if e.name not in split_names and e not in csvs:
-                ignored.append((e.name, "not a split folder (train/, val/, test/): not used"))
+                if e.is_symlink():
+                    why = "a link: split folders are never links (links to folders are not followed); not used"
+                else:
+                    why = f"not {'a split folder' if e.is_dir() else 'in a split folder'} (train/, val/, test/): not used"
+                ignored.append((e.name, why))
         return Layout("splits", why, split_dirs={s: dirs[s] for s in SPLITS if s in dirs}, ignored=ignored)
     return Layout("classes", "one folder per class", ignored=ignored)
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from engine.training.state import TrainState
 
 
-def check_hosted_images(labels: list[int], used: int, config: TrainConfig) -> None:
+def check_hosted_images(labels: list, used: int, config: TrainConfig) -> None:
     """On a shared server a run uses at most ``HostedLimits.images`` images: say which per-class cap fits."""
     limits = hosted_limits()
     if limits is None or used <= limits.images:
@@ -76,7 +76,9 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
         raise DataError("The data cannot be trained on: " + " ".join(report.problems))
     config.check_hosted()
     train_idx, val_idx, test_idx = split_all(ds, config)
-    check_hosted_images(ds.labels, len(train_idx) + len(val_idx) + len(test_idx), config)
+    # a given split caps each (split, class) group: the per-class cap that fits is computed over those
+    groups = list(zip(ds.splits, ds.labels)) if ds.splits is not None else ds.labels
+    check_hosted_images(groups, len(train_idx) + len(val_idx) + len(test_idx), config)
     handle = create_model(config.model, weights=weights or config.weights, class_names=ds.class_names)
     size = config.image_size or handle.spec.input_size[-1]
     config.check_hosted(image_size=size)

@@ -226,6 +226,17 @@ def test_a_stray_csv_beside_class_folders_is_listed_not_used(tmp_path):
     assert "not a labels file" in dict(ds.skipped)["notes.csv"]
 
 
+def test_a_linked_stray_csv_is_never_opened(tmp_path):
+    outside = tmp_path / "outside.csv"
+    outside.write_text("path,label\n" + "\n".join(good_rows()))
+    for c in "ab":
+        for i in range(3):
+            _png(tmp_path / "d" / c / f"{i}.png", i)
+    os.symlink(outside, tmp_path / "d" / "other.csv")
+    ds = load_dataset(tmp_path / "d")
+    assert ds.class_names == ["a", "b"] and [r for f, r in ds.skipped if f == "other.csv"] == [OUTSIDE]
+
+
 def test_two_labels_files_are_refused(tmp_path):
     root = write_csv(dataset(tmp_path / "d"), "path,label", good_rows(), name="one.csv")
     write_csv(root, "path,label", good_rows(), name="two.csv")
@@ -295,7 +306,10 @@ def test_odd_things_in_split_folders_are_listed(tmp_path):
     reasons = dict(ds.skipped)
     assert reasons["train/loose.png"] == "not in a class folder of train/"
     assert reasons["train/c"] == OUTSIDE
-    assert reasons["extra"].startswith("not a split folder") and reasons["test"].startswith("not a split folder")
+    assert reasons["extra"] == "not a split folder (train/, val/, test/): not used"
+    assert reasons["test"].startswith("a link: split folders are never links")
+    (root / "README.txt").write_text("digits")
+    assert dict(load_dataset(root).skipped)["README.txt"] == "not in a split folder (train/, val/, test/): not used"
     assert ds.class_names == ["a", "b"] and set(ds.splits) == {"train", "val"}
 
 
