@@ -247,3 +247,13 @@ def test_training_page_reports_the_layout_and_the_given_split(tmp_path, monkeypa
     table = at.dataframe[0].value
     assert list(table.columns) == ["class", "train", "val", "test"] and table["val"].tolist() == [2, 2, 2]
     assert not next(b for b in at.button if b.label == "Start training").disabled
+
+
+def test_the_test_split_is_evaluated_with_a_feature_cache_and_without_a_run_folder(tmp_path):
+    from engine.freeze.plan import FreezePlan
+
+    split_folders(tmp_path / "d", per_split={"train": 6, "val": 3, "test": 3})
+    plan = FreezePlan.feature_extraction(head_lr=5e-2).to_dict()
+    result = fit(cfg(tmp_path / "d", plan=plan, feature_cache="on", epochs=2))
+    assert result.feature_cache and result.status == "finished"
+    assert "on 9 held-out images (last checkpoint)" in result.reason
