@@ -203,7 +203,10 @@ def test_unwritable_tb_folder_never_fails_the_training(tmp_path, caplog):
 
 
 def test_no_tensorboard_package_never_fails_the_training(tmp_path, caplog, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails as if not installed
+    # every import of the package fails, as if it were not installed (None in sys.modules: ImportError)
+    for name in ["tensorboard", "torch.utils.tensorboard", "torch.utils.tensorboard.summary",
+                 *[m for m in sys.modules if m.startswith(("tensorboard.", "torch.utils.tensorboard."))]]:
+        monkeypatch.setitem(sys.modules, name, None)
     config = _config(1)
     run = create_run(tmp_path / "runs", config.to_dict(), run_id="20240101-000000-tb-missing")
     with caplog.at_level(logging.WARNING, logger="engine.runs.tensorboard"):
