@@ -442,7 +442,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "script":
         return _export_model(args, run)
     if args.quantize:
-        raise EngineError("--quantize int8 applies to --format onnx only.")
+        raise EngineError(f"--quantize {args.quantize} applies to --format onnx only.")
     from engine.outputs.code import script_for_run
 
     text = script_for_run(run)
@@ -485,8 +485,8 @@ def _export_model(args: argparse.Namespace, run: Any) -> int:
                   "IMAGE...` predicts with onnxruntime + numpy + pillow (no torch)", file=sys.stderr)
         q = report.get("int8")
         if q:
-            print(f"int8: {Path(q['path']).name} ({q['bytes_int8'] / 1e6:.1f} MB, float32 {q['bytes_float32'] / 1e6:.1f}"
-                  f" MB); validation accuracy {q['val_acc_float32']:.4f} -> {q['val_acc_int8']:.4f} "
+            print(f"{q['method']}: {Path(q['path']).name} ({q['bytes_int8'] / 1e6:.1f} MB, float32 "
+                  f"{q['bytes_float32'] / 1e6:.1f} MB); validation accuracy {q['val_acc_float32']:.4f} -> {q['val_acc_int8']:.4f} "
                   f"({100 * q['val_acc_change']:+.2f} points) on {q['images']} images (onnxruntime), "
                   f"same top-1 as float32 on {100 * q['top1_agreement']:.1f}%", file=sys.stderr)
     if parity and not parity["ok"]:
@@ -645,8 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="script (default): a Python file, no engine import | onnx: RUN.onnx with classes and "
                         "preprocessing in its metadata, and predict_onnx.py beside it | torchscript: RUN.pt | "
                         "safetensors: RUN.safetensors + RUN.json")
-    p.add_argument("--quantize", choices=["int8"], help="onnx: also write RUN.int8.onnx (onnxruntime dynamic "
-                   "quantisation) and report the validation accuracy of both")
+    p.add_argument("--quantize", choices=["int8", "int8-static"],
+                   help="onnx: also write RUN.int8.onnx and report the validation accuracy of both (onnxruntime); "
+                        "int8: dynamic quantisation, no data needed; int8-static: per-channel QDQ calibrated on 64 "
+                        "training images (keeps CNN accuracy far better)")
     p.add_argument("-o", "--output", help="file to write (default: standard output for script, RUN_ID.onnx/.pt/"
                    ".safetensors otherwise)")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")

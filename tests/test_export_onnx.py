@@ -208,6 +208,17 @@ def test_int8_export_reports_the_validation_accuracy_change(trained, photos, no_
     assert q["val_acc_float32"] == pytest.approx(engine_eval.val_acc)  # onnxruntime float == PyTorch
     assert q["val_acc_change"] == pytest.approx(q["val_acc_int8"] - q["val_acc_float32"])
     assert 0.0 <= q["top1_agreement"] <= 1.0
+    assert "dynamic" in q["method"]
+    got = predict_onnx(tmp_path / "predict_onnx.py", int8, photos[:3], no_torch, top_k=2)
+    assert all(len(r["topk"]) == 2 for r in got)
+
+    # static: per-channel QDQ, activation ranges calibrated on the run's training images
+    assert main(["export", "tiny", "--out", str(trained.path.parent), "--format", "onnx", "-o", str(target),
+                 "--quantize", "int8-static", "--json"]) == 0
+    q = json.loads(capsys.readouterr().out)["int8"]
+    assert "static" in q["method"] and "calibrated on" in q["method"]
+    assert q["val_acc_float32"] == pytest.approx(engine_eval.val_acc) and 0.0 <= q["val_acc_int8"] <= 1.0
+    assert q["bytes_int8"] < q["bytes_float32"] / 2
     got = predict_onnx(tmp_path / "predict_onnx.py", int8, photos[:3], no_torch, top_k=2)
     assert all(len(r["topk"]) == 2 for r in got)
 

@@ -41,9 +41,12 @@ def onnx_package(handle: ModelHandle, extra: dict[str, Any] | None = None) -> tu
         return buf.getvalue(), result
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """onnxruntime's dynamic quantisation (INT8 weights, activations quantised at run time); the
-    metadata of ``source`` is kept."""
+def quantize_int8(source: Path, target: Path, calibration: list[np.ndarray] | None = None) -> str:
+    """INT8 weights with onnxruntime; returns the method. Without ``calibration``: dynamic quantisation
+    (``quantize_dynamic``: activations quantised at run time, no data needed). With it (a list of
+    preprocessed (3, H, W) images): static QDQ quantisation, per-channel weights, activation ranges
+    calibrated on those images, which keeps a CNN's accuracy far better (depthwise convolutions
+    suffer most from dynamic quantisation). The metadata of ``source`` is kept."""
     import logging
 
     import onnx
@@ -51,13 +54,78 @@ def quantize_int8(source: Path, target: Path) -> None:
 
     logging.disable(logging.WARNING)  # "consider pre-processing" on the root logger: advice, not a problem
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        if calibration is None:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+            method = "int8 dynamic (onnxruntime quantize_dynamic)"
+        else:
+            _quantize_static(source, target, calibration)
+            method = f"int8 static QDQ, per-channel, calibrated on {len(calibration)} training images"
+    except EngineError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the quantiser raises anything on an unusual graph
         raise EngineError(f"INT8 quantisation failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
     finally:
         logging.disable(logging.NOTSET)
     meta = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
-    write_onnx_metadata(target, {**meta, "quantization": "int8 dynamic (onnxruntime quantize_dynamic)"})
+    write_onnx_metadata(target, {**meta, "quantization": method})
+    return method
+
+
+def _quantize_static(source: Path, target: Path, calibration: list[np.ndarray]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise EngineError("INT8 static quantisation needs calibration images; the run's training split has none.")
+    name = _session(source).get_inputs()[0].name
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{name: x[None].astype(np.float32)} for x in calibration])
+
+        def get_next(self):  # noqa: ANN201 - onnxruntime's interface
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "pre.onnx"
+        try:  # shape inference + graph optimisation, as onnxruntime advises before quantising
+            quant_pre_process(str(source), str(model))
+        except Exception:  # noqa: BLE001 - optional: quantise the exported graph as it is
+            model = source
+        quantize_static(str(model), str(target), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+
+
+def calibration_images(run: RunDir, count: int = 64) -> list[np.ndarray]:
+    """Up to ``count`` images of the run's training split through the eval transform (spread over the
+    split, so every class is likely present)."""
+    ds, indices, transform = _split_data(run, "train")
+    step = max(1, len(indices) // count)
+    dataset = _dataset(ds, indices[::step][:count], transform)
+    return [dataset[i][0].numpy() for i in range(len(dataset)) if i not in dataset.substituted]
+
+
+def _split_data(run: RunDir, which: str):
+    from engine.config import TrainConfig
+    from engine.data.datasets import load_source
+    from engine.data.splits import split_indices
+    from engine.data.transforms import eval_transform
+    from engine.runs.load import load_run_model
+
+    config = TrainConfig.from_dict(run.config())
+    spec = load_run_model(run.path).spec
+    ds = load_source(config.data, work_dir=str(run.path))
+    if list(ds.class_names) != list(spec.class_names):
+        raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes than its data has; "
+                          "the exported models cannot be scored or calibrated on that data.")
+    train, val = split_indices(ds, config)
+    return ds, (train if which == "train" else val), eval_transform(spec)
+
+
+def _dataset(ds, indices, transform):
+    from engine.data.datasets import TransformDataset
+
+    return TransformDataset(ds, indices, transform)
 
 
 def _session(path: Path):
@@ -85,20 +153,8 @@ def onnx_validation_accuracy(run: RunDir, models: dict[str, Path], batch: int = 
     """Accuracy of each ONNX file on the run's own validation split, computed with onnxruntime on the
     engine's eval transform (images unreadable since training are left out). Also how often the
     models agree with the first one on top-1."""
-    from engine.config import TrainConfig
-    from engine.data.datasets import TransformDataset, load_source
-    from engine.data.splits import split_indices
-    from engine.data.transforms import eval_transform
-    from engine.runs.load import load_run_model
-
-    config = TrainConfig.from_dict(run.config())
-    spec = load_run_model(run.path).spec
-    ds = load_source(config.data, work_dir=str(run.path))
-    if list(ds.class_names) != list(spec.class_names):
-        raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes than its data has; "
-                          "the exported models cannot be scored on that data.")
-    _, indices = split_indices(ds, config)
-    dataset = TransformDataset(ds, indices, eval_transform(spec))
+    ds, indices, transform = _split_data(run, "val")
+    dataset = _dataset(ds, indices, transform)
     sessions = {name: _session(path) for name, path in models.items()}
     preds: dict[str, list[np.ndarray]] = {name: [] for name in models}
     labels: list[int] = []

@@ -1,7 +1,8 @@
 """``python -m engine export RUN --format onnx|torchscript|safetensors``: a run's best model as files.
 
 onnx: RUN.onnx (class names + preprocessing in its metadata) and predict_onnx.py beside it;
-``quantize="int8"`` adds RUN.int8.onnx and the validation accuracy of both under onnxruntime.
+``quantize="int8"`` (dynamic) or ``"int8-static"`` (calibrated on training images) adds
+RUN.int8.onnx and the validation accuracy of both under onnxruntime.
 torchscript: RUN.pt (traced). safetensors: RUN.safetensors + RUN.json (classes, preprocessing,
 architecture; ``create_model(NAME, weights='RUN.safetensors')`` reads both). Every file is checked
 against the PyTorch model before it is reported, and written by rename (never half a file).
@@ -19,6 +20,7 @@ from engine.core.files import atomic_write_bytes
 from engine.runs.store import RunDir
 
 FORMATS = ("script", "onnx", "torchscript", "safetensors")
+QUANTIZE = ("int8", "int8-static")  # onnxruntime dynamic | static QDQ calibrated on training images
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 
 
@@ -59,8 +61,8 @@ def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str |
         raise EngineError(f"unknown export format '{fmt}'; use one of: {', '.join(FORMATS)}.")
     if quantize and fmt != "onnx":
         raise EngineError(f"--quantize {quantize} applies to --format onnx only.")
-    if quantize not in (None, "int8"):
-        raise EngineError(f"unknown quantisation '{quantize}'; use int8.")
+    if quantize not in (None, *QUANTIZE):
+        raise EngineError(f"unknown quantisation '{quantize}'; use {' or '.join(QUANTIZE)}.")
     target = output_path(run, fmt, output)
     extra = {"run_id": run.run_id}
     handle = load_run_model(run.path)  # best weights; a damaged run or one without them is refused here
@@ -78,13 +80,13 @@ def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str |
         report["parity"] = result.to_dict()
         files = [target]
         if fmt == "onnx" and quantize:
-            from engine.outputs.onnx_export import onnx_validation_accuracy, quantize_int8
+            from engine.outputs.onnx_export import calibration_images, onnx_validation_accuracy, quantize_int8
 
             quantized = Path(tmp) / "model.int8.onnx"
-            quantize_int8(staged, quantized)
+            method = quantize_int8(staged, quantized, calibration_images(run) if quantize == "int8-static" else None)
             scores = onnx_validation_accuracy(run, {"float32": staged, "int8": quantized})
             acc = scores["accuracy"]
-            report["int8"] = {"path": str(int8_path(target)), "images": scores["images"],
+            report["int8"] = {"path": str(int8_path(target)), "method": method, "images": scores["images"],
                               "val_acc_float32": acc["float32"], "val_acc_int8": acc["int8"],
                               "val_acc_change": acc["int8"] - acc["float32"],
                               "top1_agreement": scores["agreement"]["int8"],
