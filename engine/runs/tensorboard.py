@@ -13,13 +13,15 @@ the event files of earlier starts. So the folder always describes exactly the co
 the ones after them, once each, whatever a kill left behind: epochs past the commit, an epoch whose
 commit landed but whose event did not (kill -9 between the two), a torn last record. A kill between
 the replay and the removal leaves both files for a moment; the new file begins with a SessionLog
-START at step 0, which makes TensorBoard's reader drop what came before it, so the later values win.
+START at step 0, which makes TensorBoard's Python readers drop what came before it (the default Rust
+data server drops a tag's later steps whenever a step repeats), so the later values win.
 The cost: replayed epochs carry the wall time of the resume (the Step axis, the epoch, is exact).
 
 The writer never breaks or slows a training: the import is lazy (+4.4 MB RSS in a training process,
 measured with psutil), an epoch's write and flush take well under a millisecond (a start replaying
 300 epochs about 0.1 s), and the first failure (package missing, disk full, ``tb`` not a folder) is
-logged once, after which this run writes no more events.
+logged once (a warning on stderr: a background run's log.txt), after which this run writes no
+more events.
 """
 from __future__ import annotations
 
