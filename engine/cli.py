@@ -151,6 +151,31 @@ def _progress_printer(enabled: bool):
     return emit
 
 
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """What a training is: model, data, freeze plan and settings (train and lr-find share them)."""
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
+    p.add_argument("--data", default="digits", help="digits | lfw | FOLDER | ZIP")
+    p.add_argument("--strategy", default="full", help="feature-extraction | full | last-n:N")
+    p.add_argument("--unfreeze", help="gradual unfreezing: EPOCHS:STAGES,... e.g. 2:1,3:3 = after 2 epochs the top backbone stage "
+                   "trains too, after 3 epochs the top three")
+    p.add_argument("--bn", default="freeze", choices=["freeze", "adapt", "train"])
+    p.add_argument("--lr", type=float, default=2e-3, help="head learning rate")
+    p.add_argument("--backbone-lr-ratio", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=1)
+    _add_batch_args(p)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--max-per-class", type=int)
+    p.add_argument("--augment", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--feature-cache", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
+    p.add_argument("--monitor", default="val_acc", choices=["val_acc", "val_loss"])
+
+
 def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step")
     p.add_argument("--memory-budget", help="peak memory the training may use, e.g. 1.5GB (default: the "
@@ -432,6 +457,74 @@ def _runs_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from engine.lab.feature_map import model_map, run_maps
+    from engine.models.registry import resolve
+
+    try:
+        resolve(args.source)
+        is_model = True
+    except EngineError:
+        is_model = False
+    if is_model:
+        if not args.data:
+            raise EngineError("a model needs --data (digits, lfw or a folder) to map.")
+        maps = [model_map(args.source, args.data, weights=args.weights, image_size=args.image_size, method=args.method,
+                          k=args.k, max_per_class=args.max_per_class)]
+    else:
+        from engine.runs.store import open_run
+
+        maps = run_maps(str(open_run(args.out, args.source).path), method=args.method, k=args.k)
+    if args.json:
+        _print_json([m.to_dict() for m in maps])
+        return 0
+    for m in maps:
+        axes = f"; PCA axes explain {100 * sum(m.explained):.0f}% of the variance" if m.explained else ""
+        print(f"{m.model}: {len(m.points)} images, {m.dims} features, {m.k}-NN accuracy {m.knn_acc:.3f}{axes}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.config import TrainConfig
+    from engine.core.files import read_json
+    from engine.lab.lr_find import SweepJob, lr_find, run_sweep_job
+
+    if args.config:
+        data = read_json(Path(args.config), None)
+        if not isinstance(data, dict):
+            raise EngineError(f"{args.config} is not a readable config.json.")
+        config = TrainConfig.from_dict(data)
+    else:
+        config = _config_from_args(args)
+    if args.save:
+        sweep = run_sweep_job(config, SweepJob(args.save), steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    else:
+        live = sys.stderr.isatty() and not args.json
+
+        def progress(step: int, lr: float, loss: float) -> None:
+            if live:
+                sys.stderr.write(f"\rstep {step}/{args.steps}: lr {lr:.2e}, loss {loss:.4f} ")
+
+        sweep = lr_find(config, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, on_point=progress)
+        if live:
+            sys.stderr.write("\n")
+    if args.json:
+        _print_json(sweep.to_dict())
+        return 0
+    every = max(1, len(sweep.lrs) // 12)
+    for lr, loss, smooth in list(zip(sweep.lrs, sweep.losses, sweep.smoothed))[::every]:
+        print(f"lr {lr:10.2e}   loss {loss:8.4f}   smoothed {smooth:8.4f}")
+    print(f"ended: {sweep.ended}")
+    if sweep.suggestion is None:
+        print("no suggestion: the loss never fell; try a wider range (--start-lr, --end-lr) or more --steps")
+    else:
+        print(f"suggested head LR: {sweep.suggestion:.2e} ({sweep.rule}); minimum/10: {sweep.min_over_10:.2e}; "
+              f"the plan's was {sweep.head_lr:g}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -574,27 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("train", help="train a model on images (a run directory records everything)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
-    p.add_argument("--data", default="digits", help="digits | lfw | FOLDER | ZIP")
-    p.add_argument("--strategy", default="full", help="feature-extraction | full | last-n:N")
-    p.add_argument("--unfreeze", help="gradual unfreezing: EPOCHS:STAGES,... e.g. 2:1,3:3 = after 2 epochs the top backbone stage "
-                   "trains too, after 3 epochs the top three")
-    p.add_argument("--bn", default="freeze", choices=["freeze", "adapt", "train"])
-    p.add_argument("--lr", type=float, default=2e-3, help="head learning rate")
-    p.add_argument("--backbone-lr-ratio", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=1)
-    _add_batch_args(p)
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--max-per-class", type=int)
-    p.add_argument("--augment", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--feature-cache", default="auto", choices=["auto", "on", "off"])
-    p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
-    p.add_argument("--monitor", default="val_acc", choices=["val_acc", "val_loss"])
+    _add_recipe_args(p)
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--resume", help="continue a run (id or path) from its last checkpoint")
     p.add_argument("--background", action="store_true", help="start in a separate process and return")
@@ -602,6 +675,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-existing", dest="resume_flag", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lr-find", help="sweep the learning rate on a fresh copy of the model and suggest one "
+                                       "(nothing is saved to a run)")
+    _add_recipe_args(p)
+    p.add_argument("--config", help="a run's config.json to take the recipe from (instead of the options above)")
+    p.add_argument("--steps", type=_at_least(5, 10_000), default=100, help="optimizer steps in the sweep")
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=1.0)
+    p.add_argument("--save", help=argparse.SUPPRESS)  # the app's background job file
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser("features", help="the feature space the head sees: 2-D map and k-NN separability, for a "
+                                        "pretrained model or a run (beside its pretrained backbone)")
+    p.add_argument("source", help="a model name (timm:..., tv:...) or a run (id in --out, or folder)")
+    p.add_argument("--data", help="model: digits | lfw | FOLDER (a run uses its own validation images)")
+    p.add_argument("--weights", default="packaged", help="model: packaged|hub|none|PATH")
+    p.add_argument("--image-size", type=_at_least(8, 4096))
+    p.add_argument("--max-per-class", type=_at_least(1, 10_000), default=50, help="model: images per class sampled")
+    p.add_argument("--method", default="pca", choices=["pca", "umap"])
+    p.add_argument("--k", type=_at_least(1, 100), default=5, help="neighbours of the k-NN score")
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("compare", help="train several strategies on the same data, split and budget")
     p.add_argument("--model", default=DEFAULT_MODEL)

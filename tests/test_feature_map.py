@@ -48,3 +48,17 @@ def test_a_run_is_mapped_beside_its_pretrained_backbone_on_the_same_images(tmp_p
     assert before.sources == after.sources and len(after.points) == 40
     assert before.model.startswith("pretrained") and run.run_id in after.model
     assert after.knn_acc > before.knn_acc  # training made the classes separable
+
+
+def test_the_cli_maps_a_model_and_refuses_what_it_cannot_map(tmp_path):
+    import json
+
+    from tests.hostile._cli import engine
+
+    ran = engine("features", "timm:efficientnet_lite0", "--data", "lfw", "--image-size", "64", "--max-per-class", "20",
+                 "--json")
+    assert ran.rc == 0, ran.err[-2000:]
+    (only,) = json.loads(ran.out)
+    assert len(only["points"]) == len(only["labels"]) == 8 and 0 <= only["knn_acc"] <= 1 and only["method"] == "pca"
+    engine("features", "timm:efficientnet_lite0").assert_one_line_error("needs --data")
+    engine("features", "no-such-run", "--out", str(tmp_path)).assert_one_line_error("no run at")

@@ -219,6 +219,19 @@ def test_a_run_trains_validates_and_tests_on_exactly_the_folders(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["test_acc"] == pytest.approx(test["acc"], abs=1e-6)
 
+    # the standalone script reads class folders: it would train on "train"/"val"/"test" as classes, so
+    # it is refused with the reason, and a bundle's reproduce.py says so instead of training
+    script = subprocess.run([sys.executable, "-m", "engine", "export", run.run_id, "--out", str(tmp_path / "runs")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert script.returncode == 2 and "laid out otherwise" in script.stderr and "Traceback" not in script.stderr
+    from engine.outputs.code import script_for_run
+    from engine.runs.bundle import export_bundle, import_bundle
+
+    other = import_bundle(export_bundle(run, script_for=script_for_run), tmp_path / "other", display_name="b.zip")
+    reproduce = subprocess.run([sys.executable, str(other.path / "reproduce.py")], capture_output=True, text=True,
+                               timeout=60)
+    assert reproduce.returncode == 1 and "laid out otherwise" in reproduce.stderr
+
 
 def test_a_run_without_a_test_split_records_none(tmp_path):
     split_folders(tmp_path / "d", per_split={"train": 6, "val": 3})

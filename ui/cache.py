@@ -146,3 +146,14 @@ def val_image(data: str, index: int, target: int, thumb: int | None = None):
     if thumb:
         image.thumbnail((thumb, thumb))
     return image
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def script_problem(run_path: str, config_json: str) -> str | None:
+    """Why a run gets no standalone script (its data's layout), or None; scanned once per run and config."""
+    import json
+
+    from engine.config import TrainConfig
+    from engine.outputs.code import script_unsupported
+
+    return script_unsupported(TrainConfig.from_dict(json.loads(config_json)), run_path)

@@ -5,6 +5,8 @@ A run bundle (engine/runs/bundle.py) is how a run outlives a server whose disk i
 """
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -17,7 +19,7 @@ from engine.outputs.export import export_to_bytes, weights_bundle
 from engine.outputs.onnx_export import onnx_package
 from engine.runs.bundle import export_bundle, import_bundle
 from engine.runs.store import RunDir, delete_run, describe_run, list_runs, open_run
-from ui.cache import load_trained
+from ui.cache import load_trained, script_problem
 from ui.errors import public_message, show_error
 from ui.state import SELECTED_RUN
 from ui.widgets import hosted_banner
@@ -107,7 +109,10 @@ def _export_and_code(run, tab_export, tab_code) -> None:
                         st.download_button(f"Download {fmt}", data, file_name=f"{run.run_id}.pt")
     with tab_code:
         names = (run.checkpoint_meta("best") or run.checkpoint_meta("last") or {}).get("class_names")
-        if not names:
+        problem = script_problem(str(run.path), json.dumps(run.config(), sort_keys=True))
+        if problem:
+            st.info(f"No script: {problem}.")
+        elif not names:
             st.info("The run has not finished an epoch yet, so its classes are unknown.")
         else:
             script = generate_script(config, names, run.run_id, run.status().micro_batch)

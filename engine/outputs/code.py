@@ -224,9 +224,33 @@ def generate_script(config: TrainConfig, class_names: list[str], run_id: str = "
     return before + render_settings(settings, header) + after
 
 
+def script_unsupported(config: TrainConfig, work_dir: str | None = None) -> str | None:
+    """Why the standalone script cannot reproduce this run's data, or None.
+
+    The script reads the built-in sets or one folder per class with a random stratified split; train/
+    val/ test/ folders and labels CSVs would be read as classes named "train", "val" ... - a different
+    training. Such runs are refused rather than given a script that silently trains on other data.
+    """
+    from engine.data.datasets import BUILTIN, CLASSES_NOTE, load_source
+
+    if config.data in BUILTIN:
+        return None
+    try:
+        layout = load_source(config.data, work_dir=work_dir).layout
+    except EngineError:
+        return None  # unreadable data is said by the caller's own path (classes from the checkpoint)
+    if layout and layout != CLASSES_NOTE:
+        return (f"the standalone script reads one folder per class with a random split; this run's data is laid out "
+                f"otherwise ({layout.split(':')[0]}), so no script is written for it")
+    return None
+
+
 def script_for_run(run: RunDir) -> str:
     """The script for a run folder; classes from its checkpoint, or from its data before one exists."""
     config = TrainConfig.from_dict(run.config())
+    why = script_unsupported(config, str(run.path))
+    if why:
+        raise EngineError(f"Run {run.run_id}: {why}.")
     meta = run.checkpoint_meta("best") or run.checkpoint_meta("last") or {}
     names = meta.get("class_names")
     if not isinstance(names, list) or not names:

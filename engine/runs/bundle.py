@@ -103,7 +103,10 @@ def write_bundle(run: RunDir, out: IO[bytes], *, script_for: Callable[[RunDir], 
     """
     check_exportable(run)
     status = run.status()
-    script = script_for(run)
+    try:
+        script = script_for(run)
+    except EngineError as exc:  # e.g. data the script cannot read: the bundle says why instead
+        script = f"# {exc}\nraise SystemExit({str(exc)!r})\n"
     files: dict[str, dict[str, Any]] = {}
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in ("config.json", "metrics.jsonl", WEIGHTS):
