@@ -132,3 +132,38 @@ def test_a_background_sweep_waits_its_turn_reports_and_can_be_cancelled_in_line(
     done = _until(job, ("finished", "failed", "cancelled"))
     assert done["state"] == "finished", done
     assert len(done["points"]) == len(done["sweep"]["lrs"]) >= 5 and done["sweep"]["feature_cache"]
+
+
+def test_the_training_page_sweeps_in_the_background_and_applies_the_suggestion(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from engine.lab.lr_find import SweepJob
+    from tests.conftest import ROOT
+    from ui.lr_finder import JOB
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    at = AppTest.from_file(str(ROOT / "views" / "training.py"), default_timeout=180)
+    at.session_state["active_model"] = "timm:test_resnet"
+    at.session_state["active_weights"] = "none"
+    at.session_state["active_num_classes"] = None
+    at.run()
+    for label, value in (("Image size", 32), ("Batch size", 16), ("Max images per class (0: all)", 20),
+                         ("Sweep steps", 20)):
+        next(n for n in at.number_input if n.label == label).set_value(value)
+    at.run()
+    next(b for b in at.button if b.label == "Start the sweep").click()
+    at.run()
+    assert not at.exception
+    job = SweepJob(at.session_state[JOB])
+    done = _until(job, ("finished", "failed", "cancelled", "interrupted"))
+    assert done["state"] == "finished", done
+    at.run()
+    suggestion = done["sweep"]["suggestion"]
+    assert suggestion is not None
+    apply = next(b for b in at.button if b.label.startswith("Use ") and b.label.endswith("as the head LR"))
+    apply.click()
+    at.run()
+    assert not at.exception
+    assert at.session_state["freeze_plan"]["head_lr"] == pytest.approx(float(f"{suggestion:.2e}"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing saved to a run

@@ -18,6 +18,7 @@ from engine.runs.queue import device_queue
 from engine.runs.store import active_runs, create_run, describe_run, extend_run, list_runs, open_run
 from ui.cache import dataset_overview
 from ui.errors import show_error
+from ui.lr_finder import lr_finder
 from ui.run_panel import live_panel
 from ui.state import PLAN, SELECTED_RUN, active
 from ui.uploads import save_upload
@@ -107,6 +108,20 @@ budget = c9.text_input("Memory budget", "", placeholder=f"auto: {format_size(det
 micro = c10.number_input("Micro-batch (0: automatic)", 0, 1024, 0,
                          help="Images per forward/backward pass; 0 picks the largest that fits the budget and is fast.")
 
+
+def current_config() -> TrainConfig:
+    """What Start would train now (also what the LR finder sweeps); refused settings raise."""
+    config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
+                         batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
+                         augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
+                         seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
+                         micro_batch=int(micro) or None)
+    config.check_hosted()
+    return config
+
+
+lr_finder(current_config, enabled=bool(overview) and not overview["problems"])
+
 busy = active_runs(runs_root())
 device_free = device_lock("auto").is_free()
 waiting = len(device_queue("auto").line())
@@ -120,12 +135,7 @@ can_start = bool(overview) and not overview["problems"]
 start_box = st.container()
 if st.button("Start training", type="primary", disabled=not can_start):
     try:
-        config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
-                             batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
-                             augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
-                             seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
-                             micro_batch=int(micro) or None)
-        config.check_hosted()
+        config = current_config()
     except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
         show_error(exc, start_box)
     else:
