@@ -19,6 +19,7 @@ PAGES = [
     st.Page("views/inference.py", title="Inference", icon=":material/image_search:"),
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("views/evaluate.py", title="Evaluate", icon=":material/analytics:"),
+    st.Page("views/feature_map.py", title="Feature space", icon=":material/scatter_plot:"),
     st.Page("views/runs.py", title="Runs", icon=":material/folder_open:"),
 ]
 

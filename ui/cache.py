@@ -157,3 +157,33 @@ def script_problem(run_path: str, config_json: str) -> str | None:
     from engine.outputs.code import script_unsupported
 
     return script_unsupported(TrainConfig.from_dict(json.loads(config_json)), run_path)
+
+
+@st.cache_data(show_spinner="Embedding the images and projecting them...", max_entries=8)
+def model_feature_map(model: str, weights: str, data: str, image_size: int, method: str, k: int, max_images: int):
+    """A pretrained model's feature-space map of a dataset's validation images (engine.lab.feature_map),
+    keyed by every input: a rerun, or a change of page and back, never embeds again."""
+    from engine.lab.feature_map import model_map
+
+    return model_map(model, data, weights=weights, image_size=image_size, method=method, k=k, max_per_class=None,
+                     max_images=max_images)
+
+
+@st.cache_data(show_spinner="Embedding the validation images with both models...", max_entries=8)
+def run_feature_maps(run_path: str, mtime: float, method: str, k: int, max_images: int) -> list:
+    """A run's map beside its pretrained backbone's, keyed by the best checkpoint's mtime too."""
+    from engine.lab.feature_map import run_maps
+
+    return run_maps(run_path, method=method, k=k, max_images=max_images)
+
+
+@st.cache_resource(show_spinner=False)
+def umap_problem() -> str | None:
+    """Why UMAP cannot be offered (umap-learn missing or broken), or None; imported once per process."""
+    try:
+        import umap  # noqa: F401 - optional: umap-learn
+    except ImportError:
+        return "UMAP needs the umap-learn package, which is not installed here (pip install umap-learn); PCA works."
+    except Exception as exc:  # noqa: BLE001 - a broken install (numba, llvmlite) is as good as none
+        return f"umap-learn is installed but does not import ({exc.__class__.__name__}); PCA works without it."
+    return None

@@ -1,4 +1,4 @@
-"""Widgets several pages share: the run picker and the active-model sidebar.
+"""Widgets several pages share: the run picker, a data picker and the active-model sidebar.
 """
 from __future__ import annotations
 
@@ -31,6 +31,27 @@ def pick_trained_run(label: str = "Run"):
                         format_func=lambda i: f"{i} · {runs[ids.index(i)].config().get('model')}")
     st.session_state[SELECTED_RUN] = pick
     return runs[ids.index(pick)]
+
+
+DATA_CHOICES = {"digits": "digits (built-in)", "lfw": "lfw faces (built-in)", "folder": "folder in the data directory"}
+
+
+def pick_data_source(key: str = "data_source") -> str | None:
+    """Built-in digits, LFW faces or a folder inside the data directory (the Training page's choices
+    less the zip upload); returns what ``load_source`` reads, or None (with a hint) when no folder is
+    there to pick. Raises EngineError for a folder name that leads outside the data directory."""
+    from engine.core.paths import data_root, resolve_data_path
+
+    choice = st.radio("Data", list(DATA_CHOICES), format_func=DATA_CHOICES.get, horizontal=True, key=key)
+    if choice != "folder":
+        return choice
+    root = data_root()
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "uploads") if root.is_dir() else []
+    if not folders:
+        st.info("No folders in the data folder yet: copy a dataset there (one sub-folder per class, train/ val/ "
+                "folders of class folders, or images with a labels.csv), or upload a zip on the Training page.")
+        return None
+    return str(resolve_data_path(st.selectbox("Folder", folders, key=f"{key}_folder")))
 
 
 HOSTED_BANNER = ("**Hosted mode** (a shared server): runs vanish when this server restarts unless you export them "

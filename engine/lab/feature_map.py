@@ -43,6 +43,7 @@ class FeatureMap:
     k: int
     dims: int  # feature size before the projection
     explained: list[float] = field(default_factory=list)  # PCA: variance share of the two axes
+    indices: list[int] = field(default_factory=list)  # each point's index in the dataset (for its image)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,7 +119,7 @@ def feature_map(handle: ModelHandle, ds: ImageSet, indices: Sequence[int], *, na
     points, explained = project(features, method, seed)
     return FeatureMap(model=name, method=method, points=points, labels=labels, class_names=list(ds.class_names),
                       sources=[ds.sources[i] for i in indices], knn_acc=knn_accuracy(features, labels, k), k=k,
-                      dims=int(features.shape[1]), explained=explained)
+                      dims=int(features.shape[1]), explained=explained, indices=[int(i) for i in indices])
 
 
 def run_maps(run_dir: str, *, method: str = "pca", k: int = 5, max_images: int = 1000) -> list[FeatureMap]:
@@ -144,8 +145,10 @@ def run_maps(run_dir: str, *, method: str = "pca", k: int = 5, max_images: int =
 
 
 def model_map(model: str, data: str, *, weights: str = "packaged", image_size: int | None = None,
-              method: str = "pca", k: int = 5, max_per_class: int = 50, seed: int = 0) -> FeatureMap:
-    """A pretrained backbone's map of a dataset's validation images (the default 80/20 split)."""
+              method: str = "pca", k: int = 5, max_per_class: int | None = 50, max_images: int | None = None,
+              seed: int = 0) -> FeatureMap:
+    """A pretrained backbone's map of a dataset's validation images (the default 80/20 split), at most
+    ``max_images`` of them when given (taken evenly over classes)."""
     from dataclasses import replace
 
     from engine.config import TrainConfig
@@ -156,6 +159,8 @@ def model_map(model: str, data: str, *, weights: str = "packaged", image_size: i
     ds = load_source(data)
     config = TrainConfig(model=model, weights=weights, data=data, max_per_class=max_per_class, split_seed=seed)
     _train, val = split_indices(ds, config)
+    if max_images:
+        val = _evenly(val, ds.labels, max_images)
     handle = create_model(model, weights=weights, class_names=list(ds.class_names))
     if image_size:
         handle.spec = replace(handle.spec, input_size=(3, image_size, image_size))

@@ -1,0 +1,135 @@
+"""The Feature space page through AppTest: a pretrained model's map, a run beside its backbone, the
+cache (a rerun never embeds again), errors as messages, and the entry point listing the page."""
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import engine.lab.feature_map as feature_map
+from tests.conftest import ROOT
+from tests.test_app import TINY, by_label, page
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    """Runs and data of these tests go to a temp folder, never the project's; the page's caches start empty."""
+    from ui.cache import model_feature_map, run_feature_maps
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    model_feature_map.clear()
+    run_feature_maps.clear()
+    return tmp_path
+
+
+def counted(monkeypatch, name: str) -> list:
+    """Count calls of engine.lab.feature_map.<name> (ui.cache imports it at call time)."""
+    calls: list = []
+    real = getattr(feature_map, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(feature_map, name, wrapper)
+    return calls
+
+
+def charts(at: AppTest) -> list[str]:
+    return [str(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def test_pretrained_mode_maps_lfw_with_its_score_and_a_rerun_does_not_embed_again(monkeypatch):
+    calls = counted(monkeypatch, "model_map")
+    at = page("feature_map.py")
+    at.session_state["fm_data"] = "lfw"
+    at.session_state["fm_size"] = 32
+    at.run()
+    assert not at.exception, at.exception
+    (chart,) = charts(at)
+    assert "pretrained: k-NN accuracy" in chart and "-D features" in chart
+    assert '"non-face"' in chart and '"face"' in chart  # one trace (colour) per class
+    assert "lfw[" in chart  # the hover names each image
+    assert any("k-NN accuracy **" in m.value and "random weights" in m.value for m in at.markdown)
+    assert len(calls) == 1
+    at.run()
+    at.run()
+    assert not at.exception and len(charts(at)) == 1
+    assert len(calls) == 1, "a rerun recomputed the map"
+    by_label(at.number_input, "k (neighbours that vote)").set_value(3).run()
+    assert not at.exception and len(calls) == 2  # a new option is a new key
+
+
+def test_projection_offers_umap_only_when_it_imports():
+    at = page("feature_map.py")
+    at.session_state["fm_data"] = "lfw"
+    at.session_state["fm_size"] = 32
+    at.run()
+    projection = by_label(at.radio, "Projection")
+    try:
+        import umap  # noqa: F401
+    except Exception:  # noqa: BLE001
+        assert projection.disabled and any("umap-learn" in c.value for c in at.caption)
+    else:
+        assert not projection.disabled
+
+
+@pytest.fixture
+def tiny_run(isolated_dirs):
+    """A finished tiny run in the isolated runs folder (as tests/test_bundle.py trains it)."""
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
+
+    config = TrainConfig(model=TINY, weights="none", data="lfw", image_size=32, max_per_class=12, epochs=1,
+                         num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
+    run = create_run(isolated_dirs / "runs", config.to_dict())
+    assert fit(config, run).status == "finished"
+    return run
+
+
+def test_run_mode_shows_pretrained_beside_fine_tuned_with_both_scores(tiny_run, monkeypatch):
+    calls = counted(monkeypatch, "run_maps")
+    at = page("feature_map.py")
+    at.session_state["fm_mode"] = "a run"
+    at.run()
+    assert not at.exception, at.exception
+    before, after = charts(at)
+    assert "pretrained: k-NN accuracy" in before and "after fine-tune: k-NN accuracy" in after
+    assert any("Pretrained **" in m.value and "after fine-tune **" in m.value for m in at.markdown)
+    at.run()
+    assert not at.exception and len(charts(at)) == 2
+    assert len(calls) == 1, "a rerun recomputed the maps"
+
+
+def test_unreadable_data_is_a_message_not_a_traceback(isolated_dirs):
+    (isolated_dirs / "data" / "notes" / "only").mkdir(parents=True)
+    (isolated_dirs / "data" / "notes" / "only" / "a.jpg").write_bytes(b"not a jpeg")
+    at = page("feature_map.py")
+    at.session_state["fm_data"] = "folder"
+    at.run()
+    assert not at.exception, at.exception
+    assert at.error and not charts(at)
+
+
+def test_a_model_over_the_hosted_caps_is_a_message(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_HOSTED", "1")
+    at = page("feature_map.py", model="timm:vit_base_patch16_224")
+    at.run()
+    assert not at.exception, at.exception
+    assert any("M parameters" in e.value for e in at.error) and not charts(at)
+
+
+def test_the_entry_point_lists_the_page():
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=180)
+    at.session_state["active_model"] = TINY
+    at.session_state["active_weights"] = "none"
+    at.session_state["fm_data"] = "lfw"
+    at.session_state["fm_size"] = 32
+    at.run()
+    at.switch_page("views/feature_map.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.title[-1].value == "Feature space"
+    assert any("k-NN accuracy" in c for c in charts(at))
