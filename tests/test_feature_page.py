@@ -133,3 +133,29 @@ def test_the_entry_point_lists_the_page():
     assert not at.exception, at.exception
     assert at.title[-1].value == "Feature space"
     assert any("k-NN accuracy" in c for c in charts(at))
+
+
+def test_selecting_points_shows_their_images():
+    """What a click or lasso sends (AppTest has no plotly selection: the browser's message is sent as is)."""
+    import json
+
+    at = page("feature_map.py")
+    at.session_state["fm_data"] = "lfw"
+    at.session_state["fm_size"] = 32
+    at.run()
+    assert not at.get("image")
+    chart = at.get("plotly_chart")[0].proto
+    states = at._tree.get_widget_states()
+    picked = states.widgets.add()
+    picked.id = chart.id
+    points = [{"curve_number": 0, "point_index": 0, "point_number": 0},  # trace 0 is the first class, non-face
+              {"curve_number": 1, "point_index": 1, "point_number": 1},  # trace 1: face
+              {"curve_number": 1, "point_index": 1, "point_number": 1, "customdata": 10**6}]  # not on the map
+    picked.string_value = json.dumps({"selection": {"points": points, "point_indices": [0, 1], "box": [],
+                                                    "lasso": []}})
+    at._run(states)
+    assert not at.exception, at.exception
+    captions = [str(img.proto) for img in at.get("image")]
+    assert len(captions) == 2, captions
+    assert 'caption: "non-face: lfw[' in captions[0] and 'caption: "face: lfw[' in captions[1]
+    assert any("2 selected" in c.value for c in at.caption)

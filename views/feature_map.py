@@ -83,6 +83,7 @@ def _figure(fmap, heading: str) -> tuple[go.Figure, list[list[int]]]:
 def _selected(event, positions: list[list[int]]) -> list[int]:
     """Map positions of the selected points (customdata when the browser sends it, else trace + index)."""
     picked: list[int] = []
+    flat = sum(len(p) for p in positions)  # points on the map
     for pt in (event.selection.points if event else []):
         data = pt.get("customdata")
         if isinstance(data, list):
@@ -92,7 +93,7 @@ def _selected(event, positions: list[list[int]]) -> list[int]:
             if curve is None or index is None or curve >= len(positions) or index >= len(positions[curve]):
                 continue
             data = positions[curve][index]
-        if int(data) not in picked:
+        if 0 <= int(data) < flat and int(data) not in picked:
             picked.append(int(data))
     return picked
 
