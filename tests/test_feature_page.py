@@ -159,3 +159,17 @@ def test_selecting_points_shows_their_images():
     assert len(captions) == 2, captions
     assert 'caption: "non-face: lfw[' in captions[0] and 'caption: "face: lfw[' in captions[1]
     assert any("2 selected" in c.value for c in at.caption)
+
+
+def test_another_active_model_starts_from_its_own_image_size():
+    at = page("feature_map.py")
+    at.session_state["fm_data"] = "lfw"
+    at.session_state["fm_size"] = 32
+    at.run()
+    assert by_label(at.number_input, "Image size (px)").value == 32
+    at.session_state["active_model"] = "timm:efficientnet_lite0"
+    at.session_state["active_weights"] = "packaged"
+    at.session_state["fm_max"] = 20
+    at.run()
+    assert not at.exception, at.exception
+    assert by_label(at.number_input, "Image size (px)").value == 224

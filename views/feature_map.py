@@ -187,7 +187,10 @@ if mode == "a pretrained model":
         st.stop()
     limits = hosted_limits()
     top = limits.image_size if limits else 512
+    if st.session_state.get("fm_size_model", name) != name:  # another model: start from its own size
+        st.session_state["fm_size"] = min(own, top)
     st.session_state.setdefault("fm_size", min(own, top))
+    st.session_state["fm_size_model"] = name
     d1, d2 = st.columns([3, 1])
     with d1:
         try:
@@ -217,6 +220,8 @@ else:
     except Exception as exc:  # noqa: BLE001 - data gone or unreadable since training: a message
         show_error(exc)
         st.stop()
+    st.caption(f"{before.model} beside {after.model}, on the same {len(after.labels)} validation images; "
+               f"{after.k} neighbours vote.")
     left, right = st.columns(2)
     _plot(before, "pretrained", data, "fm_plot_before", left)
     _plot(after, "after fine-tune", data, "fm_plot_after", right)
