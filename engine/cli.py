@@ -174,6 +174,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
     p.add_argument("--monitor", default="val_acc", choices=["val_acc", "val_loss"])
+    p.add_argument("--balance", default="none", choices=["none", "weights", "sampler"],
+                   help="class imbalance: weights = class-weighted training loss (inverse frequency, mean 1), "
+                   "sampler = batches draw each class equally often (default: none)")
 
 
 def _add_batch_args(p: argparse.ArgumentParser) -> None:
@@ -196,7 +199,7 @@ def _config_from_args(args: argparse.Namespace):
         val_fraction=args.val_fraction, max_per_class=args.max_per_class, augment=args.augment,
         device=args.device, feature_cache=args.feature_cache, patience=args.patience,
         monitor=args.monitor, num_workers=args.workers, memory_budget=args.memory_budget,
-        micro_batch=args.micro_batch,
+        micro_batch=args.micro_batch, balance=args.balance,
     )
     config.check_hosted()  # on a shared server: refused before anything is on disk
     return config

@@ -17,6 +17,7 @@ from engine.core.errors import EngineError
 from engine.core.hosting import HostedLimits, hosted_limits
 from engine.core.memory import parse_size
 from engine.core.modes import evaluating
+from engine.data.balance import BALANCE_CHOICES
 from engine.freeze.plan import FreezePlan
 from engine.models.registry import DEFAULT_MODEL, resolve
 
@@ -96,6 +97,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_frac: float = 0.1  # share of all steps spent warming up
     label_smoothing: float = 0.0
+    balance: str = "none"  # none | weights (class-weighted training loss) | sampler (classes drawn equally often)
     grad_clip: float | None = None
     device: str = "auto"
     amp: str = "auto"  # auto (CUDA only) | off | bf16 | fp16
@@ -166,6 +168,7 @@ class TrainConfig:
         _choice(self, "amp", ("auto", "off", "bf16", "fp16"))
         _choice(self, "feature_cache", ("auto", "on", "off"))
         _choice(self, "monitor", ("val_acc", "val_loss"))
+        _choice(self, "balance", BALANCE_CHOICES)
         if self.channels_last not in (None, True, False):
             raise ConfigError("channels_last", "channels_last must be true, false or unset.")
         for name in ("group", "label"):

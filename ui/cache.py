@@ -88,7 +88,7 @@ def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
             thumbs[name].append(np.asarray(img))
     return {"counts": report.counts, "problems": report.problems, "warnings": report.warnings,
             "skipped": skipped, "n_images": report.n_images, "thumbs": thumbs,
-            "layout": report.layout, "split_counts": report.split_counts}
+            "layout": report.layout, "split_counts": report.split_counts, "imbalance": report.imbalance}
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -17,7 +17,10 @@ from engine.runs.store import RunDir
 def _curves(metrics: list[dict]) -> None:
     frame = pd.DataFrame(metrics)
     loss = frame.melt(id_vars="epoch", value_vars=["train_loss", "val_loss"], var_name="curve", value_name="loss")
-    acc = frame.melt(id_vars="epoch", value_vars=["train_acc", "val_acc"], var_name="curve", value_name="accuracy")
+    # macro-F1 and balanced accuracy: in runs trained since they were recorded (older lines lack them)
+    scores = [k for k in ("val_balanced_acc", "val_macro_f1") if k in frame and frame[k].notna().any()]
+    acc = frame.melt(id_vars="epoch", value_vars=["train_acc", "val_acc", *scores], var_name="curve",
+                     value_name="accuracy")
     c1, c2, c3 = st.columns(3)
     c1.plotly_chart(px.line(loss, x="epoch", y="loss", color="curve", markers=True, title="Loss"), key="loss")
     c2.plotly_chart(px.line(acc, x="epoch", y="accuracy", color="curve", markers=True, title="Accuracy"), key="acc")
@@ -60,8 +63,11 @@ def _panel(run: RunDir) -> None:
     if metrics:
         _curves(metrics)
         last = metrics[-1]
+        balanced = (f" Val macro-F1 {last['val_macro_f1']:.4f}, balanced accuracy {last['val_balanced_acc']:.4f}."
+                    if isinstance(last.get("val_macro_f1"), (int, float))
+                    and isinstance(last.get("val_balanced_acc"), (int, float)) else "")
         st.caption(f"Last epoch: {last['epoch_s']:.1f}s, {last['images_per_s']:.0f} images/s, "
-                   f"{last['trainable_params']:,} trainable parameters.")
+                   f"{last['trainable_params']:,} trainable parameters.{balanced}")
 
 
 def live_panel(run: RunDir) -> None:

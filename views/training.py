@@ -11,6 +11,7 @@ from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import detect_budget, format_size
 from engine.core.paths import data_root, resolve_data_path, runs_root
 from engine.data.archive import extract_upload
+from engine.data.balance import BALANCE_CHOICES
 from engine.freeze.plan import FreezePlan
 from engine.runs.background import start_background
 from engine.runs.locks import device_lock
@@ -65,6 +66,11 @@ if overview:
     balance = px.bar(counts, x="class", y="images", title=f"{overview['n_images']} images")
     balance.update_xaxes(type="category")
     left.plotly_chart(balance)
+    ratio = overview.get("imbalance") or {}
+    if ratio:
+        left.caption(f"Largest / smallest class: '{ratio['largest']}' {ratio['largest_images']} / "
+                     f"'{ratio['smallest']}' {ratio['smallest_images']} = {ratio['ratio']:.1f}:1 (a warning from "
+                     f"{ratio['threshold']:g}:1).")
     with right:
         for cls, thumbs in list(overview["thumbs"].items())[:10]:
             if thumbs:
@@ -100,13 +106,20 @@ augment = c5.toggle("Augment", False, help="random crops while training (helps l
 patience = c6.number_input("Early stop patience (0: off)", 0, 100, 0)
 per_class = c7.number_input("Max images per class (0: all)", 0, fits or 1_000_000, fits)
 seed = c8.number_input("Seed", 0, 10_000, 0)
-c9, c10 = st.columns(2)
+c9, c10, c11 = st.columns(3)
 detected = detect_budget(None)
 budget = c9.text_input("Memory budget", "", placeholder=f"auto: {format_size(detected.bytes)}",
                        help=f"Peak memory the training may use, e.g. 1.5GB. Empty: {detected}. The batch is then "
                             "computed in micro-batches that fit, and their gradients add up to the batch size.")
 micro = c10.number_input("Micro-batch (0: automatic)", 0, 1024, 0,
                          help="Images per forward/backward pass; 0 picks the largest that fits the budget and is fast.")
+imbalanced = bool(overview and (overview.get("imbalance") or {}).get("imbalanced"))
+balance_choice = c11.selectbox(
+    "Class balance", list(BALANCE_CHOICES), index=0,
+    help="none: every image counts once. weights: the training loss weighs each class by its inverse frequency "
+         "in the training split (mean weight 1; the validation loss stays the plain mean). sampler: batches "
+         "draw each class equally often (with replacement, as many images per epoch as the split has)."
+         + (" This data is imbalanced (see above)." if imbalanced else ""))
 
 
 def current_config() -> TrainConfig:
@@ -115,7 +128,7 @@ def current_config() -> TrainConfig:
                          batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
                          augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
                          seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
-                         micro_batch=int(micro) or None)
+                         micro_batch=int(micro) or None, balance=balance_choice)
     config.check_hosted()
     return config
 

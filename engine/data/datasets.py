@@ -18,6 +18,7 @@ from PIL import Image
 from engine.core.errors import DataError, ImageError
 from engine.core.paths import data_root
 from engine.data.archive import extract_once, is_hidden_name
+from engine.data.balance import IMBALANCE_WARN, class_imbalance
 from engine.data.images import IMAGE_SUFFIXES, check_image, open_image
 from engine.data.layouts import SPLITS, Layout, detect_layout, read_labels_csv, split_note
 from engine.data.transforms import resize_target
@@ -365,6 +366,8 @@ class DataReport:
     warnings: list[str]
     layout: str = ""  # which layout was found, and the split it gives
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images (given splits)
+    # the training images' largest/smallest class and their ratio (engine.data.balance.class_imbalance); {}: < 2 classes
+    imbalance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -378,7 +381,8 @@ class DataReport:
         return cls(n_images=data["n_images"], counts=dict(data["counts"]),
                    skipped=[(str(a), str(b)) for a, b in data["skipped"]], problems=list(data["problems"]),
                    warnings=list(data["warnings"]), layout=str(data.get("layout") or ""),
-                   split_counts={str(k): dict(v) for k, v in (data.get("split_counts") or {}).items()})
+                   split_counts={str(k): dict(v) for k, v in (data.get("split_counts") or {}).items()},
+                   imbalance=dict(data.get("imbalance") or {}))
 
 
 def split_counts(ds: ImageSet) -> dict[str, dict[str, int]]:
@@ -424,8 +428,17 @@ def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
     small = [c for c, n in pool.items() if need <= n < 10]
     if small:
         warnings.append(f"Very few images (<10) in: {', '.join(small)}; expect noisy results.")
+    imbalance = class_imbalance(pool) or {}  # a random split is stratified: the training images keep these ratios
+    if imbalance.get("imbalanced"):
+        what = "training images" if per_split else "images"
+        warnings.append(f"Imbalanced classes: '{imbalance['largest']}' has {imbalance['largest_images']} {what}, "
+                        f"'{imbalance['smallest']}' {imbalance['smallest_images']} ({imbalance['ratio']:.1f}:1, the "
+                        f"warning starts at {IMBALANCE_WARN:g}:1). Accuracy can stay high while a small class is "
+                        "missed: watch macro-F1 and balanced accuracy, and consider balancing (--balance weights "
+                        "or sampler).")
     return DataReport(n_images=len(ds), counts=counts, skipped=list(ds.skipped),
-                      problems=problems, warnings=warnings, layout=ds.layout, split_counts=per_split)
+                      problems=problems, warnings=warnings, layout=ds.layout, split_counts=per_split,
+                      imbalance=imbalance)
 
 
 class TransformDataset(torch.utils.data.Dataset):

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from engine.core.errors import EngineError
+from engine.data.balance import class_imbalance
 from engine.freeze.plan import FreezePlan, is_batchnorm, release_frozen_eval
 from engine.models.factory import ModelHandle
 from engine.training.feature_cache import extract_features, head_inputs
@@ -97,6 +98,7 @@ class Advice:
     similarity: str  # similar | in between | different
     explanation: str
     evidence: dict | None = None
+    imbalance: dict | None = None  # engine.data.balance.class_imbalance of the counts, when they were given
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,8 +108,13 @@ def recommend(
     images_per_class: float,
     n_classes: int,
     similarity: str | float | SimilarityEvidence,
+    counts: dict[str, int] | None = None,
 ) -> Advice:
-    """Pick a freeze strategy from data amount and task similarity, and say why."""
+    """Pick a freeze strategy from data amount and task similarity, and say why.
+
+    ``counts`` (training images per class, e.g. the data report's): when the largest class has at least
+    ``IMBALANCE_WARN`` times the images of the smallest, the advice says so and suggests ``--balance``.
+    """
     if n_classes < 2:
         raise EngineError("A classifier needs at least two classes.")
     evidence = similarity if isinstance(similarity, SimilarityEvidence) else None
@@ -142,9 +149,15 @@ def recommend(
                + " ImageNet: the risky corner. Train the head and the last stage with a low "
                "learning rate" + (", unfreeze one more stage later," if verdict == "different" else "")
                + " and watch validation loss for overfitting.")
+    imbalance = class_imbalance(counts) if counts else None
+    if imbalance and imbalance["imbalanced"]:
+        why += (f" The classes are imbalanced ('{imbalance['largest']}' {imbalance['largest_images']} images, "
+                f"'{imbalance['smallest']}' {imbalance['smallest_images']}: {imbalance['ratio']:.1f}:1): balance "
+                "the training (--balance weights, or --balance sampler; 'Class balance' on the Training page) "
+                "and judge runs by macro-F1 and balanced accuracy, which a missed small class pulls down.")
     return Advice(strategy=plan.strategy, plan=plan.to_dict(), data_amount=amount,
                   similarity=verdict, explanation=why,
-                  evidence=evidence.to_dict() if evidence else None)
+                  evidence=evidence.to_dict() if evidence else None, imbalance=imbalance)
 
 
 @dataclass

@@ -137,7 +137,7 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
                                     step0=0, total_steps=steps, config=constant, dtype=runner.dtype,
                                     scaler=runner.scaler, channels_last=runner.channels_last, on_step=on_step,
                                     should_stop=lambda: bool(sweep.ended) or stop_asked(),
-                                    micro_batch=runner.batches.micro_batch)
+                                    micro_batch=runner.batches.micro_batch, class_weight=runner.class_weight)
             if stats is None and not sweep.ended:
                 sweep.ended = "cancelled"
     except Diverged:

@@ -15,6 +15,7 @@ from engine.core.modes import evaluating
 from engine.data.splits import split_all
 from engine.runs.load import load_run_model
 from engine.runs.store import RunDir
+from engine.training.metrics import balanced_scores
 
 
 @dataclass
@@ -57,6 +58,9 @@ class EvaluationReport:
     misclassified: list[dict[str, Any]]  # index, source, true, predicted, confidence, true_prob
     confidence: dict[str, list[float]]  # "correct" / "wrong" -> the top-1 probabilities
     unreadable: list[dict[str, str]] = field(default_factory=list)
+    # beside accuracy, the scores a small class cannot hide behind (engine.training.metrics)
+    macro_f1: float = 0.0  # mean per-class F1 over the classes that occur in the labels or predictions
+    balanced_accuracy: float = 0.0  # mean per-class recall over the classes with images
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,10 +147,12 @@ def evaluation_report(run: RunDir, kind: str = "best", split: str = "val") -> Ev
         for i in range(len(labels)) if predicted[i] != labels[i]
     ]
     wrong.sort(key=lambda r: -r["confidence"])
+    confusion = confusion_matrix(labels, predicted, labels=classes).tolist()
+    macro_f1, balanced_accuracy = balanced_scores(torch.tensor(confusion)) if len(labels) else (0.0, 0.0)
     return EvaluationReport(
         run_id=run.run_id, checkpoint=kind, class_names=list(names),
         accuracy=float((predicted == labels).mean()) if len(labels) else 0.0,
-        confusion=confusion_matrix(labels, predicted, labels=classes).tolist(),
+        confusion=confusion, macro_f1=macro_f1, balanced_accuracy=balanced_accuracy,
         per_class=[{"class": n, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                    for n, p, r, f, s in zip(names, precision, recall, f1, support)],
         misclassified=wrong,

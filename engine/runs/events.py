@@ -56,6 +56,8 @@ class EpochEnded(Event):
     images_per_s: float = 0.0
     trainable_params: int = 0
     elapsed_s: float = 0.0
+    val_macro_f1: float | None = None  # mean per-class F1 (engine.training.metrics)
+    val_balanced_acc: float | None = None  # mean per-class recall
 
 
 @dataclass

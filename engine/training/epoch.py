@@ -15,6 +15,7 @@ from torch import nn
 from engine.core.errors import EngineError
 from engine.core.modes import evaluating
 from engine.freeze.plan import set_train_mode
+from engine.training.metrics import balanced_scores, confusion_matrix
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
@@ -52,15 +53,19 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     device: torch.device, step0: int, total_steps: int,
                     config: TrainConfig, dtype: torch.dtype | None, scaler: Any, channels_last: bool,
                     on_step: Callable[[int, float, int], None], should_stop: Callable[[], bool],
-                    micro_batch: int | None = None) -> EpochStats | None:
+                    micro_batch: int | None = None, class_weight: torch.Tensor | None = None) -> EpochStats | None:
     """One pass over the training data; returns None if stopped mid-epoch.
 
     Each batch is one optimizer step; with ``micro_batch`` its forward and backward run in slices
     whose gradients add up to the whole batch's (each slice's mean loss weighted by its share).
+    ``class_weight`` (balance "weights", engine.data.balance.class_weights): the batch loss is the
+    class-weighted mean, sum_i w_{y_i} l_i / sum_i w_{y_i} over the whole batch (what
+    ``F.cross_entropy(weight=w)`` gives), so the slices still add up to it exactly.
     """
     set_train_mode(model, True)  # frozen stages stay in eval (freeze hooks)
     total_loss = correct = seen = 0
     start = time.perf_counter()
+    weight = class_weight.to(device) if class_weight is not None else None
     for i, (x, y) in enumerate(loader):
         if should_stop():
             return None
@@ -71,12 +76,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         batch_loss = torch.zeros((), device=device)
         hits = torch.zeros((), dtype=torch.long, device=device)
         slices = -(-n // (micro_batch or n))  # equal slices (a last slice of 1 would break BatchNorm)
+        batch_weight = weight[y].sum() if weight is not None else None  # the weighted mean's denominator
         for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices)):
             if channels_last and xs.ndim == 4:
                 xs = xs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(xs)
-                loss = F.cross_entropy(logits, ys, label_smoothing=config.label_smoothing) * (ys.shape[0] / n)
+                if weight is None:
+                    loss = F.cross_entropy(logits, ys, label_smoothing=config.label_smoothing) * (ys.shape[0] / n)
+                else:
+                    loss = F.cross_entropy(logits, ys, weight=weight, label_smoothing=config.label_smoothing,
+                                           reduction="sum") / batch_weight
             (scaler.scale(loss) if scaler is not None else loss).backward()
             batch_loss += loss.detach().float()
             hits += (logits.detach().argmax(-1) == ys).sum()
@@ -101,10 +111,24 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> tuple[float, float]:
-    """(loss, accuracy) in eval mode under inference_mode; the model's mode is restored."""
+@dataclass
+class EvalScores:
+    """One evaluation pass: the plain mean loss (never class-weighted, so curves stay comparable),
+    accuracy, macro-F1 and balanced accuracy (engine.training.metrics), and the confusion matrix."""
+
+    loss: float
+    acc: float
+    macro_f1: float
+    balanced_acc: float
+    confusion: list[list[int]]
+
+
+def evaluate_scores(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
+                    channels_last: bool = False) -> EvalScores:
+    """Loss, accuracy, macro-F1 and balanced accuracy in eval mode under inference_mode; the model's
+    mode is restored."""
     total_loss = correct = seen = 0
+    confusion: torch.Tensor | None = None
     with evaluating(model), torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -113,6 +137,18 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: to
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
             total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
+            predicted = logits.argmax(-1)
+            correct += (predicted == y).sum().item()
             seen += y.shape[0]
-    return total_loss / max(1, seen), correct / max(1, seen)
+            counts = confusion_matrix(y, predicted, logits.shape[-1])
+            confusion = counts if confusion is None else confusion + counts
+    macro_f1, balanced_acc = balanced_scores(confusion) if confusion is not None else (0.0, 0.0)
+    return EvalScores(total_loss / max(1, seen), correct / max(1, seen), macro_f1, balanced_acc,
+                      confusion.tolist() if confusion is not None else [])
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> tuple[float, float]:
+    """(loss, accuracy) in eval mode under inference_mode; the model's mode is restored."""
+    scores = evaluate_scores(model, loader, device, dtype, channels_last)
+    return scores.loss, scores.acc

@@ -22,6 +22,7 @@ from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
 from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import detect_budget, inference_batch
+from engine.data.balance import balanced_sampler, class_weights
 from engine.data.datasets import TransformDataset, load_source, validate
 from engine.data.splits import split_all
 from engine.data.transforms import eval_transform, train_transform
@@ -29,7 +30,7 @@ from engine.freeze.plan import apply_plan, build_optimizer, optimizer_for_groups
 from engine.models.factory import create_model
 from engine.runs.checkpoint_file import load_weights
 from engine.runs.events import EpochEnded, StepLogged
-from engine.training.epoch import Diverged, evaluate, train_one_epoch
+from engine.training.epoch import Diverged, evaluate, evaluate_scores, train_one_epoch
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, uses_feature_cache
 from engine.training.micro import BatchPlan, plan_batches
 
@@ -141,6 +142,7 @@ class EpochRunner:
     channels_last: bool
     cached: bool
     batches: BatchPlan
+    class_weight: torch.Tensor | None = None  # balance "weights": the training loss's class weights
 
     @property
     def steps(self) -> int:
@@ -168,10 +170,12 @@ class EpochRunner:
         stats = train_one_epoch(self.model, self.train_loader, self.optimizer, device=self.device,
                                 step0=state.step, total_steps=config.epochs * steps, config=config, dtype=self.dtype,
                                 scaler=self.scaler, channels_last=self.channels_last, on_step=on_step,
-                                should_stop=stop, micro_batch=self.batches.micro_batch)
+                                should_stop=stop, micro_batch=self.batches.micro_batch,
+                                class_weight=self.class_weight)
         if stats is None:
             return None
-        val_loss, val_acc = evaluate(self.model, self.val_loader, self.device, self.dtype, self.channels_last)
+        scores = evaluate_scores(self.model, self.val_loader, self.device, self.dtype, self.channels_last)
+        val_loss, val_acc = scores.loss, scores.acc
         if not (math.isfinite(val_loss) and math.isfinite(stats.loss)):
             bad = val_loss if not math.isfinite(val_loss) else stats.loss
             raise Diverged(f"the loss became {bad}; lower the learning rate (the last finite checkpoint is kept)")
@@ -179,7 +183,8 @@ class EpochRunner:
             epoch=epoch, train_loss=stats.loss, train_acc=stats.acc, val_loss=val_loss, val_acc=val_acc,
             lr={g["name"]: g["lr"] for g in self.optimizer.param_groups}, epoch_s=stats.seconds,
             images_per_s=stats.images / max(stats.seconds, 1e-9), trainable_params=self.report.trainable_params,
-            elapsed_s=time.perf_counter() - started,
+            elapsed_s=time.perf_counter() - started, val_macro_f1=scores.macro_f1,
+            val_balanced_acc=scores.balanced_acc,
         )
 
 
@@ -220,10 +225,18 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
         loader_kw.update(num_workers=0, persistent_workers=False, pin_memory=False)
         channels_last = False
 
-    generator = torch.Generator()
-    train_loader = DataLoader(train_src, shuffle=True, drop_last=False, generator=generator, **loader_kw)
-    if len(train_loader) == 0:
+    if len(train_src) == 0:
         raise DataError("No training images after the split.")
+    generator = torch.Generator()
+    # the training split's labels, in the order of train_src (the feature cache keeps it)
+    train_labels = [prep.train_ds.ds.labels[i] for i in prep.train_ds.indices]
+    if config.balance == "sampler":  # each class drawn equally often, from the per-epoch seeded generator
+        train_loader = DataLoader(train_src, sampler=balanced_sampler(train_labels, generator), drop_last=False,
+                                  generator=generator, **loader_kw)
+    else:
+        train_loader = DataLoader(train_src, shuffle=True, drop_last=False, generator=generator, **loader_kw)
+    class_weight = (class_weights(train_labels, len(prep.train_ds.ds.class_names))
+                    if config.balance == "weights" else None)
     optimizer = make_optimizer(module, stages, plan, config, optimizer_state)
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = tuple(train_src.tensors[0].shape[1:]) if cached else (3, prep.image_size, prep.image_size)
@@ -231,7 +244,7 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     # evaluation in the same slices: what fits a training step fits an inference pass
     val_loader = DataLoader(val_src, shuffle=False, **dict(loader_kw, batch_size=batches.micro_batch))
     return EpochRunner(config, module, model, stages, plan, report, optimizer, train_loader, val_loader, generator,
-                       device, dtype, scaler, channels_last, cached, batches)
+                       device, dtype, scaler, channels_last, cached, batches, class_weight)
 
 
 def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,
