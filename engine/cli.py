@@ -79,7 +79,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         handle = load_run_model(open_run(args.out, args.run).path)
     else:
         handle = create_model(args.model, weights=args.weights)
-    results = predict_files(handle, args.images, top_k=args.top_k)
+    results = predict_files(handle, args.images, top_k=args.top_k, tta=args.tta)
     if args.json:
         _print_json([r.to_dict() for r in results])
     else:
@@ -395,13 +395,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engine.runs.store import open_run
 
     check_runs_folder(args.out)
-    result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint, split=args.split)
+    result = evaluate_run(open_run(args.out, args.run), kind=args.checkpoint, split=args.split, tta=args.tta)
     if args.json:
         _print_json(result.to_dict())
     else:
         scores = result.to_dict()
         print(f"{result.run_id} ({args.checkpoint}): {args.split} acc {scores[args.split + '_acc']:.4f}, "
-              f"loss {scores[args.split + '_loss']:.4f} on {scores[args.split + '_images']} images")
+              f"loss {scores[args.split + '_loss']:.4f} on {scores[args.split + '_images']} images"
+              + (" with TTA" if result.tta else ""))
+        if result.tta:
+            print(result.tta.line())
         for name, acc in result.per_class_acc.items():
             print(f"  {name:<20} {acc:.3f}")
     return 0
@@ -666,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_at_least(1, 1000), default=5)
     p.add_argument("--run", help="use a trained run's best checkpoint (id or path)")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of "
+                   "each image and its horizontal mirror (not for digits or text: they are not mirror-symmetric)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -735,6 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["val", "test"],
                    help="val (default): the split the run was validated on; test: its held-out test split")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--tta", action="store_true", help="also with test-time augmentation (each image and its "
+                   "horizontal mirror, probabilities averaged): accuracy and loss with and without, and the change")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -121,13 +121,14 @@ def load_trained(run_path: str, mtime: float):
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
-def report_for(run_path: str, mtime: float) -> dict:
-    """A run's evaluation report, keyed by its best checkpoint's mtime (a newer best recomputes)."""
+def report_for(run_path: str, mtime: float, tta: bool = False) -> dict:
+    """A run's evaluation report, keyed by its best checkpoint's mtime (a newer best recomputes); with
+    ``tta`` of the predictions averaged with the mirror images, and both accuracies side by side."""
     from engine.core.paths import runs_root
     from engine.outputs.evaluate import evaluation_report
     from engine.runs.store import open_run
 
-    return evaluation_report(open_run(runs_root(), run_path))
+    return evaluation_report(open_run(runs_root(), run_path), tta=tta)
 
 
 @st.cache_resource(show_spinner="Reading the dataset...", max_entries=2, ttl=600)

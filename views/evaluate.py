@@ -28,14 +28,26 @@ def _shown(source: str) -> str:
 st.title("Evaluate a run")
 run = pick_trained_run()
 mtime = run.checkpoint("best").stat().st_mtime
+tta = st.toggle("Test-time augmentation (horizontal flip)", False,
+                help="Each image and its mirror, their probabilities averaged. Off by default: it helps "
+                     "photos of things, not digits, letters or text, which are not mirror-symmetric.")
 try:
-    report = report_for(str(run.path), mtime)
+    report = report_for(str(run.path), mtime, tta)
 except EngineError as exc:
     show_error(exc)
     st.stop()
 config = TrainConfig.from_dict(run.config())
 names = report.class_names
-st.metric("Validation accuracy (best checkpoint)", f"{report.accuracy:.2%}")
+if report.tta:  # without and with TTA side by side, from the same forward passes
+    change = report.tta
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Validation accuracy (best checkpoint)", f"{change.plain_acc:.2%}")
+    m2.metric("With TTA", f"{change.tta_acc:.2%}", delta=f"{change.points:+.1f} points")
+    m3.metric("Loss with TTA", f"{change.tta_loss:.4f}", delta=f"{change.tta_loss - change.plain_loss:+.4f}",
+              delta_color="inverse")
+    st.caption(change.line() + ". The matrix, scores and gallery below are of the TTA predictions.")
+else:
+    st.metric("Validation accuracy (best checkpoint)", f"{report.accuracy:.2%}")
 if report.unreadable:
     st.warning(f"{len(report.unreadable)} validation file(s) can no longer be read and were left out: "
                + public_message("; ".join(u["reason"] for u in report.unreadable[:5])))

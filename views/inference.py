@@ -36,6 +36,9 @@ files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "webp", "bmp", "g
 use_camera = st.toggle("Use the camera")
 shot = st.camera_input("Take a picture") if use_camera else None
 top_k = st.slider("Top-k", 1, min(10, handle.spec.num_classes), min(5, handle.spec.num_classes))
+tta = st.toggle("Test-time augmentation (horizontal flip)", False,
+                help="Also predict the mirror image and average the probabilities. Not for digits, letters "
+                     "or text: they are not mirror-symmetric.")
 
 sources = [(f.name, f.getvalue()) for f in files or []]
 if shot is not None:
@@ -48,7 +51,7 @@ if not sources:
 # page shows that thumbnail, never the raw bytes (Streamlit would decode a huge file at full size).
 # Results come back in upload order, one per upload: two files with the same name keep their own.
 try:
-    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX)
+    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX, tta=tta)
 except EngineError as exc:
     show_error(exc)
     st.stop()
@@ -64,6 +67,6 @@ for slot, result in enumerate(results):
     left.image(result.preview, caption=result.file, width="stretch")
     frame = pd.DataFrame([{"class": t.label, "probability": t.prob} for t in result.topk])
     fig = px.bar(frame, x="probability", y="class", orientation="h", range_x=[0, 1],
-                 title=f"{result.topk[0].label}: {result.topk[0].prob:.1%}")
+                 title=f"{result.topk[0].label}: {result.topk[0].prob:.1%}" + (" (with TTA)" if tta else ""))
     fig.update_layout(yaxis={"categoryorder": "total ascending"}, height=80 + 40 * len(frame))
     right.plotly_chart(fig, key=f"pred-{slot}")
