@@ -1,6 +1,6 @@
 """Exported code never drifts: the "show me the code" script trains exactly what the engine trains.
 
-Five real tiny runs are trained by the engine, exported with ``python -m engine export`` (its
+Seven real tiny runs are trained by the engine, exported with ``python -m engine export`` (its
 ``main``, in process) and each script runs in its own Python process in a temp folder, where the
 engine cannot be imported. The match is EXACT, not approximate: the script's final validation
 accuracy and loss (printed with repr) equal the engine's last epoch bit for bit, and every epoch's
@@ -47,6 +47,7 @@ from engine.training.loop import fit
 from tests.conftest import ROOT
 
 DIGITS = [str(i) for i in range(10)]
+IMBALANCED = "<imbalanced digits folder>"  # made by the fixture: classes 0/1/2 with 40/40/8 real digits
 TINY = dict(weights="none", data="digits", image_size=32, batch_size=16, max_per_class=20, num_workers=0)
 CASES = {
     # (a) a timm CNN, full fine-tune, with augmentation (timm's random crops draw on Python's RNG) and flips,
@@ -65,6 +66,13 @@ CASES = {
     # (e) a torchvision model, BN adapting in frozen stages, label smoothing, constant LR
     "torchvision": dict(model="tv:mobilenet_v3_small", data="lfw", epochs=2, label_smoothing=0.1, schedule="constant",
                         plan=FreezePlan.last(2, head_lr=3e-3, bn_policy="adapt").to_dict()),
+    # (f) class-weighted loss (balance "weights") on an imbalanced folder of real digits, in micro-batches
+    "balance-weights": dict(model="timm:test_resnet", data=IMBALANCED, max_per_class=None, epochs=2, balance="weights",
+                            micro_batch=6, label_smoothing=0.1,
+                            plan=FreezePlan.full(head_lr=1e-2, backbone_lr_ratio=1.0).to_dict()),
+    # (g) the balanced sampler on the feature-cache path (a TensorDataset of features)
+    "balance-sampler": dict(model="timm:test_efficientnet", data=IMBALANCED, max_per_class=None, epochs=2,
+                            balance="sampler", plan=FreezePlan.feature_extraction(head_lr=5e-2).to_dict()),
 }
 EPOCH_LINE = re.compile(r"^epoch (\d+): train_loss (\S+) train_acc (\S+) val_loss (\S+) val_acc (\S+)$", re.M)
 FINAL_LINE = re.compile(r"^final val_acc (\S+) val_loss (\S+)$", re.M)
@@ -84,15 +92,28 @@ def runs_root(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
+def _imbalanced_digits(root: Path) -> Path:
+    """One folder per class of real digits (PNG), 40/40/8 images: balancing has something to even out."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label, n in ((0, 40), (1, 40), (2, 8)):
+        (root / str(label)).mkdir()
+        for i in np.flatnonzero(digits.target == label)[:n]:
+            Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(root / str(label) / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def exported(runs_root, tmp_path_factory):
     """Each case trained by the engine in a run folder, exported by the CLI, and its script started
     at once in a subprocess (it runs while the next case trains)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     started: dict[str, Exported] = {}
+    imbalanced = _imbalanced_digits(tmp_path_factory.mktemp("imbalanced"))
     try:
         for name, kw in CASES.items():
-            config = TrainConfig(**{**TINY, **kw})
+            config = TrainConfig(**{**TINY, **kw, **({"data": str(imbalanced)} if kw.get("data") == IMBALANCED else {})})
             result = fit(config, create_run(runs_root, config.to_dict(), run_id=name))
             assert result.status == "finished", result.reason
             script = tmp_path_factory.mktemp(name) / "train.py"
@@ -126,7 +147,8 @@ def test_script_reproduces_the_engine_run_exactly(exported, name):
     assert loss == e.history[-1]["val_loss"]
     assert (e.script.parent / "model.safetensors").is_file()
     # the cases exercise what they claim to
-    assert e.feature_cache == (name == "feature-extraction")
+    assert e.feature_cache == (name in ("feature-extraction", "balance-sampler"))
+    assert f"BALANCE = {e.config.balance!r}" in e.script.read_text()
     if name == "last-n-gradual":
         assert e.history[1]["trainable_params"] > e.history[0]["trainable_params"]
 

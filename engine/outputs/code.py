@@ -56,6 +56,8 @@ NOTES: dict[str, str] = {
                  "| 'train'",
     "FEATURE_CACHE": "frozen backbone: its features are computed once, only the part after CACHE_POINT trains on them",
     "SCHEDULE": "'cosine' | 'onecycle' | 'constant'; warm-up share of all steps",
+    "BALANCE": "class imbalance: 'none' | 'weights' (training loss weighted by inverse class frequency, mean 1) "
+               "| 'sampler' (classes drawn equally often)",
     "MONITOR": "early stopping: stop after PATIENCE epochs without improvement of MONITOR (None: never)",
     "DEVICE": "'auto' | 'cpu' | 'cuda' ...; mixed precision 'auto' | 'off' | 'bf16' | 'fp16' (CUDA only)",
     "CHANNELS_LAST": "None: channels-last memory format for nets with convolutions",
@@ -164,6 +166,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("MICRO_BATCH", _slice(micro_batch or config.micro_batch, config.batch_size)),
         ("SEED", config.seed),
         ("LABEL_SMOOTHING", config.label_smoothing),
+        ("BALANCE", config.balance),
         ("GRAD_CLIP", config.grad_clip),
         ("MONITOR", config.monitor),
         ("PATIENCE", config.patience),

@@ -8,7 +8,8 @@ by the workbench when it exports a run); everything after it is the training, st
   3. freezing   which parameters train (per stage, per epoch), frozen modules held in eval mode
   4. optimizer  one parameter group per stage with its learning rate, no weight decay on
                 biases and norms; the per-step learning-rate schedule
-  5. the loop   seeded epochs: train (zero_grad -> forward -> loss -> backward -> step), evaluate
+  5. the loop   seeded epochs: train (zero_grad -> forward -> loss -> backward -> step), evaluate;
+                BALANCE weighs the loss by class or draws the classes equally often
 
 Run it with ``python this_file.py``: it prints one line per epoch, then ``final val_acc ...``, and
 saves the trained weights as model.safetensors.
@@ -30,7 +31,7 @@ import torchvision
 from PIL import Image
 from timm.data import create_transform
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
 # --- settings (generated) ---
 # A small demo recipe (timm:test_resnet, random init, digits, full fine-tune); an exported script has its run's settings here.
@@ -102,6 +103,8 @@ BATCH_SIZE = 16
 MICRO_BATCH = None
 SEED = 0
 LABEL_SMOOTHING = 0.0
+# class imbalance: 'none' | 'weights' (training loss weighted by inverse class frequency, mean 1) | 'sampler' (classes drawn equally often)
+BALANCE = 'none'
 GRAD_CLIP = None
 # early stopping: stop after PATIENCE epochs without improvement of MONITOR (None: never)
 MONITOR = 'val_acc'
@@ -288,6 +291,23 @@ class Images(Dataset):
     def __getitem__(self, i):
         j = self.indices[i]
         return self.transform(self.load(j, self.side)), self.labels[j]
+
+
+def class_weights(labels, num_classes):
+    """BALANCE 'weights': w_c = (1 / n_c) / mean_k(1 / n_k), n_c the training images of class c (mean 1
+    over the classes that have some; 0 for a class without). Only the training loss is weighted."""
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).double()
+    present = counts > 0
+    inverse = torch.where(present, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
+    return (inverse / inverse[present].mean()).float()
+
+
+def balanced_sampler(labels, generator):
+    """BALANCE 'sampler': image i drawn with weight 1 / n_{y_i}, so each class comes equally often;
+    len(labels) draws per epoch, with replacement, from the seeded generator."""
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    counts = torch.bincount(y).double()
+    return WeightedRandomSampler(1.0 / counts[y], num_samples=len(y), replacement=True, generator=generator)
 
 
 # ============================================================== 2. model
@@ -547,7 +567,8 @@ def workers(device):
     return min(8, max(1, cores - 1))
 
 
-def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, device, dtype, channels_last):
+def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, device, dtype, channels_last,
+                    weight=None):
     train_mode(model, held)
     total_loss = correct = seen = 0
     for i, (x, y) in enumerate(loader):
@@ -559,12 +580,17 @@ def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, 
         batch_loss = torch.zeros((), device=device)
         hits = torch.zeros((), dtype=torch.long, device=device)
         slices = -(-n // (MICRO_BATCH or n))  # equal slices; their gradients add up
+        batch_weight = weight[y].sum() if weight is not None else None  # the weighted mean's denominator
         for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices)):
             if channels_last and xs.ndim == 4:
                 xs = xs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(xs)
-                loss = F.cross_entropy(logits, ys, label_smoothing=LABEL_SMOOTHING) * (ys.shape[0] / n)
+                if weight is None:
+                    loss = F.cross_entropy(logits, ys, label_smoothing=LABEL_SMOOTHING) * (ys.shape[0] / n)
+                else:  # the class-weighted mean over the whole batch: sum w_y * loss / sum w_y
+                    loss = F.cross_entropy(logits, ys, weight=weight, label_smoothing=LABEL_SMOOTHING,
+                                           reduction="sum") / batch_weight
             (scaler.scale(loss) if scaler is not None else loss).backward()
             batch_loss += loss.detach().float()
             hits += (logits.detach().argmax(-1) == ys).sum()
@@ -641,7 +667,13 @@ def main():
         channels_last = False
 
     generator = torch.Generator()
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **loader_kw)
+    train_labels = [labels[i] for i in train_idx]
+    if BALANCE == "sampler":
+        train_loader = DataLoader(train_set, sampler=balanced_sampler(train_labels, generator), drop_last=False,
+                                  generator=generator, **loader_kw)
+    else:
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **loader_kw)
+    weight = class_weights(train_labels, len(CLASS_NAMES)).to(device) if BALANCE == "weights" else None
     val_loader = DataLoader(val_set, shuffle=False, **dict(loader_kw, batch_size=MICRO_BATCH or BATCH_SIZE))
     optimizer = make_optimizer(param_groups(model))
     total_steps = EPOCHS * len(train_loader)
@@ -654,7 +686,7 @@ def main():
         generator.manual_seed(SEED * 1000 + epoch)
         train_loss, train_acc = train_one_epoch(trained, held, train_loader, optimizer, scaler,
                                                 (epoch - 1) * len(train_loader), total_steps, device, dtype,
-                                                channels_last)
+                                                channels_last, weight)
         val_loss, val_acc = evaluate(trained, val_loader, device, dtype, channels_last)
         if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
             raise SystemExit("the loss became infinite or NaN: lower the learning rate")
