@@ -198,6 +198,8 @@ def test_evaluate_page_shows_matrix_metrics_gallery_and_grad_cam(tiny_run):
     at.run()
     assert not at.exception, at.exception
     assert by_label(at.metric, "Validation accuracy (best checkpoint)").value.endswith("%")
+    assert by_label(at.metric, "Balanced accuracy (mean per-class recall)").value.endswith("%")
+    assert 0 <= float(by_label(at.metric, "Macro-F1").value) <= 1
     charts = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
     assert "Confusion matrix" in charts and "Confidence of right and wrong" in charts
     captions = [str(img.proto) for img in at.get("image")]

@@ -48,6 +48,9 @@ if report.tta:  # without and with TTA side by side, from the same forward passe
     st.caption(change.line() + ". The matrix, scores and gallery below are of the TTA predictions.")
 else:
     st.metric("Validation accuracy (best checkpoint)", f"{report.accuracy:.2%}")
+b1, b2 = st.columns(2)  # the two that an imbalanced validation set cannot flatter
+b1.metric("Balanced accuracy (mean per-class recall)", f"{report.balanced_accuracy:.2%}")
+b2.metric("Macro-F1", f"{report.macro_f1:.3f}")
 if report.unreadable:
     st.warning(f"{len(report.unreadable)} validation file(s) can no longer be read and were left out: "
                + public_message("; ".join(u["reason"] for u in report.unreadable[:5])))
