@@ -3,8 +3,9 @@
 Two checks in a real Chromium, nothing mocked:
 
 1. A 224 px fine-tune started from the Training page: the app process and the training process
-   together stay within 2.7 GB at every sample (psutil, every 0.2 s), and the training within the
-   memory budget its status states.
+   together stay within 2.7 GB at every sample (psutil PSS, every 0.2 s: pages they share, the torch
+   libraries, counted once, as the box counts them), and the training's RSS within the memory budget
+   its status states.
 2. Four sessions on one server: A trains, while B (Inference: upload and predict), C (Model
    Explorer) and D (Freeze Configurator) click; their reruns stay fast, and each session sees only
    its own uploads. Then D asks for a second training: it waits in the queue with its place shown
@@ -176,16 +177,19 @@ def _wait_state(run: Path, states: tuple[str, ...], timeout_s: float, app=None) 
 
 # --- memory -----------------------------------------------------------------------------------
 
-def _tree_rss(proc: psutil.Process, skip: set[int] = frozenset()) -> int:
-    total = 0
+def _tree_rss(proc: psutil.Process, skip: set[int] = frozenset()) -> tuple[int, int]:
+    """(RSS, PSS) of a process and its children. PSS counts a page shared by N processes as 1/N of it:
+    the app and the training map the same torch libraries, and a container charges those pages once."""
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         if p.pid in skip:
             continue
         try:
-            total += p.memory_info().rss
+            full = p.memory_full_info()
+            rss, pss = rss + full.rss, pss + full.pss
         except psutil.Error:  # ended between the listing and the read
             pass
-    return total
+    return rss, pss
 
 
 def _vm_hwm(pid: int) -> int | None:
@@ -206,7 +210,8 @@ class MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.app = psutil.Process(app_pid)
         self.runs = runs
-        self.samples: list[tuple[float, int, int]] = []  # (t, app bytes, training bytes)
+        self.samples: list[tuple[float, int, int]] = []  # (t, app RSS, training RSS)
+        self.shared: list[tuple[float, int, int]] = []  # (t, app PSS, training PSS): what the box is charged
         self.train_hwm: dict[int, int] = {}  # pid -> VmHWM, last read while it lived
         self._halt = threading.Event()
 
@@ -241,22 +246,25 @@ class MemorySampler(threading.Thread):
         while not self._halt.is_set():
             trainings = self._trainings() if self.runs.is_dir() else []
             skip: set[int] = set()
-            train = 0
+            train = train_pss = 0
             for p in trainings:
                 try:
                     tree = [p, *p.children(recursive=True)]
                 except psutil.Error:
                     continue
                 skip.update(q.pid for q in tree)
-                train += _tree_rss(p)
+                rss, pss = _tree_rss(p)
+                train, train_pss = train + rss, train_pss + pss
                 hwm = _vm_hwm(p.pid)
                 if hwm:
                     self.train_hwm[p.pid] = hwm
             try:
-                app = _tree_rss(self.app, skip)
+                app, app_pss = _tree_rss(self.app, skip)
             except psutil.Error:
-                app = 0
-            self.samples.append((time.monotonic(), app, train))
+                app = app_pss = 0
+            now = time.monotonic()
+            self.samples.append((now, app, train))
+            self.shared.append((now, app_pss, train_pss))
             self._halt.wait(SAMPLE_S)
 
     def stop(self) -> None:
@@ -318,8 +326,13 @@ def test_app_and_a_224px_training_fit_the_cloud_box_together(shared_app, browser
           f"VmHWM, app + training peak {_gb(sum_peak)} (box {_gb(BOX_BYTES)}); {len(sampler.samples)} samples, "
           f"{len(train_samples)} with the training; training {trained:.1f}s after Start; "
           f"batches: {status.get('batches')}; test {time.monotonic() - started:.1f}s")
-    over = [(round(t - clicked, 1), _gb(a), _gb(b)) for t, a, b in sampler.samples if a + b > BOX_BYTES]
-    assert not over, f"app + training above {_gb(BOX_BYTES)} at (s after Start, app, training): {over[:10]}"
+    # the box is charged each page once: RSS would count the torch libraries both processes map twice
+    # (and how many of those clean, reclaimable pages are resident depends on the page cache: the same
+    # `import torch, timm` measured 0.74 GB RSS from an old venv and 0.97 GB from a freshly written one)
+    box_peak = max((a + b for _t, a, b in sampler.shared), default=0)
+    print(f"[memory] app + training, each page once (PSS): peak {_gb(box_peak)}")
+    over = [(round(t - clicked, 1), _gb(a), _gb(b)) for t, a, b in sampler.shared if a + b > BOX_BYTES]
+    assert not over, f"app + training (PSS) above {_gb(BOX_BYTES)} at (s after Start, app, training): {over[:10]}"
 
     match = re.search(r"predicted peak ([\d.]+ ?[KMGT]?i?B) within a budget of ([\d.]+ ?[KMGT]?i?B)",
                       status.get("batches") or "")
