@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_lfw_run
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
                              shutil.which("chromium-browser"), "/usr/bin/chromium") if p and Path(p).exists()), None)
 NO_CHROMIUM = "no system Chromium (apt-get install chromium) on this machine"
+# every real-browser test module: `pytestmark = BROWSER` (marked, and skipped with the reason without Chromium)
+BROWSER = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage"]
@@ -36,14 +38,7 @@ def _free_port() -> int:
 
 def _tiny_run(root: Path) -> None:
     """One finished run (tiny model, LFW faces) so Evaluate and Runs have something to show."""
-    from engine.config import TrainConfig
-    from engine.freeze.plan import FreezePlan
-    from engine.runs.store import create_run
-    from engine.training.loop import fit
-
-    config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
-                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
-    fit(config, create_run(root, config.to_dict()))
+    tiny_lfw_run(root)
 
 
 @dataclass

@@ -45,3 +45,18 @@ def default_handle():
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+def tiny_lfw_run(root: Path, run_id: str | None = None):
+    """One finished tiny run (test_resnet, random init, 24 LFW faces at 32 px, 1 epoch, a few seconds):
+    the run that bundle, export, TTA, page and browser tests open, evaluate and predict with."""
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
+
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
+                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
+    run = create_run(root, config.to_dict(), run_id=run_id)
+    assert fit(config, run).status == "finished"
+    return run

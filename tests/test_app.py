@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_lfw_run
 
 TINY = "timm:test_resnet"
 
@@ -181,16 +181,7 @@ def test_inference_page_predicts_uploads_and_lists_bad_files(cat_photo):
 @pytest.fixture
 def tiny_run(isolated_dirs):
     """A finished tiny run in the isolated runs folder (lfw, misclassifications guaranteed early)."""
-    from engine.config import TrainConfig
-    from engine.freeze.plan import FreezePlan
-    from engine.runs.store import create_run
-    from engine.training.loop import fit
-
-    config = TrainConfig(model=TINY, weights="none", data="lfw", image_size=32, max_per_class=12, epochs=1,
-                         num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
-    run = create_run(isolated_dirs / "runs", config.to_dict())
-    fit(config, run)
-    return run
+    return tiny_lfw_run(isolated_dirs / "runs")
 
 
 def test_evaluate_page_shows_matrix_metrics_gallery_and_grad_cam(tiny_run):

@@ -4,10 +4,9 @@ Screenshots go to test-artifacts/. Skipped, with the reason, only when no Chromi
 """
 from __future__ import annotations
 
-import pytest
-
 from tests.browser_support import (  # noqa: F401 (fixtures and helpers, also imported from here by others)
     ARTIFACTS,
+    BROWSER,
     CHROMIUM,
     FLAGS,
     NO_CHROMIUM,
@@ -19,10 +18,7 @@ from tests.browser_support import (  # noqa: F401 (fixtures and helpers, also im
     served_app,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM),
-]
+pytestmark = BROWSER
 
 
 def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat_photo):

@@ -31,8 +31,7 @@ import pytest
 
 from engine.core.memory import APP_SHARE, parse_size
 from tests.browser_support import (
-    CHROMIUM,
-    NO_CHROMIUM,
+    BROWSER,
     _no_exception,
     end_trainings,
     launch_browser,
@@ -40,10 +39,7 @@ from tests.browser_support import (
     stop_app,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM),
-]
+pytestmark = BROWSER
 
 BOX_BYTES = 2_700_000_000  # Community Cloud: about 2.7 GB for the whole box
 # what a training gets there by default: the box minus the app's share (engine.core.memory.detect_budget),

@@ -33,8 +33,8 @@ from engine.runs.bundle import BundleError, BundleLimits, export_bundle, import_
 from engine.runs.load import load_run_model
 from engine.runs.process import process_start
 from engine.runs.status import RunStatus
-from engine.runs.store import create_run, list_runs, open_run, usable_runs
-from tests.conftest import ROOT
+from engine.runs.store import list_runs, open_run, usable_runs
+from tests.conftest import ROOT, tiny_lfw_run
 from tests.hostile._cli import engine
 
 EVIL = "evil.zip"
@@ -43,17 +43,8 @@ EVIL = "evil.zip"
 # ------------------------------------------------------------------ a real run
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One finished tiny run (tiny model, LFW faces), as tests/test_browser.py trains it."""
-    from engine.config import TrainConfig
-    from engine.freeze.plan import FreezePlan
-    from engine.training.loop import fit
-
-    root = tmp_path_factory.mktemp("source-runs")
-    config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
-                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
-    run = create_run(root, config.to_dict(), run_id="20240101-000000-tiny")
-    assert fit(config, run).status == "finished"
-    return run
+    """One finished tiny run (tiny model, LFW faces)."""
+    return tiny_lfw_run(tmp_path_factory.mktemp("source-runs"), run_id="20240101-000000-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from engine.cli import main
 from engine.outputs.onnx_export import PREDICT_SCRIPT
+from tests.conftest import tiny_lfw_run
 
 PARITY = 1e-3  # max |probability difference| between predict_onnx.py and the engine
 ALLOWED_IMPORTS = {"__future__", "argparse", "json", "sys", "pathlib", "numpy", "onnxruntime", "PIL"}
@@ -30,18 +31,8 @@ ALLOWED_IMPORTS = {"__future__", "argparse", "json", "sys", "pathlib", "numpy", 
 # ------------------------------------------------------------------ a real run and real photos
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One finished tiny run (tiny model, LFW faces, 32 px), as tests/test_bundle.py trains it."""
-    from engine.config import TrainConfig
-    from engine.freeze.plan import FreezePlan
-    from engine.runs.store import create_run
-    from engine.training.loop import fit
-
-    root = tmp_path_factory.mktemp("export-runs")
-    config = TrainConfig(model="timm:test_resnet", weights="none", data="lfw", image_size=32, max_per_class=12,
-                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
-    run = create_run(root, config.to_dict(), run_id="tiny")
-    assert fit(config, run).status == "finished"
-    return run
+    """One finished tiny run (tiny model, LFW faces, 32 px)."""
+    return tiny_lfw_run(tmp_path_factory.mktemp("export-runs"), run_id="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import engine.lab.feature_map as feature_map
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_lfw_run
 from tests.test_app import TINY, by_label, page
 
 
@@ -76,17 +76,8 @@ def test_projection_offers_umap_only_when_it_imports():
 
 @pytest.fixture
 def tiny_run(isolated_dirs):
-    """A finished tiny run in the isolated runs folder (as tests/test_bundle.py trains it)."""
-    from engine.config import TrainConfig
-    from engine.freeze.plan import FreezePlan
-    from engine.runs.store import create_run
-    from engine.training.loop import fit
-
-    config = TrainConfig(model=TINY, weights="none", data="lfw", image_size=32, max_per_class=12, epochs=1,
-                         num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
-    run = create_run(isolated_dirs / "runs", config.to_dict())
-    assert fit(config, run).status == "finished"
-    return run
+    """A finished tiny run in the isolated runs folder."""
+    return tiny_lfw_run(isolated_dirs / "runs")
 
 
 def test_run_mode_shows_pretrained_beside_fine_tuned_with_both_scores(tiny_run, monkeypatch):

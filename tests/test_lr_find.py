@@ -135,18 +135,13 @@ def test_a_background_sweep_waits_its_turn_reports_and_can_be_cancelled_in_line(
 
 
 def test_the_training_page_sweeps_in_the_background_and_applies_the_suggestion(tmp_path, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
     from engine.lab.lr_find import SweepJob
-    from tests.conftest import ROOT
+    from tests.test_app import page
     from ui.lr_finder import JOB
 
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
-    at = AppTest.from_file(str(ROOT / "views" / "training.py"), default_timeout=180)
-    at.session_state["active_model"] = "timm:test_resnet"
-    at.session_state["active_weights"] = "none"
-    at.session_state["active_num_classes"] = None
+    at = page("training.py")
     at.run()
     for label, value in (("Image size", 32), ("Batch size", 16), ("Max images per class (0: all)", 20),
                          ("Sweep steps", 20)):

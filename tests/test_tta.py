@@ -9,12 +9,11 @@ import shutil
 import pytest
 import torch
 from PIL import Image, ImageOps
-from streamlit.testing.v1 import AppTest
 
 from engine.outputs.evaluate import TTAChange, evaluate_run, evaluation_report
 from engine.outputs.predict import class_probs, predict_files, predict_images
-from engine.runs.store import create_run
-from tests.conftest import ROOT
+from tests.conftest import tiny_lfw_run
+from tests.test_app import by_label, page
 from tests.test_cli import run_cli
 
 TINY = "timm:test_resnet"
@@ -81,17 +80,8 @@ def test_class_probs_returns_both_and_slices_bound_the_forward(default_handle):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One finished tiny run (tiny model, LFW faces), as tests/test_bundle.py trains it."""
-    from engine.config import TrainConfig
-    from engine.freeze.plan import FreezePlan
-    from engine.training.loop import fit
-
-    root = tmp_path_factory.mktemp("tta-runs")
-    config = TrainConfig(model=TINY, weights="none", data="lfw", image_size=32, max_per_class=12,
-                         epochs=1, num_workers=0, plan=FreezePlan.full(head_lr=1e-3).to_dict())
-    run = create_run(root, config.to_dict(), run_id="20240101-000000-tta")
-    assert fit(config, run).status == "finished"
-    return run
+    """One finished tiny run (tiny model, LFW faces)."""
+    return tiny_lfw_run(tmp_path_factory.mktemp("tta-runs"), run_id="20240101-000000-tta")
 
 
 def test_evaluate_run_with_tta_reports_both_accuracies_and_the_cli_the_change(trained, cat_photo):
@@ -128,39 +118,27 @@ def test_evaluate_run_with_tta_reports_both_accuracies_and_the_cli_the_change(tr
     assert [t["prob"] for t in got] == pytest.approx([t.prob for t in expected.topk], abs=1e-5)
 
 
-def _page(name: str, model: str = TINY, weights: str = "none") -> AppTest:
-    at = AppTest.from_file(str(ROOT / "views" / name), default_timeout=180)
-    at.session_state["active_model"] = model
-    at.session_state["active_weights"] = weights
-    at.session_state["active_num_classes"] = None
-    return at
-
-
-def _by_label(elements, label):
-    return next(e for e in elements if e.label == label)
-
-
 def test_evaluate_and_inference_pages_with_the_tta_toggle(trained, cat_photo, tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
     shutil.copytree(trained.path, tmp_path / "runs" / trained.run_id)
     change = evaluate_run(trained, tta=True).tta
 
-    at = _page("evaluate.py")
+    at = page("evaluate.py")
     at.run()
     assert not at.exception, at.exception
     assert not [m for m in at.metric if m.label == "With TTA"]
-    _by_label(at.toggle, "Test-time augmentation (horizontal flip)").set_value(True).run()
+    by_label(at.toggle, "Test-time augmentation (horizontal flip)").set_value(True).run()
     assert not at.exception, at.exception
-    assert _by_label(at.metric, "Validation accuracy (best checkpoint)").value == f"{change.plain_acc:.2%}"
-    with_tta = _by_label(at.metric, "With TTA")
+    assert by_label(at.metric, "Validation accuracy (best checkpoint)").value == f"{change.plain_acc:.2%}"
+    with_tta = by_label(at.metric, "With TTA")
     assert with_tta.value == f"{change.tta_acc:.2%}" and with_tta.proto.delta == f"{change.points:+.1f} points"
     assert any(c.value.startswith(change.line()) for c in at.caption)
     assert any("Confusion matrix" in str(c.proto.spec) for c in at.get("plotly_chart"))
 
-    at = _page("inference.py", model="timm:efficientnet_lite0", weights="packaged")
+    at = page("inference.py", model="timm:efficientnet_lite0", weights="packaged")
     at.run()
-    _by_label(at.toggle, "Test-time augmentation (horizontal flip)").set_value(True)
+    by_label(at.toggle, "Test-time augmentation (horizontal flip)").set_value(True)
     at.file_uploader[0].set_value([("cat.png", cat_photo.read_bytes(), "image/png")]).run()
     assert not at.exception, at.exception
     title = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))

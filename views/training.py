@@ -133,7 +133,8 @@ def current_config() -> TrainConfig:
     return config
 
 
-lr_finder(current_config, enabled=bool(overview) and not overview["problems"])
+can_start = bool(overview) and not overview["problems"]
+lr_finder(current_config, enabled=can_start)
 
 busy = active_runs(runs_root())
 device_free = device_lock("auto").is_free()
@@ -144,7 +145,6 @@ if busy or not device_free:
     line = f"; {waiting} more wait{'s' if waiting == 1 else ''} in line" if waiting else ""
     st.info(f"{who}{line}. One training runs at a time on this machine: a run you start now waits in the "
             f"queue (number {waiting + 1}) and starts by itself when the device is free.")
-can_start = bool(overview) and not overview["problems"]
 start_box = st.container()
 if st.button("Start training", type="primary", disabled=not can_start):
     try:

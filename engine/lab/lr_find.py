@@ -230,13 +230,13 @@ def run_sweep_job(config: TrainConfig, job: SweepJob, *, steps: int, start_lr: f
     import time
 
     from engine.runs.locks import device_lock
-    from engine.runs.queue import CancelledInQueue, device_queue, wait_for_device
+    from engine.runs.queue import CancelledInQueue, device_queue, in_line, wait_for_device
 
     lock = device_lock(config.device, holder="a learning-rate sweep")
     try:
         wait_for_device(lock, device_queue(config.device), str(job.path), cancelled=job.cancelled,
                         report=lambda position, ahead: job.write(
-                            state="queued", reason=f"number {position} in line for the device, behind {ahead}"))
+                            state="queued", reason=in_line(position, ahead)))
     except CancelledInQueue as exc:
         job.write(state="cancelled", reason=str(exc))
         raise

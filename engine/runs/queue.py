@@ -99,6 +99,11 @@ def device_queue(device: str = "auto") -> DeviceQueue:
     return DeviceQueue(resolve_device(device).type)
 
 
+def in_line(position: int, ahead: str) -> str:
+    """A waiter's place, as its status says it (a run's, a background LR sweep's)."""
+    return f"number {position} in line for the device, behind {ahead}"
+
+
 def wait_for_device(lock: DeviceLock, queue: DeviceQueue, run_name: str, *,
                     cancelled: Callable[[], bool], report: Callable[[int, str], None],
                     poll_s: float = POLL_S) -> None:

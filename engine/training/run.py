@@ -11,7 +11,7 @@ from engine.core.errors import EngineError
 from engine.runs.events import no_emit
 from engine.runs.locks import DeviceLock, device_lock
 from engine.runs.process import Heartbeat
-from engine.runs.queue import CancelledInQueue, device_queue, wait_for_device
+from engine.runs.queue import CancelledInQueue, device_queue, in_line, wait_for_device
 from engine.runs.store import sweep_temps
 from engine.training.checkpoint import disk_error
 from engine.training.loop import RunResult, fit
@@ -70,7 +70,7 @@ def _wait_in_line(run: RunDir, lock: DeviceLock, device: str) -> None:
     """Queue for the device, saying the position in the run's status (with a heartbeat)."""
     def report(position: int, ahead: str) -> None:
         run.write_status(state="queued", queue_position=position, heartbeat=time.time(),
-                         reason=f"number {position} in line for the device, behind {ahead}")
+                         reason=in_line(position, ahead))
 
     wait_for_device(lock, device_queue(device), str(run.path), cancelled=run.cancel_requested, report=report)
 

@@ -4,22 +4,18 @@ from __future__ import annotations
 import io
 import zipfile
 
-import pytest
 from PIL import Image
 
 from tests.test_browser import (  # noqa: F401 (fixtures)
     ARTIFACTS,
-    CHROMIUM,
+    BROWSER,
     _no_exception,
     _wait_ready,
     browser_page,
     served_app,
 )
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (apt-get install chromium) on this machine"),
-]
+pytestmark = BROWSER
 
 
 def _thin_png(path):
