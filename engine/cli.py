@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from engine.core.errors import EngineError, RunError
-from engine.core.paths import runs_root
+from engine.core.paths import data_root, runs_root
 from engine.models.registry import DEFAULT_MODEL
 
 
@@ -531,6 +531,55 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset(args: argparse.Namespace) -> int:
+    """The dataset builder from a terminal: the same folders, checks and refusals as the browser's."""
+    from pathlib import Path
+
+    from engine.data.builder import BuiltDataset, built_datasets
+
+    root = Path(args.root)
+    if args.action == "list":
+        names = built_datasets(root)
+        if args.json:
+            _print_json(names)
+        else:
+            print("\n".join(names) or "no built datasets", file=sys.stdout if names else sys.stderr)
+        return 0
+    need = {"create": 0, "show": 0, "add-class": 1, "add": 2, "remove": 2, "rename": 2, "delete": 1}[args.action]
+    if len(args.items) < need:
+        raise EngineError(f"dataset {args.action} needs {need} more argument(s) after the dataset name.")
+    if args.action == "create":
+        ds = BuiltDataset.create(args.name, root)
+        print(ds.root)
+        return 0
+    ds = BuiltDataset.open(args.name, root)
+    items = args.items
+    if args.action == "add-class":
+        print(f"class '{ds.add_class(items[0])}' added to {ds.name}")
+    elif args.action == "add":  # add NAME CLASS FILE...: the class is made when new
+        if items[0] not in ds.classes():
+            ds.add_class(items[0])
+        result = ds.add_files(items[0], map(Path, items[1:]))
+        for shown, reason in result.refused:
+            print(f"refused {shown}: {reason}", file=sys.stderr)
+        print(f"{items[0]}: {result.summary()}")
+        return 0 if result.added or result.already else 2
+    elif args.action == "remove":
+        ds.remove_image(items[0], items[1])
+        print(f"removed {items[1]} from class '{items[0]}'")
+    elif args.action == "rename":
+        print(f"class '{items[0]}' is now '{ds.rename_class(items[0], items[1])}'")
+    elif args.action == "delete":
+        print(f"deleted class '{items[0]}' ({ds.delete_class(items[0])} images)")
+    classes = ds.classes()
+    if args.json:
+        _print_json({"dataset": ds.name, "path": str(ds.root), "classes": classes})
+    elif args.action == "show":
+        for name, files in classes.items():
+            print(f"{name:<24} {len(files)} images")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -723,6 +772,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("dataset", help="build a dataset image by image in the data folder (as the Training "
+                                       "page's builder): create, add images to a class, remove, rename, delete")
+    p.add_argument("action", choices=["list", "create", "show", "add-class", "add", "remove", "rename", "delete"],
+                   help="list | create NAME | show NAME | add-class NAME CLASS | add NAME CLASS FILE... | "
+                        "remove NAME CLASS FILE | rename NAME OLD NEW | delete NAME CLASS")
+    p.add_argument("name", nargs="?", default="", help="the dataset (a folder in the data folder)")
+    p.add_argument("items", nargs="*", help="class, files or new name, as the action needs")
+    p.add_argument("--root", default=str(data_root()), help="data folder (default: the app's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser("runs", help="list the runs in a runs folder (damaged ones say why); export or import "
                                     "one as a bundle (.zip)")

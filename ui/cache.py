@@ -63,9 +63,10 @@ def freeze_preview(name: str, weights: str, num_classes: int | None, plan_json: 
 
 
 @st.cache_data(show_spinner="Reading the dataset...", max_entries=8)
-def dataset_overview(source: str, per_class: int = 6) -> dict[str, Any]:
+def dataset_overview(source: str, per_class: int = 6, stamp: tuple = ()) -> dict[str, Any]:
     """Counts, validation report (with the layout found and the images per given split) and a few
-    thumbnails per class (small arrays, cache-friendly)."""
+    thumbnails per class (small arrays, cache-friendly). ``stamp`` (engine.data.builder.source_stamp)
+    is only part of the key: a folder that changed since (an image added, a class renamed) is read again."""
     import numpy as np
 
     from engine.core.errors import ImageError

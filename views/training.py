@@ -12,12 +12,14 @@ from engine.core.memory import detect_budget, format_size
 from engine.core.paths import data_root, resolve_data_path, runs_root
 from engine.data.archive import extract_upload
 from engine.data.balance import BALANCE_CHOICES
+from engine.data.builder import source_stamp
 from engine.freeze.plan import FreezePlan
 from engine.runs.background import start_background
 from engine.runs.locks import device_lock
 from engine.runs.queue import device_queue
 from engine.runs.store import active_runs, create_run, describe_run, extend_run, list_runs, open_run
 from ui.cache import dataset_overview
+from ui.dataset_builder import dataset_builder
 from ui.errors import show_error
 from ui.lr_finder import lr_finder
 from ui.run_panel import live_panel
@@ -28,14 +30,16 @@ st.title("Training")
 name, weights, _classes = active()
 
 st.subheader("1. Data")
-choice = st.radio("Data", ["digits (built-in)", "lfw faces (built-in)", "upload a zip", "folder in the data directory"],
-                  horizontal=True)
+choice = st.radio("Data", ["digits (built-in)", "lfw faces (built-in)", "build a dataset here", "upload a zip",
+                          "folder in the data directory"], horizontal=True)
 source = None
 try:
     if choice.startswith("digits"):
         source = "digits"
     elif choice.startswith("lfw"):
         source = "lfw"
+    elif choice == "build a dataset here":
+        source = dataset_builder()
     elif choice == "upload a zip":
         upload = st.file_uploader("A .zip of one folder per class, of train/ val/ (test/) folders of class "
                                   "folders, or of images with a labels.csv (path,label[,split])", type=["zip"])
@@ -51,7 +55,7 @@ try:
             source = str(resolve_data_path(st.selectbox("Folder", folders)))
         else:
             st.info("No folders in the data folder yet: copy a dataset there, or upload a zip.")
-    overview = dataset_overview(source) if source else None
+    overview = dataset_overview(source, stamp=source_stamp(source)) if source else None
 except EngineError as exc:
     show_error(exc)
     overview = None
