@@ -390,6 +390,60 @@ def _base_config_from_args(base, args: argparse.Namespace):
                    memory_budget=args.memory_budget, micro_batch=args.micro_batch)
 
 
+DATA_ARGS = {"mislabeled": ("RUN",), "relabel": ("DATA", "IMAGE", "CLASS"), "exclude": ("DATA", "IMAGE"),
+             "restore": ("DATA", "IMAGE"), "undo": ("DATA",), "overrides": ("DATA",)}
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Cleaning the data from the evidence: the possibly mislabelled images of a run, and decisions about
+    single images kept in the dataset's overrides file (engine.data.overrides); files are never touched."""
+    from engine.data import overrides as ov
+
+    need = DATA_ARGS[args.action]
+    if len(args.items) != len(need):
+        raise EngineError(f"data {args.action} takes {' '.join(need)}; got {len(args.items)} argument(s).")
+    if args.action == "mislabeled":
+        from engine.lab.mislabeled import rank_mislabeled
+        from engine.runs.store import open_run
+
+        check_runs_folder(args.out)
+        ranking = rank_mislabeled(open_run(args.out, args.items[0]), kind=args.checkpoint, top=args.top)
+        if args.json:
+            _print_json(ranking.to_dict())
+            return 0
+        print(f"{ranking.run_id} ({ranking.checkpoint}): the {len(ranking.suspects)} highest-loss of "
+              f"{ranking.images} train and val images")
+        for s in ranking.suspects:
+            print(f"{s.loss:7.3f}  {s.split:<5} {s.image:<40} given {s.given}, predicted {s.predicted} "
+                  f"({s.probability:.0%})")
+        return 0
+    data = args.items[0]
+    if args.action in ("relabel", "exclude", "restore"):
+        decision = ov.decide(data, args.items[1], args.action, args.items[2] if args.action == "relabel" else None)
+        result: dict[str, Any] = {"decision": decision.to_dict()}
+        line = f"{decision.line()}: applies to the next training and data report"
+    elif args.action == "undo":
+        undone = ov.undo(data)
+        result = {"undone": undone.to_dict() if undone else None}
+        line = f"undone: {undone.line()}" if undone else "nothing to undo: no decisions"
+    else:
+        current = ov.read_overrides(data)
+        state = current.state()
+        result = {"file": str(ov.overrides_path(data)), **current.to_dict(),
+                  "relabel": {k: d.label for k, d in state.items() if d.action == "relabel"},
+                  "exclude": [k for k, d in state.items() if d.action == "exclude"]}
+        if not args.json:
+            for d in current.decisions:
+                print(f"{d.at or '-':<21} {d.line()}")
+        line = (f"{len(result['relabel'])} relabelled, {len(result['exclude'])} excluded "
+                f"({len(current.decisions)} decisions in {ov.overrides_path(data).name})")
+    if args.json:
+        _print_json(result)
+    else:
+        print(line)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from engine.outputs.evaluate import evaluate_run
     from engine.runs.store import open_run
@@ -804,6 +858,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "horizontal mirror, probabilities averaged): accuracy and loss with and without, and the change")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="clean the data from the evidence: a run's possibly mislabelled images, and "
+                                    "decisions about single images kept in the dataset's overrides file")
+    p.add_argument("action", choices=list(DATA_ARGS),
+                   help="; ".join(f"{a} {' '.join(n)}" for a, n in DATA_ARGS.items()))
+    p.add_argument("items", nargs="*", help="the run, or the data (digits, lfw, a folder or a .zip) and its image "
+                                            "(path inside the dataset, or digits[17]) and class")
+    p.add_argument("--top", type=_at_least(1, 100_000), default=20, help="mislabeled: how many to list")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--out", default=str(runs_root()), help="runs folder (mislabeled)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("export", help="write a run as a standalone training script (plain torch + timm), or its best "
                                       "model as ONNX (+ predict_onnx.py), TorchScript or safetensors")

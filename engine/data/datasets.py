@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from engine.data.balance import IMBALANCE_WARN, class_imbalance
 from engine.data.images import IMAGE_SUFFIXES, check_image, open_image
 from engine.data.layouts import SPLITS, Layout, detect_layout, read_labels_csv, split_note
 from engine.data.transforms import resize_target
+
+if TYPE_CHECKING:
+    from engine.data.overrides import Overrides
 
 BUILTIN = ("digits", "lfw")
 
@@ -59,6 +62,8 @@ class ImageSet:
     # a CSV's split column); None: a random stratified split (engine.data.splits.split_all)
     splits: list[str] | None = None
     layout: str = ""  # the data report's sentence: which layout was found and which split it gives
+    # what the dataset's overrides file changed (engine.data.overrides.apply_overrides); {}: no decisions
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -368,6 +373,8 @@ class DataReport:
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images (given splits)
     # the training images' largest/smallest class and their ratio (engine.data.balance.class_imbalance); {}: < 2 classes
     imbalance: dict[str, Any] = field(default_factory=dict)
+    # relabelled / excluded / unmatched by the overrides file (engine.data.overrides); {}: none
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -382,7 +389,8 @@ class DataReport:
                    skipped=[(str(a), str(b)) for a, b in data["skipped"]], problems=list(data["problems"]),
                    warnings=list(data["warnings"]), layout=str(data.get("layout") or ""),
                    split_counts={str(k): dict(v) for k, v in (data.get("split_counts") or {}).items()},
-                   imbalance=dict(data.get("imbalance") or {}))
+                   imbalance=dict(data.get("imbalance") or {}),
+                   overrides=dict(data.get("overrides") or {}))
 
 
 def split_counts(ds: ImageSet) -> dict[str, dict[str, int]]:
@@ -425,6 +433,10 @@ def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
                             f"{'this class' if len(missing) == 1 else 'these classes'} out.")
     if ds.skipped:
         warnings.append(f"{len(ds.skipped)} file(s) skipped (listed below).")
+    if ds.overrides:
+        from engine.data.overrides import describe
+
+        warnings.append(describe(ds.overrides))
     small = [c for c, n in pool.items() if need <= n < 10]
     if small:
         warnings.append(f"Very few images (<10) in: {', '.join(small)}; expect noisy results.")
@@ -438,7 +450,7 @@ def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
                         "or sampler).")
     return DataReport(n_images=len(ds), counts=counts, skipped=list(ds.skipped),
                       problems=problems, warnings=warnings, layout=ds.layout, split_counts=per_split,
-                      imbalance=imbalance)
+                      imbalance=imbalance, overrides={k: v for k, v in ds.overrides.items() if k != "decisions"})
 
 
 class TransformDataset(torch.utils.data.Dataset):
@@ -504,11 +516,23 @@ def load_cifar10_set(root: str | Path | None = None, download: bool = True) -> I
     )
 
 
-def load_source(source: str, work_dir: str | Path | None = None) -> ImageSet:
-    """'digits' | 'lfw' | 'cifar10' | a folder | a .zip (extracted under ``work_dir``).
+def load_source(source: str, work_dir: str | Path | None = None, overrides: Overrides | None = None) -> ImageSet:
+    """'digits' | 'lfw' | 'cifar10' | a folder | a .zip (extracted under ``work_dir``), with the decisions
+    about single images applied (engine.data.overrides): ``overrides`` when given; else, for a run's
+    ``work_dir``, those the run trained with (its split stays its own); else the dataset's current ones.
 
     An empty or blank source is refused: Path("") is the current folder, never what was meant.
     """
+    from engine.data.overrides import apply_overrides, read_overrides, run_overrides
+
+    ds = _read_source(source, work_dir)
+    if overrides is None:
+        overrides = run_overrides(work_dir) if work_dir is not None else read_overrides(source)
+    return apply_overrides(ds, overrides)
+
+
+def _read_source(source: str, work_dir: str | Path | None) -> ImageSet:
+    """The data as delivered (see ``load_source``)."""
     if not isinstance(source, str) or not source.strip():
         raise DataError("No data given: use digits, lfw, cifar10, a folder with one sub-folder per class, "
                         "or a .zip of such a folder.")

@@ -28,6 +28,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
                "test": "test", "testing": "test"}
 SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")  # folder names that make the split layout
 LABELS_CSV = "labels.csv"
+OVERRIDES_FILE = "workbench-overrides.json"  # engine.data.overrides keeps its decisions there
 MAX_CSV_BYTES = 20 * 1024 * 1024  # 20 MB: ~200,000 rows of long paths
 MAX_CSV_ROWS = 200_000  # ten times the files a zip upload may hold
 CSV_HELP = ("its first line must be the header path,label (or path,label,split), then one line per image, "
@@ -131,8 +132,8 @@ def detect_layout(root: Path) -> Layout:
         why = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named) + \
             (" folders" if len(named) > 1 else " folder")
         split_names = {p.name for p in dirs.values()}
-        for e in entries:
-            if e.name not in split_names and e not in csvs:
+        for e in entries:  # the overrides file (engine.data.overrides) is the workbench's own, never "not used"
+            if e.name not in split_names and e not in csvs and e.name != OVERRIDES_FILE:
                 if e.is_symlink():
                     why = "a link: split folders are never links (links to folders are not followed); not used"
                 else:

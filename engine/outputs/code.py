@@ -235,7 +235,16 @@ def script_unsupported(config: TrainConfig, work_dir: str | None = None) -> str 
     training. Such runs are refused rather than given a script that silently trains on other data.
     """
     from engine.data.datasets import BUILTIN, CLASSES_NOTE, load_source
+    from engine.data.overrides import read_overrides, run_overrides
 
+    try:  # a run's own record (what it trained with), else the dataset's current decisions
+        decided = run_overrides(work_dir) if work_dir is not None else read_overrides(config.data)
+    except EngineError:
+        decided = None  # an unreadable overrides file is said where the data is read
+    if decided is not None and not decided.empty:
+        return (f"the standalone script reads the data as delivered; this run's data has {len(decided.state())} "
+                f"decision(s) about single images (relabelled or excluded by the dataset's overrides file) that it would not "
+                "apply, so no script is written for it")
     if config.data in BUILTIN:
         return None
     try:

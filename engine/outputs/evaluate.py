@@ -101,7 +101,8 @@ class EvaluationReport:
     accuracy: float
     confusion: list[list[int]]  # rows: true class, columns: predicted
     per_class: list[dict[str, Any]]  # class, precision, recall, f1, support
-    misclassified: list[dict[str, Any]]  # index, source, true, predicted, confidence, true_prob
+    # index, source, image (its name inside the dataset, what a decision names), true, predicted, confidence, true_prob
+    misclassified: list[dict[str, Any]]
     confidence: dict[str, list[float]]  # "correct" / "wrong" -> the top-1 probabilities
     unreadable: list[dict[str, str]] = field(default_factory=list)
     # beside accuracy, the scores a small class cannot hide behind (engine.training.metrics)
@@ -132,6 +133,7 @@ def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", 
     ``plain_probs`` are those without, from the same forward passes; without it both are the same tensor.
     """
     from engine.data.datasets import TransformDataset, load_source
+    from engine.data.overrides import image_key
     from engine.data.transforms import eval_transform
 
     config = TrainConfig.from_dict(run.config())
@@ -167,7 +169,8 @@ def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", 
     probs = torch.cat(averaged)[keep]
     return {"handle": handle, "probs": probs, "plain_probs": torch.cat(plain)[keep] if tta else probs,
             "tta": tta, "labels": torch.cat(labels)[keep], "indices": indices,
-            "sources": [ds.sources[i] for i in indices], "class_names": handle.spec.class_names,
+            "sources": [ds.sources[i] for i in indices], "images": [image_key(ds, i) for i in indices],
+            "class_names": handle.spec.class_names,
             "unreadable": list(dataset.failed)}
 
 
@@ -203,7 +206,8 @@ def evaluation_report(run: RunDir, kind: str = "best", split: str = "val", tta: 
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=classes, zero_division=0)
     wrong = [
-        {"index": int(preds["indices"][i]), "source": preds["sources"][i], "true": names[int(labels[i])],
+        {"index": int(preds["indices"][i]), "source": preds["sources"][i], "image": preds["images"][i],
+         "true": names[int(labels[i])],
          "predicted": names[int(predicted[i])], "confidence": float(confidence[i]),
          "true_prob": float(probs[i, int(labels[i])])}
         for i in range(len(labels)) if predicted[i] != labels[i]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.device import flush_denormals, seed_everything
 from engine.core.memory import reuse_freed_memory
+from engine.data.overrides import read_overrides
 from engine.runs.events import RunFinished, RunStarted, no_emit
 from engine.runs.recorder import RunRecorder
 from engine.training.checkpoint import Checkpointer
@@ -40,7 +41,9 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     checkpointer = Checkpointer(run, config.monitor)
     commit = checkpointer.resume_point() if resume else None
     prep = prepare(config, work_dir=str(run.path) if run else None,
-                   weights="none" if commit else None)  # resumed weights come from the commit
+                   weights="none" if commit else None,  # resumed weights come from the commit
+                   # a fresh run trains with the dataset's decisions as they are now; a resumed one with its own
+                   overrides=None if commit else read_overrides(config.data))
     if commit:
         checkpointer.restore(prep.handle, commit)
     record_split(prep, run)

@@ -24,6 +24,7 @@ from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import detect_budget, inference_batch
 from engine.data.balance import balanced_sampler, class_weights
 from engine.data.datasets import TransformDataset, load_source, validate
+from engine.data.overrides import Overrides, applied_overrides, save_run_overrides
 from engine.data.splits import split_all
 from engine.data.transforms import eval_transform, train_transform
 from engine.freeze.plan import apply_plan, build_optimizer, optimizer_for_groups, param_groups, unfreeze_for_epoch
@@ -67,11 +68,15 @@ class Prepared:
     skipped: list
     test_ds: TransformDataset | None = None  # held out: evaluated once, at the end of the run
     layout: str = ""  # the data report's sentence on the layout and its split
+    overrides: Overrides | None = None  # the decisions about single images it trains with (engine.data.overrides)
 
 
-def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None) -> Prepared:
-    """Data (validated, split) and model (head sized to the classes) for a config."""
-    ds = load_source(config.data, work_dir=work_dir)
+def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None,
+            overrides: Overrides | None = None) -> Prepared:
+    """Data (validated, split) and model (head sized to the classes) for a config. ``overrides``: the
+    decisions to train with (a fresh run: the dataset's current ones); None: ``load_source``'s choice (a
+    resumed run's ``work_dir``: those it started with, so its split does not move)."""
+    ds = load_source(config.data, work_dir=work_dir, overrides=overrides)
     report = validate(ds)
     if not report.ok:
         raise DataError("The data cannot be trained on: " + " ".join(report.problems))
@@ -89,7 +94,8 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     train_ds = TransformDataset(ds, train_idx, train_transform(handle.spec, size, augment=config.augment, hflip=config.hflip))
     val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
     test_ds = TransformDataset(ds, test_idx, eval_transform(handle.spec, size)) if test_idx else None
-    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout)
+    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout,
+                    applied_overrides(ds))
 
 
 def test_evaluation(prep: Prepared, runner: EpochRunner, run: RunDir | None) -> dict[str, Any] | None:
@@ -114,6 +120,8 @@ def record_split(prep: Prepared, run: RunDir | None) -> None:
     """The run's status says which layout gave its split and how many images each part has; a test
     result of an earlier finish (a run extended by more epochs) is cleared until this one ends."""
     if run is not None:
+        if prep.overrides is not None:  # evaluation, exports and a resume read the data with these
+            save_run_overrides(run.path, prep.overrides)
         run.write_status(split={"layout": prep.layout, "train": len(prep.train_ds), "val": len(prep.val_ds),
                                 "test": len(prep.test_ds) if prep.test_ds is not None else 0}, test=None)
 
