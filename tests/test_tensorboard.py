@@ -138,7 +138,7 @@ def test_resumed_run_continues_the_same_curves_once(resumed):
     acc = _read(run)
     _assert_matches_metrics(run, acc)
     scalars = _scalars(acc)
-    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr/head", "speed/images_per_s"):
+    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "macro_f1/val", "balanced_accuracy/val", "lr/head", "speed/images_per_s"):
         assert [s for s, _ in scalars[tag]] == [1, 2], tag
     assert scalars["loss/val"][0][1] == pytest.approx(first["loss/val"][0][1])  # epoch 1 unchanged
     assert scalars["best/epoch"] == [(2, result.best_epoch)]  # the first run's end (step 1) is gone

@@ -81,7 +81,8 @@ def _export_and_code(run, tab_export, tab_code) -> None:
             _bundle_download(run)
             handle = load_trained(str(run.path), best.stat().st_mtime)
             st.download_button("Best weights + JSON (zip: model.safetensors, model.json)",
-                               weights_bundle(handle, {"run_id": run.run_id}), file_name=f"{run.run_id}.zip")
+                               lambda: weights_bundle(handle, {"run_id": run.run_id}),  # built on click only
+                               file_name=f"{run.run_id}.zip")
             st.caption("Load it again with `create_model(NAME, weights='model.safetensors')`: the JSON beside the "
                        "weights carries classes and preprocessing.")
             fmt = st.radio("Also export as", ["onnx", "torchscript"], horizontal=True)

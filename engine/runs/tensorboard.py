@@ -50,6 +50,7 @@ def epoch_scalars(row: dict[str, Any]) -> dict[str, float]:
     """The scalars of one epoch (an EpochEnded, or its metrics.jsonl line), by tag."""
     scalars = {"loss/train": row.get("train_loss"), "loss/val": row.get("val_loss"),
                "accuracy/train": row.get("train_acc"), "accuracy/val": row.get("val_acc"),
+               "macro_f1/val": row.get("val_macro_f1"), "balanced_accuracy/val": row.get("val_balanced_acc"),
                "time/epoch_s": row.get("epoch_s") or None, "speed/images_per_s": row.get("images_per_s") or None,
                "model/trainable_params": row.get("trainable_params") or None}
     scalars.update(lr_scalars(row.get("lr") if isinstance(row.get("lr"), dict) else {}))
