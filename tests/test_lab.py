@@ -123,6 +123,13 @@ def test_exports_load_again_with_parity(tmp_path, trained_run):
     assert card["class_names"] == ["non-face", "face"] and "torch" in card["versions"]
     reloaded = create_model(card["spec"]["name"], weights=tmp_path / "bundle" / "model.safetensors")
     assert reloaded.spec.class_names == ["non-face", "face"]
+    assert reloaded.spec.data_config() == handle.spec.data_config()  # the run's size and crop, not the arch's
+    card["spec"]["crop_pct"] = "lots"  # an untrusted JSON: a bad value means the architecture's defaults, said
+    (tmp_path / "bundle" / "model.json").write_text(json.dumps(card))
+    fallback = create_model(card["spec"]["name"], weights=tmp_path / "bundle" / "model.safetensors")
+    arch_default = create_model(card["spec"]["name"], weights="none").spec.input_size
+    assert fallback.spec.input_size == arch_default != handle.spec.input_size
+    assert any("cannot be used" in n for n in fallback.notes)
     with torch.inference_mode():
         assert torch.allclose(reloaded.module(x), handle.module(x))
 

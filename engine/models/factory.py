@@ -301,6 +301,7 @@ def create_model(
         assert path is not None
         head, names = _load_file_weights(module, head, path, names, notes)
         weights_label = f"file:{path.name}"
+        config = {**config, **_sidecar_preprocessing(_read_sidecar(path), mid.qualified, notes)}
 
     if class_names is not None:
         if num_classes is not None and num_classes != len(class_names):
@@ -353,6 +354,39 @@ def _load_file_weights(
     elif out != len(names):
         names = [f"class_{i}" for i in range(out)]
     return head, names
+
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+_CROP_MODES = ("center", "squash", "border")
+
+
+def _sidecar_preprocessing(sidecar: dict[str, Any] | None, qualified: str, notes: list[str]) -> dict[str, Any]:
+    """The preprocessing a fine-tuned model was trained with (its JSON beside the weights: a run at 96 px
+    predicts at 96 px, not at the architecture's 224), when the JSON is for this architecture and every
+    value is sane; otherwise nothing (the architecture's defaults), with a note. The file is untrusted."""
+    if not sidecar or "input_size" not in sidecar:
+        return {}
+    if sidecar.get("name") not in (None, qualified):
+        notes.append(f"The JSON beside the weights is for {sidecar.get('name')}; its preprocessing is not used.")
+        return {}
+    try:
+        size = tuple(int(v) for v in sidecar["input_size"])
+        mean = tuple(float(v) for v in sidecar.get("mean", ()))
+        std = tuple(float(v) for v in sidecar.get("std", ()))
+        crop_pct = float(sidecar.get("crop_pct", 0.875))
+        interpolation = str(sidecar.get("interpolation", "bilinear"))
+        crop_mode = str(sidecar.get("crop_mode", "center"))
+        ok = (len(size) == 3 and size[0] == 3 and all(8 <= v <= 4096 for v in size[1:]) and len(mean) == 3
+              and len(std) == 3 and all(0 < v < 1e3 for v in std) and all(abs(v) < 1e3 for v in mean)
+              and 0.1 <= crop_pct <= 2.0 and interpolation in _INTERPOLATIONS and crop_mode in _CROP_MODES)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        notes.append("The JSON beside the weights has preprocessing values that cannot be used; the "
+                     "architecture's defaults are used.")
+        return {}
+    return {"input_size": size, "mean": mean, "std": std, "crop_pct": crop_pct, "interpolation": interpolation,
+            "crop_mode": crop_mode}
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
