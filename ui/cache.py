@@ -133,21 +133,35 @@ def report_for(run_path: str, mtime: float, tta: bool = False) -> dict:
 
 
 @st.cache_resource(show_spinner="Reading the dataset...", max_entries=2, ttl=600)
-def val_dataset(data: str):
-    """The run's data, read (and every file checked) once, not once per thumbnail."""
+def val_dataset(data: str, work_dir: str | None = None):
+    """The run's data, read (and every file checked) once, not once per thumbnail. With the run's folder
+    as ``work_dir``: as that run trained on it (its own decisions about single images, so a report's
+    indices name the images they named then, whatever was decided since; engine.data.overrides)."""
     from engine.data.datasets import load_source
 
-    return load_source(data)
+    return load_source(data, work_dir=work_dir)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def val_image(data: str, index: int, target: int, thumb: int | None = None):
+def val_image(data: str, index: int, target: int, thumb: int | None = None, work_dir: str | None = None):
     """One validation image decoded reduced to ``target`` (the model's need, or a thumbnail's); raises
     ImageError when the file became unreadable since training."""
-    image = val_dataset(data).image(index, target=target)
+    image = val_dataset(data, work_dir).image(index, target=target)
     if thumb:
         image.thumbnail((thumb, thumb))
     return image
+
+
+@st.cache_data(show_spinner="Scoring every training and validation image of the run...", max_entries=8)
+def mislabeled_for(run_path: str, mtime: float, top: int = 18) -> dict:
+    """A run's possibly mislabelled images (engine.lab.mislabeled), keyed by its best checkpoint's mtime.
+    Not by the overrides file: the ranking reads the data as the run trained on it; the decisions taken
+    since are shown over it, fresh at every rerun."""
+    from engine.core.paths import runs_root
+    from engine.lab.mislabeled import rank_mislabeled
+    from engine.runs.store import open_run
+
+    return rank_mislabeled(open_run(runs_root(), run_path), top=top).to_dict()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -12,7 +12,8 @@ from engine.core.errors import EngineError
 from engine.data.images import open_image
 from engine.data.transforms import input_target
 from engine.outputs.explain import grad_cam
-from ui.cache import load_trained, report_for, val_image
+from ui import overrides as overrides_ui
+from ui.cache import load_trained, mislabeled_for, report_for, val_image
 from ui.errors import public_message, show_error
 from ui.widgets import pick_trained_run
 
@@ -84,6 +85,12 @@ with right:
                                  title="Confidence of right and wrong answers (calibration at a glance)"))
 
 st.subheader("Misclassified validation images")
+st.caption("Is the model wrong, or the label? Relabel an image as another class, or exclude it: the decision "
+           "goes to the dataset's overrides file (the image files are never moved) and counts from the next "
+           "training and data report on.")
+overrides_ui.show_flash()
+decided = overrides_ui.decisions(config.data)
+overrides_ui.undo_button(config.data, decided)
 wrong = pd.DataFrame(report.misclassified)
 if wrong.empty:
     st.success("No validation image is misclassified.")
@@ -97,13 +104,44 @@ else:
     view = wrong[((wrong["true"] == true_filter) | (true_filter == "any"))
                  & ((wrong["predicted"] == pred_filter) | (pred_filter == "any"))]
     st.download_button("Download as CSV", view.to_csv(index=False), file_name=f"{run.run_id}-misclassified.csv")
-    cols = st.columns(6)
     for slot, row in enumerate(view.head(24).itertuples()):
+        if slot % 6 == 0:
+            cols = st.columns(6)  # a row of six: each image's buttons stay under it
         caption = f"{row.true} → {row.predicted} ({row.confidence:.0%})"
         try:
-            cols[slot % 6].image(val_image(config.data, int(row.index), 96, thumb=192), width=96, caption=caption)
+            cols[slot % 6].image(val_image(config.data, int(row.index), 96, thumb=192, work_dir=str(run.path)),
+                                 width=96, caption=caption)
         except EngineError as exc:  # unreadable since training: one line in its place
             cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
+        image_name = str(getattr(row, "image", "") or "")
+        overrides_ui.controls(cols[slot % 6], config.data, image_name, row.true, names, decided,
+                              key=f"mc-{image_name}")
+
+st.subheader("Possibly mislabelled images")
+st.caption("Every training and validation image scored by its loss under the best checkpoint, highest first: "
+           "the model is sure of another class. Wrong labels in the training images are the ones that teach the "
+           "model something false, and no evaluation looks there. A high loss is a lead, not a verdict.")
+ranked_key = f"ev_ranked_{run.run_id}"
+if st.button("Rank the images by loss") or st.session_state.get(ranked_key):
+    st.session_state[ranked_key] = True
+    try:
+        ranking = mislabeled_for(str(run.path), mtime)
+    except EngineError as exc:
+        show_error(exc)
+    else:
+        st.caption(f"The {len(ranking['suspects'])} highest-loss of {ranking['images']} training and validation "
+                   "images.")
+        for slot, s in enumerate(ranking["suspects"]):
+            if slot % 6 == 0:
+                cols = st.columns(6)
+            caption = f"{s['split']}: {s['given']} → {s['predicted']} ({s['probability']:.0%}), loss {s['loss']:.2f}"
+            try:
+                cols[slot % 6].image(val_image(config.data, int(s["index"]), 96, thumb=192, work_dir=str(run.path)),
+                                     width=96, caption=caption)
+            except EngineError as exc:
+                cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
+            overrides_ui.controls(cols[slot % 6], config.data, s["image"], s["given"], names, decided,
+                                  key=f"ml-{s['image']}")
 
 st.subheader("Grad-CAM: where does the model look?")
 try:
@@ -126,9 +164,9 @@ try:
             chosen = st.selectbox("Misclassified image", options,
                                   format_func=lambda i: next(f"{_shown(m['source'])}: {m['true']} → {m['predicted']}"
                                                              for m in candidates if m["index"] == i))
-            image = val_image(config.data, int(chosen), need)
+            image = val_image(config.data, int(chosen), need, work_dir=str(run.path))
         else:
-            image = val_image(config.data, 0, need)
+            image = val_image(config.data, 0, need, work_dir=str(run.path))
 except EngineError as exc:
     show_error(exc)
 if image is not None:

@@ -303,13 +303,16 @@ def source_stamp(source: str | None) -> tuple:
     an overrides file written beside it): the folder's and its sub-folders' modification times.
 
     Cached views of a dataset are keyed by it, so a built dataset shows its new images at once while
-    an unchanged one is never re-read. Built-in sources have no folder: ().
+    an unchanged one is never re-read. Built-in sources have no folder: only their overrides file counts.
     """
     if not source:
         return ()
+    from engine.data.overrides import overrides_stamp
+
+    decided = (("overrides", overrides_stamp(source)),)  # built-ins and zips keep theirs outside any folder
     root = Path(source)
     if not root.is_dir():
-        return ()
+        return decided
     stamp = []
     try:
         stamp.append(root.stat().st_mtime_ns)
@@ -319,5 +322,5 @@ def source_stamp(source: str | None) -> tuple:
                 stamp.extend((f"{child.name}/{g.name}", g.stat().st_mtime_ns) for g in sorted(child.iterdir())
                              if g.is_dir() and not g.is_symlink())
     except OSError:
-        return tuple(stamp)
-    return tuple(stamp)
+        return tuple(stamp) + decided
+    return tuple(stamp) + decided
