@@ -382,6 +382,56 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_race(args: argparse.Namespace) -> int:
+    """Race freeze plans under a wall-clock budget (engine/lab/race.py); prints the leaderboard."""
+    from engine.lab.race import (
+        check_budget,
+        create_race,
+        parse_plans,
+        race_runs,
+        start_race_background,
+        train_race,
+    )
+
+    check_runs_folder(args.out)
+    lock = None
+    if args.group:  # worker mode: the app's background process
+        runs = race_runs(args.out, args.group)
+        if not runs:
+            raise EngineError(f"No race '{args.group}' in {args.out}.")
+    else:
+        plans = parse_plans(args.plans)
+        check_budget(args.budget, len(plans))
+        from engine.config import TrainConfig
+
+        base = TrainConfig(model=args.model, weights=args.weights, data=args.data, image_size=args.image_size,
+                           batch_size=args.batch_size, max_per_class=args.max_per_class, seed=args.seed,
+                           split_seed=args.seed, memory_budget=args.memory_budget, micro_batch=args.micro_batch,
+                           device=args.device)
+        base.check_hosted()
+        if not args.background:
+            lock = _take_device_lock(base.device)  # a busy device refuses before any run folder exists
+        runs = create_race(args.out, base, plans, args.budget, owner=None if args.background else os.getpid())
+        if args.background:
+            pid = start_race_background(runs, args.out)
+            group = runs[0].config()["group"]
+            _print_json({"group": group, "runs": [r.run_id for r in runs], "pid": pid}) if args.json else print(group)
+            return 0
+    say = (lambda line: print(line, file=sys.stderr)) if not args.json else (lambda _line: None)
+    result = train_race(runs, lock=lock, wait=bool(args.group), say=say)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(f"race {result.group}: {result.status} in {result.seconds:.1f} s of a {result.budget_s:g} s budget")
+    for row in result.leaderboard:
+        acc = f"{row['best_val_acc']:.4f}" if row["best_val_acc"] is not None else "-"
+        out = "winner" if row["winner"] else (f"out after rung {row['out_after_rung']}" if row["out_after_rung"]
+                                              else row["state"])
+        print(f"{row['place'] or '-':>2}. {row['strategy']:<20} best val acc {acc}  {row['epochs']} epochs  "
+              f"{row['train_s'] or 0:.1f} s  {out:<18} {row['run_id']}")
+    return 0
+
+
 def _base_config_from_args(base, args: argparse.Namespace):
     from dataclasses import replace
 
@@ -837,6 +887,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=str(data_root()), help="data folder (default: the app's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("race", help="race freeze plans under a wall-clock budget (successive halving); the "
+                                    "winner is a normal run")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--weights", default="packaged")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--budget", type=float, default=120.0, help="seconds for the whole race (default 120)")
+    p.add_argument("--plans", help="comma-separated, from fe,last-1,last-2,full,gradual (default: all five)")
+    _add_batch_args(p)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--max-per-class", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--background", action="store_true")
+    p.add_argument("--group", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_race)
 
     p = sub.add_parser("runs", help="list the runs in a runs folder (damaged ones say why); export or import "
                                     "one as a bundle (.zip)")

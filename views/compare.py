@@ -20,9 +20,11 @@ from engine.lab.compare import (
     list_groups,
     matrix_advice,
 )
+from engine.lab.race import list_races
 from engine.runs.background import request_cancel, start_group_background
 from engine.runs.store import active_runs
 from ui.errors import show_error
+from ui.race_panel import race_launcher, race_view
 from ui.state import PLAN, active
 
 st.title("Compare strategies")
@@ -72,7 +74,10 @@ with right:
             except EngineError as exc:
                 show_error(exc)
 
-groups = list_groups(runs_root())
+race_launcher()
+race_view()
+races = set(list_races(runs_root()))
+groups = [g for g in list_groups(runs_root()) if g not in races]  # races are shown by race_view
 if not groups:
     st.info("No comparison yet: run the demo.")
     st.stop()

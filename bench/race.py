@@ -1,0 +1,71 @@
+"""The race's acceptance check: on digits at 96 px with 120 s on 2 threads, does the winner of a
+race of five plans (successive halving, engine/lab/race.py) reach at least the validation accuracy
+of the best single plan given the whole 120 s alone?
+
+Every plan alone is trained exactly as the race trains (same split, seed, batch, constant LR, the
+same step-level slicing: one rung of the whole budget), so the only difference is the race itself.
+It prints every number and the verdict. ~13 minutes (6 x 120 s plus setup); the machine's load
+average is printed beside each, since a busy machine slows whichever part it lands on.
+
+  python bench/race.py [--budget 120] [--image-size 96] [--plans fe,last-1,last-2,full,gradual]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import TrainConfig
+    from engine.lab.race import create_race, create_solo, parse_plans, train_race
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=120.0)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--plans", default="fe,last-1,last-2,full,gradual")
+    parser.add_argument("--model", default="timm:efficientnet_lite0")
+    parser.add_argument("--out", help="runs folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp(prefix="race-bench-locks-"))
+    out = Path(args.out or tempfile.mkdtemp(prefix="race-bench-"))
+    plans = parse_plans(args.plans)
+    base = TrainConfig(model=args.model, data="digits", image_size=args.image_size, batch_size=32)
+    print(f"{args.model}, digits at {args.image_size} px, budget {args.budget:g} s, {torch.get_num_threads()} "
+          f"threads, runs in {out}", flush=True)
+
+    def load() -> str:
+        return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    print(f"race of {len(plans)} plans ({load()})", flush=True)
+    race = train_race(create_race(out, base, plans, args.budget), say=lambda line: print("  " + line, flush=True))
+    for row in race.leaderboard:
+        print(f"  {row['place']}. {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
+              f"{row['epochs']:>3} epochs {row['images']:>6} images {row['train_s']:6.1f} s "
+              f"{'winner' if row['winner'] else 'out after rung ' + str(row['out_after_rung'])}", flush=True)
+    winner = next(row for row in race.leaderboard if row["winner"])
+    print(f"race: {race.seconds:.1f} s, winner {winner['strategy']} best val acc {winner['best_val_acc']:.4f} "
+          f"({load()})", flush=True)
+    alone = {}
+    for name in plans:
+        result = train_race(create_solo(out, base, name, args.budget))
+        row = result.leaderboard[0]
+        alone[row["strategy"]] = row["best_val_acc"]
+        print(f"alone: {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
+              f"{row['epochs']:>3} epochs {row['images']:>6} images {result.seconds:6.1f} s ({load()})", flush=True)
+    best_plan = max(alone, key=alone.__getitem__)
+    ok = winner["best_val_acc"] >= alone[best_plan]
+    print(f"verdict: race winner {winner['strategy']} {winner['best_val_acc']:.4f} vs best plan alone {best_plan} "
+          f"{alone[best_plan]:.4f}: {'PASS' if ok else 'FAIL'} (difference {winner['best_val_acc'] - alone[best_plan]:+.4f})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

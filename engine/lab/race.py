@@ -1,0 +1,549 @@
+"""Race freeze plans under a wall-clock budget: successive halving over seconds, not epochs.
+
+A comparison trains every plan for the same epochs; a race asks the practical question instead:
+with *this many seconds* on this machine, which plan should I have used? Each candidate is an
+ordinary run of one group (config ``group``/``label`` as in a comparison, plus ``race``), trained
+by one process that holds the device for the whole race.
+
+Successive halving: rung r gives every surviving plan an equal slice of that rung's time (the
+budget is split equally between the rungs, e.g. 5 plans -> 3 -> 2 -> 1 is four rungs of budget/4);
+after each rung the better half (rounded up) continues, ranked by validation accuracy (tie: lower
+validation loss). The last rung trains the winner alone.
+
+Time slicing is at the optimizer step, not the pass over the data: at 96 px on 2 cores one pass of
+a full fine-tune is longer than a first-rung slice, and one pass of feature extraction (a linear
+head on cached features) takes milliseconds. So in a race **an epoch is a slice**: the steps
+trained before the slice's deadline (part of a pass, or several reshuffled passes), then one
+evaluation and one commit, like any epoch. Every ranking reads a committed checkpoint, and whenever
+the budget ends the winner is a normal, finished run (evaluable, exportable, resumable with
+``train --resume --epochs N``, whose epochs are then ordinary passes). The deadline is checked
+before each step, earlier by what the lane's last evaluation + commit took; a slice overshoots by
+at most one step plus the error of that estimate. Every slice trains at least one step and is
+evaluated, so a lane whose setup (the feature pass of feature extraction, the model load) eats its
+first slice still gets a score, and late lanes of a rung get what is left of it; only when these
+fixed costs exceed the whole budget does the race end late.
+
+Survivors continue in memory (model, optimizer, loaders and counters stay alive between slices),
+so nothing is retrained from scratch and no slice pays for loading the model again. Feature
+extraction computes its feature cache once, in its first slice: its later epochs are cheap, which
+is exactly what the race should show. The LR schedule is constant: nobody knows in advance how
+long a survivor trains, so a cosine tail would end at the wrong moment.
+
+Each closed epoch's ``elapsed_s`` is seconds since the race started, so the metrics rows are the
+race's curves (validation accuracy per wall-clock second).
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from engine.config import TrainConfig
+from engine.core.device import flush_denormals, seed_everything
+from engine.core.errors import EngineError
+from engine.core.files import read_json
+from engine.core.memory import reuse_freed_memory
+from engine.freeze.plan import FreezePlan
+from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
+from engine.runs.recorder import RunRecorder
+from engine.runs.store import RunDir, create_run, extend_run, list_runs, new_run_id
+from engine.training.checkpoint import Checkpointer
+from engine.training.epoch import Diverged, evaluate_scores, train_one_epoch
+from engine.training.setup import EpochRunner, Prepared, describe_test, prepare, record_split, set_up, test_evaluation
+from engine.training.state import TrainState
+
+PLANS = ("fe", "last-1", "last-2", "full", "gradual")
+LABELS = {"fe": "feature extraction", "last-1": "last 1 stage", "last-2": "last 2 stages",
+          "full": "full fine-tune", "gradual": "gradual unfreezing"}
+ETA = 2  # each rung keeps 1/ETA of the plans (rounded up)
+MIN_SLICE_S = 0.5  # the least a first-rung slice may be: below it a race ranks plans on noise
+MAX_BUDGET_S = 24 * 3600.0
+
+
+# ------------------------------------------------------------------ plans and budget
+def parse_plans(text: str | None) -> tuple[str, ...]:
+    """'fe,last-1,full' -> ('fe', 'last-1', 'full'); at least two distinct known plans."""
+    names = tuple(p.strip().lower() for p in (text or ",".join(PLANS)).split(",") if p.strip())
+    unknown = [n for n in names if n not in PLANS]
+    if unknown:
+        raise EngineError(f"Unknown plan(s) {', '.join(unknown)}: a race picks from {', '.join(PLANS)}.")
+    if len(set(names)) != len(names):
+        raise EngineError("Each plan may run once in a race (a plan is named twice).")
+    if len(names) < 2:
+        raise EngineError("A race needs at least two plans (with one there is nothing to race; use train).")
+    return names
+
+
+def check_budget(budget_s: Any, plans: int, eta: int = ETA) -> float:
+    """The budget in seconds, refused when it is not a number, not positive, or too small for a
+    first-rung slice of MIN_SLICE_S per plan."""
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s):
+        raise EngineError(f"The race budget must be a finite number of seconds (got {budget_s!r}).")
+    if budget_s <= 0:
+        raise EngineError(f"The race budget must be more than 0 seconds (got {budget_s:g}).")
+    if budget_s > MAX_BUDGET_S:
+        raise EngineError(f"The race budget is at most {MAX_BUDGET_S:.0f} s (24 hours; got {budget_s:g}).")
+    rungs = len(rung_sizes(plans, eta))
+    least = MIN_SLICE_S * plans * rungs
+    if budget_s < least:
+        raise EngineError(f"A budget of {budget_s:g} s is too small to race {plans} plans: the first of {rungs} "
+                          f"rungs would give each plan under {MIN_SLICE_S:g} s (not even one step of most "
+                          f"models). Give at least {math.ceil(least)} s.")
+    return float(budget_s)
+
+
+def rung_sizes(plans: int, eta: int = ETA) -> list[int]:
+    """Plans alive in each rung: 5 -> [5, 3, 2, 1]; one plan races alone: [1]."""
+    sizes = [plans]
+    while sizes[-1] > 1:
+        sizes.append(math.ceil(sizes[-1] / eta))
+    return sizes
+
+
+def race_plan(name: str, backbone_stages: int) -> FreezePlan:
+    """The plan a race name stands for, on a model with ``backbone_stages`` stages (last-n and
+    gradual unfreezing are clamped to it). LRs as the comparison uses them: 1e-2 for a lone head,
+    2e-3 and one LR for every group when the backbone trains."""
+    if name == "fe":
+        return FreezePlan.feature_extraction(head_lr=1e-2)
+    if name in ("last-1", "last-2"):
+        return FreezePlan.last(min(int(name[-1]), backbone_stages), head_lr=2e-3, backbone_lr_ratio=1.0)
+    if name == "full":
+        return FreezePlan.default()
+    if name == "gradual":  # epoch 1 the head, then the top stage, the top two, then everything
+        steps = sorted({(1, min(1, backbone_stages)), (2, min(2, backbone_stages)), (3, backbone_stages)})
+        return FreezePlan.feature_extraction(head_lr=2e-3, backbone_lr_ratio=1.0, unfreeze_schedule=tuple(steps))
+    raise EngineError(f"Unknown plan '{name}': a race picks from {', '.join(PLANS)}.")
+
+
+def _backbone_stages(model: str) -> int:
+    from engine.anatomy.stages import model_stages
+    from engine.models.factory import create_model
+
+    handle = create_model(model, weights="none")
+    return sum(1 for s in model_stages(handle.module, handle.spec.head) if not s.is_head)
+
+
+def create_race(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...], budget_s: float, *,
+                eta: int = ETA, owner: int | None = None) -> list[RunDir]:
+    """One queued run per plan, everything but the plan identical (data, split, seed, batch); the
+    race itself (budget, eta, plan order) is written into each run's config."""
+    plans = parse_plans(",".join(plans))
+    return _create(runs_root, base, plans, check_budget(budget_s, len(plans), eta), eta, owner, "race")
+
+
+def create_solo(runs_root: str | Path, base: TrainConfig, plan: str, budget_s: float) -> list[RunDir]:
+    """One plan given the whole budget alone, trained exactly as a race trains (the same slicing,
+    constant LR, data and seed): the baseline a race's winner is measured against (bench/race.py)."""
+    return _create(runs_root, base, (plan,), check_budget(budget_s, 1), ETA, None, "solo")
+
+
+def _create(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...], budget_s: float, eta: int,
+            owner: int | None, kind: str) -> list[RunDir]:
+    stages = _backbone_stages(base.model)
+    group = f"{kind}-{secrets.token_hex(3)}"
+    spec = {"budget_s": budget_s, "eta": eta, "plans": list(plans)}
+    configs = [replace(base, plan=race_plan(name, stages).to_dict(), group=group, label=LABELS[name],
+                       schedule="constant", epochs=1, patience=None) for name in plans]
+    runs = []
+    for order, (name, config) in enumerate(zip(plans, configs)):
+        runs.append(create_run(runs_root, {**config.to_dict(), "order": order, "race": {**spec, "plan": name}},
+                               run_id=new_run_id(f"{group}-{name}"), owner=owner))
+    return runs
+
+
+def _config(run: RunDir) -> dict[str, Any]:
+    data = read_json(run.config_path, {})
+    return data if isinstance(data, dict) else {}
+
+
+def is_race(run: RunDir) -> bool:
+    return isinstance(_config(run).get("race"), dict)
+
+
+def race_runs(runs_root: str | Path, group: str) -> list[RunDir]:
+    """The runs of a race, in plan order."""
+    runs = [r for r in list_runs(runs_root) if _config(r).get("group") == group and is_race(r)]
+    return sorted(runs, key=lambda r: o if isinstance(o := _config(r).get("order", 0), int) else 0)
+
+
+def list_races(runs_root: str | Path) -> list[str]:
+    """Race groups, newest first."""
+    seen: list[str] = []
+    for run in list_runs(runs_root):
+        group = _config(run).get("group")
+        if group and group not in seen and is_race(run):
+            seen.append(group)
+    return seen
+
+
+# ------------------------------------------------------------------ one candidate
+class _Until:
+    """Training batches until a deadline, pass after pass over the data (each pass reshuffled): the
+    first batch always, the others while time is left."""
+
+    def __init__(self, loader: Any, deadline: float):
+        self.loader, self.deadline, self.steps = loader, deadline, 0
+
+    def __iter__(self):
+        while True:
+            for batch in self.loader:
+                if self.steps and time.perf_counter() >= self.deadline:
+                    return
+                self.steps += 1
+                yield batch
+            if not self.steps:
+                return  # an empty loader (set_up refuses one; never loop on it)
+
+
+class Lane:
+    """One plan in the race, alive between its slices: what ``fit`` sets up once (data, model,
+    loaders, optimizer, feature cache) stays in memory, so a survivor continues where it stopped."""
+
+    def __init__(self, run: RunDir, t0: float):
+        self.run, self.t0 = run, t0
+        config = TrainConfig.from_dict(run.config())
+        plan = config.freeze_plan()
+        # set_up plans micro-batches for the plan at its last epoch: gradual unfreezing's widest one
+        horizon = max([e for e, _n in plan.unfreeze_schedule], default=0) + 1
+        self.config = replace(config, epochs=max(config.epochs, horizon))
+        self.sink = RunRecorder(run)
+        self.state = TrainState.start(config.monitor, config.min_delta, None)
+        self.checkpointer = Checkpointer(run, config.monitor)
+        self.prep: Prepared | None = None
+        self.runner: EpochRunner | None = None
+        self.last: EpochEnded | None = None
+        self.close_s = 0.0  # the last epoch close (evaluation + commit): kept free at the end of a slice
+        self.train_s = 0.0  # wall-clock seconds of its slices (setup included)
+        self.rungs = 0
+        self.status = "running"
+        # per slice, seconds since the race started: start, deadline, end; setup_s (its first slice),
+        # close_s (evaluation + commit), step_s (its longest step): what bounds how late it ended
+        self.slices: list[dict[str, Any]] = []
+        self._step_s = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.config.label or self.run.run_id
+
+    def _start(self, stop: Callable[[], bool]) -> bool:
+        """prepare + set_up, as ``fit`` does them; False when cancelled during the feature pass."""
+        seed_everything(self.config.seed)
+        self.prep = prepare(self.config, work_dir=str(self.run.path))
+        record_split(self.prep, self.run)
+        self.runner = set_up(self.config, self.prep, self.state, None, stop)
+        if self.runner is None:
+            return False
+        runner = self.runner
+        self.sink(RunStarted(run_id=self.run.run_id, device=str(runner.device), epochs=self.config.epochs,
+                             steps_per_epoch=runner.steps, train_images=len(self.prep.train_ds),
+                             val_images=len(self.prep.val_ds), trainable_params=runner.report.trainable_params,
+                             feature_cache=runner.cached, skipped=self.prep.skipped,
+                             micro_batch=runner.batches.micro_batch, batches=runner.batches.describe()))
+        return True
+
+    def train_slice(self, until: float, stop: Callable[[], bool]) -> bool:
+        """Train until ``until`` (perf_counter) as one epoch, closed at its end; False when cancelled."""
+        begun = time.perf_counter()
+        setup_s = 0.0
+        try:
+            if self.runner is None:
+                if not self._start(stop):
+                    return False
+                setup_s = time.perf_counter() - begun
+            return self._epoch(until - self.close_s, stop)
+        finally:
+            end = time.perf_counter()
+            self.train_s += end - begun
+            self.rungs += 1
+            self.slices.append({"start": round(begun - self.t0, 3), "deadline": round(until - self.t0, 3),
+                                "end": round(end - self.t0, 3), "setup_s": round(setup_s, 3),
+                                "close_s": round(self.close_s, 3), "step_s": round(self._step_s, 3)})
+
+    def _epoch(self, deadline: float, stop: Callable[[], bool]) -> bool:
+        """One slice as one epoch: the steps before ``deadline`` (part of a pass over the training
+        data, or several passes), then evaluated and committed."""
+        runner, config, state = self.runner, self.config, self.state
+        assert runner is not None and self.prep is not None
+        epoch = state.epoch + 1
+        if epoch > 1:
+            runner.unfreeze(epoch)  # gradual unfreezing: an epoch is a slice here
+        torch.manual_seed(config.seed * 1000 + epoch)  # the batches and dropout fit() would draw
+        runner.generator.manual_seed(config.seed * 1000 + epoch)
+        window = _Until(runner.train_loader, deadline)
+        tick = last = time.perf_counter()
+        self._step_s = 0.0
+
+        def on_step(i: int, loss: float, seen: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            self._step_s, last = max(self._step_s, now - last), now
+            elapsed = now - tick
+            self.sink(StepLogged(epoch=epoch, step=i, steps=runner.steps, loss=loss,
+                                 images_per_s=seen / max(elapsed, 1e-9), eta_s=max(0.0, deadline - time.perf_counter())))
+
+        stats = train_one_epoch(runner.model, window, runner.optimizer, device=runner.device, step0=state.step,
+                                total_steps=state.step + runner.steps, config=config, dtype=runner.dtype,
+                                scaler=runner.scaler, channels_last=runner.channels_last, on_step=on_step,
+                                should_stop=stop, micro_batch=runner.batches.micro_batch,
+                                class_weight=runner.class_weight)
+        if stats is None:
+            return False
+        begun = time.perf_counter()
+        scores = evaluate_scores(runner.model, runner.val_loader, runner.device, runner.dtype, runner.channels_last)
+        if not (math.isfinite(scores.loss) and math.isfinite(stats.loss)):
+            bad = scores.loss if not math.isfinite(scores.loss) else stats.loss
+            raise Diverged(f"the loss became {bad}; lower the learning rate (the last finite checkpoint is kept)")
+        ended = EpochEnded(
+            epoch=epoch, train_loss=stats.loss, train_acc=stats.acc, val_loss=scores.loss, val_acc=scores.acc,
+            lr={g["name"]: g["lr"] for g in runner.optimizer.param_groups}, epoch_s=stats.seconds,
+            images_per_s=stats.images / max(stats.seconds, 1e-9), trainable_params=runner.report.trainable_params,
+            elapsed_s=time.perf_counter() - self.t0, val_macro_f1=scores.macro_f1,
+            val_balanced_acc=scores.balanced_acc)
+        improved = state.finish_epoch(ended, window.steps)
+        extend_run(self.run, epoch)  # the run on disk has trained exactly these epochs: resumable as any run
+        self.checkpointer.commit(self.prep.handle, runner.optimizer, ended, improved, state, self.sink)
+        self.sink(ended)
+        self.last = ended
+        self.close_s = time.perf_counter() - begun
+        return True
+
+    def rank_key(self) -> tuple[float, float]:
+        """Higher validation accuracy first, then lower validation loss; a lane with no epoch last."""
+        if self.last is None:
+            return (1.0, math.inf)
+        return (-self.last.val_acc, self.last.val_loss)
+
+    def finish(self, status: str, reason: str, **race: Any) -> None:
+        """End this run as ``fit`` ends one (RunFinished, the held-out test once when finished), and
+        free its model: an eliminated plan gives its memory to the survivors."""
+        if status == "finished" and self.prep is not None and self.runner is not None:
+            test = test_evaluation(self.prep, self.runner, self.run)
+            if test:
+                reason = f"{reason}; {describe_test(test)}"
+        early = self.state.early
+        self.sink(RunFinished(status=status, reason=reason, best_epoch=early.best_epoch,
+                              best_val_acc=early.best_val_acc, epochs_done=self.state.epoch, seconds=self.train_s))
+        self.write_race(**race)
+        self.status, self.prep, self.runner = status, None, None
+
+    def write_race(self, **fields: Any) -> None:
+        """Merge ``fields`` into the run's status ``race`` record (only the race process writes it)."""
+        status = read_json(self.run.status_path, {})
+        current = status.get("race") if isinstance(status, dict) and isinstance(status.get("race"), dict) else {}
+        self.run.write_status(race={**current, "rungs": self.rungs, "train_s": round(self.train_s, 2),
+                                    "slices": self.slices, **fields})
+
+
+# ------------------------------------------------------------------ the race
+@dataclass
+class RaceResult:
+    group: str
+    status: str  # finished | cancelled
+    winner: str | None  # run id
+    seconds: float
+    budget_s: float
+    leaderboard: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def race_spec(runs: list[RunDir]) -> dict[str, Any]:
+    spec = _config(runs[0]).get("race") if runs else None
+    if not isinstance(spec, dict):
+        raise EngineError("These runs are not a race.")
+    return spec
+
+
+def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
+             say: Callable[[str], None] = lambda _line: None) -> RaceResult:
+    """Race the runs of one group (this process must hold the device): successive halving over the
+    budget in their config. ``say``: one line per slice, for a terminal."""
+    spec = race_spec(runs)
+    budget, eta = float(spec["budget_s"]), int(spec.get("eta", ETA))
+    sizes = rung_sizes(len(runs), eta)
+    cancelled = stop or (lambda: any(r.cancel_requested() for r in runs))
+    reuse_freed_memory()
+    flush_denormals()
+    t0, wall0 = time.perf_counter(), time.time()
+    lanes = [Lane(run, t0) for run in runs]
+    for lane in lanes:
+        lane.run.write_status(state="running", reason="", queue_position=None,
+                              race={"started_at": wall0, "budget_s": budget, "rungs_planned": len(sizes),
+                                    "rung": 0, "out_after": None, "winner": False})
+    alive = list(lanes)
+    order: list[Lane] = []  # eliminated, worst first
+    for r, size in enumerate(sizes):
+        rung_end = t0 + budget * (r + 1) / len(sizes)
+        for i, lane in enumerate(list(alive)):
+            now = time.perf_counter()
+            until = now + max(0.0, (rung_end - now) / (len(alive) - i))
+            try:
+                ok = lane.train_slice(until, cancelled)
+            except Diverged as exc:
+                lane.finish("diverged", f"race: diverged in rung {r + 1}: {exc}", out_after=r + 1)
+                alive.remove(lane)
+                order.append(lane)
+                continue
+            if not ok:
+                return _cancel(runs, lanes, r, t0, budget)
+            say(f"rung {r + 1}/{len(sizes)}  {lane.label:<20} val acc "
+                f"{lane.last.val_acc if lane.last else float('nan'):.4f}  at {time.perf_counter() - t0:6.1f} s")
+        alive.sort(key=Lane.rank_key)
+        keep = sizes[r + 1] if r + 1 < len(sizes) else 1
+        for place, lane in enumerate(alive):
+            lane.write_race(rung=r + 1)
+            if place >= keep:
+                lane.finish("finished", f"race: out after rung {r + 1} of {len(sizes)} (place {place + 1} of "
+                                        f"{len(alive)})", out_after=r + 1)
+        order.extend(reversed(alive[keep:]))
+        alive = alive[:keep]
+        if not alive:
+            break
+    winner = alive[0] if alive else None
+    if winner is not None:
+        winner.finish("finished", f"race winner after {len(sizes)} rungs ({budget:g} s budget)", winner=True)
+        winner.run.write_status(race_winner=True)
+        order.append(winner)
+    for place, lane in enumerate(reversed(order)):
+        lane.write_race(place=place + 1)
+    return RaceResult(group=str(_config(runs[0]).get("group")), status="finished",
+                      winner=winner.run.run_id if winner else None, seconds=round(time.perf_counter() - t0, 2),
+                      budget_s=budget, leaderboard=leaderboard(runs))
+
+
+def _cancel(runs: list[RunDir], lanes: list[Lane], rung: int, t0: float, budget: float) -> RaceResult:
+    for lane in lanes:
+        if lane.status == "running":
+            lane.finish("cancelled", f"race cancelled during rung {rung + 1}")
+    for run in runs:
+        run.cancel_path.unlink(missing_ok=True)
+    return RaceResult(group=str(_config(runs[0]).get("group")), status="cancelled", winner=None,
+                      seconds=round(time.perf_counter() - t0, 2), budget_s=budget, leaderboard=leaderboard(runs))
+
+
+def leaderboard(runs: list[RunDir]) -> list[dict[str, Any]]:
+    """One row per plan, best place first: how far it got, its accuracy, its time."""
+    rows = []
+    for run in runs:
+        status = read_json(run.status_path, {})
+        status = status if isinstance(status, dict) else {}
+        race = status.get("race") if isinstance(status.get("race"), dict) else {}
+        metrics = run.metrics()
+        last = metrics[-1] if metrics else {}
+        rows.append({
+            "place": race.get("place"),
+            "strategy": _config(run).get("label"),
+            "winner": bool(race.get("winner")),
+            "rungs": race.get("rungs", 0),
+            "out_after_rung": race.get("out_after"),
+            "val_acc": last.get("val_acc"),
+            "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
+            "val_loss": last.get("val_loss"),
+            "epochs": len(metrics),
+            "images": sum(round(m.get("images_per_s", 0) * m.get("epoch_s", 0)) for m in metrics),
+            "train_s": race.get("train_s"),
+            "state": run.status().state,
+            "run_id": run.run_id,
+        })
+    return sorted(rows, key=lambda row: (row["place"] is None, row["place"] or 0,
+                                         -(row["val_acc"] or 0.0)))
+
+
+def race_curves(runs: list[RunDir]) -> list[dict[str, Any]]:
+    """(plan, wall-clock seconds since the race started, validation accuracy) per closed epoch."""
+    rows = []
+    for run in runs:
+        label = _config(run).get("label") or run.run_id
+        for m in run.metrics():
+            rows.append({"strategy": label, "epoch": m["epoch"], "race_s": m["elapsed_s"], "val_acc": m["val_acc"],
+                         "val_loss": m["val_loss"]})
+    return rows
+
+
+def race_winner(runs: list[RunDir]) -> RunDir | None:
+    for run in runs:
+        status = read_json(run.status_path, {})
+        if isinstance(status, dict) and status.get("race_winner"):
+            return run
+    return None
+
+
+# ------------------------------------------------------------------ the device, the process
+def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
+               say: Callable[[str], None] = lambda _line: None) -> RaceResult:
+    """Run a race under the machine's device lock, held for the whole race as one job: ``wait``
+    queues for it (every run's status says its place in line), otherwise a busy device is refused.
+    Whatever ends the race early, no run is left reading "running"."""
+    from engine.runs.locks import device_lock
+    from engine.runs.process import Heartbeat
+    from engine.runs.queue import CancelledInQueue, device_queue, in_line, wait_for_device
+    from engine.training.run import _sigterm_as_interrupt
+
+    device = TrainConfig.from_dict(runs[0].config()).device
+    held = lock or device_lock(device, holder=f"race {_config(runs[0]).get('group')}")
+
+    def write_all(**fields: Any) -> None:
+        for run in runs:
+            if run.status().active:
+                run.write_status(**fields)
+
+    if lock is None and wait:
+        def report(position: int, ahead: str) -> None:
+            write_all(state="queued", queue_position=position, heartbeat=time.time(), reason=in_line(position, ahead))
+
+        try:
+            wait_for_device(held, device_queue(device), str(runs[0].path),
+                            cancelled=lambda: any(r.cancel_requested() for r in runs), report=report)
+        except CancelledInQueue as exc:
+            _end_all(runs, "cancelled", str(exc))
+            return RaceResult(group=str(_config(runs[0]).get("group")), status="cancelled", winner=None,
+                              seconds=0.0, budget_s=float(race_spec(runs)["budget_s"]), leaderboard=leaderboard(runs))
+    elif lock is None:
+        held.acquire()
+    try:
+        with _sigterm_as_interrupt(), Heartbeat(write_all):
+            return run_race(runs, say=say)
+    except KeyboardInterrupt:
+        _end_all(runs, "cancelled", "stopped by Ctrl-C or a termination signal")
+        raise
+    except EngineError as exc:
+        _end_all(runs, "failed", str(exc))
+        raise
+    except BaseException as exc:
+        _end_all(runs, "failed", f"internal error ({type(exc).__name__}); see log.txt")
+        raise
+    finally:
+        held.release()
+
+
+def _end_all(runs: list[RunDir], state: str, reason: str) -> None:
+    """Runs the race had not finished end as ``state`` (best effort: a full disk must not hide why)."""
+    for run in runs:
+        try:
+            if run.status().active:
+                run.write_status(state=state, reason=reason, finished_at=time.time())
+        except OSError:
+            pass
+
+
+def start_race_background(runs: list[RunDir], runs_root: str | Path) -> int:
+    """Race in its own process (``python -m engine race --group``), queued for the device like a
+    training; returns the pid."""
+    from engine.runs.background import spawn_engine
+    from engine.runs.process import process_start
+
+    group = _config(runs[0])["group"]
+    for run in runs:
+        run.cancel_path.unlink(missing_ok=True)
+        run.write_status(state="queued", pid=None, reason="", queue_position=None)
+    pid = spawn_engine(["race", "--group", group, "--out", str(runs_root)], runs[0].log_path)
+    for run in runs:
+        run.write_status(pid=pid, pid_start=process_start(pid))
+    return pid

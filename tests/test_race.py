@@ -1,0 +1,179 @@
+"""The budgeted race of freeze plans (engine/lab/race.py): a real tiny race, its refusals, its page."""
+from __future__ import annotations
+
+import pytest
+
+from engine.config import TrainConfig
+from engine.core.errors import EngineError
+from engine.lab.race import (
+    check_budget,
+    create_race,
+    leaderboard,
+    parse_plans,
+    race_curves,
+    race_runs,
+    race_winner,
+    rung_sizes,
+    train_race,
+)
+from engine.runs.store import list_runs
+
+BUDGET = 5.0
+PLANS = ("fe", "last-1", "full")
+
+
+@pytest.fixture(scope="module")
+def raced(tmp_path_factory):
+    """One finished race: test_resnet (random init), 100 digits at 32 px, three plans, 5 s."""
+    root = tmp_path_factory.mktemp("race-runs")
+    base = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=10,
+                       num_workers=0, batch_size=16)
+    runs = create_race(root, base, PLANS, BUDGET)
+    return root, runs, train_race(runs)
+
+
+def test_rungs_halve_the_plans():
+    assert rung_sizes(5) == [5, 3, 2, 1]
+    assert rung_sizes(3) == [3, 2, 1]
+    assert rung_sizes(2) == [2, 1]
+    assert rung_sizes(4, eta=3) == [4, 2, 1]
+
+
+def test_a_race_eliminates_by_rungs_and_its_winner_is_a_normal_run(raced):
+    from engine.outputs.evaluate import evaluate_run
+
+    root, runs, result = raced
+    assert result.status == "finished"
+    board = result.leaderboard
+    assert [row["place"] for row in board] == [1, 2, 3]
+    assert [row["winner"] for row in board] == [True, False, False]
+    # 3 plans -> 2 -> 1: one out after rung 1, one after rung 2, the winner trained in all three
+    assert [row["out_after_rung"] for row in board] == [None, 2, 1]
+    assert [row["rungs"] for row in board] == [3, 2, 1]
+    assert [row["epochs"] for row in board] == [3, 2, 1]  # in a race an epoch is a slice
+    # each rung drops the lowest validation accuracy at its end (tie: the higher validation loss)
+    def key(row, rung):
+        m = {r.run_id: r for r in runs}[row["run_id"]].metrics()[rung]
+        return (-m["val_acc"], m["val_loss"])
+
+    assert key(board[2], 0) >= max(key(board[0], 0), key(board[1], 0))
+    assert key(board[1], 1) >= key(board[0], 1)
+
+    winner = race_winner(runs)
+    assert winner is not None and winner.run_id == board[0]["run_id"] == result.winner
+    status = winner.status()
+    assert status.state == "finished" and "race winner" in status.reason
+    assert winner.config()["epochs"] == len(winner.metrics()) == 3  # resumable like any run
+    assert winner.train_state_path.is_file() and winner.checkpoint("best").is_file()
+    report = evaluate_run(winner)  # what the Evaluate page and `eval` open
+    assert report.val_acc == pytest.approx(winner.checkpoint_meta("best")["val_acc"])
+    assert all(r.status().state == "finished" for r in runs)
+    assert sorted(r.run_id for r in race_runs(root, result.group)) == sorted(r.run_id for r in runs)
+
+
+def test_a_race_keeps_its_budget_within_the_stated_slack(raced):
+    """Every slice ends by its deadline plus what the docstring allows: its setup (first slice), one
+    more step (the deadline is checked before a step), and the evaluation + commit; the curves' x
+    values are seconds since the race started, each at or before its slice's end."""
+    _root, runs, result = raced
+    from engine.core.files import read_json
+
+    ends = []
+    for run in runs:
+        race = read_json(run.status_path)["race"]
+        for piece in race["slices"]:
+            slack = piece["setup_s"] + 2 * piece["step_s"] + piece["close_s"] + 0.5
+            late = piece["end"] - max(piece["deadline"], piece["start"])
+            assert late <= slack, (run.config()["label"], piece)
+            ends.append(piece["end"])
+        xs = [m["elapsed_s"] for m in run.metrics()]
+        assert xs == sorted(xs) and all(0 < x <= max(ends) for x in xs)
+    # no deadline lies past the budget, unless its slice began after the budget was spent (fixed costs
+    # of earlier slices: on a busy machine a step of this tiny model can take a second)
+    for piece in (p for r in runs for p in read_json(r.status_path)["race"]["slices"]):
+        assert piece["deadline"] <= max(BUDGET, piece["start"]) + 0.01, piece
+    points = race_curves(runs)
+    assert {p["strategy"] for p in points} == {"feature extraction", "last 1 stage", "full fine-tune"}
+    assert len(points) == 3 + 2 + 1
+
+
+def test_refusals_are_one_clear_sentence():
+    with pytest.raises(EngineError, match="at least two plans"):
+        parse_plans("full")
+    with pytest.raises(EngineError, match="Unknown plan"):
+        parse_plans("fe,warp")
+    with pytest.raises(EngineError, match="named twice"):
+        parse_plans("fe,fe")
+    assert parse_plans(None) == ("fe", "last-1", "last-2", "full", "gradual")
+    for bad in (float("nan"), float("inf"), "120", True):
+        with pytest.raises(EngineError, match="finite number of seconds"):
+            check_budget(bad, 3)
+    for bad in (0, -5):
+        with pytest.raises(EngineError, match="more than 0 seconds"):
+            check_budget(bad, 3)
+    with pytest.raises(EngineError, match="too small to race 5 plans"):
+        check_budget(3, 5)
+    assert check_budget(10, 5) == 10.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "nan"], "finite number of seconds"),
+    (["--budget", "0"], "more than 0 seconds"),
+    (["--budget", "2"], "too small to race 5 plans"),
+    (["--plans", "full"], "at least two plans"),
+    (["--plans", "fe,sideways"], "Unknown plan"),
+    (["--budget", "soon"], "invalid float value"),
+])
+def test_cli_refuses_before_anything_is_on_disk(tmp_path, capsys, args, message):
+    from engine.cli import main
+
+    out = tmp_path / "runs"
+    try:
+        code = main(["race", "--model", "timm:test_resnet", "--weights", "none", "--out", str(out), *args])
+    except SystemExit as exc:  # argparse's own refusals (engine/cli.py _Parser: one line, code 2)
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not list_runs(out)
+
+
+def test_compare_page_shows_the_race_and_starts_one(raced, tmp_path, monkeypatch):
+    """The leaderboard, the per-second curves and the winner; 'Start race' queues a background race
+    (cancelled here at once: its training is the test above)."""
+    import shutil
+
+    from engine.runs.background import request_cancel, wait_for
+    from tests.test_app import by_label, page
+
+    root, runs, result = raced
+    copy = tmp_path / "runs"
+    shutil.copytree(root, copy)
+    monkeypatch.setenv("WORKBENCH_RUNS", str(copy))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    at = page("compare.py")
+    at.run()
+    assert not at.exception
+    assert by_label(at.selectbox, "Race").value == result.group
+    assert any("Winner: **" in s.value and result.winner in s.value for s in at.success)
+    board = at.dataframe[0].value
+    assert list(board["place"]) == [1, 2, 3] and board["winner"].tolist() == [True, False, False]
+    chart = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
+    assert "seconds since the race started" in chart
+    by_label(at.button, "Open the winner on the Evaluate page").click().run()
+    assert at.session_state["selected_run"] == result.winner
+
+    by_label(at.multiselect, "Plans").set_value(["fe", "full"])
+    by_label(at.number_input, "Budget (seconds)").set_value(5)
+    by_label(at.number_input, "Image size").set_value(32)
+    by_label(at.button, "Start race").click().run()
+    assert not at.exception
+    group = at.session_state["race_group"]
+    assert group != result.group
+    started = race_runs(copy, group)
+    assert [r.config()["label"] for r in started] == ["feature extraction", "full fine-tune"]
+    for run in started:
+        request_cancel(run)
+    for run in started:
+        assert wait_for(run, timeout_s=120).state == "cancelled"
+    assert leaderboard(started)[0]["winner"] is False
