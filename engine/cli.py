@@ -199,7 +199,8 @@ def _config_from_args(args: argparse.Namespace):
         val_fraction=args.val_fraction, max_per_class=args.max_per_class, augment=args.augment,
         device=args.device, feature_cache=args.feature_cache, patience=args.patience,
         monitor=args.monitor, num_workers=args.workers, memory_budget=args.memory_budget,
-        micro_batch=args.micro_batch, balance=args.balance,
+        micro_batch=args.micro_batch, balance=args.balance, nproc=getattr(args, "nproc", 1),
+        sync_bn=getattr(args, "sync_bn", False),
     )
     config.check_hosted()  # on a shared server: refused before anything is on disk
     return config
@@ -228,6 +229,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engine.training.run import train_run
 
     check_runs_folder(args.out)
+    if args.rank_worker:  # one of several processes torchrun started (engine/training/launch.py)
+        from engine.training.launch import rank_main
+
+        return rank_main(args)
     out_existed = os.path.isdir(args.out)
     resume = False
     lock = None
@@ -302,6 +307,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{run.path}  best val acc {result.best_val_acc}")
     if result.status == "diverged":
         print(f"error: the run diverged: {result.reason}", file=sys.stderr)
+    elif result.status == "failed":  # several processes: how they ended (engine/training/launch.py)
+        print(f"error: {result.reason}", file=sys.stderr)
     return 0 if result.status in ("finished", "cancelled") else 1
 
 
@@ -834,6 +841,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", action="store_true", help="start in a separate process and return")
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--resume-existing", dest="resume_flag", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--nproc", type=_at_least(1, 1024), default=1,
+                   help="processes training together (DistributedDataParallel via torchrun): one per GPU, or a share "
+                   "of the CPU cores; --batch-size is split among them (default: 1)")
+    p.add_argument("--sync-bn", action="store_true", help="with --nproc: trainable BatchNorm normalises over all "
+                   "processes' images (SyncBatchNorm; CUDA only)")
+    p.add_argument("--_rank-worker", dest="rank_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

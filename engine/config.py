@@ -106,6 +106,8 @@ class TrainConfig:
     num_workers: int | None = None
     memory_budget: str | None = None  # e.g. "1.5GB"; None: the container's limit (or RAM) minus the app's share
     micro_batch: int | None = None  # images per forward/backward slice; None: the largest that fits and is fast
+    nproc: int = 1  # processes (DDP ranks): one per GPU, or a share of the CPU cores; batch_size is split among them
+    sync_bn: bool = False  # trainable BatchNorm normalises over all ranks' images (CUDA only)
     monitor: str = "val_acc"  # val_acc | val_loss
     patience: int | None = None  # early stopping after this many epochs without improvement
     min_delta: float = 0.0
@@ -148,6 +150,14 @@ class TrainConfig:
         _integer(self, "num_workers", 0, 64, optional=True)
         _integer(self, "patience", 0, 100_000, optional=True)
         _integer(self, "micro_batch", 1, 65_536, optional=True)
+        _integer(self, "nproc", 1, 1024)
+        if self.batch_size % self.nproc:
+            low = self.batch_size - self.batch_size % self.nproc
+            raise ConfigError("batch_size", f"the batch size ({self.batch_size}) is split evenly among the "
+                                            f"{self.nproc} processes; use {low or self.nproc} or "
+                                            f"{low + self.nproc}.")
+        if self.sync_bn not in (True, False):
+            raise ConfigError("sync_bn", "sync_bn must be true or false.")
         if self.memory_budget is not None:
             try:
                 parse_size(self.memory_budget)

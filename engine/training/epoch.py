@@ -3,6 +3,7 @@ backward -> step; then an evaluation pass in eval mode under inference_mode.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     device: torch.device, step0: int, total_steps: int,
                     config: TrainConfig, dtype: torch.dtype | None, scaler: Any, channels_last: bool,
                     on_step: Callable[[int, float, int], None], should_stop: Callable[[], bool],
-                    micro_batch: int | None = None, class_weight: torch.Tensor | None = None) -> EpochStats | None:
+                    micro_batch: int | None = None, class_weight: torch.Tensor | None = None,
+                    sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochStats | None:
     """One pass over the training data; returns None if stopped mid-epoch.
 
     Each batch is one optimizer step; with ``micro_batch`` its forward and backward run in slices
@@ -61,6 +63,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     ``class_weight`` (balance "weights", engine.data.balance.class_weights): the batch loss is the
     class-weighted mean, sum_i w_{y_i} l_i / sum_i w_{y_i} over the whole batch (what
     ``F.cross_entropy(weight=w)`` gives), so the slices still add up to it exactly.
+
+    Under DistributedDataParallel (``model`` is the wrapper) the gradients are all-reduced once per
+    step, on the last slice (``no_sync`` on the others); ``sync`` sums a tensor over the ranks, so a
+    NaN loss on one rank stops every rank at the same step.
     """
     set_train_mode(model, True)  # frozen stages stay in eval (freeze hooks)
     total_loss = correct = seen = 0
@@ -77,20 +83,22 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         hits = torch.zeros((), dtype=torch.long, device=device)
         slices = -(-n // (micro_batch or n))  # equal slices (a last slice of 1 would break BatchNorm)
         batch_weight = weight[y].sum() if weight is not None else None  # the weighted mean's denominator
-        for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices)):
+        for k, (xs, ys) in enumerate(zip(x.tensor_split(slices), y.tensor_split(slices))):
             if channels_last and xs.ndim == 4:
                 xs = xs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(xs)
-                if weight is None:
-                    loss = F.cross_entropy(logits, ys, label_smoothing=config.label_smoothing) * (ys.shape[0] / n)
-                else:
-                    loss = F.cross_entropy(logits, ys, weight=weight, label_smoothing=config.label_smoothing,
-                                           reduction="sum") / batch_weight
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            quiet = model.no_sync() if k < slices - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with quiet:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = model(xs)
+                    if weight is None:
+                        loss = F.cross_entropy(logits, ys, label_smoothing=config.label_smoothing) * (ys.shape[0] / n)
+                    else:
+                        loss = F.cross_entropy(logits, ys, weight=weight, label_smoothing=config.label_smoothing,
+                                               reduction="sum") / batch_weight
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             batch_loss += loss.detach().float()
             hits += (logits.detach().argmax(-1) == ys).sum()
-        if not torch.isfinite(batch_loss):
+        if not torch.isfinite(sync(batch_loss.clone()) if sync is not None else batch_loss):
             raise Diverged(f"the training loss became {batch_loss.item()} at step {i + 1}; lower the learning rate "
                            "(the last finite checkpoint is kept)")
         if scaler is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.device import flush_denormals, seed_everything
+from engine.core.faults import fault_point
 from engine.core.memory import reuse_freed_memory
 from engine.data.overrides import read_overrides
 from engine.runs.events import RunFinished, RunStarted, no_emit
@@ -27,45 +28,60 @@ if TYPE_CHECKING:
     from engine.config import TrainConfig
     from engine.runs.events import Emit
     from engine.runs.store import RunDir
+    from engine.training.distributed import Ranks
 
 
 def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
-        should_stop: Callable[[], bool] | None = None, resume: bool = False) -> RunResult:
-    """Train per ``config``; with ``run``, record everything there; ``resume`` continues its last commit."""
+        should_stop: Callable[[], bool] | None = None, resume: bool = False, ranks: Ranks | None = None) -> RunResult:
+    """Train per ``config``; with ``run``, record everything there; ``resume`` continues its last commit.
+
+    ``ranks``: this process is one of several training together (engine/training/distributed.py);
+    only rank 0 records to ``run`` (the others read its data decisions from it, when they see it)."""
     started = time.perf_counter()
+    data_run = run
+    if ranks is not None and not ranks.main:
+        run, emit = None, no_emit
     reuse_freed_memory()  # faster steps and a lower peak in a training process (core/memory.py)
     flush_denormals()  # faster CPU steps (core/device.py)
     sink: Emit = RunRecorder(run, emit) if run is not None else emit
     stop = should_stop or (run.cancel_requested if run is not None else (lambda: False))
     seed_everything(config.seed)
     checkpointer = Checkpointer(run, config.monitor)
-    commit = checkpointer.resume_point() if resume else None
-    prep = prepare(config, work_dir=str(run.path) if run else None,
+    commit = checkpointer.resume_point() if resume and (run is not None or ranks is None) else None
+    if ranks is not None and resume:
+        commit = ranks.broadcast(commit)  # rank 0 read it; the others take its optimizer state and counters
+    prep = prepare(config, work_dir=str(data_run.path) if data_run else None,
                    weights="none" if commit else None,  # resumed weights come from the commit
                    # a fresh run trains with the dataset's decisions as they are now; a resumed one with its own
                    overrides=None if commit else read_overrides(config.data))
-    if commit:
+    if commit and run is not None:  # other ranks get rank 0's weights when DDP wraps the model
         checkpointer.restore(prep.handle, commit)
     record_split(prep, run)
     state = TrainState.start(config.monitor, config.min_delta, config.patience, commit)
-    runner = set_up(config, prep, state, commit, stop)
+    runner = set_up(config, prep, state, commit, stop, ranks)
 
     def finish(status: str, reason: str) -> RunResult:
-        if status == "finished" and runner is not None and (test := test_evaluation(prep, runner, run)):
+        if status == "finished" and runner is not None and (ranks is None or ranks.main) and \
+                (test := test_evaluation(prep, runner, run)):
             reason = f"{reason}; {describe_test(test)}"  # the held-out split, once, with the best checkpoint
         return RunResult.record(sink, status, reason, state, started, runner is not None and runner.cached, run)
 
     if runner is None:
         return finish("cancelled", "cancelled while computing features")
-    sink(RunStarted(run_id=run.run_id if run else "-", device=str(runner.device), epochs=config.epochs,
+    device, batches = str(runner.device), runner.batches.describe()
+    if ranks is not None:
+        device, batches = ranks.describe(runner.device, batches, config.batch_size)
+    sink(RunStarted(run_id=run.run_id if run else "-", device=device, epochs=config.epochs,
                     steps_per_epoch=runner.steps, train_images=len(prep.train_ds), val_images=len(prep.val_ds),
                     trainable_params=runner.report.trainable_params, feature_cache=runner.cached,
                     skipped=prep.skipped, micro_batch=runner.batches.micro_batch,
-                    batches=runner.batches.describe()))
+                    batches=batches))
     first = state.epoch + 1
     for epoch in range(first, config.epochs + 1):
         if epoch > first or commit:
             runner.unfreeze(epoch)
+        if ranks is not None:
+            fault_point(f"rank{ranks.rank}", "epoch")  # WORKBENCH_FAULT=kill:rank1:epoch:1 (a crashed rank's test)
         try:
             ended = runner.run_epoch(epoch, state, sink, started, stop)
         except Diverged as exc:

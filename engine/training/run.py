@@ -48,6 +48,10 @@ def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
         sweep_temps(run)
         with _sigterm_as_interrupt(), Heartbeat(run.write_status):
             run.write_status(state="running", reason="", queue_position=None)
+            if config.nproc > 1:  # this process keeps the lock and the heartbeat; the ranks train
+                from engine.training.launch import launch_ranks
+
+                return launch_ranks(run, config, resume)
             return fit(config, run, resume=resume, emit=emit)
     except KeyboardInterrupt:
         _final_status(run, state="cancelled", reason="stopped by Ctrl-C or a termination signal")

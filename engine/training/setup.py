@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from engine.anatomy.stages import model_stages
 from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
 from engine.core.hosting import hosted_limits, per_class_that_fits
-from engine.core.memory import detect_budget, inference_batch
+from engine.core.memory import MemoryBudget, detect_budget, inference_batch
 from engine.data.balance import balanced_sampler, class_weights
 from engine.data.datasets import TransformDataset, load_source, validate
 from engine.data.overrides import Overrides, applied_overrides, save_run_overrides
@@ -31,6 +31,16 @@ from engine.freeze.plan import apply_plan, build_optimizer, optimizer_for_groups
 from engine.models.factory import create_model
 from engine.runs.checkpoint_file import load_weights
 from engine.runs.events import EpochEnded, StepLogged
+from engine.training.distributed import (
+    Ranks,
+    ShardSampler,
+    check_distributed,
+    combine_scores,
+    shard,
+    shared_features,
+    sync_batchnorm,
+    wrap,
+)
 from engine.training.epoch import Diverged, evaluate, evaluate_scores, train_one_epoch
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, uses_feature_cache
 from engine.training.micro import BatchPlan, plan_batches
@@ -151,22 +161,32 @@ class EpochRunner:
     cached: bool
     batches: BatchPlan
     class_weight: torch.Tensor | None = None  # balance "weights": the training loss's class weights
+    ranks: Ranks | None = None  # one of several processes (engine/training/distributed.py)
+    trainer: nn.Module | None = None  # with ranks: the DDP wrapper of ``model``, what the training steps call
+    num_classes: int = 0
 
     @property
     def steps(self) -> int:
         return len(self.train_loader)
 
     def unfreeze(self, epoch: int) -> None:
-        """Gradual unfreezing: stages the plan releases by ``epoch`` join the optimizer."""
-        self.report, _added = unfreeze_for_epoch(self.module, self.stages, self.plan, epoch - 1, self.optimizer,
-                                                 self.config.weight_decay)
+        """Gradual unfreezing: stages the plan releases by ``epoch`` join the optimizer (and, with
+        several processes, a rebuilt DDP wrapper: DDP only reduces what needed gradients when built)."""
+        self.report, added = unfreeze_for_epoch(self.module, self.stages, self.plan, epoch - 1, self.optimizer,
+                                                self.config.weight_decay)
+        if added and self.ranks is not None:
+            self.trainer = wrap(self.model, self.ranks)
 
     def run_epoch(self, epoch: int, state: TrainState, sink: Emit, started: float,
                   stop: Callable[[], bool]) -> EpochEnded | None:
         """Train and evaluate one epoch; None when stopped mid-epoch; Diverged on a NaN/inf loss."""
-        config, steps = self.config, self.steps
-        torch.manual_seed(config.seed * 1000 + epoch)  # same batches and dropout, resumed or not
+        config, steps, ranks = self.config, self.steps, self.ranks
+        # same batches and dropout, resumed or not; with several processes the batches are one draw
+        # (the generator) and dropout/augmentation draw per rank (rank 0 as one process would)
+        torch.manual_seed(config.seed * 1000 + epoch + (7919 * ranks.rank if ranks else 0))
         self.generator.manual_seed(config.seed * 1000 + epoch)
+        if ranks is not None:
+            stop = ranks.agreed(stop)  # every rank stops at the same step
         tick = time.perf_counter()
 
         def on_step(i: int, loss: float, seen: int) -> None:
@@ -175,14 +195,19 @@ class EpochRunner:
             sink(StepLogged(epoch=epoch, step=i, steps=steps, loss=loss, images_per_s=seen / max(elapsed, 1e-9),
                             eta_s=remaining))
 
-        stats = train_one_epoch(self.model, self.train_loader, self.optimizer, device=self.device,
+        stats = train_one_epoch(self.trainer or self.model, self.train_loader, self.optimizer, device=self.device,
                                 step0=state.step, total_steps=config.epochs * steps, config=config, dtype=self.dtype,
                                 scaler=self.scaler, channels_last=self.channels_last, on_step=on_step,
                                 should_stop=stop, micro_batch=self.batches.micro_batch,
-                                class_weight=self.class_weight)
+                                class_weight=self.class_weight, sync=ranks.sum_tensor if ranks else None)
         if stats is None:
             return None
         scores = evaluate_scores(self.model, self.val_loader, self.device, self.dtype, self.channels_last)
+        if ranks is not None:  # each rank trained and evaluated its share: the sums of all of them
+            ranks.check_in_step(self.module)
+            loss_sum, hits, images = ranks.sum([stats.loss * stats.images, stats.acc * stats.images, stats.images])
+            stats = replace(stats, loss=loss_sum / max(1, images), acc=hits / max(1, images), images=int(images))
+            scores = combine_scores(scores, self.num_classes, ranks)
         val_loss, val_acc = scores.loss, scores.acc
         if not (math.isfinite(val_loss) and math.isfinite(stats.loss)):
             bad = val_loss if not math.isfinite(val_loss) else stats.loss
@@ -197,13 +222,21 @@ class EpochRunner:
 
 
 def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_state: dict[str, Any] | None,
-           stop: Callable[[], bool]) -> EpochRunner | None:
+           stop: Callable[[], bool], ranks: Ranks | None = None) -> EpochRunner | None:
     """The plan applied at the epoch the run continues from, the model on its device, the loaders
     (features computed once when the backbone stays frozen) and the optimizer. None: cancelled
-    while computing features."""
-    handle, module = prep.handle, prep.handle.module
+    while computing features. ``ranks``: this process's share of a distributed run
+    (engine/training/distributed.py says what is shared how)."""
+    handle = prep.handle
     plan = config.freeze_plan()
     device = resolve_device(config.device)
+    if ranks is not None:
+        check_distributed(config, device)
+        if device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)
+        if config.sync_bn:
+            handle.module = sync_batchnorm(handle.module)  # before the plan: its eval hooks sit on these modules
+    module = handle.module
     stages = model_stages(module, handle.spec.head)
     report = apply_plan(module, stages, plan, epoch=state.epoch)
     channels_last = config.channels_last if config.channels_last is not None else any(
@@ -214,7 +247,8 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     dtype = amp_dtype(device, config.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     workers = config.num_workers if config.num_workers is not None else default_workers(device)
-    loader_kw: dict[str, Any] = dict(batch_size=config.batch_size, num_workers=workers,
+    world = ranks.world if ranks is not None else 1
+    loader_kw: dict[str, Any] = dict(batch_size=config.batch_size // world, num_workers=workers,
                                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
     cached = uses_feature_cache(plan, config)
@@ -224,8 +258,14 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
         point, drop = cache_point(handle, stages)
         # one inference pass, in model-sized slices (core/memory.py)
         plain = dict(loader_kw, shuffle=False, batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
-        tr = compute_features(module, point, DataLoader(prep.train_ds, **plain), device, channels_last, stop)
-        va = compute_features(module, point, DataLoader(prep.val_ds, **plain), device, channels_last, stop)
+        def features(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return compute_features(module, point, loader, device, channels_last, stop)
+
+        if ranks is None:
+            tr, va = features(DataLoader(prep.train_ds, **plain)), features(DataLoader(prep.val_ds, **plain))
+        else:  # each rank its shard, once; gathered on every rank
+            tr = shared_features(features, prep.train_ds, plain, ranks)
+            va = shared_features(features, prep.val_ds, plain, ranks) if tr is not None else None
         if tr is None or va is None:
             return None
         model = HeadOnly(module.get_submodule(point), drop)
@@ -238,7 +278,12 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     generator = torch.Generator()
     # the training split's labels, in the order of train_src (the feature cache keeps it)
     train_labels = [prep.train_ds.ds.labels[i] for i in prep.train_ds.indices]
-    if config.balance == "sampler":  # each class drawn equally often, from the per-epoch seeded generator
+    if ranks is not None:  # the one-process draw, every rank taking its share of each batch
+        base = (balanced_sampler(train_labels, generator) if config.balance == "sampler"
+                else RandomSampler(train_src, generator=generator))
+        train_loader = DataLoader(train_src, sampler=ShardSampler(base, ranks.rank, ranks.world), drop_last=False,
+                                  **loader_kw)
+    elif config.balance == "sampler":  # each class drawn equally often, from the per-epoch seeded generator
         train_loader = DataLoader(train_src, sampler=balanced_sampler(train_labels, generator), drop_last=False,
                                   generator=generator, **loader_kw)
     else:
@@ -248,22 +293,29 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     optimizer = make_optimizer(module, stages, plan, config, optimizer_state)
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = tuple(train_src.tensors[0].shape[1:]) if cached else (3, prep.image_size, prep.image_size)
-    batches = _plan_batches(config, module, model, stages, plan, state, input_shape, device, channels_last, dtype)
+    batches = _plan_batches(config, module, model, stages, plan, state, input_shape, device, channels_last, dtype,
+                            world)
     # evaluation in the same slices: what fits a training step fits an inference pass
-    val_loader = DataLoader(val_src, shuffle=False, **dict(loader_kw, batch_size=batches.micro_batch))
+    val_loader = DataLoader(val_src if ranks is None else shard(val_src, ranks), shuffle=False,
+                            **dict(loader_kw, batch_size=batches.micro_batch))
     return EpochRunner(config, module, model, stages, plan, report, optimizer, train_loader, val_loader, generator,
-                       device, dtype, scaler, channels_last, cached, batches, class_weight)
+                       device, dtype, scaler, channels_last, cached, batches, class_weight, ranks,
+                       wrap(model, ranks) if ranks is not None else None, len(handle.spec.class_names))
 
 
 def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,
                   state: TrainState, input_shape: tuple[int, ...], device: torch.device, channels_last: bool,
-                  dtype: torch.dtype | None) -> BatchPlan:
+                  dtype: torch.dtype | None, world: int = 1) -> BatchPlan:
     """The micro-batch, measured with the most of the model this run will ever train (the plan at its
-    last epoch: gradual unfreezing only adds), so it holds for the whole run."""
+    last epoch: gradual unfreezing only adds), so it holds for the whole run. With ``world``
+    processes each plans its share of the batch; on the CPU they share the machine's memory budget."""
     apply_plan(module, stages, plan, epoch=config.epochs - 1)
+    budget = detect_budget(config.memory_budget)
+    if world > 1 and device.type == "cpu":
+        budget = MemoryBudget(budget.bytes // world, f"{budget.source}, shared by {world} processes")
     try:
-        return plan_batches(module, model, input_shape, batch_size=config.batch_size, device=device,
-                            budget=detect_budget(config.memory_budget), micro_batch=config.micro_batch,
+        return plan_batches(module, model, input_shape, batch_size=config.batch_size // world, device=device,
+                            budget=budget, micro_batch=config.micro_batch,
                             optimizer_kind=config.optimizer, channels_last=channels_last, dtype=dtype)
     finally:
         apply_plan(module, stages, plan, epoch=state.epoch)
