@@ -176,6 +176,11 @@ def test_a_flipped_label_ranks_first_and_an_old_run_keeps_its_data(tmp_path, cap
     assert validate(load_source(str(root))).overrides["relabelled"] == 2
     assert "decision(s) about single images" in script_unsupported(config)
     assert "decision(s) about single images" in script_unsupported(config, str(run.path))
+    from engine.outputs.code import script_for_run
+    from engine.runs.bundle import export_bundle, import_bundle
+
+    moved = import_bundle(export_bundle(run, script_for=script_for_run), tmp_path / "elsewhere")
+    assert ov.run_overrides(moved.path).decisions == ov.run_overrides(run.path).decisions  # travels with the run
 
     assert main(["data", "mislabeled", run.run_id, "--out", str(tmp_path / "runs"), "--top", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["suspects"]) == 3

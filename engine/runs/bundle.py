@@ -47,7 +47,7 @@ MANIFEST = "bundle.json"
 SCRIPT = "reproduce.py"
 WEIGHTS = "best.safetensors"
 REQUIRED = ("config.json", "status.json", "metrics.jsonl", WEIGHTS, "best.json", SCRIPT)
-OPTIONAL = ("events.jsonl",)
+OPTIONAL = ("events.jsonl", "data-overrides.json")  # the decisions about single images it trained with
 MEMBERS = frozenset((MANIFEST, *REQUIRED, *OPTIONAL))
 FINAL_STATES = ("finished", "cancelled", "failed", "diverged", "interrupted")
 IDENTITY = ("config.json", WEIGHTS, "metrics.jsonl")  # what makes two copies of a run the same run
@@ -118,11 +118,21 @@ def write_bundle(run: RunDir, out: IO[bytes], *, script_for: Callable[[RunDir], 
             files["best.json"] = _add_bytes(zf, "best.json", _json_bytes(run.checkpoint_meta("best")))
         if 0 < _size_of(run.events_path) <= limits.events_export_bytes:
             files["events.jsonl"] = _add_file(zf, run.events_path, "events.jsonl")
+        if _has_decisions(run):  # so the imported run reads its data as it trained on it (engine.data.overrides)
+            files["data-overrides.json"] = _add_file(zf, run.path / "data-overrides.json", "data-overrides.json")
         files["status.json"] = _add_bytes(zf, "status.json", _json_bytes(status.to_dict()))
         files[SCRIPT] = _add_bytes(zf, SCRIPT, script.encode("utf-8"))
         manifest = _manifest(run, files)
         zf.writestr(MANIFEST, _json_bytes(manifest))
     return manifest
+
+
+def _has_decisions(run: RunDir) -> bool:
+    """Whether the run trained with decisions about single images (a bundle without any stays readable
+    by a workbench that predates them)."""
+    from engine.data.overrides import run_overrides
+
+    return bool(run_overrides(run.path).decisions)
 
 
 def export_bundle(run: RunDir, *, script_for: Callable[[RunDir], str]) -> bytes:
