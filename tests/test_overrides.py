@@ -87,6 +87,15 @@ def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path):
     ov.relabel(str(flat), "0/2.png", "one")
     assert validate(load_source(str(flat))).counts == {"one": 4, "zero": 2}
 
+    import shutil
+
+    archive = Path(shutil.make_archive(str(tmp_path / "data" / "shapes"), "zip", flat))  # a zip: beside it
+    ov.exclude(str(archive), "1/0.png")
+    assert (tmp_path / "data" / "shapes.zip.workbench-overrides.json").is_file()
+    report = validate(load_source(str(archive)))  # the relabel zipped along with the folder, then the exclusion
+    assert report.counts == {"one": 3, "zero": 2} and report.overrides["relabelled"] == 1
+    assert report.overrides["file"] == "workbench-overrides.json in the zip and shapes.zip.workbench-overrides.json"
+
     from engine.data.builder import source_stamp
 
     stamp = source_stamp("digits")

@@ -98,8 +98,9 @@ def _selected(event, positions: list[list[int]]) -> list[int]:
     return picked
 
 
-def _plot(fmap, heading: str, data: str, key: str, where) -> None:
-    """The map, then the images of whatever is selected on it."""
+def _plot(fmap, heading: str, data: str, key: str, where, work_dir: str | None = None) -> None:
+    """The map, then the images of whatever is selected on it (a run's map: its data read through the run's
+    folder, ``work_dir``, as it trained on it, so the map's indices name the same images)."""
     fig, positions = _figure(fmap, heading)
     with where:
         event = st.plotly_chart(fig, key=key, on_select="rerun", selection_mode=("points", "box", "lasso"))
@@ -112,7 +113,7 @@ def _plot(fmap, heading: str, data: str, key: str, where) -> None:
         for slot, i in enumerate(picked[:THUMBS]):
             caption = f"{fmap.class_names[fmap.labels[i]]}: {_shown(fmap.sources[i])}"
             try:
-                image = val_image(data, fmap.indices[i], THUMB_PX, thumb=THUMB_PX)
+                image = val_image(data, fmap.indices[i], THUMB_PX, thumb=THUMB_PX, work_dir=work_dir)
             except EngineError as exc:  # unreadable since it was embedded: the reason in its place
                 cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
             else:
@@ -223,6 +224,6 @@ else:
     st.caption(f"{before.model} beside {after.model}, on the same {len(after.labels)} validation images; "
                f"{after.k} neighbours vote.")
     left, right = st.columns(2)
-    _plot(before, "pretrained", data, "fm_plot_before", left)
-    _plot(after, "after fine-tune", data, "fm_plot_after", right)
+    _plot(before, "pretrained", data, "fm_plot_before", left, str(run.path))
+    _plot(after, "after fine-tune", data, "fm_plot_after", right, str(run.path))
     st.markdown(_reading_run(before, after))

@@ -523,11 +523,13 @@ def load_source(source: str, work_dir: str | Path | None = None, overrides: Over
 
     An empty or blank source is refused: Path("") is the current folder, never what was meant.
     """
-    from engine.data.overrides import apply_overrides, read_overrides, run_overrides
+    from engine.data.overrides import apply_overrides, read_overrides, run_overrides, with_zipped
 
     ds = _read_source(source, work_dir)
     if overrides is None:
         overrides = run_overrides(work_dir) if work_dir is not None else read_overrides(source)
+    if Path(source).suffix.lower() == ".zip":
+        overrides = with_zipped(ds, overrides)
     return apply_overrides(ds, overrides)
 
 

@@ -10,6 +10,7 @@ Where the decisions live (``overrides_path``):
 
 - a dataset folder: ``<folder>/workbench-overrides.json`` (travels with the folder);
 - a zip: ``<zip folder>/<name>.zip.workbench-overrides.json`` beside it (its extraction is rebuilt freely);
+  a folder zipped with its own overrides file keeps those decisions, applied first;
 - a built-in set (digits, lfw, cifar10): ``<data folder>/overrides/<name>.json`` (it has no folder).
 
 The file is a list of decisions in the order they were taken; the last decision per image counts:
@@ -239,6 +240,18 @@ def apply_overrides(ds: ImageSet, overrides: Overrides) -> ImageSet:
     ds.overrides = {"file": overrides.file, "relabelled": relabelled, "excluded": excluded, "unmatched": unmatched,
                     "decisions": [d.to_dict() for d in overrides.decisions]} if overrides.decisions else {}
     return ds
+
+
+def with_zipped(ds: ImageSet, overrides: Overrides) -> Overrides:
+    """A zip's decisions: those of the folder it was made from (its own overrides file, zipped along: part
+    of the data as delivered), then ``overrides``, the ones kept beside the zip."""
+    root = next((getattr(loader, "root_real", None) for loader in ds.loaders if getattr(loader, "root_real", None)),
+                None)
+    zipped = read_file(Path(root) / OVERRIDES_FILE, f"{OVERRIDES_FILE} in the zip") if root else Overrides()
+    if not zipped.decisions:
+        return overrides
+    shown = f"{zipped.file} and {overrides.file}" if overrides.decisions else zipped.file
+    return Overrides(decisions=zipped.decisions + overrides.decisions, file=shown)
 
 
 def applied_overrides(ds: ImageSet) -> Overrides:
