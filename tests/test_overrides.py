@@ -132,6 +132,9 @@ def test_hostile_decisions_and_files_get_one_clear_message(tmp_path):
         with pytest.raises(DataError, match=said):
             load_source(str(root))  # training and the data report refuse rather than drop someone's decisions
         assert main(["data", "overrides", str(root)]) == 2
+    from ui.overrides import writable  # the app writes decisions only inside its data folder
+
+    assert writable(str(root)) and writable("lfw") and not writable(str(tmp_path)) and not writable("/etc")
     ov.overrides_path(str(root)).unlink()
     outside = tmp_path / "elsewhere.json"
     outside.write_text('{"decisions": []}')

@@ -18,9 +18,29 @@ APPLIES = ("It applies to the next training and data report; this run keeps the 
 _FLASH = "overrides_flash"
 
 
+def writable(data: str) -> bool:
+    """Whether the app may record decisions about ``data``: a built-in set, or data inside the data folder.
+    A run imported from elsewhere can name any folder; the app never writes (or reads) outside its data
+    folder, so such a run's images are decided on from a terminal (python -m engine data ...)."""
+    from engine.core.paths import resolve_data_path
+    from engine.data.datasets import BUILTIN, TORCHVISION_SETS
+
+    if data in BUILTIN or data in TORCHVISION_SETS:
+        return True
+    try:
+        resolve_data_path(data)
+    except EngineError:
+        return False
+    return True
+
+
 def decisions(data: str) -> dict[str, ov.Decision]:
     """The decision that counts per image now ({} when there are none, or the file cannot be read:
     then its message is shown once, here)."""
+    if not writable(data):
+        st.info("This run's data is outside the data folder (an imported run?): the app does not record "
+                "decisions about its images; use python -m engine data on a terminal.")
+        return {}
     try:
         return ov.read_overrides(data).state()
     except EngineError as exc:
@@ -53,6 +73,8 @@ def show_flash() -> None:
 
 def undo_button(data: str, decided: dict[str, ov.Decision]) -> None:
     """'Undo last change', naming it; nothing when no decision was taken yet."""
+    if not writable(data):
+        return
     try:
         history = ov.read_overrides(data).decisions
     except EngineError:
@@ -69,7 +91,7 @@ def undo_button(data: str, decided: dict[str, ov.Decision]) -> None:
 def controls(where: Any, data: str, image: str, given: str, names: list[str],
              decided: dict[str, ov.Decision], key: str) -> None:
     """Under one thumbnail: the decision taken about it and 'Restore', or 'Relabel as' and 'Exclude'."""
-    if not image:  # a report cached before images were named: nothing to decide on
+    if not image or not writable(data):  # a report cached before images were named; data outside the data folder
         return
     taken = decided.get(image)
     if taken is not None:
