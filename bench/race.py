@@ -4,10 +4,11 @@ of the best single plan given the whole 120 s alone?
 
 Every plan alone is trained exactly as the race trains (same split, seed, batch, constant LR, the
 same step-level slicing: one rung of the whole budget), so the only difference is the race itself.
-It prints every number and the verdict. ~13 minutes (6 x 120 s plus setup); the machine's load
+A race is run for each --etas (2: 5 -> 3 -> 2 -> 1, 3: 5 -> 2 -> 1). It prints every number and the
+verdict. ~15 minutes (7 x 120 s plus what runs late); the machine's load
 average is printed beside each, since a busy machine slows whichever part it lands on.
 
-  python bench/race.py [--budget 120] [--image-size 96] [--plans fe,last-1,last-2,full,gradual]
+  python bench/race.py [--budget 120] [--image-size 96] [--plans fe,last-1,last-2,full,gradual] [--etas 2 3]
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--plans", default="fe,last-1,last-2,full,gradual")
     parser.add_argument("--model", default="timm:efficientnet_lite0")
+    parser.add_argument("--etas", type=int, nargs="+", default=[2, 3], help="one race per eta (default: 2 and 3)")
     parser.add_argument("--out", help="runs folder (default: a temporary one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -44,15 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     def load() -> str:
         return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    print(f"race of {len(plans)} plans ({load()})", flush=True)
-    race = train_race(create_race(out, base, plans, args.budget), say=lambda line: print("  " + line, flush=True))
-    for row in race.leaderboard:
-        print(f"  {row['place']}. {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
-              f"{row['epochs']:>3} epochs {row['images']:>6} images {row['train_s']:6.1f} s "
-              f"{'winner' if row['winner'] else 'out after rung ' + str(row['out_after_rung'])}", flush=True)
-    winner = next(row for row in race.leaderboard if row["winner"])
-    print(f"race: {race.seconds:.1f} s, winner {winner['strategy']} best val acc {winner['best_val_acc']:.4f} "
-          f"({load()})", flush=True)
+    winners = {}
+    for eta in args.etas:
+        print(f"race of {len(plans)} plans, eta {eta} ({load()})", flush=True)
+        race = train_race(create_race(out, base, plans, args.budget, eta=eta),
+                          say=lambda line: print("  " + line, flush=True))
+        for row in race.leaderboard:
+            print(f"  {row['place']}. {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
+                  f"{row['epochs']:>3} epochs {row['images']:>6} images {row['train_s']:6.1f} s "
+                  f"{'winner' if row['winner'] else 'out after rung ' + str(row['out_after_rung'])}", flush=True)
+        winner = next(row for row in race.leaderboard if row["winner"])
+        winners[eta] = winner
+        print(f"race eta {eta}: {race.seconds:.1f} s, winner {winner['strategy']} best val acc "
+              f"{winner['best_val_acc']:.4f} ({load()})", flush=True)
     alone = {}
     for name in plans:
         result = train_race(create_solo(out, base, name, args.budget))
@@ -61,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alone: {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
               f"{row['epochs']:>3} epochs {row['images']:>6} images {result.seconds:6.1f} s ({load()})", flush=True)
     best_plan = max(alone, key=alone.__getitem__)
-    ok = winner["best_val_acc"] >= alone[best_plan]
-    print(f"verdict: race winner {winner['strategy']} {winner['best_val_acc']:.4f} vs best plan alone {best_plan} "
-          f"{alone[best_plan]:.4f}: {'PASS' if ok else 'FAIL'} (difference {winner['best_val_acc'] - alone[best_plan]:+.4f})")
+    ok = True
+    for eta, winner in winners.items():
+        passed = winner["best_val_acc"] >= alone[best_plan]
+        ok = ok and passed
+        print(f"verdict eta {eta}: race winner {winner['strategy']} {winner['best_val_acc']:.4f} vs best plan alone "
+              f"{best_plan} {alone[best_plan]:.4f}: {'PASS' if passed else 'FAIL'} "
+              f"(difference {winner['best_val_acc'] - alone[best_plan]:+.4f})")
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

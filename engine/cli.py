@@ -408,7 +408,7 @@ def cmd_race(args: argparse.Namespace) -> int:
             raise EngineError(f"No race '{args.group}' in {args.out}.")
     else:
         plans = parse_plans(args.plans)
-        check_budget(args.budget, len(plans))
+        check_budget(args.budget, len(plans), args.eta)
         from engine.config import TrainConfig
 
         base = TrainConfig(model=args.model, weights=args.weights, data=args.data, image_size=args.image_size,
@@ -418,14 +418,23 @@ def cmd_race(args: argparse.Namespace) -> int:
         base.check_hosted()
         if not args.background:
             lock = _take_device_lock(base.device)  # a busy device refuses before any run folder exists
-        runs = create_race(args.out, base, plans, args.budget, owner=None if args.background else os.getpid())
+        runs = create_race(args.out, base, plans, args.budget, eta=args.eta,
+                           owner=None if args.background else os.getpid())
         if args.background:
             pid = start_race_background(runs, args.out)
             group = runs[0].config()["group"]
             _print_json({"group": group, "runs": [r.run_id for r in runs], "pid": pid}) if args.json else print(group)
             return 0
     say = (lambda line: print(line, file=sys.stderr)) if not args.json else (lambda _line: None)
-    result = train_race(runs, lock=lock, wait=bool(args.group), say=say)
+    try:
+        result = train_race(runs, lock=lock, wait=bool(args.group), say=say)
+    except EngineError:
+        if not args.group and not any(r.metrics() for r in runs):  # refused before any step: leave nothing
+            import shutil
+
+            for run in runs:
+                shutil.rmtree(run.path, ignore_errors=True)
+        raise
     if args.json:
         _print_json(result.to_dict())
         return 0
@@ -908,6 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits")
     p.add_argument("--budget", type=float, default=120.0, help="seconds for the whole race (default 120)")
     p.add_argument("--plans", help="comma-separated, from fe,last-1,last-2,full,gradual (default: all five)")
+    p.add_argument("--eta", type=_at_least(2, 10), default=2, help="each rung keeps the best 1/ETA of the plans, "
+                   "rounded up (default 2: 5 -> 3 -> 2 -> 1; 3: 5 -> 2 -> 1, fewer and longer slices)")
     _add_batch_args(p)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--max-per-class", type=int)

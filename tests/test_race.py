@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
@@ -13,6 +14,7 @@ from engine.lab.race import (
     race_curves,
     race_runs,
     race_winner,
+    run_race,
     rung_sizes,
     train_race,
 )
@@ -29,7 +31,12 @@ def raced(tmp_path_factory):
     base = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=10,
                        num_workers=0, batch_size=16)
     runs = create_race(root, base, PLANS, BUDGET)
-    return root, runs, train_race(runs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from two; on a busy box a second thread stalls each step
+    try:
+        return root, runs, train_race(runs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_rungs_halve_the_plans():
@@ -69,6 +76,8 @@ def test_a_race_eliminates_by_rungs_and_its_winner_is_a_normal_run(raced):
     assert report.val_acc == pytest.approx(winner.checkpoint_meta("best")["val_acc"])
     assert all(r.status().state == "finished" for r in runs)
     assert sorted(r.run_id for r in race_runs(root, result.group)) == sorted(r.run_id for r in runs)
+    with pytest.raises(EngineError, match="already run"):  # a race is run once; its runs are kept as they are
+        run_race(runs)
 
 
 def test_a_race_keeps_its_budget_within_the_stated_slack(raced):
@@ -121,8 +130,10 @@ def test_refusals_are_one_clear_sentence():
     (["--budget", "0"], "more than 0 seconds"),
     (["--budget", "2"], "too small to race 5 plans"),
     (["--plans", "full"], "at least two plans"),
+    (["--eta", "1"], "must be between 2 and 10"),
     (["--plans", "fe,sideways"], "Unknown plan"),
     (["--budget", "soon"], "invalid float value"),
+    (["--data", "nosuch", "--plans", "fe,full", "--budget", "5"], "Unknown data"),  # refused in the race: removed
 ])
 def test_cli_refuses_before_anything_is_on_disk(tmp_path, capsys, args, message):
     from engine.cli import main

@@ -6,8 +6,6 @@ the Evaluate page.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -45,6 +43,8 @@ def race_launcher() -> None:
                                key="race_plans")
         budget = st.number_input("Budget (seconds)", min_value=1, max_value=86_400, value=120, step=10,
                                  key="race_budget")
+        eta = st.selectbox("Each rung keeps", [2, 3], key="race_eta",
+                           format_func=lambda e: f"the best 1/{e} (5 plans: {' -> '.join(map(str, rung_sizes(5, e)))})")
         data = st.selectbox("Data", ["digits", "lfw"], key="race_data")
         size = st.number_input("Image size", 16, 512, 96, step=16, key="race_size")
         if st.button("Start race", disabled=len(plans) < 2, key="race_start",
@@ -52,8 +52,9 @@ def race_launcher() -> None:
             name, weights, _ = active()
             base = TrainConfig(model=name, weights=weights, data=data, image_size=int(size), batch_size=32)
             try:
-                check_budget(float(budget), len(plans))
-                runs = create_race(runs_root(), replace(base), tuple(plans), float(budget))
+                base.check_hosted()  # a shared server's caps, refused here rather than in the background
+                check_budget(float(budget), len(plans), int(eta))
+                runs = create_race(runs_root(), base, tuple(plans), float(budget), eta=int(eta))
             except EngineError as exc:
                 show_error(exc)
                 return

@@ -134,6 +134,9 @@ def create_race(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...]
     """One queued run per plan, everything but the plan identical (data, split, seed, batch); the
     race itself (budget, eta, plan order) is written into each run's config."""
     plans = parse_plans(",".join(plans))
+    if isinstance(eta, bool) or not isinstance(eta, int) or not 2 <= eta <= 10:
+        raise EngineError(f"A race keeps the best 1/eta of the plans at each rung: eta is a whole number from 2 to 10 "
+                          f"(got {eta!r}).")
     return _create(runs_root, base, plans, check_budget(budget_s, len(plans), eta), eta, owner, "race")
 
 
@@ -366,6 +369,9 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
     """Race the runs of one group (this process must hold the device): successive halving over the
     budget in their config. ``say``: one line per slice, for a terminal."""
     spec = race_spec(runs)
+    if any(r.metrics() or r.train_state_path.is_file() for r in runs):
+        raise EngineError(f"Race {_config(runs[0]).get('group')} has already run (its runs have epochs); "
+                          "start a new race.")
     budget, eta = float(spec["budget_s"]), int(spec.get("eta", ETA))
     sizes = rung_sizes(len(runs), eta)
     cancelled = stop or (lambda: any(r.cancel_requested() for r in runs))
@@ -381,9 +387,10 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
     order: list[Lane] = []  # eliminated, worst first
     for r, size in enumerate(sizes):
         rung_end = t0 + budget * (r + 1) / len(sizes)
-        for i, lane in enumerate(list(alive)):
+        turn = list(alive)
+        for i, lane in enumerate(turn):
             now = time.perf_counter()
-            until = now + max(0.0, (rung_end - now) / (len(alive) - i))
+            until = now + max(0.0, (rung_end - now) / (len(turn) - i))  # what is left of the rung, shared
             try:
                 ok = lane.train_slice(until, cancelled)
             except Diverged as exc:
