@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine.cli import main
@@ -168,7 +169,12 @@ def test_a_flipped_label_ranks_first_and_an_old_run_keeps_its_data(tmp_path, cap
     config = TrainConfig(model="timm:test_resnet", weights="none", data=str(root), image_size=32, epochs=6,
                          batch_size=10, num_workers=0, plan=FreezePlan.full(head_lr=1e-2).to_dict())
     run = create_run(tmp_path / "runs", config.to_dict())
-    assert fit(config, run).status == "finished"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from two; on a busy box a second thread stalls each step
+    try:
+        assert fit(config, run).status == "finished"
+    finally:
+        torch.set_num_threads(threads)
     assert [d.image for d in ov.run_overrides(run.path).decisions] == ["1/29.png"]
 
     ranking = rank_mislabeled(run, top=5)
