@@ -54,27 +54,33 @@ def test_a_race_eliminates_by_rungs_and_its_winner_is_a_normal_run(raced):
     board = result.leaderboard
     assert [row["place"] for row in board] == [1, 2, 3]
     assert [row["winner"] for row in board] == [True, False, False]
-    # 3 plans -> 2 -> 1: one out after rung 1, one after rung 2, the winner trained in all three
-    assert [row["out_after_rung"] for row in board] == [None, 2, 1]
-    assert [row["rungs"] for row in board] == [3, 2, 1]
-    assert [row["epochs"] for row in board] == [3, 2, 1]  # in a race an epoch is a slice
-    # each rung drops the lowest validation accuracy at its end (tie: the higher validation loss)
-    def key(row, rung):
-        m = {r.run_id: r for r in runs}[row["run_id"]].metrics()[rung]
+    by_id = {r.run_id: r for r in runs}
+
+    def key(row, rung):  # the ranking: validation accuracy at the rung's end, then the lower loss
+        m = by_id[row["run_id"]].metrics()[rung]
         return (-m["val_acc"], m["val_loss"])
 
-    assert key(board[2], 0) >= max(key(board[0], 0), key(board[1], 0))
-    assert key(board[1], 1) >= key(board[0], 1)
+    if result.rungs == result.rungs_planned == 3:  # the budget sufficed for every rung (a quiet machine)
+        # 3 plans -> 2 -> 1: one out after rung 1, one after rung 2, the winner trained in all three
+        assert [row["out_after_rung"] for row in board] == [None, 2, 1]
+        assert [row["rungs"] for row in board] == [3, 2, 1]
+        assert [row["epochs"] for row in board] == [3, 2, 1]  # in a race an epoch is a slice
+        assert key(board[2], 0) >= max(key(board[0], 0), key(board[1], 0))
+        assert key(board[1], 1) >= key(board[0], 1)
+    else:  # the budget ran out first (fixed costs of a busy machine): ranked as they stood, one winner
+        assert result.rungs < 3 and "budget ran out" in by_id[board[0]["run_id"]].status().reason
+        last = [row for row in board[1:] if row["out_after_rung"] == result.rungs and row["epochs"]]
+        assert all(key(board[0], -1) <= key(row, -1) for row in last)
 
     winner = race_winner(runs)
     assert winner is not None and winner.run_id == board[0]["run_id"] == result.winner
     status = winner.status()
     assert status.state == "finished" and "race winner" in status.reason
-    assert winner.config()["epochs"] == len(winner.metrics()) == 3  # resumable like any run
+    assert winner.config()["epochs"] == len(winner.metrics()) == board[0]["rungs"]  # resumable like any run
     assert winner.train_state_path.is_file() and winner.checkpoint("best").is_file()
     report = evaluate_run(winner)  # what the Evaluate page and `eval` open
     assert report.val_acc == pytest.approx(winner.checkpoint_meta("best")["val_acc"])
-    assert all(r.status().state == "finished" for r in runs)
+    assert all(r.status().state == ("finished" if r.metrics() else "cancelled") for r in runs)
     assert sorted(r.run_id for r in race_runs(root, result.group)) == sorted(r.run_id for r in runs)
     with pytest.raises(EngineError, match="already run"):  # a race is run once; its runs are kept as they are
         run_race(runs)
@@ -97,13 +103,13 @@ def test_a_race_keeps_its_budget_within_the_stated_slack(raced):
             ends.append(piece["end"])
         xs = [m["elapsed_s"] for m in run.metrics()]
         assert xs == sorted(xs) and all(0 < x <= max(ends) for x in xs)
-    # no deadline lies past the budget, unless its slice began after the budget was spent (fixed costs
-    # of earlier slices: on a busy machine a step of this tiny model can take a second)
+    # no slice starts after the budget (a hard stop) and none is given a deadline past it
     for piece in (p for r in runs for p in read_json(r.status_path)["race"]["slices"]):
-        assert piece["deadline"] <= max(BUDGET, piece["start"]) + 0.01, piece
+        assert piece["start"] < BUDGET and piece["deadline"] <= BUDGET + 0.01, piece
     points = race_curves(runs)
-    assert {p["strategy"] for p in points} == {"feature extraction", "last 1 stage", "full fine-tune"}
-    assert len(points) == 3 + 2 + 1
+    assert len(points) == sum(len(r.metrics()) for r in runs) and {p["strategy"] for p in points} <= {
+        "feature extraction", "last 1 stage", "full fine-tune"}
+    assert result.seconds <= max(p["end"] for r in runs for p in read_json(r.status_path)["race"]["slices"]) + 2
 
 
 def test_refusals_are_one_clear_sentence():

@@ -20,8 +20,11 @@ the budget ends the winner is a normal, finished run (evaluable, exportable, res
 before each step, earlier by what the lane's last evaluation + commit took; a slice overshoots by
 at most one step plus the error of that estimate. Every slice trains at least one step and is
 evaluated, so a lane whose setup (the feature pass of feature extraction, the model load) eats its
-first slice still gets a score, and late lanes of a rung get what is left of it; only when these
-fixed costs exceed the whole budget does the race end late.
+first slice still gets a score, and late lanes of a rung share what is left of it. The budget is a
+hard stop: no slice starts after it. When it runs out before the last rung (setups and evaluations
+took longer than planned: a busy machine, a slow model), the plans still in the race are ranked as
+they stand and the best is the winner; a plan that never got a slice ends "cancelled". So a race
+ends at most one slice's overshoot after its budget.
 
 Survivors continue in memory (model, optimizer, loaders and counters stay alive between slices),
 so nothing is retrained from scratch and no slice pays for loading the model again. Feature
@@ -352,6 +355,8 @@ class RaceResult:
     seconds: float
     budget_s: float
     leaderboard: list[dict[str, Any]]
+    rungs: int = 0  # rungs raced: fewer than planned when the budget ran out first
+    rungs_planned: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -385,11 +390,16 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
                                     "rung": 0, "out_after": None, "winner": False})
     alive = list(lanes)
     order: list[Lane] = []  # eliminated, worst first
+    ended = len(sizes)  # the rung the race ended in (earlier when the budget ran out)
     for r, size in enumerate(sizes):
         rung_end = t0 + budget * (r + 1) / len(sizes)
         turn = list(alive)
+        spent = False
         for i, lane in enumerate(turn):
             now = time.perf_counter()
+            if now >= t0 + budget:  # the budget is a hard stop: no slice starts after it
+                spent = True
+                break
             until = now + max(0.0, (rung_end - now) / (len(turn) - i))  # what is left of the rung, shared
             try:
                 ok = lane.train_slice(until, cancelled)
@@ -403,26 +413,34 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
             say(f"rung {r + 1}/{len(sizes)}  {lane.label:<20} val acc "
                 f"{lane.last.val_acc if lane.last else float('nan'):.4f}  at {time.perf_counter() - t0:6.1f} s")
         alive.sort(key=Lane.rank_key)
-        keep = sizes[r + 1] if r + 1 < len(sizes) else 1
+        keep = 1 if spent or r + 1 == len(sizes) else sizes[r + 1]
         for place, lane in enumerate(alive):
             lane.write_race(rung=r + 1)
-            if place >= keep:
-                lane.finish("finished", f"race: out after rung {r + 1} of {len(sizes)} (place {place + 1} of "
+            if place < keep:
+                continue
+            if lane.last is None:  # the budget ran out before its first slice: nothing was trained
+                lane.finish("cancelled", f"race: the {budget:g} s budget ran out before its first slice",
+                            out_after=r + 1)
+            else:
+                why = "the budget ran out in" if spent else "out after"
+                lane.finish("finished", f"race: {why} rung {r + 1} of {len(sizes)} (place {place + 1} of "
                                         f"{len(alive)})", out_after=r + 1)
         order.extend(reversed(alive[keep:]))
         alive = alive[:keep]
-        if not alive:
+        if spent or not alive:
+            ended = r + 1
             break
     winner = alive[0] if alive else None
     if winner is not None:
-        winner.finish("finished", f"race winner after {len(sizes)} rungs ({budget:g} s budget)", winner=True)
+        how = f"after {len(sizes)} rungs" if ended == len(sizes) else f"when the budget ran out in rung {ended}"
+        winner.finish("finished", f"race winner {how} ({budget:g} s budget)", winner=True)
         winner.run.write_status(race_winner=True)
         order.append(winner)
     for place, lane in enumerate(reversed(order)):
         lane.write_race(place=place + 1)
     return RaceResult(group=str(_config(runs[0]).get("group")), status="finished",
                       winner=winner.run.run_id if winner else None, seconds=round(time.perf_counter() - t0, 2),
-                      budget_s=budget, leaderboard=leaderboard(runs))
+                      budget_s=budget, leaderboard=leaderboard(runs), rungs=ended, rungs_planned=len(sizes))
 
 
 def _cancel(runs: list[RunDir], lanes: list[Lane], rung: int, t0: float, budget: float) -> RaceResult:
