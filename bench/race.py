@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", default="fe,last-1,last-2,full,gradual")
     parser.add_argument("--model", default="timm:efficientnet_lite0")
     parser.add_argument("--etas", type=int, nargs="+", default=[2, 3], help="one race per eta (default: 2 and 3)")
+    parser.add_argument("--no-alone", action="store_true", help="only the races (compare with an earlier run's "
+                        "plans alone)")
     parser.add_argument("--out", help="runs folder (default: a temporary one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -57,15 +59,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'winner' if row['winner'] else 'out after rung ' + str(row['out_after_rung'])}", flush=True)
         winner = next(row for row in race.leaderboard if row["winner"])
         winners[eta] = winner
-        print(f"race eta {eta}: {race.seconds:.1f} s, winner {winner['strategy']} best val acc "
+        print(f"race eta {eta}: {race.seconds:.1f} s, {race.rungs} of {race.rungs_planned} rungs"
+              f"{' (the budget ran out first)' if race.out_of_time else ''}, winner {winner['strategy']} best val acc "
               f"{winner['best_val_acc']:.4f} ({load()})", flush=True)
     alone = {}
-    for name in plans:
+    for name in () if args.no_alone else plans:
         result = train_race(create_solo(out, base, name, args.budget))
         row = result.leaderboard[0]
         alone[row["strategy"]] = row["best_val_acc"]
         print(f"alone: {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
               f"{row['epochs']:>3} epochs {row['images']:>6} images {result.seconds:6.1f} s ({load()})", flush=True)
+    if not alone:
+        return 0
     best_plan = max(alone, key=alone.__getitem__)
     ok = True
     for eta, winner in winners.items():

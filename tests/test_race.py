@@ -60,7 +60,8 @@ def test_a_race_eliminates_by_rungs_and_its_winner_is_a_normal_run(raced):
         m = by_id[row["run_id"]].metrics()[rung]
         return (-m["val_acc"], m["val_loss"])
 
-    if result.rungs == result.rungs_planned == 3:  # the budget sufficed for every rung (a quiet machine)
+    if not result.out_of_time:  # the budget sufficed for every slice of every rung (a quiet machine)
+        assert result.rungs == result.rungs_planned == 3
         # 3 plans -> 2 -> 1: one out after rung 1, one after rung 2, the winner trained in all three
         assert [row["out_after_rung"] for row in board] == [None, 2, 1]
         assert [row["rungs"] for row in board] == [3, 2, 1]
@@ -68,7 +69,7 @@ def test_a_race_eliminates_by_rungs_and_its_winner_is_a_normal_run(raced):
         assert key(board[2], 0) >= max(key(board[0], 0), key(board[1], 0))
         assert key(board[1], 1) >= key(board[0], 1)
     else:  # the budget ran out first (fixed costs of a busy machine): ranked as they stood, one winner
-        assert result.rungs < 3 and "budget ran out" in by_id[board[0]["run_id"]].status().reason
+        assert "budget ran out" in by_id[board[0]["run_id"]].status().reason
         last = [row for row in board[1:] if row["out_after_rung"] == result.rungs and row["epochs"]]
         assert all(key(board[0], -1) <= key(row, -1) for row in last)
 

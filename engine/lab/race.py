@@ -5,10 +5,12 @@ with *this many seconds* on this machine, which plan should I have used? Each ca
 ordinary run of one group (config ``group``/``label`` as in a comparison, plus ``race``), trained
 by one process that holds the device for the whole race.
 
-Successive halving: rung r gives every surviving plan an equal slice of that rung's time (the
-budget is split equally between the rungs, e.g. 5 plans -> 3 -> 2 -> 1 is four rungs of budget/4);
-after each rung the better half (rounded up) continues, ranked by validation accuracy (tie: lower
-validation loss). The last rung trains the winner alone.
+Every plan is set up first (data, model, loaders, optimizer, and feature extraction's one pass that
+fills its feature cache): that time counts against the budget but against no plan's slice, so the
+first rung compares plans on equal training time. Then successive halving: the rest of the budget
+is split equally between the rungs (5 plans -> 3 -> 2 -> 1 is four rungs), and rung r gives every
+surviving plan an equal share of its time; after each rung the better half (rounded up) continues,
+ranked by validation accuracy (tie: lower validation loss). The last rung trains the winner alone.
 
 Time slicing is at the optimizer step, not the pass over the data: at 96 px on 2 cores one pass of
 a full fine-tune is longer than a first-rung slice, and one pass of feature extraction (a linear
@@ -19,17 +21,16 @@ the budget ends the winner is a normal, finished run (evaluable, exportable, res
 ``train --resume --epochs N``, whose epochs are then ordinary passes). The deadline is checked
 before each step, earlier by what the lane's last evaluation + commit took; a slice overshoots by
 at most one step plus the error of that estimate. Every slice trains at least one step and is
-evaluated, so a lane whose setup (the feature pass of feature extraction, the model load) eats its
-first slice still gets a score, and late lanes of a rung share what is left of it. The budget is a
-hard stop: no slice starts after it. When it runs out before the last rung (setups and evaluations
-took longer than planned: a busy machine, a slow model), the plans still in the race are ranked as
-they stand and the best is the winner; a plan that never got a slice ends "cancelled". So a race
-ends at most one slice's overshoot after its budget.
+evaluated, and the later lanes of a rung share what is left of it. The budget is a hard stop: no
+slice starts after it (once some plan has a score). When it runs out before the last rung (setups
+and evaluations took longer than planned: a busy machine, a slow model), the plans still in the
+race are ranked as they stand and the best is the winner; a plan that never got a slice ends
+"cancelled". So a race ends at most one slice's overshoot after its budget.
 
 Survivors continue in memory (model, optimizer, loaders and counters stay alive between slices),
 so nothing is retrained from scratch and no slice pays for loading the model again. Feature
-extraction computes its feature cache once, in its first slice: its later epochs are cheap, which
-is exactly what the race should show. The LR schedule is constant: nobody knows in advance how
+extraction computes its feature cache once, at setup: its epochs are then cheap, which is exactly
+what the race should show (its curve starts late, after that pass). The LR schedule is constant: nobody knows in advance how
 long a survivor trains, so a cosine tail would end at the wrong moment.
 
 Each closed epoch's ``elapsed_s`` is seconds since the race started, so the metrics rows are the
@@ -232,6 +233,8 @@ class Lane:
         # close_s (evaluation + commit), step_s (its longest step): what bounds how late it ended
         self.slices: list[dict[str, Any]] = []
         self._step_s = 0.0
+        self.setup_s = 0.0
+        self.setup: list[float] | None = None  # [start, end] of its setup, seconds since the race started
 
     @property
     def label(self) -> str:
@@ -253,15 +256,26 @@ class Lane:
                              micro_batch=runner.batches.micro_batch, batches=runner.batches.describe()))
         return True
 
+    def set_up(self, stop: Callable[[], bool]) -> bool:
+        """Data, model, loaders, optimizer and (feature extraction) the feature cache; False when
+        cancelled. Timed as ``setup_s``."""
+        begun = time.perf_counter()
+        try:
+            return self._start(stop)
+        finally:
+            self.setup_s = time.perf_counter() - begun
+            self.setup = [round(begun - self.t0, 3), round(begun + self.setup_s - self.t0, 3)]
+
     def train_slice(self, until: float, stop: Callable[[], bool]) -> bool:
-        """Train until ``until`` (perf_counter) as one epoch, closed at its end; False when cancelled."""
+        """Train until ``until`` (perf_counter) as one epoch, closed at its end; False when cancelled.
+        A plan the race could not set up beforehand is set up here, in its slice."""
         begun = time.perf_counter()
         setup_s = 0.0
         try:
             if self.runner is None:
-                if not self._start(stop):
+                if not self.set_up(stop):
                     return False
-                setup_s = time.perf_counter() - begun
+                setup_s = self.setup_s
             return self._epoch(until - self.close_s, stop)
         finally:
             end = time.perf_counter()
@@ -343,7 +357,7 @@ class Lane:
         status = read_json(self.run.status_path, {})
         current = status.get("race") if isinstance(status, dict) and isinstance(status.get("race"), dict) else {}
         self.run.write_status(race={**current, "rungs": self.rungs, "train_s": round(self.train_s, 2),
-                                    "slices": self.slices, **fields})
+                                    "setup": self.setup, "slices": self.slices, **fields})
 
 
 # ------------------------------------------------------------------ the race
@@ -355,8 +369,9 @@ class RaceResult:
     seconds: float
     budget_s: float
     leaderboard: list[dict[str, Any]]
-    rungs: int = 0  # rungs raced: fewer than planned when the budget ran out first
+    rungs: int = 0  # the rung it ended in
     rungs_planned: int = 0
+    out_of_time: bool = False  # the budget ran out before the last rung's slices were all trained
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -388,16 +403,24 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
         lane.run.write_status(state="running", reason="", queue_position=None,
                               race={"started_at": wall0, "budget_s": budget, "rungs_planned": len(sizes),
                                     "rung": 0, "out_after": None, "winner": False})
+    for lane in lanes:  # setup first, on the race's clock but in no plan's slice: rung 1 is training time
+        if time.perf_counter() >= t0 + budget:
+            break
+        try:
+            if not lane.set_up(cancelled):
+                return _cancel(runs, lanes, 0, t0, budget)
+        finally:
+            lane.write_race()
+    t1 = time.perf_counter()
     alive = list(lanes)
     order: list[Lane] = []  # eliminated, worst first
-    ended = len(sizes)  # the rung the race ended in (earlier when the budget ran out)
+    ended, spent = len(sizes), False  # the rung the race ended in; whether the budget ran out first
     for r, size in enumerate(sizes):
-        rung_end = t0 + budget * (r + 1) / len(sizes)
+        rung_end = t1 + (t0 + budget - t1) * (r + 1) / len(sizes)
         turn = list(alive)
-        spent = False
         for i, lane in enumerate(turn):
             now = time.perf_counter()
-            if now >= t0 + budget:  # the budget is a hard stop: no slice starts after it
+            if now >= t0 + budget and any(other.last for other in lanes):  # a hard stop, once a plan has a score
                 spent = True
                 break
             until = now + max(0.0, (rung_end - now) / (len(turn) - i))  # what is left of the rung, shared
@@ -432,7 +455,7 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
             break
     winner = alive[0] if alive else None
     if winner is not None:
-        how = f"after {len(sizes)} rungs" if ended == len(sizes) else f"when the budget ran out in rung {ended}"
+        how = f"when the budget ran out in rung {ended}" if spent else f"after {len(sizes)} rungs"
         winner.finish("finished", f"race winner {how} ({budget:g} s budget)", winner=True)
         winner.run.write_status(race_winner=True)
         order.append(winner)
@@ -440,7 +463,8 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
         lane.write_race(place=place + 1)
     return RaceResult(group=str(_config(runs[0]).get("group")), status="finished",
                       winner=winner.run.run_id if winner else None, seconds=round(time.perf_counter() - t0, 2),
-                      budget_s=budget, leaderboard=leaderboard(runs), rungs=ended, rungs_planned=len(sizes))
+                      budget_s=budget, leaderboard=leaderboard(runs), rungs=ended, rungs_planned=len(sizes),
+                      out_of_time=spent)
 
 
 def _cancel(runs: list[RunDir], lanes: list[Lane], rung: int, t0: float, budget: float) -> RaceResult:
