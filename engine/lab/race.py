@@ -19,8 +19,9 @@ trained before the slice's deadline (part of a pass, or several reshuffled passe
 evaluation and one commit, like any epoch. Every ranking reads a committed checkpoint, and whenever
 the budget ends the winner is a normal, finished run (evaluable, exportable, resumable with
 ``train --resume --epochs N``, whose epochs are then ordinary passes). The deadline is checked
-before each step, earlier by what the lane's last evaluation + commit took; a slice overshoots by
-at most one step plus the error of that estimate. Every slice trains at least one step and is
+before each step, earlier by what the lane's last evaluation + commit took (before its first close:
+its validation batches at half a training step each); a slice overshoots by at most one step plus
+the error of that estimate. Every slice trains at least one step and is
 evaluated, and the later lanes of a rung share what is left of it. The budget is a hard stop: no
 slice starts after it (once some plan has a score). When it runs out before the last rung (setups
 and evaluations took longer than planned: a busy machine, a slow model), the plans still in the
@@ -191,16 +192,16 @@ def list_races(runs_root: str | Path) -> list[str]:
 
 # ------------------------------------------------------------------ one candidate
 class _Until:
-    """Training batches until a deadline, pass after pass over the data (each pass reshuffled): the
-    first batch always, the others while time is left."""
+    """Training batches until a deadline (``deadline()``: it may move as steps are timed), pass after
+    pass over the data (each pass reshuffled): the first batch always, the others while time is left."""
 
-    def __init__(self, loader: Any, deadline: float):
+    def __init__(self, loader: Any, deadline: Callable[[], float]):
         self.loader, self.deadline, self.steps = loader, deadline, 0
 
     def __iter__(self):
         while True:
             for batch in self.loader:
-                if self.steps and time.perf_counter() >= self.deadline:
+                if self.steps and time.perf_counter() >= self.deadline():
                     return
                 self.steps += 1
                 yield batch
@@ -276,7 +277,7 @@ class Lane:
                 if not self.set_up(stop):
                     return False
                 setup_s = self.setup_s
-            return self._epoch(until - self.close_s, stop)
+            return self._epoch(until, stop)
         finally:
             end = time.perf_counter()
             self.train_s += end - begun
@@ -285,8 +286,8 @@ class Lane:
                                 "end": round(end - self.t0, 3), "setup_s": round(setup_s, 3),
                                 "close_s": round(self.close_s, 3), "step_s": round(self._step_s, 3)})
 
-    def _epoch(self, deadline: float, stop: Callable[[], bool]) -> bool:
-        """One slice as one epoch: the steps before ``deadline`` (part of a pass over the training
+    def _epoch(self, until: float, stop: Callable[[], bool]) -> bool:
+        """One slice as one epoch: the steps before ``until`` less the time its close will take (part of a pass over the training
         data, or several passes), then evaluated and committed."""
         runner, config, state = self.runner, self.config, self.state
         assert runner is not None and self.prep is not None
@@ -295,9 +296,19 @@ class Lane:
             runner.unfreeze(epoch)  # gradual unfreezing: an epoch is a slice here
         torch.manual_seed(config.seed * 1000 + epoch)  # the batches and dropout fit() would draw
         runner.generator.manual_seed(config.seed * 1000 + epoch)
-        window = _Until(runner.train_loader, deadline)
         tick = last = time.perf_counter()
         self._step_s = 0.0
+        val_batches = len(runner.val_loader)
+
+        def deadline() -> float:
+            """``until`` less the close: as the last one took, or before any, the validation batches at
+            half a training step each (a forward without the backward), once a step has been timed."""
+            if self.close_s:
+                return until - self.close_s
+            steps = window.steps
+            return until - (val_batches * 0.5 * (last - tick) / steps if steps else 0.0)
+
+        window = _Until(runner.train_loader, deadline)
 
         def on_step(i: int, loss: float, seen: int) -> None:
             nonlocal last
@@ -305,7 +316,7 @@ class Lane:
             self._step_s, last = max(self._step_s, now - last), now
             elapsed = now - tick
             self.sink(StepLogged(epoch=epoch, step=i, steps=runner.steps, loss=loss,
-                                 images_per_s=seen / max(elapsed, 1e-9), eta_s=max(0.0, deadline - time.perf_counter())))
+                                 images_per_s=seen / max(elapsed, 1e-9), eta_s=max(0.0, until - now)))
 
         stats = train_one_epoch(runner.model, window, runner.optimizer, device=runner.device, step0=state.step,
                                 total_steps=state.step + runner.steps, config=config, dtype=runner.dtype,
