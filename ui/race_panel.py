@@ -6,12 +6,15 @@ the Evaluate page.
 """
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
+from engine.core.files import read_json
 from engine.core.paths import runs_root
 from engine.lab.race import (
     LABELS,
@@ -87,7 +90,9 @@ def _race_panel(group: str) -> None:
     states = [r.status() for r in runs]
     if any(s.active for s in states):
         queued = next((s for s in states if s.state == "queued" and s.reason), None)
-        elapsed = max((m["elapsed_s"] for r in runs for m in r.metrics()), default=0.0)
+        status = read_json(runs[0].status_path, {})
+        race = status.get("race") if isinstance(status, dict) and isinstance(status.get("race"), dict) else {}
+        elapsed = time.time() - race["started_at"] if not queued and race.get("started_at") else 0.0
         st.progress(min(1.0, elapsed / budget),
                     text=queued.reason if queued else f"racing: {elapsed:.0f} s of {budget:g} s")
         if st.button("Cancel race", key="race_cancel"):
