@@ -18,7 +18,7 @@ from engine.runs.store import RunDir
 from engine.training.loop import fit
 from tests.conftest import ROOT
 
-TINY = ["--model", "timm:test_resnet", "--weights", "none", "--data", "digits", "--image-size", "32"]
+TINY = ["--model", "timm:test_resnet", "--weights", "none", "--data", "digits", "--image-size", "24"]
 
 
 def train_cli(out: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
@@ -28,7 +28,7 @@ def train_cli(out: Path, *args: str, fault: str = "") -> subprocess.CompletedPro
 
 
 def test_two_processes_train_like_one(tmp_path):
-    """Full fine-tune of all 1,797 digits, 2 epochs: 2 ranks within 1.5 points of 1 process, one
+    """Full fine-tune of all 1,797 digits at 24 px, 2 epochs: 2 ranks within 1.5 points of 1 process, one
     metrics line per epoch, and the single-process engine loads and scores the checkpoint the same."""
     proc = train_cli(tmp_path, *TINY, "--epochs", "2", "--strategy", "full", "--nproc", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -81,6 +81,10 @@ def test_feature_cache_is_computed_by_shards_and_trains_the_head_like_one_proces
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["feature_cache"] is True
-    single = fit(TrainConfig.from_dict({**RunDir(Path(result["run_dir"])).config(), "nproc": 1}))
+    run = RunDir(Path(result["run_dir"]))
+    single = fit(TrainConfig.from_dict({**run.config(), "nproc": 1}))
     assert single.feature_cache
-    assert abs(result["best_val_acc"] - single.best_val_acc) < 1e-9
+    two, one = run.metrics()[-1], single.history[-1]
+    assert abs(two["val_loss"] - one["val_loss"]) < 1e-3, (two, one)
+    images = json.loads(run.status_path.read_text())["split"]["val"]
+    assert abs(two["val_acc"] - one["val_acc"]) <= 1 / images + 1e-9  # at most a borderline image flips on rounding

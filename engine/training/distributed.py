@@ -87,6 +87,9 @@ class Ranks:
         if max(sums) - min(sums) > 1e-9 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"the {self.world} processes' weights drifted apart (checksums {sums})")
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one."""
         return self.sum([1.0 if flag else 0.0])[0] > 0
@@ -133,10 +136,11 @@ def stop_ranks() -> None:
         dist.destroy_process_group()
 
 
-def check_distributed(config: TrainConfig, device: torch.device) -> None:
-    """What N processes need, refused before any of them starts."""
-    n = config.nproc
-    if n < 2:
+def check_distributed(config: TrainConfig, device: torch.device, here: int | None = None) -> None:
+    """What N processes need, refused before any of them starts. ``here``: how many of them run on
+    this machine (default ``config.nproc``; torchrun's LOCAL_WORLD_SIZE on several machines)."""
+    n = config.nproc if here is None else here
+    if n < 2 and not config.sync_bn:
         return
     if device.type == "cuda":
         have = torch.cuda.device_count()

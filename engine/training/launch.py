@@ -14,7 +14,9 @@ Several machines: start torchrun yourself on each (``--nnodes``, ``--rdzv-endpoi
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import time
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
@@ -53,14 +55,20 @@ def launch_ranks(run: RunDir, config: TrainConfig, resume: bool) -> RunResult:
            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    quiet = logging.getLogger("torch.distributed.elastic")  # its failure report: said in one line below instead
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     failed = ""
     try:
         torchrun(parse_args(argv))
     except ChildFailedError as exc:
         failed = failure_reason(exc.failures, n)
+        if _refused(exc.failures) and not run.metrics() and not run.train_state_path.is_file():
+            raise EngineError(failed) from None  # refused before training, as one process is (nothing to keep)
     except SignalException as exc:  # SIGTERM/SIGINT reached torchrun: it stopped the ranks
         raise KeyboardInterrupt from exc
     finally:
+        quiet.setLevel(level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -80,19 +88,33 @@ def launch_ranks(run: RunDir, config: TrainConfig, resume: bool) -> RunResult:
 
 def failure_reason(failures: dict[int, Any], world: int) -> str:
     """Why the ranks ended, in one sentence: a rank's own clear message when it had one; otherwise
-    the rank that died first (one killed by a signal before one that lost its peers)."""
+    the rank whose death looks like the cause (killed by a signal other than torchrun's SIGTERM, or
+    failing on its own, before one that lost its peers), the first of those."""
     for _rank, failure in sorted(failures.items()):
         message = failure.message if isinstance(failure.message, str) else ""
         if message.startswith(ENGINE_ERROR):
             return message[len(ENGINE_ERROR):]
-    signalled = sorted(r for r, f in failures.items() if f.exitcode < 0)
-    rank = signalled[0] if signalled else min(failures, key=lambda r: (failures[r].timestamp, r))
+
+    def consequence(rank: int) -> tuple[bool, bool, bool, int, int]:
+        """Sorts causes first: a rank that lost its peers, or was stopped (SIGTERM is what torchrun
+        sends the survivors), is the consequence of another's death, not its cause."""
+        f = failures[rank]
+        text = f.message if isinstance(f.message, str) else ""
+        lost = any(s in text for s in ("Connection closed by peer", "remote worker", "DistBackendError"))
+        return lost, f.exitcode == -signal.SIGTERM, f.exitcode >= 0, f.timestamp, rank
+
+    rank = min(failures, key=consequence)
     failure = failures[rank]
     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
     if isinstance(failure.message, str) and failure.message.startswith("internal error"):
         how += f" after an {failure.message}"
     return (f"rank {rank} of {world} exited with {how}; the other processes were stopped "
             "(their output is in the run's log). The last finished epoch is kept: resume the run.")
+
+
+def _refused(failures: dict[int, Any]) -> bool:
+    """A rank said why in a clear message (an EngineError: bad data, a setting the model refuses)."""
+    return any(isinstance(f.message, str) and f.message.startswith(ENGINE_ERROR) for f in failures.values())
 
 
 def _used_cache(run: RunDir) -> bool:
@@ -138,7 +160,8 @@ def rank_main(args: argparse.Namespace) -> int:
         if args.run_dir:
             run = open_run(args.out, args.run_dir)
             config = TrainConfig.from_dict(run.config())
-        else:
+        else:  # the world torchrun made is the run's: its config says so, and a resume launches as many
+            args.nproc = int(os.environ.get("WORLD_SIZE", "1"))
             config = _config_from_args(args)
         ranks = start_ranks(config.device)
         try:
@@ -158,6 +181,8 @@ def rank_main(args: argparse.Namespace) -> int:
         record_rank_error(ENGINE_ERROR + str(exc))
         if main and run is not None and not launched:
             run.write_status(state="failed", reason=str(exc), finished_at=time.time())
+        if not main or launched:
+            return 2  # the launcher says it, once (every rank usually meets the same refusal)
         raise
     except Exception as exc:
         record_rank_error(f"internal error ({type(exc).__name__}: {str(exc)[:200]})")

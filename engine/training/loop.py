@@ -50,10 +50,16 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     commit = checkpointer.resume_point() if resume and (run is not None or ranks is None) else None
     if ranks is not None and resume:
         commit = ranks.broadcast(commit)  # rank 0 read it; the others take its optimizer state and counters
+    # a zip is extracted into the run folder: by rank 0, before the others read it (only rank 0 writes)
+    in_turn = ranks is not None and str(config.data).lower().endswith(".zip")
+    if in_turn and not ranks.main:
+        ranks.barrier()
     prep = prepare(config, work_dir=str(data_run.path) if data_run else None,
                    weights="none" if commit else None,  # resumed weights come from the commit
                    # a fresh run trains with the dataset's decisions as they are now; a resumed one with its own
                    overrides=None if commit else read_overrides(config.data))
+    if in_turn and ranks.main:
+        ranks.barrier()
     if commit and run is not None:  # other ranks get rank 0's weights when DDP wraps the model
         checkpointer.restore(prep.handle, commit)
     record_split(prep, run)

@@ -231,7 +231,7 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     plan = config.freeze_plan()
     device = resolve_device(config.device)
     if ranks is not None:
-        check_distributed(config, device)
+        check_distributed(config, device, here=ranks.local_world)
         if device.type == "cuda":
             device = torch.device("cuda", ranks.local_rank)
         if config.sync_bn:
@@ -281,8 +281,9 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     if ranks is not None:  # the one-process draw, every rank taking its share of each batch
         base = (balanced_sampler(train_labels, generator) if config.balance == "sampler"
                 else RandomSampler(train_src, generator=generator))
+        # the loader's generator too: each epoch's iterator draws a seed from it before the order, as in one process
         train_loader = DataLoader(train_src, sampler=ShardSampler(base, ranks.rank, ranks.world), drop_last=False,
-                                  **loader_kw)
+                                  generator=generator, **loader_kw)
     elif config.balance == "sampler":  # each class drawn equally often, from the per-epoch seeded generator
         train_loader = DataLoader(train_src, sampler=balanced_sampler(train_labels, generator), drop_last=False,
                                   generator=generator, **loader_kw)
