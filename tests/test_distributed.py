@@ -88,3 +88,25 @@ def test_feature_cache_is_computed_by_shards_and_trains_the_head_like_one_proces
     assert abs(two["val_loss"] - one["val_loss"]) < 1e-3, (two, one)
     images = json.loads(run.status_path.read_text())["split"]["val"]
     assert abs(two["val_acc"] - one["val_acc"]) <= 1 / images + 1e-9  # at most a borderline image flips on rounding
+
+
+def test_training_page_offers_processes_only_with_several_gpus(tmp_path, monkeypatch):
+    """One process per GPU; the page passes it to the run's config (a batch that does not divide is refused
+    beside the settings, nothing created). Without several GPUs the field is not there."""
+    import torch
+
+    from tests.test_app import by_label, page
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    at = page("training.py")
+    at.run()
+    assert not at.exception and not [n for n in at.number_input if n.label.startswith("Processes")]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    at.run()
+    procs = by_label(at.number_input, "Processes (one per GPU)")
+    assert procs.value == 2 and procs.max == 2
+    by_label(at.number_input, "Batch size").set_value(33)
+    by_label(at.button, "Start training").click().run()
+    assert not at.exception and any("split evenly among the 2 processes" in e.value for e in at.error)
+    assert not (tmp_path / "runs").is_dir() or not any((tmp_path / "runs").iterdir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.express as px
 import streamlit as st
+import torch
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
@@ -124,6 +125,12 @@ balance_choice = c11.selectbox(
          "in the training split (mean weight 1; the validation loss stays the plain mean). sampler: batches "
          "draw each class equally often (with replacement, as many images per epoch as the split has)."
          + (" This data is imbalanced (see above)." if imbalanced else ""))
+gpus = torch.cuda.device_count()
+# several GPUs: one process each (DistributedDataParallel); CPU processes stay a CLI option (--nproc), since
+# the app's CPU cores are shared with the people using it
+procs = st.number_input("Processes (one per GPU)", 1, gpus, gpus, help=(
+    "DistributedDataParallel: each process trains on its own GPU with its share of the batch size (which must "
+    "divide evenly); only the first writes the run.")) if gpus > 1 else 1
 
 
 def current_config() -> TrainConfig:
@@ -132,7 +139,7 @@ def current_config() -> TrainConfig:
                          batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
                          augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
                          seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
-                         micro_batch=int(micro) or None, balance=balance_choice)
+                         micro_batch=int(micro) or None, balance=balance_choice, nproc=int(procs))
     config.check_hosted()
     return config
 
