@@ -295,7 +295,7 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = tuple(train_src.tensors[0].shape[1:]) if cached else (3, prep.image_size, prep.image_size)
     batches = _plan_batches(config, module, model, stages, plan, state, input_shape, device, channels_last, dtype,
-                            world)
+                            world, ranks.local_world if ranks is not None else 1)
     # evaluation in the same slices: what fits a training step fits an inference pass
     val_loader = DataLoader(val_src if ranks is None else shard(val_src, ranks), shuffle=False,
                             **dict(loader_kw, batch_size=batches.micro_batch))
@@ -306,14 +306,15 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
 
 def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,
                   state: TrainState, input_shape: tuple[int, ...], device: torch.device, channels_last: bool,
-                  dtype: torch.dtype | None, world: int = 1) -> BatchPlan:
+                  dtype: torch.dtype | None, world: int = 1, here: int = 1) -> BatchPlan:
     """The micro-batch, measured with the most of the model this run will ever train (the plan at its
     last epoch: gradual unfreezing only adds), so it holds for the whole run. With ``world``
-    processes each plans its share of the batch; on the CPU they share the machine's memory budget."""
+    processes each plans its share of the batch; on the CPU the ``here`` processes of this machine share
+    its memory budget."""
     apply_plan(module, stages, plan, epoch=config.epochs - 1)
     budget = detect_budget(config.memory_budget)
-    if world > 1 and device.type == "cpu":
-        budget = MemoryBudget(budget.bytes // world, f"{budget.source}, shared by {world} processes")
+    if here > 1 and device.type == "cpu":
+        budget = MemoryBudget(budget.bytes // here, f"{budget.source}, shared by {here} processes")
     try:
         return plan_batches(module, model, input_shape, batch_size=config.batch_size // world, device=device,
                             budget=budget, micro_batch=config.micro_batch,
