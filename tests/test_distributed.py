@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from engine.config import TrainConfig
 from engine.outputs.evaluate import evaluate_run
 from engine.runs.load import load_run_model
@@ -27,6 +29,17 @@ def train_cli(out: Path, *args: str, fault: str = "") -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=240, env=env)
 
 
+def one_process(run: RunDir):
+    """The same recipe in this process, in one thread as each of the 2 ranks had (the numbers do not
+    depend on it; the time does: on a busy 2-core machine a 2-thread training stalls, 2.9 s vs 73 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fit(TrainConfig.from_dict({**run.config(), "nproc": 1}))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_processes_train_like_one(tmp_path):
     """Full fine-tune of all 1,797 digits at 24 px, 2 epochs: 2 ranks within 1.5 points of 1 process, one
     metrics line per epoch, and the single-process engine loads and scores the checkpoint the same."""
@@ -39,7 +52,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert status.state == "finished" and status.device == "2 processes (gloo) on cpu", status
     assert "batch 32 per step = 2 processes x 16" in status.batches
 
-    single = fit(TrainConfig.from_dict({**run.config(), "nproc": 1}))  # the same recipe, one process
+    single = one_process(run)
     two, one = run.metrics()[-1]["val_acc"], single.history[-1]["val_acc"]
     assert abs(two - one) <= 0.015, (two, one)
 
@@ -82,7 +95,7 @@ def test_feature_cache_is_computed_by_shards_and_trains_the_head_like_one_proces
     result = json.loads(proc.stdout)
     assert result["feature_cache"] is True
     run = RunDir(Path(result["run_dir"]))
-    single = fit(TrainConfig.from_dict({**run.config(), "nproc": 1}))
+    single = one_process(run)
     assert single.feature_cache
     two, one = run.metrics()[-1], single.history[-1]
     assert abs(two["val_loss"] - one["val_loss"]) < 1e-3, (two, one)
@@ -93,8 +106,6 @@ def test_feature_cache_is_computed_by_shards_and_trains_the_head_like_one_proces
 def test_training_page_offers_processes_only_with_several_gpus(tmp_path, monkeypatch):
     """One process per GPU; the page passes it to the run's config (a batch that does not divide is refused
     beside the settings, nothing created). Without several GPUs the field is not there."""
-    import torch
-
     from tests.test_app import by_label, page
 
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
