@@ -63,12 +63,14 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_a_crashed_rank_fails_the_run_clearly_and_it_resumes_across_an_unfreeze(tmp_path):
-    """Rank 1 killed at the start of epoch 2: the run reads failed, naming the rank; resumed, it
+    """Rank 1 killed in the first step of epoch 2: the run reads failed, naming the rank; resumed, it
     finishes on 2 processes, crossing a gradual unfreeze (the DDP wrapper is rebuilt; the ranks'
     weights are checked to agree every epoch)."""
     args = [*TINY, "--epochs", "3", "--strategy", "feature-extraction", "--unfreeze", "2:1", "--max-per-class", "15",
             "--nproc", "2"]
-    proc = train_cli(tmp_path, *args, fault="kill:rank1:epoch:2")
+    # 120 training images, 16 a rank a step: 4 steps an epoch; the 5th is epoch 2's first, which rank 0
+    # reaches only once epoch 1 is committed
+    proc = train_cli(tmp_path, *args, fault="kill:rank1:step:5")
     assert proc.returncode == 1
     run_dir = next(p for p in tmp_path.iterdir() if (p / "config.json").is_file())
     run = RunDir(run_dir)
@@ -121,3 +123,23 @@ def test_training_page_offers_processes_only_with_several_gpus(tmp_path, monkeyp
     by_label(at.button, "Start training").click().run()
     assert not at.exception and any("split evenly among the 2 processes" in e.value for e in at.error)
     assert not (tmp_path / "runs").is_dir() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_failure_named_is_the_cause_not_its_consequences():
+    """torchrun reports every rank that ended badly; the run's status names the one that caused it."""
+    from types import SimpleNamespace
+
+    from engine.training.launch import ENGINE_ERROR, failure_reason
+
+    def failure(code: int, message: str, at: int = 0):
+        names = {-9: "SIGKILL", -15: "SIGTERM"}
+        return SimpleNamespace(exitcode=code, message=message, timestamp=at, signal_name=lambda: names[code])
+
+    lost = "internal error (RuntimeError: Connection closed by peer; typically caused by a remote worker crashing)"
+    killed = {0: failure(-15, lost, 1), 1: failure(-9, "Signal 9 (SIGKILL) received by PID 7", 2)}
+    assert failure_reason(killed, 2).startswith("rank 1 of 2 exited with signal SIGKILL")
+    bug = {0: failure(1, lost), 1: failure(1, "internal error (ZeroDivisionError: division by zero)")}
+    assert failure_reason(bug, 2).startswith("rank 1 of 2 exited with exit code 1 after an internal error "
+                                             "(ZeroDivisionError")
+    refused = {1: failure(2, ENGINE_ERROR + "The data cannot be trained on: one class."), 0: failure(1, lost)}
+    assert failure_reason(refused, 2) == "The data cannot be trained on: one class."

@@ -55,9 +55,12 @@ def launch_ranks(run: RunDir, config: TrainConfig, resume: bool) -> RunResult:
            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    quiet = logging.getLogger("torch.distributed.elastic")  # its failure report: said in one line below instead
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
+    # torchrun's own reports (failures, shutdowns) are said in one line below instead
+    quiet = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
+             if name.startswith("torch.distributed.elastic")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
     failed = ""
     try:
         torchrun(parse_args(argv))
@@ -68,7 +71,8 @@ def launch_ranks(run: RunDir, config: TrainConfig, resume: bool) -> RunResult:
     except SignalException as exc:  # SIGTERM/SIGINT reached torchrun: it stopped the ranks
         raise KeyboardInterrupt from exc
     finally:
-        quiet.setLevel(level)
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -183,6 +187,10 @@ def rank_main(args: argparse.Namespace) -> int:
             run.write_status(state="failed", reason=str(exc), finished_at=time.time())
         if not main or launched:
             return 2  # the launcher says it, once (every rank usually meets the same refusal)
+        raise
+    except KeyboardInterrupt:
+        if launched:  # Ctrl-C reached every process: the launcher says it, once, and records the cancel
+            return 130
         raise
     except Exception as exc:
         record_rank_error(f"internal error ({type(exc).__name__}: {str(exc)[:200]})")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.device import flush_denormals, seed_everything
-from engine.core.faults import fault_point
 from engine.core.memory import reuse_freed_memory
 from engine.data.overrides import read_overrides
 from engine.runs.events import RunFinished, RunStarted, no_emit
@@ -86,8 +85,6 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     for epoch in range(first, config.epochs + 1):
         if epoch > first or commit:
             runner.unfreeze(epoch)
-        if ranks is not None:
-            fault_point(f"rank{ranks.rank}", "epoch")  # WORKBENCH_FAULT=kill:rank1:epoch:1 (a crashed rank's test)
         try:
             ended = runner.run_epoch(epoch, state, sink, started, stop)
         except Diverged as exc:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from engine.anatomy.stages import model_stages
 from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
+from engine.core.faults import fault_point
 from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import MemoryBudget, detect_budget, inference_batch
 from engine.data.balance import balanced_sampler, class_weights
@@ -186,7 +187,12 @@ class EpochRunner:
         torch.manual_seed(config.seed * 1000 + epoch + (7919 * ranks.rank if ranks else 0))
         self.generator.manual_seed(config.seed * 1000 + epoch)
         if ranks is not None:
-            stop = ranks.agreed(stop)  # every rank stops at the same step
+            agreed = ranks.agreed(stop)
+
+            def stop() -> bool:  # every rank stops at the same step
+                halt = agreed()
+                fault_point(f"rank{ranks.rank}", "step")  # WORKBENCH_FAULT=kill:rank1:step:N: a crashed rank's test
+                return halt
         tick = time.perf_counter()
 
         def on_step(i: int, loss: float, seen: int) -> None:
