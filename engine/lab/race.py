@@ -8,8 +8,9 @@ by one process that holds the device for the whole race.
 Every plan is set up first (data, model, loaders, optimizer, and feature extraction's one pass that
 fills its feature cache): that time counts against the budget but against no plan's slice, so the
 first rung compares plans on equal training time. Then successive halving: the rest of the budget
-is split equally between the rungs (5 plans -> 3 -> 2 -> 1 is four rungs), and rung r gives every
-surviving plan an equal share of its time; after each rung the better half (rounded up) continues,
+is split equally between the rungs (5 plans -> 3 -> 2 -> 1 is four rungs; each rung splits what is
+left between itself and the rungs after it, so a rung that ran late shortens all later ones alike
+rather than starving the next), and rung r gives every surviving plan an equal share of its time; after each rung the better half (rounded up) continues,
 ranked by validation accuracy (tie: lower validation loss). The last rung trains the winner alone.
 
 Time slicing is at the optimizer step, not the pass over the data: at 96 px on 2 cores one pass of
@@ -422,12 +423,12 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
                 return _cancel(runs, lanes, 0, t0, budget)
         finally:
             lane.write_race()
-    t1 = time.perf_counter()
     alive = list(lanes)
     order: list[Lane] = []  # eliminated, worst first
     ended, spent = len(sizes), False  # the rung the race ended in; whether the budget ran out first
     for r, size in enumerate(sizes):
-        rung_end = t1 + (t0 + budget - t1) * (r + 1) / len(sizes)
+        begun = time.perf_counter()  # what is left is split equally between the rungs that remain
+        rung_end = begun + max(0.0, t0 + budget - begun) / (len(sizes) - r)
         turn = list(alive)
         for i, lane in enumerate(turn):
             now = time.perf_counter()
