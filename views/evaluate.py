@@ -134,7 +134,8 @@ if st.button("Rank the images by loss") or st.session_state.get(ranked_key):
         for slot, s in enumerate(ranking["suspects"]):
             if slot % 6 == 0:
                 cols = st.columns(6)
-            caption = f"{s['split']}: {s['given']} → {s['predicted']} ({s['probability']:.0%}), loss {s['loss']:.2f}"
+            caption = (f"{s['image'].rsplit('/', 1)[-1]} · {s['split']}: {s['given']} → {s['predicted']} "
+                       f"({s['probability']:.0%}), loss {s['loss']:.2f}")  # the file name: which one to look at
             try:
                 cols[slot % 6].image(val_image(config.data, int(s["index"]), 96, thumb=192, work_dir=str(run.path)),
                                      width=96, caption=caption)
