@@ -84,6 +84,20 @@ def test_a_run_records_its_slices_and_the_script_adds_them_up_the_same_way(tmp_p
     assert "\nMICRO_BATCH = 6\n" in script_for_run(run)
 
 
+def test_no_slice_or_batch_of_one_image_reaches_batchnorm(tmp_path):
+    """test_resnet at 32 px ends in 1x1 maps, where a BatchNorm in training mode cannot normalise one
+    image: a lone last batch is left out and slices keep two images or more."""
+    from engine.training.setup import prepare
+
+    probe = TrainConfig(model="timm:test_resnet", **TINY)
+    n = len(prepare(probe).train_ds)
+    config = TrainConfig.from_dict({**probe.to_dict(), "batch_size": n - 1, "micro_batch": 2, "epochs": 1})
+    run = create_run(tmp_path, config.to_dict())  # batches of n-1 (odd slices end in 3) and 1: both broke
+    result = fit(config, run)
+    assert result.status == "finished", result.reason
+    assert len(run.metrics()) == 1
+
+
 def test_memory_settings_are_validated_and_read():
     assert parse_size("1.5GB") == 1_500_000_000 and parse_size("512MiB") == 512 * 2**20
     assert detect_budget("2g").bytes == 2 * 10**9

@@ -579,7 +579,7 @@ def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, 
         n = y.shape[0]
         batch_loss = torch.zeros((), device=device)
         hits = torch.zeros((), dtype=torch.long, device=device)
-        slices = -(-n // (MICRO_BATCH or n))  # equal slices; their gradients add up
+        slices = min(-(-n // (MICRO_BATCH or n)), max(1, n // 2))  # equal slices of 2+ images; gradients add up
         batch_weight = weight[y].sum() if weight is not None else None  # the weighted mean's denominator
         for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices)):
             if channels_last and xs.ndim == 4:
@@ -668,11 +668,12 @@ def main():
 
     generator = torch.Generator()
     train_labels = [labels[i] for i in train_idx]
+    lone = len(train_set) % BATCH_SIZE == 1 and len(train_set) > BATCH_SIZE  # a last batch of 1: BatchNorm fails
     if BALANCE == "sampler":
-        train_loader = DataLoader(train_set, sampler=balanced_sampler(train_labels, generator), drop_last=False,
+        train_loader = DataLoader(train_set, sampler=balanced_sampler(train_labels, generator), drop_last=lone,
                                   generator=generator, **loader_kw)
     else:
-        train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **loader_kw)
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=lone, generator=generator, **loader_kw)
     weight = class_weights(train_labels, len(CLASS_NAMES)).to(device) if BALANCE == "weights" else None
     val_loader = DataLoader(val_set, shuffle=False, **dict(loader_kw, batch_size=MICRO_BATCH or BATCH_SIZE))
     optimizer = make_optimizer(param_groups(model))

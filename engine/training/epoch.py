@@ -81,7 +81,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         n = y.shape[0]
         batch_loss = torch.zeros((), device=device)
         hits = torch.zeros((), dtype=torch.long, device=device)
-        slices = -(-n // (micro_batch or n))  # equal slices (a last slice of 1 would break BatchNorm)
+        # equal slices of at least two images (a slice of one would break BatchNorm): 3 at micro 2 is one slice
+        slices = min(-(-n // (micro_batch or n)), max(1, n // 2))
         batch_weight = weight[y].sum() if weight is not None else None  # the weighted mean's denominator
         for k, (xs, ys) in enumerate(zip(x.tensor_split(slices), y.tensor_split(slices))):
             if channels_last and xs.ndim == 4:

@@ -284,17 +284,21 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     generator = torch.Generator()
     # the training split's labels, in the order of train_src (the feature cache keeps it)
     train_labels = [prep.train_ds.ds.labels[i] for i in prep.train_ds.indices]
+    # A last batch of one image cannot pass a BatchNorm in training mode whose maps are 1x1 (torch raises
+    # "Expected more than 1 value per channel"): it is left out, as fastai does; shuffled, a different
+    # image each epoch. Across ranks each rank's share ends the same way (the lone image is rank 0's).
+    lone = len(train_src) % config.batch_size == 1 and len(train_src) > config.batch_size
     if ranks is not None:  # the one-process draw, every rank taking its share of each batch
         base = (balanced_sampler(train_labels, generator) if config.balance == "sampler"
                 else RandomSampler(train_src, generator=generator))
         # the loader's generator too: each epoch's iterator draws a seed from it before the order, as in one process
-        train_loader = DataLoader(train_src, sampler=ShardSampler(base, ranks.rank, ranks.world), drop_last=False,
+        train_loader = DataLoader(train_src, sampler=ShardSampler(base, ranks.rank, ranks.world), drop_last=lone,
                                   generator=generator, **loader_kw)
     elif config.balance == "sampler":  # each class drawn equally often, from the per-epoch seeded generator
-        train_loader = DataLoader(train_src, sampler=balanced_sampler(train_labels, generator), drop_last=False,
+        train_loader = DataLoader(train_src, sampler=balanced_sampler(train_labels, generator), drop_last=lone,
                                   generator=generator, **loader_kw)
     else:
-        train_loader = DataLoader(train_src, shuffle=True, drop_last=False, generator=generator, **loader_kw)
+        train_loader = DataLoader(train_src, shuffle=True, drop_last=lone, generator=generator, **loader_kw)
     class_weight = (class_weights(train_labels, len(prep.train_ds.ds.class_names))
                     if config.balance == "weights" else None)
     optimizer = make_optimizer(module, stages, plan, config, optimizer_state)
