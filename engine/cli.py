@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.rank_worker:  # one of several processes torchrun started (engine/training/launch.py)
         from engine.training.launch import rank_main
 
-        return rank_main(args)
+        return rank_main(args, config_from_args=_config_from_args, main_emit=_progress_printer(False))
     out_existed = os.path.isdir(args.out)
     resume = False
     lock = None
@@ -463,6 +463,7 @@ DATA_ARGS = {"mislabeled": ("RUN",), "relabel": ("DATA", "IMAGE", "CLASS"), "exc
 def cmd_data(args: argparse.Namespace) -> int:
     """Cleaning the data from the evidence: the possibly mislabelled images of a run, and decisions about
     single images kept in the dataset's overrides file (engine.data.overrides); files are never touched."""
+    from engine.data import decisions
     from engine.data import overrides as ov
 
     need = DATA_ARGS[args.action]
@@ -485,11 +486,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     data = args.items[0]
     if args.action in ("relabel", "exclude", "restore"):
-        decision = ov.decide(data, args.items[1], args.action, args.items[2] if args.action == "relabel" else None)
+        decision = decisions.decide(data, args.items[1], args.action, args.items[2] if args.action == "relabel" else None)
         result: dict[str, Any] = {"decision": decision.to_dict()}
         line = f"{decision.line()}: applies to the next training and data report"
     elif args.action == "undo":
-        undone = ov.undo(data)
+        undone = decisions.undo(data)
         result = {"undone": undone.to_dict() if undone else None}
         line = f"undone: {undone.line()}" if undone else "nothing to undo: no decisions"
     else:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from engine.cli import main
 from engine.core.errors import DataError
+from engine.data import decisions as dec
 from engine.data import overrides as ov
 from engine.data.datasets import load_source, validate
 
@@ -48,9 +49,9 @@ def _files(root: Path) -> dict[str, str]:
 def test_relabel_exclude_restore_undo_are_honoured_and_files_never_move(tmp_path):
     root = _digits_folder(tmp_path / "data" / "digits3")
     before = _files(root)
-    ov.relabel(str(root), "0/1.png", "2")
-    ov.exclude(str(root), "1/3.png")
-    ov.exclude(str(root), str(root / "2" / "0.png"))  # a gallery's full path names the same image
+    dec.relabel(str(root), "0/1.png", "2")
+    dec.exclude(str(root), "1/3.png")
+    dec.exclude(str(root), str(root / "2" / "0.png"))  # a gallery's full path names the same image
     ds = load_source(str(root))
     counts = validate(ds).counts
     assert len(ds) == 16 and counts == {"0": 5, "1": 5, "2": 6}
@@ -62,22 +63,22 @@ def test_relabel_exclude_restore_undo_are_honoured_and_files_never_move(tmp_path
     saved = json.loads((root / ov.OVERRIDES_FILE).read_text())  # readable: one decision per entry, in order
     assert [(d["action"], d["image"], d.get("label")) for d in saved["decisions"]] == [
         ("relabel", "0/1.png", "2"), ("exclude", "1/3.png", None), ("exclude", "2/0.png", None)]
-    assert ov.undo(str(root)).image == "2/0.png"
-    ov.restore(str(root), "0/1.png")  # the last word on an image counts
+    assert dec.undo(str(root)).image == "2/0.png"
+    dec.restore(str(root), "0/1.png")  # the last word on an image counts
     ds = load_source(str(root))
     assert validate(ds).counts == {"0": 6, "1": 5, "2": 6}
     assert _files(root) == before, "image files are never moved, changed or deleted"
-    while ov.undo(str(root)):
+    while dec.undo(str(root)):
         pass
-    assert ov.undo(str(root)) is None and len(load_source(str(root))) == 18 and not load_source(str(root)).overrides
+    assert dec.undo(str(root)) is None and len(load_source(str(root))) == 18 and not load_source(str(root)).overrides
 
 
 def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path):
     splits = tmp_path / "data" / "splits"
     _digits_folder(splits / "train", per_class=4, classes=(0, 1))
     _digits_folder(splits / "val", per_class=2, classes=(0, 1))
-    ov.relabel(str(splits), "val/0/0.png", "1")
-    ov.exclude(str(splits), "train/1/2.png")
+    dec.relabel(str(splits), "val/0/0.png", "1")
+    dec.exclude(str(splits), "train/1/2.png")
     ds = load_source(str(splits))
     assert validate(ds).split_counts == {"train": {"0": 4, "1": 3}, "val": {"0": 1, "1": 3}}
     assert not ds.skipped, "beside train/ and val/ the overrides file is not 'a file not used'"
@@ -85,13 +86,13 @@ def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path):
     flat = _digits_folder(tmp_path / "data" / "csv", per_class=3, classes=(0, 1))
     rows = ["path,label"] + [f"{c}/{j}.png,{'zero' if c == 0 else 'one'}" for c in (0, 1) for j in range(3)]
     (flat / "labels.csv").write_text("\n".join(rows) + "\n")
-    ov.relabel(str(flat), "0/2.png", "one")
+    dec.relabel(str(flat), "0/2.png", "one")
     assert validate(load_source(str(flat))).counts == {"one": 4, "zero": 2}
 
     import shutil
 
     archive = Path(shutil.make_archive(str(tmp_path / "data" / "shapes"), "zip", flat))  # a zip: beside it
-    ov.exclude(str(archive), "1/0.png")
+    dec.exclude(str(archive), "1/0.png")
     assert (tmp_path / "data" / "shapes.zip.workbench-overrides.json").is_file()
     report = validate(load_source(str(archive)))  # the relabel zipped along with the folder, then the exclusion
     assert report.counts == {"one": 3, "zero": 2} and report.overrides["relabelled"] == 1
@@ -100,7 +101,7 @@ def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path):
     from engine.data.builder import source_stamp
 
     stamp = source_stamp("digits")
-    ov.exclude("digits", "digits[5]")
+    dec.exclude("digits", "digits[5]")
     assert source_stamp("digits") != stamp, "the Training page's cached data report is read again"
     assert (tmp_path / "data" / "overrides" / "digits.json").is_file()
     assert len(load_source("digits")) == 1796 and "digits[5]" not in load_source("digits").sources
@@ -110,14 +111,14 @@ def test_hostile_decisions_and_files_get_one_clear_message(tmp_path):
     root = _digits_folder(tmp_path / "data" / "d", per_class=3)
     for image, label in (("../../etc/passwd", "1"), ("/etc/passwd", "1"), ("0/nope.png", "1")):
         with pytest.raises(DataError, match="is not an image of d"):
-            ov.relabel(str(root), image, label)
+            dec.relabel(str(root), image, label)
     with pytest.raises(DataError, match="'7' is not a class of d .*existing class"):
-        ov.relabel(str(root), "0/0.png", "7")
+        dec.relabel(str(root), "0/0.png", "7")
     with pytest.raises(DataError, match="Unknown decision"):
-        ov.decide(str(root), "0/0.png", "delete")
+        dec.decide(str(root), "0/0.png", "delete")
     assert not (root / ov.OVERRIDES_FILE).exists(), "a refused decision writes nothing"
 
-    ov.exclude(str(root), "0/0.png")
+    dec.exclude(str(root), "0/0.png")
     (root / "0" / "1.png").rename(root / "0" / "renamed.png")  # the user renames a file: its decision is stale
     ov.overrides_path(str(root)).write_text(json.dumps({"version": 1, "decisions": [
         {"image": "0/0.png", "action": "exclude"}, {"image": "0/1.png", "action": "exclude"},
@@ -147,7 +148,7 @@ def test_hostile_decisions_and_files_get_one_clear_message(tmp_path):
 def test_two_sessions_deciding_at_once_keep_every_decision(tmp_path):
     root = _digits_folder(tmp_path / "data" / "d", per_class=6)
     images = [f"{c}/{j}.png" for c in range(3) for j in range(4)]
-    threads = [threading.Thread(target=ov.exclude, args=(str(root), image)) for image in images]
+    threads = [threading.Thread(target=dec.exclude, args=(str(root), image)) for image in images]
     for t in threads:
         t.start()
     for t in threads:
@@ -165,7 +166,7 @@ def test_a_flipped_label_ranks_first_and_an_old_run_keeps_its_data(tmp_path, cap
     from engine.training.loop import fit
 
     root = _digits_folder(tmp_path / "data" / "flips", per_class=30, classes=(0, 1), flipped=3)
-    ov.exclude(str(root), "1/29.png")  # decided before training: the run trains without it
+    dec.exclude(str(root), "1/29.png")  # decided before training: the run trains without it
     config = TrainConfig(model="timm:test_resnet", weights="none", data=str(root), image_size=32, epochs=6,
                          batch_size=10, num_workers=0, plan=FreezePlan.full(head_lr=1e-2).to_dict())
     run = create_run(tmp_path / "runs", config.to_dict())
@@ -185,9 +186,9 @@ def test_a_flipped_label_ranks_first_and_an_old_run_keeps_its_data(tmp_path, cap
 
     before = evaluation_report(run)
     for s in ranking.suspects[:3]:
-        ov.relabel(str(root), s.image, "1")
-    ov.undo(str(root))
-    ov.exclude(str(root), "1/0.png")
+        dec.relabel(str(root), s.image, "1")
+    dec.undo(str(root))
+    dec.exclude(str(root), "1/0.png")
     # the old run is evaluated on the data as it trained on it; the next training and report see the decisions
     after = evaluation_report(run)
     assert after.confusion == before.confusion and after.misclassified == before.misclassified

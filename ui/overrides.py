@@ -10,6 +10,7 @@ from typing import Any, Callable
 import streamlit as st
 
 from engine.core.errors import EngineError
+from engine.data import decisions as dec
 from engine.data import overrides as ov
 from ui.errors import public_message, show_error
 
@@ -56,7 +57,7 @@ def _decide(action: Callable[..., Any], *args: str) -> None:
     else:
         if done is None:
             text = "Nothing to undo."
-        elif action is ov.undo:
+        elif action is dec.undo:
             text = f"Undone: {done.line()}. {APPLIES}"
         else:
             text = f"{done.line().capitalize()}: saved in {ov.overrides_path(args[0]).name}. {APPLIES}"
@@ -82,7 +83,7 @@ def undo_button(data: str, decided: dict[str, ov.Decision]) -> None:
     if history:
         last = history[-1]
         if st.button("Undo last change", key="ov-undo", help=f"Takes back: {last.line()}"):
-            _decide(ov.undo, data)
+            _decide(dec.undo, data)
         excluded = sum(d.action == "exclude" for d in decided.values())
         st.caption(f"{len(decided) - excluded} image(s) relabelled and {excluded} excluded so far "
                    f"({ov.overrides_path(data).name}); the last change: {last.line()}.")
@@ -97,11 +98,11 @@ def controls(where: Any, data: str, image: str, given: str, names: list[str],
     if taken is not None:
         where.caption("decided: " + ("excluded" if taken.action == "exclude" else f"relabel as {taken.label}"))
         if where.button("Restore", key=f"{key}-restore", help="back to what the data says"):
-            _decide(ov.restore, data, image)
+            _decide(dec.restore, data, image)
         return
     others = [n for n in names if n != given]
     target = where.selectbox("Relabel as", others, key=f"{key}-to")
     if where.button("Relabel", key=f"{key}-relabel", help=f"train {image} as the class chosen above"):
-        _decide(ov.relabel, data, image, target)
+        _decide(dec.relabel, data, image, target)
     if where.button("Exclude", key=f"{key}-exclude", help=f"leave {image} out of training and data reports"):
-        _decide(ov.exclude, data, image)
+        _decide(dec.exclude, data, image)

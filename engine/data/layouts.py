@@ -23,6 +23,9 @@ from engine.core.errors import DataError
 from engine.data.archive import is_hidden_name
 from engine.data.images import IMAGE_SUFFIXES
 
+BUILTIN = ("digits", "lfw")  # data that ships in the wheels (engine.data.datasets reads them)
+TORCHVISION_SETS = ("cifar10",)  # downloaded by torchvision when asked for
+
 SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}

@@ -3,7 +3,7 @@ data, applied whenever the data is read, and never done to the files themselves.
 
 Why a file of decisions rather than moving files: the evidence that an image is mislabelled comes
 from a model, and models are wrong too. A decision has to be cheap to take back (``undo`` removes the
-last one, ``restore`` the last word on one image), readable by a person, and must leave the original
+last one, ``restore`` the last word on one image; taking them: engine.data.decisions), readable by a person, and must leave the original
 folder exactly as it was, so another tool (or the next person) still sees the data as delivered.
 
 Where the decisions live (``overrides_path``):
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 from engine.core.errors import DataError
 from engine.core.files import atomic_write_json, file_lock
 from engine.core.paths import data_root, lock_dir
-from engine.data.layouts import OVERRIDES_FILE  # layouts must know the name (never "a file not used")
+from engine.data.layouts import BUILTIN, OVERRIDES_FILE, TORCHVISION_SETS  # layouts know the file's name
 
 if TYPE_CHECKING:
-    from engine.data.datasets import ImageSet
+    from engine.data.imageset import ImageSet
 
 ZIP_SUFFIX = ".workbench-overrides.json"
 RUN_FILE = "data-overrides.json"  # in a run's folder: the decisions it trained with
@@ -127,8 +126,6 @@ class Overrides:
 
 def overrides_path(source: str) -> Path:
     """Where the decisions about ``source`` (a built-in name, a folder or a .zip) are kept."""
-    from engine.data.datasets import BUILTIN, TORCHVISION_SETS
-
     if source in BUILTIN or source in TORCHVISION_SETS:
         return data_root() / "overrides" / f"{source}.json"
     path = Path(source)
@@ -270,77 +267,3 @@ def describe(summary: dict[str, Any]) -> str:
         text += f"; {len(gone)} decision(s) match nothing and are ignored: " + "; ".join(gone[:3]) + \
             (" ..." if len(gone) > 3 else "")
     return text + "."
-
-
-# ------------------------------------------------------------------ deciding
-
-def _raw_set(source: str) -> ImageSet:
-    """The data as delivered (no decisions applied), read without decoding every image."""
-    from engine.data.datasets import BUILTIN, load_dataset, load_source
-
-    path = Path(source)
-    if source not in BUILTIN and path.suffix.lower() != ".zip" and path.is_dir():
-        return load_dataset(path, verify=False)
-    return load_source(source, overrides=Overrides())
-
-
-def _known_image(ds: ImageSet, image: str) -> str:
-    """The key of ``image`` (its name inside the dataset, or the full path a gallery showed), or a DataError."""
-    keys = [image_key(ds, i) for i in range(len(ds))]
-    if image in keys:
-        return image
-    for i, src in enumerate(ds.sources):
-        if src == image:
-            return keys[i]
-    shown = image if len(image) <= 80 else image[:77] + "..."
-    example = f" (e.g. {keys[0]})" if keys else ""
-    raise DataError(f"'{shown}' is not an image of {ds.name}: name it by its path inside the dataset{example}.")
-
-
-def decide(source: str, image: str, action: str, label: str | None = None) -> Decision:
-    """Record one decision about one image of ``source`` and return it. The image must be one of the
-    data's own images and a relabel must name one of its classes (new classes are not made here: a
-    class needs images to train on; make its folder)."""
-    if action not in ACTIONS:
-        raise DataError(f"Unknown decision '{action}': use {', '.join(ACTIONS)}.")
-    ds = _raw_set(source)
-    key = _known_image(ds, image)
-    if action == "relabel":
-        if label not in ds.class_names:
-            shown = ", ".join(ds.class_names[:10]) + (" ..." if len(ds.class_names) > 10 else "")
-            raise DataError(f"'{str(label)[:40]}' is not a class of {ds.name} (its classes: {shown}); an image can "
-                            "only be relabelled as an existing class.")
-    else:
-        label = None
-    decision = Decision(image=key, action=action, label=label,
-                        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    path = overrides_path(source)
-    with _lock_for(path):  # two sessions deciding at once: both decisions kept, in order
-        current = read_file(path)
-        current.decisions.append(decision)
-        _write(path, current)
-    return decision
-
-
-def relabel(source: str, image: str, label: str) -> Decision:
-    return decide(source, image, "relabel", label)
-
-
-def exclude(source: str, image: str) -> Decision:
-    return decide(source, image, "exclude")
-
-
-def restore(source: str, image: str) -> Decision:
-    return decide(source, image, "restore")
-
-
-def undo(source: str) -> Decision | None:
-    """Take back the last decision (None: there was none)."""
-    path = overrides_path(source)
-    with _lock_for(path):
-        current = read_file(path)
-        if not current.decisions:
-            return None
-        last = current.decisions.pop()
-        _write(path, current)
-    return last

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.errors import EngineError
 from engine.core.paths import PROJECT_ROOT
@@ -146,10 +146,12 @@ def record_rank_error(message: str) -> None:
         pass
 
 
-def rank_main(args: argparse.Namespace) -> int:
+def rank_main(args: argparse.Namespace, *, config_from_args: Callable[[argparse.Namespace], Any],
+              main_emit: Any) -> int:
     """One rank: join the group, train (rank 0 records), leave. ``--run-dir``: the launcher's run;
-    without it (torchrun started by hand, e.g. on several machines) rank 0 creates the run from the options."""
-    from engine.cli import _config_from_args, _progress_printer
+    without it (torchrun started by hand, e.g. on several machines) rank 0 creates the run from the options.
+    The command line hands in how it reads a config from its options and rank 0's progress printer
+    (this layer never imports the CLI)."""
     from engine.config import TrainConfig
     from engine.runs.events import no_emit
     from engine.runs.process import Heartbeat
@@ -166,7 +168,7 @@ def rank_main(args: argparse.Namespace) -> int:
             config = TrainConfig.from_dict(run.config())
         else:  # the world torchrun made is the run's: its config says so, and a resume launches as many
             args.nproc = int(os.environ.get("WORLD_SIZE", "1"))
-            config = _config_from_args(args)
+            config = config_from_args(args)
         ranks = start_ranks(config.device)
         try:
             resume = ranks.broadcast(bool(run is not None and (args.resume_flag or run.train_state_path.is_file())))
@@ -177,7 +179,7 @@ def rank_main(args: argparse.Namespace) -> int:
             with beat:
                 if ranks.main and run is not None and not launched:
                     run.write_status(state="running", reason="", queue_position=None)
-                emit = _progress_printer(False) if ranks.main else no_emit
+                emit = main_emit if ranks.main else no_emit
                 result = fit(config, run, emit=emit, resume=resume, ranks=ranks)
         finally:
             stop_ranks()
