@@ -145,7 +145,7 @@ def test_cli_builds_the_same_folders(tmp_path, capsys, cat_photo, coffee_photo):
     assert sorted(BuiltDataset.open("kit", tmp_path).classes()) == ["cat", "cup"]
 
 
-def test_training_page_builds_a_dataset_that_is_trainable_at_once(isolated_dirs):
+def test_training_page_builds_a_dataset_that_is_trainable_at_once(isolated_dirs, cat_photo):
     at = page("training.py")
     at.run()
     by_label(at.radio, "Data").set_value("build a dataset here").run()
@@ -171,8 +171,13 @@ def test_training_page_builds_a_dataset_that_is_trainable_at_once(isolated_dirs)
     assert any("**one** · 4 images" in m.value for m in at.markdown)
     assert any("9 images" in str(c.proto.spec) for c in at.get("plotly_chart"))
     assert not by_label(at.button, "Start training").disabled  # trainable at once
+    at.toggle(key="cam-digits-mine-one").set_value(True).run()  # a camera snapshot (a JPEG from the browser)
+    by_label(at.camera_input, "Snapshot for one").set_value(("image.jpg", _jpeg(cat_photo), "image/jpeg"))
+    at.run()
+    assert any("one: 1 added" in s.value for s in at.success)
+    assert any("**one** · 5 images" in m.value for m in at.markdown)
     again = page("training.py")  # a page refresh: a new session finds the dataset on disk
     again.run()
     by_label(again.radio, "Data").set_value("build a dataset here").run()
     assert by_label(again.selectbox, "Dataset").value == "digits-mine"
-    assert any("**one** · 4 images" in m.value for m in again.markdown)
+    assert any("**one** · 5 images" in m.value for m in again.markdown)
