@@ -21,8 +21,8 @@ evaluation and one commit, like any epoch. Every ranking reads a committed check
 the budget ends the winner is a normal, finished run (evaluable, exportable, resumable with
 ``train --resume --epochs N``, whose epochs are then ordinary passes). The deadline is checked
 before each step, earlier by what the lane's last evaluation + commit took (before its first close:
-its validation batches at half a training step each); a slice overshoots by at most one step plus
-the error of that estimate. Every slice trains at least one step and is
+one validation batch timed at setup, times their number); a slice overshoots by at most one step
+plus the error of that estimate. Every slice trains at least one step and is
 evaluated, and the later lanes of a rung share what is left of it. The budget is a hard stop: no
 slice starts after it (once some plan has a score). When it runs out before the last rung (setups
 and evaluations took longer than planned: a busy machine, a slow model), the plans still in the
@@ -54,6 +54,7 @@ from engine.core.device import flush_denormals, seed_everything
 from engine.core.errors import EngineError
 from engine.core.files import read_json
 from engine.core.memory import reuse_freed_memory
+from engine.core.modes import evaluating
 from engine.freeze.plan import FreezePlan
 from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 from engine.runs.recorder import RunRecorder
@@ -263,10 +264,31 @@ class Lane:
         cancelled. Timed as ``setup_s``."""
         begun = time.perf_counter()
         try:
-            return self._start(stop)
+            return self._start(stop) and self._time_close()
         finally:
             self.setup_s = time.perf_counter() - begun
             self.setup = [round(begun - self.t0, 3), round(begun + self.setup_s - self.t0, 3)]
+
+    def _time_close(self) -> bool:
+        """The first slice's estimate of its close: one validation batch timed (the faster of two),
+        times their number (the evaluation; the commit is small beside it). A fixed share of a
+        training step was 2x too long for a full fine-tune and 0.7x for a cheap one."""
+        runner = self.runner
+        assert runner is not None
+        batch = next(iter(runner.val_loader), None)
+        if batch is None:
+            return True
+        x = batch[0].to(runner.device)
+        if runner.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        times = []
+        with evaluating(runner.model), torch.inference_mode():
+            for _ in range(2):  # the faster of two: the first may pay one-time setup of the kernels
+                begun = time.perf_counter()
+                runner.model(x)
+                times.append(time.perf_counter() - begun)
+        self.close_s = min(times) * len(runner.val_loader)
+        return True
 
     def train_slice(self, until: float, stop: Callable[[], bool]) -> bool:
         """Train until ``until`` (perf_counter) as one epoch, closed at its end; False when cancelled.
@@ -299,17 +321,8 @@ class Lane:
         runner.generator.manual_seed(config.seed * 1000 + epoch)
         tick = last = time.perf_counter()
         self._step_s = 0.0
-        val_batches = len(runner.val_loader)
 
-        def deadline() -> float:
-            """``until`` less the close: as the last one took, or before any, the validation batches at
-            half a training step each (a forward without the backward), once a step has been timed."""
-            if self.close_s:
-                return until - self.close_s
-            steps = window.steps
-            return until - (val_batches * 0.5 * (last - tick) / steps if steps else 0.0)
-
-        window = _Until(runner.train_loader, deadline)
+        window = _Until(runner.train_loader, lambda: until - self.close_s)  # the close as the last one took
 
         def on_step(i: int, loss: float, seen: int) -> None:
             nonlocal last
