@@ -1,7 +1,7 @@
 """The Compare page's race: freeze plans under a wall-clock budget (engine/lab/race.py).
 
 Start one in the background, then a leaderboard, validation accuracy per second of the race (one
-line per plan, a dotted line at each rung's end) and the winner, a normal run one click away from
+line per plan, a dotted line at the budget) and the winner, a normal run one click away from
 the Evaluate page.
 """
 from __future__ import annotations
@@ -103,8 +103,7 @@ def _race_panel(group: str) -> None:
         fig = px.line(points, x="race_s", y="val_acc", color="strategy", markers=True,
                       title=f"Validation accuracy per second of the race ({budget:g} s, {rungs} rungs)",
                       labels={"race_s": "seconds since the race started", "val_acc": "validation accuracy"})
-        for r in range(1, rungs):
-            fig.add_vline(x=budget * r / rungs, line_dash="dot", line_color="gray")
+        fig.add_vline(x=budget, line_dash="dot", line_color="gray", annotation_text="budget")
         st.plotly_chart(fig, key="race_curves")
     st.dataframe(pd.DataFrame(leaderboard(runs)), hide_index=True)
     winner = race_winner(runs)
