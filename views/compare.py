@@ -8,6 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from engine.core.errors import EngineError
+from engine.core.files import read_json
 from engine.core.paths import runs_root
 from engine.freeze.plan import FreezePlan
 from engine.lab.compare import (
@@ -45,10 +46,11 @@ def launch(base, plans: dict[str, FreezePlan]) -> None:
     st.rerun()
 
 
-busy = active_runs(runs_root())
+# a comparison or a race is one job however many runs it trains: counted once
+busy = {(read_json(r.config_path, {}) or {}).get("group") or r.run_id for r in active_runs(runs_root())}
 if busy:
-    st.info(f"{len(busy)} training{'s are' if len(busy) > 1 else ' is'} running or waiting on this machine: a comparison "
-            "you start now joins the queue and starts by itself when the device is free.")
+    st.info(f"{len(busy)} training job{'s are' if len(busy) > 1 else ' is'} running or waiting on this machine: a "
+            "comparison you start now joins the queue and starts by itself when the device is free.")
 
 left, right = st.columns(2)
 with left:
