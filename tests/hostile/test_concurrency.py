@@ -22,9 +22,16 @@ from tests.hostile._cli import TINY_TRAIN, engine
 LONG = [*TINY_TRAIN[:-2], "--seed", "0", "--epochs", "60", "--max-per-class", "40"]
 
 
+def _as_from_a_terminal() -> None:
+    """In the child: Ctrl-C arrives, as in a terminal. A suite started in the background (`make test &`,
+    nohup, some CI runners) ignores SIGINT, and an ignored signal stays ignored across exec, so the
+    training would never see the test's Ctrl-C (it then trained to the end and exited 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn_train(out, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "engine", "train", *LONG, "--out", str(out), *extra],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, preexec_fn=_as_from_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
