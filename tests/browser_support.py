@@ -164,5 +164,12 @@ def _wait_ready(page) -> None:
     page.wait_for_timeout(300)
 
 
+def settle(page) -> None:
+    """Until the rerun an action started has ended, without _wait_ready's first wait (for the status
+    widget to appear), which costs its whole 5 s timeout after a rerun too quick to show one."""
+    page.wait_for_timeout(300)
+    page.wait_for_function(IDLE, timeout=180_000)
+
+
 def _no_exception(page) -> None:
     assert page.locator("[data-testid='stException']").count() == 0, page.inner_text("body")[:2000]

@@ -18,6 +18,7 @@ from tests.browser_support import (
     _no_exception,
     _wait_ready,
     launch_browser,
+    settle,
     start_app,
     stop_app,
 )
@@ -51,16 +52,7 @@ def _number(page, label: str, value: int) -> None:
     box = page.get_by_label(label, exact=True)
     box.fill(str(value))
     box.press("Tab")
-    _settle(page)
-
-
-def _settle(page) -> None:
-    """Until the rerun an action started has ended. (_wait_ready's first wait, for the status widget to
-    appear, costs its whole 5 s timeout after a rerun too quick to show one.)"""
-    from tests.browser_support import IDLE
-
-    page.wait_for_timeout(300)
-    page.wait_for_function(IDLE, timeout=180_000)
+    settle(page)
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +85,11 @@ def test_from_nothing_to_a_cleaned_exported_model(fresh_app, tmp_path):
                 page.get_by_label("Add a class").fill(cls)
                 page.get_by_role("button", name="Add class").click()
                 page.get_by_text(f"{cls} · 0 images").wait_for()
-                _settle(page)
+                settle(page)
             for cls, files in photos.items():
                 _uploader(page, f"Add images to {cls}").set_input_files([str(p) for p in files])
                 page.get_by_text(f"{cls}: {len(files)} added").wait_for()
-                _settle(page)
+                settle(page)
             page.get_by_text(f"{len(photos['face'])} images", exact=False).first.wait_for()
             _no_exception(page)
             page.screenshot(path=str(ARTIFACTS / "journey-builder.png"), full_page=True)

@@ -43,11 +43,9 @@ def _show_flash() -> None:
         getattr(st, kind)(text)
 
 
-def _bump(key: str) -> str:
-    """A fresh widget key: a file uploader or camera empties itself once its files are stored."""
-    n = st.session_state.get(key, 0) + 1
-    st.session_state[key] = n
-    return f"{key}-{n}"
+def _bump(key: str) -> None:
+    """A fresh widget key (``_key``): a file uploader or camera empties itself once its files are stored."""
+    st.session_state[key] = st.session_state.get(key, 0) + 1
 
 
 def _key(name: str) -> str:

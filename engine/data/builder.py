@@ -241,8 +241,8 @@ class BuiltDataset:
         for path in map(Path, paths):
             if not path.is_file():
                 refused.append((path.name, "not a file"))
-            elif path.stat().st_size > self.limits.max_file_bytes:
-                refused.append((path.name, f"over the {_mb(self.limits.max_file_bytes)} a file may have"))
+            elif (too_big := self._size_refusal(path.stat().st_size)):
+                refused.append((path.name, too_big))
             else:
                 readable.append((path.name, path.read_bytes()))
         result = self.add_images(cls_name, readable)
@@ -271,11 +271,17 @@ class BuiltDataset:
     def _refusal(self, shown: str, data: bytes) -> str | None:
         if not isinstance(data, (bytes, bytearray)) or not data:
             return "empty file"
-        if len(data) > self.limits.max_file_bytes:
-            return f"{_mb(len(data))} is over the {_mb(self.limits.max_file_bytes)} a file may have"
+        if (too_big := self._size_refusal(len(data))):
+            return too_big
         if Path(shown).suffix and Path(shown).suffix.lower() not in IMAGE_SUFFIXES:
             return "not an image file type"
         return check_image(bytes(data))  # header limits (pixels, aspect), a reduced decode, verify()
+
+    def _size_refusal(self, size: int) -> str | None:
+        """One wording for a file over the limit, whether its bytes came in an upload or sit on disk."""
+        if size <= self.limits.max_file_bytes:
+            return None
+        return f"{_mb(size)} is over the {_mb(self.limits.max_file_bytes)} a file may have"
 
     def _lock(self) -> file_lock:
         """One change at a time per dataset (two sessions adding to one class count and hash correctly)."""
