@@ -149,26 +149,24 @@ def browser_page():
 
 IDLE = ("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
         " && !document.querySelector('[data-testid=\"stSkeleton\"]')")
+# the frontend's own record of the script run (what Streamlit's e2e tests wait on): 'initial' until the
+# first run starts, then 'running' / 'rerunRequested' / 'notRunning'
+SCRIPT_DONE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
 def _wait_ready(page) -> None:
     """Until the script run that the navigation started has finished and nothing is a skeleton."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
     page.wait_for_selector("[data-testid='stApp']", timeout=60_000)
-    try:
-        page.wait_for_selector("[data-testid='stStatusWidget']", timeout=5_000)
-    except PlaywrightTimeout:
-        pass  # the run was already over
-    page.wait_for_function(IDLE, timeout=180_000)
-    page.wait_for_timeout(300)
+    settle(page)
 
 
 def settle(page) -> None:
-    """Until the rerun an action started has ended, without _wait_ready's first wait (for the status
-    widget to appear), which costs its whole 5 s timeout after a rerun too quick to show one."""
-    page.wait_for_timeout(300)
+    """Until the rerun an action (or a navigation) started has ended: a moment for the rerun request to
+    reach the frontend's state, then its script state 'notRunning', no status widget, no skeleton."""
+    page.wait_for_timeout(250)
+    page.wait_for_selector(SCRIPT_DONE, state="attached", timeout=180_000)
     page.wait_for_function(IDLE, timeout=180_000)
+    page.wait_for_timeout(150)
 
 
 def _no_exception(page) -> None:

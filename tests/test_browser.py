@@ -16,6 +16,7 @@ from tests.browser_support import (  # noqa: F401 (fixtures and helpers, also im
     _wait_ready,
     browser_page,
     served_app,
+    settle,
 )
 
 pytestmark = BROWSER
@@ -65,3 +66,60 @@ def test_every_page_renders_and_inference_predicts(served_app, browser_page, cat
     assert page.get_by_role("combobox", name="Predicted class (a column)").input_value() == "non-face"
     assert true_box.input_value() == "face"
     page.screenshot(path=str(ARTIFACTS / "evaluate-cell-click.png"), full_page=True)
+
+
+def test_a_race_from_the_compare_page_then_its_winner_on_the_feature_map(served_app, browser_page):
+    """Issue 15's browser acceptance: a race started from the Compare page ends with a winner, and the
+    Feature space page maps that run before and after fine-tuning, each with its k-NN score."""
+    page = browser_page
+    page.set_default_timeout(120_000)
+    page.goto(f"{served_app}/compare")
+    _wait_ready(page)
+    page.get_by_role("button", name="Race plans under a time budget").click()
+    plans = page.locator("[data-testid='stMultiSelect']").filter(has_text="Plans")
+    plans.locator("input").click()
+    for _ in range(3):  # keep "feature extraction" and "last 1 stage": a 2-plan race, 2 rungs
+        plans.locator("input").press("Backspace")
+        settle(page)
+    assert "last 2 stages" not in plans.inner_text() and "last 1 stage" in plans.inner_text()
+    for label, value in (("Budget (seconds)", 6), ("Image size", 32)):
+        box = page.get_by_label(label, exact=True)
+        box.fill(str(value))
+        box.press("Tab")
+        settle(page)
+    page.locator("[data-testid='stSelectbox']").filter(has_text="Data").last.click()
+    page.get_by_role("option", name="lfw").click()
+    settle(page)
+    page.get_by_role("button", name="Start race").click()
+    winner = page.get_by_text("Winner:").first
+    winner.wait_for(timeout=240_000)
+    _no_exception(page)
+    text = winner.inner_text()
+    assert "feature extraction" in text or "last 1 stage" in text, text
+    page.screenshot(path=str(ARTIFACTS / "compare-race.png"), full_page=True)
+
+    page.get_by_role("button", name="Open the winner on the Evaluate page").click()
+    page.get_by_text("Confusion matrix (click a cell)").first.wait_for()
+    settle(page)
+    page.locator("[data-testid='stSidebarNav']").get_by_text("Feature space").click()  # same session
+    page.get_by_text("Feature space").first.wait_for()
+    settle(page)
+    page.get_by_text("a run", exact=True).click()
+    page.get_by_text("after fine-tune", exact=False).first.wait_for(timeout=180_000)
+    settle(page)
+    _no_exception(page)
+    body = page.inner_text("body")
+    assert body.count("k-NN accuracy") >= 2, body[-2000:]  # pretrained and after fine-tune, each scored
+    assert page.locator(".js-plotly-plot").count() >= 2
+    assert "efficientnet_lite0" in body  # the winner's model, not the tiny run the app started with
+    page.screenshot(path=str(ARTIFACTS / "feature-map-run.png"), full_page=True)
+
+    page.get_by_text("a pretrained model", exact=True).click()  # the sidebar's model on a built-in set
+    settle(page)
+    size = page.get_by_label("Image size (px)", exact=True)
+    size.fill("64")
+    size.press("Tab")
+    page.get_by_text("pretrained: k-NN accuracy").first.wait_for(timeout=180_000)
+    settle(page)
+    _no_exception(page)
+    assert "1280-D features" in page.inner_text("body")
