@@ -2,8 +2,9 @@
 race of five plans (successive halving, engine/lab/race.py) reach at least the validation accuracy
 of the best single plan given the whole 120 s alone?
 
-Every plan alone is trained exactly as the race trains (same split, seed, batch, constant LR, the
-same step-level slicing: one rung of the whole budget), so the only difference is the race itself.
+Every plan alone is trained exactly as the race trains (same split, seed, batch, LR, the same
+step-level slicing: one rung of the whole budget, which as the last rung anneals by the clock), so the
+only difference is the race itself.
 A race is run for each --etas (2: 5 -> 3 -> 2 -> 1, 3: 5 -> 2 -> 1). It prints every number and the
 verdict. ~15 minutes (7 x 120 s plus what runs late); the machine's load
 average is printed beside each, since a busy machine slows whichever part it lands on.

@@ -68,6 +68,13 @@ def test_a_race_eliminates_by_rungs_and_its_winner_is_a_normal_run(raced):
         assert [row["epochs"] for row in board] == [3, 2, 1]  # in a race an epoch is a slice
         assert key(board[2], 0) >= max(key(board[0], 0), key(board[1], 0))
         assert key(board[1], 1) >= key(board[0], 1)
+        # the LR is constant while plans race each other; in the last rung the winner, alone, anneals by the clock
+        for row in board:
+            lrs = [m["lr"] for m in by_id[row["run_id"]].metrics()]
+            raced_lrs = lrs[:-1] if row["winner"] else lrs
+            assert all(lr == lrs[0] for lr in raced_lrs), lrs
+        lrs = [m["lr"] for m in by_id[board[0]["run_id"]].metrics()]
+        assert all(lrs[-1][group] < 0.5 * lrs[0][group] for group in lrs[0]), lrs
     else:  # the budget ran out first (fixed costs of a busy machine): ranked as they stood, one winner
         assert "budget ran out" in by_id[board[0]["run_id"]].status().reason
         last = [row for row in board[1:] if row["out_after_rung"] == result.rungs and row["epochs"]]

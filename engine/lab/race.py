@@ -32,8 +32,12 @@ race are ranked as they stand and the best is the winner; a plan that never got 
 Survivors continue in memory (model, optimizer, loaders and counters stay alive between slices),
 so nothing is retrained from scratch and no slice pays for loading the model again. Feature
 extraction computes its feature cache once, at setup: its epochs are then cheap, which is exactly
-what the race should show (its curve starts late, after that pass). The LR schedule is constant: nobody knows in advance how
-long a survivor trains, so a cosine tail would end at the wrong moment.
+what the race should show (its curve starts late, after that pass). The LR is constant until the last
+rung: nobody knows in advance how long a survivor trains, so a cosine tail would end at the wrong
+moment. In the last rung the winner is alone and its end is known, so its LR anneals by the clock
+(a cosine over the rung's seconds down to 1%, the tail ``fit``'s cosine schedule has): the winner
+ends as a finished training, not in the middle of one. A plan given the whole budget alone (a race
+of one plan, one rung) anneals over all of it, the same way.
 
 Each closed epoch's ``elapsed_s`` is seconds since the race started, so the metrics rows are the
 race's curves (validation accuracy per wall-clock second).
@@ -148,8 +152,9 @@ def create_race(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...]
 
 
 def create_solo(runs_root: str | Path, base: TrainConfig, plan: str, budget_s: float) -> list[RunDir]:
-    """One plan given the whole budget alone, trained exactly as a race trains (the same slicing,
-    constant LR, data and seed): the baseline a race's winner is measured against (bench/race.py)."""
+    """One plan given the whole budget alone, trained exactly as a race trains (the same slicing, data,
+    seed and LR; its one rung is the last, so annealed by the clock): the baseline a race's winner is
+    measured against (bench/race.py)."""
     return _create(runs_root, base, (plan,), check_budget(budget_s, 1), ETA, None, "solo")
 
 
@@ -290,9 +295,10 @@ class Lane:
         self.close_s = min(times) * len(runner.val_loader)
         return True
 
-    def train_slice(self, until: float, stop: Callable[[], bool]) -> bool:
+    def train_slice(self, until: float, stop: Callable[[], bool], anneal: bool = False) -> bool:
         """Train until ``until`` (perf_counter) as one epoch, closed at its end; False when cancelled.
-        A plan the race could not set up beforehand is set up here, in its slice."""
+        A plan the race could not set up beforehand is set up here, in its slice. ``anneal``: the LR
+        follows a cosine from the plan's LR to 1% of it over the slice's seconds."""
         begun = time.perf_counter()
         setup_s = 0.0
         try:
@@ -300,7 +306,7 @@ class Lane:
                 if not self.set_up(stop):
                     return False
                 setup_s = self.setup_s
-            return self._epoch(until, stop)
+            return self._epoch(until, stop, anneal)
         finally:
             end = time.perf_counter()
             self.train_s += end - begun
@@ -309,7 +315,7 @@ class Lane:
                                 "end": round(end - self.t0, 3), "setup_s": round(setup_s, 3),
                                 "close_s": round(self.close_s, 3), "step_s": round(self._step_s, 3)})
 
-    def _epoch(self, until: float, stop: Callable[[], bool]) -> bool:
+    def _epoch(self, until: float, stop: Callable[[], bool], anneal: bool = False) -> bool:
         """One slice as one epoch: the steps before ``until`` less the time its close will take (part of a pass over the training
         data, or several passes), then evaluated and committed."""
         runner, config, state = self.runner, self.config, self.state
@@ -324,6 +330,10 @@ class Lane:
 
         window = _Until(runner.train_loader, lambda: until - self.close_s)  # the close as the last one took
 
+        def by_clock(_i: int) -> float:  # the last rung: a cosine over the seconds left before the close
+            progress = (time.perf_counter() - tick) / max(1e-9, until - self.close_s - tick)
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
         def on_step(i: int, loss: float, seen: int) -> None:
             nonlocal last
             now = time.perf_counter()
@@ -336,7 +346,7 @@ class Lane:
                                 total_steps=state.step + runner.steps, config=config, dtype=runner.dtype,
                                 scaler=runner.scaler, channels_last=runner.channels_last, on_step=on_step,
                                 should_stop=stop, micro_batch=runner.batches.micro_batch,
-                                class_weight=runner.class_weight)
+                                class_weight=runner.class_weight, lr_at=by_clock if anneal else None)
         if stats is None:
             return False
         begun = time.perf_counter()
@@ -450,7 +460,7 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
                 break
             until = now + max(0.0, (rung_end - now) / (len(turn) - i))  # what is left of the rung, shared
             try:
-                ok = lane.train_slice(until, cancelled)
+                ok = lane.train_slice(until, cancelled, anneal=r + 1 == len(sizes))  # the last rung: alone
             except Diverged as exc:
                 lane.finish("diverged", f"race: diverged in rung {r + 1}: {exc}", out_after=r + 1)
                 alive.remove(lane)

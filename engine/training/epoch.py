@@ -55,7 +55,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     config: TrainConfig, dtype: torch.dtype | None, scaler: Any, channels_last: bool,
                     on_step: Callable[[int, float, int], None], should_stop: Callable[[], bool],
                     micro_batch: int | None = None, class_weight: torch.Tensor | None = None,
-                    sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochStats | None:
+                    sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    lr_at: Callable[[int], float] | None = None) -> EpochStats | None:
     """One pass over the training data; returns None if stopped mid-epoch.
 
     Each batch is one optimizer step; with ``micro_batch`` its forward and backward run in slices
@@ -67,6 +68,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     Under DistributedDataParallel (``model`` is the wrapper) the gradients are all-reduced once per
     step, on the last slice (``no_sync`` on the others); ``sync`` sums a tensor over the ranks, so a
     NaN loss on one rank stops every rank at the same step.
+
+    ``lr_at(i)``: the LR factor of this epoch's step ``i`` in place of the config's schedule (a race's
+    last rung anneals by the clock, engine.lab.race).
     """
     set_train_mode(model, True)  # frozen stages stay in eval (freeze hooks)
     total_loss = correct = seen = 0
@@ -75,7 +79,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     for i, (x, y) in enumerate(loader):
         if should_stop():
             return None
-        _set_lr(optimizer, lr_factor(step0 + i, total_steps, config.schedule, config.warmup_frac))
+        _set_lr(optimizer, lr_at(i) if lr_at is not None else
+                lr_factor(step0 + i, total_steps, config.schedule, config.warmup_frac))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         n = y.shape[0]
