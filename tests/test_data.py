@@ -5,13 +5,23 @@ import io
 import zipfile
 from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from engine.core.errors import DataError
 from engine.data.archive import ZipLimits, safe_extract_zip
-from engine.data.datasets import TransformDataset, load_digits_set, load_folder, load_lfw_set, load_source, validate
+from engine.data.datasets import (
+    TransformDataset,
+    digits_arrays,
+    load_digits_set,
+    load_folder,
+    load_lfw_set,
+    load_source,
+    validate,
+)
 from engine.data.splits import stratified_split
+from tests.conftest import ROOT
 
 
 def _png(color=(10, 200, 30), size=(12, 10)) -> bytes:
@@ -190,3 +200,18 @@ def test_user_paths_stay_inside_the_data_folder(tmp_path):
     (root / "link").symlink_to(tmp_path)  # a link pointing out is refused too
     with pytest.raises(EngineError):
         resolve_data_path("link", root)
+
+
+def test_digits_are_read_from_sklearns_file_as_load_digits_gives_them_without_importing_sklearn():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    images, target = digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
+    code = ("import sys; from engine.data.datasets import load_digits_set; d = load_digits_set(); d.image(0); "
+            "print(len(d), 'sklearn' in sys.modules, 'scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.split() == ["1797", "False", "False"], out.stderr[-2000:]
