@@ -10,8 +10,9 @@ from PIL import Image
 
 from engine.cli import main
 from engine.core.errors import DataError
-from engine.data.builder import BuilderLimits, BuiltDataset, built_datasets, source_stamp
+from engine.data.builder import BuilderLimits, BuiltDataset, built_datasets
 from engine.data.datasets import load_source, validate
+from engine.data.stamp import source_stamp
 from tests.test_app import by_label, isolated_dirs, page  # noqa: F401 - the fixture
 
 

@@ -58,6 +58,13 @@ def test_pretrained_mode_maps_lfw_with_its_score_and_a_rerun_does_not_embed_agai
     assert len(calls) == 1, "a rerun recomputed the map"
     by_label(at.number_input, "k (neighbours that vote)").set_value(3).run()
     assert not at.exception and len(calls) == 2  # a new option is a new key
+    from engine.data.decisions import relabel
+
+    relabel("lfw", "lfw[150]", "face")  # a decision about one image (the Evaluate page, or the CLI)
+    at.run()
+    assert not at.exception and len(calls) == 3, "a relabelled image kept the map from before the decision"
+    at.run()
+    assert len(calls) == 3
 
 
 def test_projection_offers_umap_only_when_it_imports():

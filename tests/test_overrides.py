@@ -98,7 +98,7 @@ def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path):
     assert report.counts == {"one": 3, "zero": 2} and report.overrides["relabelled"] == 1
     assert report.overrides["file"] == "workbench-overrides.json in the zip and shapes.zip.workbench-overrides.json"
 
-    from engine.data.builder import source_stamp
+    from engine.data.stamp import source_stamp
 
     stamp = source_stamp("digits")
     dec.exclude("digits", "digits[5]")

@@ -93,8 +93,9 @@ def dataset_overview(source: str, per_class: int = 6, stamp: tuple = ()) -> dict
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def dataset_sample(source: str, per_class: int = 12, seed: int = 0) -> tuple[list, list[int]]:
-    """A small, seeded, per-class sample of images and labels (for the advisor's estimates).
+def dataset_sample(source: str, per_class: int = 12, seed: int = 0, stamp: tuple = ()) -> tuple[list, list[int]]:
+    """A small, seeded, per-class sample of images and labels (for the advisor's estimates); keyed by
+    ``stamp`` (engine.data.stamp.source_stamp) too, so a relabel or an exclusion is sampled at once.
 
     Images come decoded reduced to a 256 px shortest side (what a 224 px model at crop 0.875 needs);
     one that became unreadable since the folder was checked is left out.
@@ -133,20 +134,22 @@ def report_for(run_path: str, mtime: float, tta: bool = False) -> dict:
 
 
 @st.cache_resource(show_spinner="Reading the dataset...", max_entries=2, ttl=600)
-def val_dataset(data: str, work_dir: str | None = None):
+def val_dataset(data: str, work_dir: str | None = None, stamp: tuple = ()):
     """The run's data, read (and every file checked) once, not once per thumbnail. With the run's folder
     as ``work_dir``: as that run trained on it (its own decisions about single images, so a report's
-    indices name the images they named then, whatever was decided since; engine.data.overrides)."""
+    indices name the images they named then, whatever was decided since; engine.data.overrides).
+    Without one, the data as it stands: ``stamp`` (engine.data.stamp.source_stamp) keys it."""
     from engine.data.datasets import load_source
 
     return load_source(data, work_dir=work_dir)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def val_image(data: str, index: int, target: int, thumb: int | None = None, work_dir: str | None = None):
+def val_image(data: str, index: int, target: int, thumb: int | None = None, work_dir: str | None = None,
+              stamp: tuple = ()):
     """One validation image decoded reduced to ``target`` (the model's need, or a thumbnail's); raises
-    ImageError when the file became unreadable since training."""
-    image = val_dataset(data, work_dir).image(index, target=target)
+    ImageError when the file became unreadable since training. ``stamp``: as for val_dataset."""
+    image = val_dataset(data, work_dir, stamp).image(index, target=target)
     if thumb:
         image.thumbnail((thumb, thumb))
     return image
@@ -176,9 +179,11 @@ def script_problem(run_path: str, config_json: str) -> str | None:
 
 
 @st.cache_data(show_spinner="Embedding the images and projecting them...", max_entries=8)
-def model_feature_map(model: str, weights: str, data: str, image_size: int, method: str, k: int, max_images: int):
+def model_feature_map(model: str, weights: str, data: str, image_size: int, method: str, k: int, max_images: int,
+                      stamp: tuple = ()):
     """A pretrained model's feature-space map of a dataset's validation images (engine.lab.feature_map),
-    keyed by every input: a rerun, or a change of page and back, never embeds again."""
+    keyed by every input: a rerun, or a change of page and back, never embeds again; a change to the
+    data (``stamp``, engine.data.stamp.source_stamp: an image added, a relabel, an exclusion) does."""
     from engine.lab.feature_map import model_map
 
     return model_map(model, data, weights=weights, image_size=image_size, method=method, k=k, max_per_class=None,

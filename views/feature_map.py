@@ -26,6 +26,7 @@ import streamlit as st
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
+from engine.data.stamp import source_stamp
 from ui.cache import load_model, model_feature_map, run_feature_maps, umap_problem, val_image
 from ui.errors import public_message, show_error
 from ui.state import active, weights_label
@@ -98,7 +99,7 @@ def _selected(event, positions: list[list[int]]) -> list[int]:
     return picked
 
 
-def _plot(fmap, heading: str, data: str, key: str, where, work_dir: str | None = None) -> None:
+def _plot(fmap, heading: str, data: str, key: str, where, work_dir: str | None = None, stamp: tuple = ()) -> None:
     """The map, then the images of whatever is selected on it (a run's map: its data read through the run's
     folder, ``work_dir``, as it trained on it, so the map's indices name the same images)."""
     fig, positions = _figure(fmap, heading)
@@ -113,7 +114,7 @@ def _plot(fmap, heading: str, data: str, key: str, where, work_dir: str | None =
         for slot, i in enumerate(picked[:THUMBS]):
             caption = f"{fmap.class_names[fmap.labels[i]]}: {_shown(fmap.sources[i])}"
             try:
-                image = val_image(data, fmap.indices[i], THUMB_PX, thumb=THUMB_PX, work_dir=work_dir)
+                image = val_image(data, fmap.indices[i], THUMB_PX, thumb=THUMB_PX, work_dir=work_dir, stamp=stamp)
             except EngineError as exc:  # unreadable since it was embedded: the reason in its place
                 cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
             else:
@@ -205,12 +206,13 @@ if mode == "a pretrained model":
         st.stop()
     st.caption(f"Active model **{name}** · weights `{weights_label(weights)}` (change it on the Model Explorer)")
     try:
-        fmap = model_feature_map(name, weights, data, size, method, k, max_images)
+        stamp = source_stamp(data)  # the data as it stands: a relabel or an exclusion maps again
+        fmap = model_feature_map(name, weights, data, size, method, k, max_images, stamp)
     except Exception as exc:  # noqa: BLE001 - no data, unreadable data, a model that cannot run: a message
         show_error(exc)
         st.stop()
     left, right = st.columns([3, 2])
-    _plot(fmap, "pretrained", data, "fm_plot_model", left)
+    _plot(fmap, "pretrained", data, "fm_plot_model", left, stamp=stamp)
     right.markdown(_reading_pretrained(fmap, weights))
 else:
     run = pick_trained_run()

@@ -9,6 +9,7 @@ import streamlit as st
 import torch
 
 from engine.core.errors import EngineError
+from engine.data.stamp import source_stamp
 from engine.data.transforms import eval_transform
 from engine.freeze.plan import FreezePlan
 from engine.lab.advisor import batchnorm_train_eval_gap, estimate_similarity, recommend
@@ -92,7 +93,7 @@ similarity = a3.selectbox("Similar to ImageNet photos?", ["estimate from data", 
 sample_source = st.selectbox("Data for estimates", ["digits", "lfw"], help="A small labelled sample is used.")
 if similarity == "estimate from data":
     if st.button("Estimate similarity (linear probe on frozen features)"):
-        images, labels = dataset_sample(sample_source)
+        images, labels = dataset_sample(sample_source, stamp=source_stamp(sample_source))
         with st.spinner("Extracting features..."):
             st.session_state["similarity_evidence"] = estimate_similarity(handle, images, labels, image_size=96).to_dict()
     saved = st.session_state.get("similarity_evidence")
@@ -117,7 +118,7 @@ st.subheader("The BatchNorm pitfall, measured")
 st.markdown("A frozen backbone left in `train()` mode normalises with batch statistics: its features are "
             "not the pretrained ones. Below: the same batch through the backbone in train vs eval mode.")
 if st.button("Measure train-vs-eval feature difference"):
-    images, _ = dataset_sample(sample_source, per_class=2)
+    images, _ = dataset_sample(sample_source, per_class=2, stamp=source_stamp(sample_source))
     x = torch.stack([eval_transform(handle.spec, 96)(im) for im in images[:16]])
     gap = batchnorm_train_eval_gap(handle, x)
     st.session_state["bn_gap"] = gap.to_dict()

@@ -13,7 +13,7 @@ from engine.core.memory import detect_budget, format_size
 from engine.core.paths import data_root, resolve_data_path, runs_root
 from engine.data.archive import extract_upload
 from engine.data.balance import BALANCE_CHOICES
-from engine.data.builder import source_stamp
+from engine.data.stamp import source_stamp
 from engine.freeze.plan import FreezePlan
 from engine.runs.background import start_background
 from engine.runs.locks import device_lock
