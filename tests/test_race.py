@@ -9,6 +9,7 @@ from engine.core.errors import EngineError
 from engine.lab.race import (
     check_budget,
     create_race,
+    create_solo,
     leaderboard,
     parse_plans,
     race_curves,
@@ -204,3 +205,22 @@ def test_compare_page_shows_the_race_and_starts_one(raced, tmp_path, monkeypatch
     for run in started:
         assert wait_for(run, timeout_s=120).state == "cancelled"
     assert leaderboard(started)[0]["winner"] is False
+
+
+def test_gradual_unfreezing_counts_passes_over_the_data_not_slices(tmp_path):
+    """A plan given one slice (the whole budget alone) still unfreezes: its epochs are passes."""
+    from engine.models.factory import create_model
+
+    base = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=10,
+                       num_workers=0, batch_size=16)
+    runs = create_solo(tmp_path, base, "gradual", 3.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train_race(runs)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.status == "finished"
+    (row,) = runs[0].metrics()  # one slice, one epoch: 80 training images, passed over many times in 3 s
+    model = create_model("timm:test_resnet", weights="none", class_names=[str(i) for i in range(10)]).module
+    assert row["trainable_params"] == sum(p.numel() for p in model.parameters())  # the last stage joined too

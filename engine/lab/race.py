@@ -29,6 +29,11 @@ and evaluations took longer than planned: a busy machine, a slow model), the pla
 race are ranked as they stand and the best is the winner; a plan that never got a slice ends
 "cancelled". So a race ends at most one slice's overshoot after its budget.
 
+Gradual unfreezing counts its epochs in passes over the training data (the images it has trained
+on, across slices), as ``fit`` does: when a pass completes, inside a slice or not, the stages its
+schedule releases join the optimizer. Counted in slices, a plan given one slice (or a first rung)
+would never leave its head-only start.
+
 Survivors continue in memory (model, optimizer, loaders and counters stay alive between slices),
 so nothing is retrained from scratch and no slice pays for loading the model again. Feature
 extraction computes its feature cache once, at setup: its epochs are then cheap, which is exactly
@@ -59,7 +64,7 @@ from engine.core.errors import EngineError
 from engine.core.files import read_json
 from engine.core.memory import reuse_freed_memory
 from engine.core.modes import evaluating
-from engine.freeze.plan import FreezePlan
+from engine.freeze.plan import FreezePlan, set_train_mode
 from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 from engine.runs.recorder import RunRecorder
 from engine.runs.store import RunDir, create_run, extend_run, list_runs, new_run_id
@@ -236,6 +241,7 @@ class Lane:
         self.close_s = 0.0  # the last epoch close (evaluation + commit): kept free at the end of a slice
         self.train_s = 0.0  # wall-clock seconds of its slices (setup included)
         self.rungs = 0
+        self.images = 0  # images trained on, across slices: gradual unfreezing's epochs are passes of them
         self.status = "running"
         # per slice, seconds since the race started: start, deadline, end; setup_s (its first slice),
         # close_s (evaluation + commit), step_s (its longest step): what bounds how late it ended
@@ -321,8 +327,17 @@ class Lane:
         runner, config, state = self.runner, self.config, self.state
         assert runner is not None and self.prep is not None
         epoch = state.epoch + 1
-        if epoch > 1:
-            runner.unfreeze(epoch)  # gradual unfreezing: an epoch is a slice here
+
+        per_pass, before = max(1, len(self.prep.train_ds)), self.images
+
+        def count(seen: int) -> None:  # gradual unfreezing follows passes over the data (epochs as fit() has
+            # them), not slices: once the images trained on complete a pass, the stages it releases join
+            done = self.images // per_pass
+            self.images = before + seen
+            if runner.plan.unfreeze_schedule and self.images // per_pass > done:
+                runner.unfreeze(self.images // per_pass + 1)
+                set_train_mode(runner.model, True)  # a released stage's BatchNorm as the BN policy wants it
+
         torch.manual_seed(config.seed * 1000 + epoch)  # the batches and dropout fit() would draw
         runner.generator.manual_seed(config.seed * 1000 + epoch)
         tick = last = time.perf_counter()
@@ -336,6 +351,7 @@ class Lane:
 
         def on_step(i: int, loss: float, seen: int) -> None:
             nonlocal last
+            count(seen)
             now = time.perf_counter()
             self._step_s, last = max(self._step_s, now - last), now
             elapsed = now - tick
