@@ -10,6 +10,7 @@ verdict. ~15 minutes (7 x 120 s plus what runs late); the machine's load
 average is printed beside each, since a busy machine slows whichever part it lands on.
 
   python bench/race.py [--budget 120] [--image-size 96] [--plans fe,last-1,last-2,full,gradual] [--etas 2 3]
+                       [--seeds 0 1 2]   # ~15 minutes per seed
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plans", default="fe,last-1,last-2,full,gradual")
     parser.add_argument("--model", default="timm:efficientnet_lite0")
     parser.add_argument("--etas", type=int, nargs="+", default=[2, 3], help="one race per eta (default: 2 and 3)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one race per eta and every plan alone per seed; the verdict compares means "
+                        "(a single run's difference of one or two validation images is noise)")
     parser.add_argument("--no-alone", action="store_true", help="only the races (compare with an earlier run's "
                         "plans alone)")
     parser.add_argument("--out", help="runs folder (default: a temporary one)")
@@ -49,38 +54,48 @@ def main(argv: list[str] | None = None) -> int:
     def load() -> str:
         return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    winners = {}
-    for eta in args.etas:
-        print(f"race of {len(plans)} plans, eta {eta} ({load()})", flush=True)
-        race = train_race(create_race(out, base, plans, args.budget, eta=eta),
-                          say=lambda line: print("  " + line, flush=True))
-        for row in race.leaderboard:
-            print(f"  {row['place']}. {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
-                  f"{row['epochs']:>3} epochs {row['images']:>6} images {row['train_s']:6.1f} s "
-                  f"{'winner' if row['winner'] else 'out after rung ' + str(row['out_after_rung'])}", flush=True)
-        winner = next(row for row in race.leaderboard if row["winner"])
-        winners[eta] = winner
-        print(f"race eta {eta}: {race.seconds:.1f} s, {race.rungs} of {race.rungs_planned} rungs"
-              f"{' (the budget ran out first)' if race.out_of_time else ''}, winner {winner['strategy']} best val acc "
-              f"{winner['best_val_acc']:.4f} ({load()})", flush=True)
-    alone = {}
-    for name in () if args.no_alone else plans:
-        result = train_race(create_solo(out, base, name, args.budget))
-        row = result.leaderboard[0]
-        alone[row["strategy"]] = row["best_val_acc"]
-        print(f"alone: {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
-              f"{row['epochs']:>3} epochs {row['images']:>6} images {result.seconds:6.1f} s ({load()})", flush=True)
+    winners: dict[int, list[float]] = {eta: [] for eta in args.etas}  # per eta: the winner's accuracy per seed
+    alone: dict[str, list[float]] = {}  # per plan: its accuracy alone per seed
+    for seed in args.seeds:
+        if len(args.seeds) > 1:
+            print(f"seed {seed}", flush=True)
+        config = replace(base, seed=seed)
+        for eta in args.etas:
+            print(f"race of {len(plans)} plans, eta {eta} ({load()})", flush=True)
+            race = train_race(create_race(out, config, plans, args.budget, eta=eta),
+                              say=lambda line: print("  " + line, flush=True))
+            for row in race.leaderboard:
+                print(f"  {row['place']}. {row['strategy']:<20} best {row['best_val_acc']:.4f} last "
+                      f"{row['val_acc']:.4f} {row['epochs']:>3} epochs {row['images']:>6} images {row['train_s']:6.1f} s "
+                      f"{'winner' if row['winner'] else 'out after rung ' + str(row['out_after_rung'])}", flush=True)
+            winner = next(row for row in race.leaderboard if row["winner"])
+            winners[eta].append(winner["best_val_acc"])
+            print(f"race eta {eta}: {race.seconds:.1f} s, {race.rungs} of {race.rungs_planned} rungs"
+                  f"{' (the budget ran out first)' if race.out_of_time else ''}, winner {winner['strategy']} best val "
+                  f"acc {winner['best_val_acc']:.4f} ({load()})", flush=True)
+        for name in () if args.no_alone else plans:
+            result = train_race(create_solo(out, config, name, args.budget))
+            row = result.leaderboard[0]
+            alone.setdefault(row["strategy"], []).append(row["best_val_acc"])
+            print(f"alone: {row['strategy']:<20} best {row['best_val_acc']:.4f} last {row['val_acc']:.4f} "
+                  f"{row['epochs']:>3} epochs {row['images']:>6} images {result.seconds:6.1f} s ({load()})", flush=True)
     if not alone:
         return 0
-    best_plan = max(alone, key=alone.__getitem__)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    best_plan = max(alone, key=lambda name: mean(alone[name]))  # the best plan alone, on average over the seeds
+    over = f" (mean of {len(args.seeds)} seeds)" if len(args.seeds) > 1 else ""
     ok = True
-    for eta, winner in winners.items():
-        passed = winner["best_val_acc"] >= alone[best_plan]
+    for eta, accs in winners.items():
+        passed = mean(accs) >= mean(alone[best_plan])
         ok = ok and passed
-        print(f"verdict eta {eta}: race winner {winner['strategy']} {winner['best_val_acc']:.4f} vs best plan alone "
-              f"{best_plan} {alone[best_plan]:.4f}: {'PASS' if passed else 'FAIL'} "
-              f"(difference {winner['best_val_acc'] - alone[best_plan]:+.4f})")
+        print(f"verdict eta {eta}: race winner {mean(accs):.4f} vs best plan alone {best_plan} "
+              f"{mean(alone[best_plan]):.4f}{over}: {'PASS' if passed else 'FAIL'} "
+              f"(difference {mean(accs) - mean(alone[best_plan]):+.4f})")
     return 0 if ok else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())
