@@ -22,13 +22,12 @@ from engine.core.paths import data_root
 from engine.data.archive import extract_once, is_hidden_name
 from engine.data.balance import IMBALANCE_WARN, class_imbalance
 from engine.data.images import IMAGE_SUFFIXES, check_image
-from engine.data.imageset import BROKEN_LINK, FOLDER_LINK, OUTSIDE, FileLoader, ImageSet, _inside
+from engine.data.imageset import BROKEN_LINK, FOLDER_LINK, OUTSIDE, FileLoader, ImageSet, resolves_inside
 from engine.data.layouts import BUILTIN, SPLITS, TORCHVISION_SETS, Layout, detect_layout, read_labels_csv, split_note
 from engine.data.transforms import resize_target
 
 if TYPE_CHECKING:
     from engine.data.overrides import Overrides
-
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     ``load_digits`` should the file ever move."""
     spec = importlib.util.find_spec("sklearn")  # finds the package without running it
     places = list(spec.submodule_search_locations or []) if spec else []
-    table = places and Path(places[0]) / "datasets" / "data" / "digits.csv.gz"
-    if table and table.is_file():
+    table = Path(places[0]) / "datasets" / "data" / "digits.csv.gz" if places else None
+    if table is not None and table.is_file():
         with gzip.open(table) as f:
             rows = np.loadtxt(f, delimiter=",")
         if rows.ndim == 2 and rows.shape[1] == 65:
@@ -100,7 +99,7 @@ def load_lfw_set() -> ImageSet:
 def _link_problem(path: Path, root_real: str) -> str | None:
     """Why a symlink at ``path`` is not used: it leaves the dataset, or it is a link to a folder
     (never followed: following could loop or list the same images twice), or it is broken."""
-    if not _inside(path, root_real):
+    if not resolves_inside(path, root_real):
         return OUTSIDE
     if path.is_dir():  # follows the link; a loop is False here
         return FOLDER_LINK
@@ -210,7 +209,7 @@ def _file_problem(root: Path, rel: str, root_real: str) -> str | None:
         return "file not found"
     if not path.is_file():
         return "not a file"
-    if not _inside(path, root_real):
+    if not resolves_inside(path, root_real):
         return OUTSIDE
     return None
 

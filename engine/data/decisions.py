@@ -16,11 +16,11 @@ from engine.data.overrides import (
     ACTIONS,
     Decision,
     Overrides,
-    _lock_for,
-    _write,
+    decisions_lock,
     image_key,
     overrides_path,
     read_file,
+    write_file,
 )
 
 
@@ -63,10 +63,10 @@ def decide(source: str, image: str, action: str, label: str | None = None) -> De
     decision = Decision(image=key, action=action, label=label,
                         at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     path = overrides_path(source)
-    with _lock_for(path):  # two sessions deciding at once: both decisions kept, in order
+    with decisions_lock(path):  # two sessions deciding at once: both decisions kept, in order
         current = read_file(path)
         current.decisions.append(decision)
-        _write(path, current)
+        write_file(path, current)
     return decision
 
 
@@ -85,10 +85,10 @@ def restore(source: str, image: str) -> Decision:
 def undo(source: str) -> Decision | None:
     """Take back the last decision (None: there was none)."""
     path = overrides_path(source)
-    with _lock_for(path):
+    with decisions_lock(path):
         current = read_file(path)
         if not current.decisions:
             return None
         last = current.decisions.pop()
-        _write(path, current)
+        write_file(path, current)
     return last

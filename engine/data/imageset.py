@@ -29,7 +29,7 @@ class FileLoader:
     root_real: str | None = None
 
     def __call__(self, target: int | None = None) -> Image.Image:
-        if self.root_real and not _inside(self.path, self.root_real):
+        if self.root_real and not resolves_inside(self.path, self.root_real):
             raise ImageError(f"{self.name}: {OUTSIDE}")
         return open_image(self.path, name=self.name, target=target)
 
@@ -39,7 +39,7 @@ FOLDER_LINK = "link to a folder (links to folders are not followed)"
 BROKEN_LINK = "broken link (or a link loop)"
 
 
-def _inside(path: Path, root_real: str) -> bool:
+def resolves_inside(path: Path, root_real: str) -> bool:
     """Whether ``path`` resolves (every link followed, loops included) to ``root_real`` or below it."""
     real = os.path.realpath(path)  # never raises on loops, unlike Path.resolve on Python 3.11
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)

@@ -181,13 +181,14 @@ def save_run_overrides(run_path: str | Path, overrides: Overrides) -> None:
     atomic_write_json(Path(run_path) / RUN_FILE, overrides.to_dict())
 
 
-def _lock_for(path: Path) -> file_lock:
+def decisions_lock(path: Path) -> file_lock:
     """A lock per overrides file, kept in the machine's lock folder (never a file in the user's dataset)."""
     digest = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
     return file_lock(lock_dir() / f"overrides-{digest}.lock")
 
 
-def _write(path: Path, overrides: Overrides) -> None:
+def write_file(path: Path, overrides: Overrides) -> None:
+    """Save the decisions (atomically); a failed write is a DataError that says the decision is not saved."""
     try:
         atomic_write_json(path, overrides.to_dict())
     except OSError as exc:

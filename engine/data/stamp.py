@@ -32,6 +32,6 @@ def source_stamp(source: str | None) -> tuple:
                 stamp.append((child.name, child.stat().st_mtime_ns))
                 stamp.extend((f"{child.name}/{g.name}", g.stat().st_mtime_ns) for g in sorted(child.iterdir())
                              if g.is_dir() and not g.is_symlink())
-    except OSError:
-        return tuple(stamp) + decided
+    except OSError:  # a folder removed or renamed while read: what was read still keys the change
+        pass
     return tuple(stamp) + decided
