@@ -224,3 +224,31 @@ def test_gradual_unfreezing_counts_passes_over_the_data_not_slices(tmp_path):
     (row,) = runs[0].metrics()  # one slice, one epoch: 80 training images, passed over many times in 3 s
     model = create_model("timm:test_resnet", weights="none", class_names=[str(i) for i in range(10)]).module
     assert row["trainable_params"] == sum(p.numel() for p in model.parameters())  # the last stage joined too
+
+
+def test_each_plan_is_sized_with_the_others_in_memory(tmp_path, monkeypatch):
+    """Every plan stays in memory while one trains, so a plan's slice leaves room for the plans set up
+    after it (weights, gradients, AdamW moments) and for the state of those before it: under one
+    memory budget the race's first plan gets a smaller slice than the same plan set up alone."""
+    import time
+
+    import engine.training.micro
+    from engine.lab.race import Lane
+    from engine.models.factory import create_model
+    from engine.training.micro import HEADROOM, slice_cost
+
+    process = 900_000_000  # held still: a tiny model's slices are smaller than RSS jitter
+    monkeypatch.setattr(engine.training.micro, "current_rss", lambda: process)
+    handle = create_model("timm:test_resnet", weights="none", num_classes=10)
+    cost = slice_cost(handle.module, (3, 64, 64), torch.device("cpu"))
+    weights = sum(p.numel() * p.element_size() for p in handle.module.parameters())
+    budget = process + 3 * weights + HEADROOM * cost.per_image * 30.5  # a lone full fine-tune: slices of 30
+    base = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=64, max_per_class=10,
+                       num_workers=0, batch_size=32, memory_budget=str(int(budget)))
+    alone = Lane(create_solo(tmp_path / "solo", base, "full", 5.0)[0], time.perf_counter())
+    assert alone.set_up(lambda: False) and alone.runner.batches.micro_batch == 30
+    runs = create_race(tmp_path / "race", base, ("full", "last-1", "fe"), 5.0)
+    first = Lane(runs[0], time.perf_counter(), before=0, after=2)
+    assert first.set_up(lambda: False)
+    expected = int((budget - process - 3 * weights - 8 * weights) // (HEADROOM * cost.per_image))
+    assert first.runner.batches.micro_batch == expected < 30

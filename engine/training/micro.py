@@ -48,7 +48,7 @@ class BatchPlan:
     batch_size: int
     micro_batch: int
     grad_checkpointing: bool
-    per_image: int  # bytes autograd keeps per image in a slice (measured)
+    per_image: int  # bytes an image adds to a slice (measured: SliceCost.per_image)
     fixed: int  # bytes before the slice: the process, gradients, optimizer state
     budget: MemoryBudget | None
 
@@ -70,9 +70,31 @@ class BatchPlan:
         return how + extra
 
 
-def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
-                          channels_last: bool = False, dtype: torch.dtype | None = None) -> int:
-    """Bytes autograd keeps for the backward pass per image, from probe forwards of 2 and 4 images.
+# What else is alive while a layer runs, over its own input + output: the same factor an inference
+# slice is sized with (engine/core/memory.py). Measured on 2 cores, efficientnet_lite0 at 224 px,
+# last stage only, slices of 32: predicted 0.95 GB from the saved tensors, peaked at 1.36 GB; the
+# frozen stages keep nothing for backward, but each layer's output is alive while the next one runs.
+WORKING_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class SliceCost:
+    """Bytes per image in a training slice: what autograd keeps for backward (``saved``) and the
+    largest layer's input + output (``working``: alive while it runs, kept or not)."""
+
+    saved: int
+    working: int
+
+    @property
+    def per_image(self) -> int:
+        """The slice's cost per image: what is kept, or, where little is kept (frozen stages), what a
+        layer works on, whichever is more."""
+        return max(self.saved, WORKING_FACTOR * self.working)
+
+
+def slice_cost(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
+               channels_last: bool = False, dtype: torch.dtype | None = None) -> SliceCost:
+    """Bytes per image, from probe forwards of 2 and 4 images (half the difference).
 
     The model runs as in training (frozen parts stay in eval); its BatchNorm statistics and the
     random number generators are put back, so the probe leaves no trace on the run.
@@ -80,8 +102,9 @@ def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def count(n: int) -> int:
+    def count(n: int) -> tuple[int, int]:
         seen: dict[int, int] = {}
+        largest = [0]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
@@ -89,14 +112,24 @@ def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device
                 seen[storage.data_ptr()] = storage.nbytes()
             return t
 
+        def working(_m: nn.Module, inputs: tuple, output: object) -> None:
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                        for t in (*inputs, output) if isinstance(t, torch.Tensor)}  # each once: an Identity's
+            largest[0] = max(largest[0], sum(storages.values()))  # output is its input
+
         x = torch.zeros(n, *input_shape, device=device)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x)
-        del out
-        return sum(seen.values())
+        hooks = [m.register_forward_hook(working) for m in model.modules() if not list(m.children())]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = model(x)
+            del out
+        finally:
+            for h in hooks:
+                h.remove()
+        return sum(seen.values()), largest[0]
 
     try:
         with modes_restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
@@ -107,7 +140,13 @@ def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-    return max(0, (four - two) // 2)
+    return SliceCost(saved=max(0, (four[0] - two[0]) // 2), working=max(0, (four[1] - two[1]) // 2))
+
+
+def saved_bytes_per_image(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
+                          channels_last: bool = False, dtype: torch.dtype | None = None) -> int:
+    """Bytes autograd keeps for the backward pass per image (``slice_cost``'s ``saved``)."""
+    return slice_cost(model, input_shape, device, channels_last=channels_last, dtype=dtype).saved
 
 
 def _state_bytes(module: nn.Module, optimizer_kind: str) -> int:
@@ -128,24 +167,26 @@ def _set_checkpointing(module: nn.Module, on: bool) -> bool:
 def plan_batches(module: nn.Module, model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int,
                  device: torch.device, budget: MemoryBudget | None, micro_batch: int | None = None,
                  optimizer_kind: str = "adamw", channels_last: bool = False,
-                 dtype: torch.dtype | None = None) -> BatchPlan:
+                 dtype: torch.dtype | None = None, reserve: int = 0) -> BatchPlan:
     """The micro-batch for ``model`` (what trains: the whole module, or its head on cached
     features) under ``budget``: the given ``micro_batch``, or the largest slice that fits and is
     no slower on this device.
 
     ``module`` is the whole model (its parameters are what gradients and optimizer state cover).
+    ``reserve``: bytes that other models in this process will take later (a race's plans), kept free.
     """
     if micro_batch is not None:
         return BatchPlan(batch_size, min(micro_batch, batch_size), False, 0, 0, budget)
-    per_image = saved_bytes_per_image(model, input_shape, device, channels_last=channels_last, dtype=dtype)
-    if per_image == 0:  # nothing kept for backward (all frozen): one pass
+    cost = slice_cost(model, input_shape, device, channels_last=channels_last, dtype=dtype)
+    if cost.saved == 0:  # nothing kept for backward (all frozen): one pass
         return BatchPlan(batch_size, batch_size, False, 0, 0, budget)
+    per_image = cost.per_image
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        room, fixed = free * 0.9 - _state_bytes(module, optimizer_kind), 0
+        room, fixed = free * 0.9 - _state_bytes(module, optimizer_kind) - reserve, 0
         fastest = batch_size  # a GPU is fastest with the whole batch when it fits
     else:
-        fixed = current_rss() + _state_bytes(module, optimizer_kind)
+        fixed = current_rss() + _state_bytes(module, optimizer_kind) + reserve
         room = (budget.bytes if budget else float("inf")) - fixed
         fastest = max(1, CPU_FASTEST_SLICE_BYTES // per_image)
     fits = int(room // (HEADROOM * per_image)) if room > 0 else 0
@@ -156,10 +197,10 @@ def plan_batches(module: nn.Module, model: nn.Module, input_shape: tuple[int, ..
         # what is kept is only the segment boundaries (``light``); the backward recomputes one segment at
         # a time and holds its activations. Measured (efficientnet_lite0, 224 px, slices of 7): the peak
         # passed the boundary-only prediction by ~0.43 of a full image per image, so half is counted.
-        cost = light + per_image // 2
-        fits = int(room // (HEADROOM * cost)) if room > 0 and light else 0
+        squeezed = max(light + cost.saved // 2, WORKING_FACTOR * cost.working)
+        fits = int(room // (HEADROOM * squeezed)) if room > 0 and light else 0
         if fits >= 1:
-            return BatchPlan(batch_size, max(1, min(batch_size, fits)), True, cost, fixed, budget)
+            return BatchPlan(batch_size, max(1, min(batch_size, fits)), True, squeezed, fixed, budget)
         _set_checkpointing(module, False)
     need = fixed + HEADROOM * per_image
     raise EngineError(

@@ -228,11 +228,12 @@ class EpochRunner:
 
 
 def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_state: dict[str, Any] | None,
-           stop: Callable[[], bool], ranks: Ranks | None = None) -> EpochRunner | None:
+           stop: Callable[[], bool], ranks: Ranks | None = None, reserve: int = 0) -> EpochRunner | None:
     """The plan applied at the epoch the run continues from, the model on its device, the loaders
     (features computed once when the backbone stays frozen) and the optimizer. None: cancelled
     while computing features. ``ranks``: this process's share of a distributed run
-    (engine/training/distributed.py says what is shared how)."""
+    (engine/training/distributed.py says what is shared how). ``reserve``: bytes of memory other
+    models of this process will take later (a race's plans), left out of the micro-batch's room."""
     handle = prep.handle
     plan = config.freeze_plan()
     device = resolve_device(config.device)
@@ -305,7 +306,7 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = tuple(train_src.tensors[0].shape[1:]) if cached else (3, prep.image_size, prep.image_size)
     batches = _plan_batches(config, module, model, stages, plan, state, input_shape, device, channels_last, dtype,
-                            world, ranks.local_world if ranks is not None else 1)
+                            world, ranks.local_world if ranks is not None else 1, reserve)
     # evaluation in the same slices: what fits a training step fits an inference pass
     val_loader = DataLoader(val_src if ranks is None else shard(val_src, ranks), shuffle=False,
                             **dict(loader_kw, batch_size=batches.micro_batch))
@@ -316,7 +317,7 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
 
 def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,
                   state: TrainState, input_shape: tuple[int, ...], device: torch.device, channels_last: bool,
-                  dtype: torch.dtype | None, world: int = 1, here: int = 1) -> BatchPlan:
+                  dtype: torch.dtype | None, world: int = 1, here: int = 1, reserve: int = 0) -> BatchPlan:
     """The micro-batch, measured with the most of the model this run will ever train (the plan at its
     last epoch: gradual unfreezing only adds), so it holds for the whole run. With ``world``
     processes each plans its share of the batch; on the CPU the ``here`` processes of this machine share
@@ -328,7 +329,8 @@ def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stag
     try:
         return plan_batches(module, model, input_shape, batch_size=config.batch_size // world, device=device,
                             budget=budget, micro_batch=config.micro_batch,
-                            optimizer_kind=config.optimizer, channels_last=channels_last, dtype=dtype)
+                            optimizer_kind=config.optimizer, channels_last=channels_last, dtype=dtype,
+                            reserve=reserve)
     finally:
         apply_plan(module, stages, plan, epoch=state.epoch)
 
