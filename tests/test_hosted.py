@@ -63,6 +63,17 @@ def test_the_cli_refuses_settings_over_the_caps_and_writes_nothing(tmp_path, arg
     assert fine.rc == 0, fine.err[-2000:]
 
 
+def test_a_race_budget_over_the_cap_is_refused_and_writes_nothing(tmp_path):
+    out = tmp_path / "runs"
+    race = ["race", "--model", "timm:test_resnet", "--weights", "none", "--data", "digits", "--image-size", "32",
+            "--plans", "fe,full", "--out", str(out)]
+    ran = engine(*race, "--budget", str(LIMITS.race_s + 1), env=HOSTED)
+    ran.assert_one_line_error(f"a race's budget is at most {LIMITS.race_s} s")
+    assert "hosted mode" in ran.err
+    assert not out.exists() or not any(out.iterdir())
+    assert "races of at most 30 minutes" in LIMITS.lines()
+
+
 def test_a_model_over_the_size_cap_is_refused_before_it_is_built(hosted):
     with pytest.raises(EngineError, match=r"86\.\d M parameters.*at most 30 M"):
         create_model("timm:vit_base_patch16_224", weights="none")
@@ -102,6 +113,10 @@ def test_the_app_says_hosted_mode_and_caps_its_widgets(hosted, tmp_path, monkeyp
     epochs = next(n for n in at.number_input if n.label == "Epochs")
     size = next(n for n in at.number_input if n.label == "Image size")
     assert epochs.max == LIMITS.epochs and size.max == LIMITS.image_size
+    at.switch_page("views/compare.py").run()
+    assert not at.exception
+    race_budget = next(n for n in at.number_input if n.label == "Budget (seconds)")
+    assert race_budget.max == LIMITS.race_s
     at.switch_page("views/runs.py").run()
     assert not at.exception and any("Run bundle (.zip)" in w.value for w in at.warning)
     assert list_runs(tmp_path / "runs") == []

@@ -15,6 +15,7 @@ import streamlit as st
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.core.files import read_json
+from engine.core.hosting import hosted_limits
 from engine.core.paths import runs_root
 from engine.lab.race import (
     LABELS,
@@ -44,12 +45,13 @@ def race_launcher() -> None:
                     "until one is left. Same data, split and seed; the winner is a normal run.")
         plans = st.multiselect("Plans", list(PLANS), default=list(PLANS), format_func=LABELS.__getitem__,
                                key="race_plans")
-        budget = st.number_input("Budget (seconds)", min_value=1, max_value=86_400, value=120, step=10,
-                                 key="race_budget")
+        limits = hosted_limits()
+        budget = st.number_input("Budget (seconds)", min_value=1, max_value=limits.race_s if limits else 86_400,
+                                 value=120, step=10, key="race_budget")
         eta = st.selectbox("Each rung keeps", [2, 3], key="race_eta",
                            format_func=lambda e: f"the best 1/{e} (5 plans: {' -> '.join(map(str, rung_sizes(5, e)))})")
         data = st.selectbox("Data", ["digits", "lfw"], key="race_data")
-        size = st.number_input("Image size", 16, 512, 96, step=16, key="race_size")
+        size = st.number_input("Image size", 16, limits.image_size if limits else 512, 96, step=16, key="race_size")
         if st.button("Start race", disabled=len(plans) < 2, key="race_start",
                      help=None if len(plans) >= 2 else "A race needs at least two plans."):
             name, weights, _ = active()

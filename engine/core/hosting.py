@@ -4,7 +4,8 @@ Why caps at all: on Community Cloud every user of the app shares about 2.7 GB of
 disk that is wiped on restart. One 800-epoch run, a 512 px ViT-Large or a 50,000-image folder would
 take the box from everyone (and be killed half-way). So a hosted app trains at most ``epochs``
 epochs, at most ``image_size`` px, on at most ``images`` images, with models of at most ``params``
-parameters; each refusal says the limit and what to change. Locally nothing is capped.
+parameters, and races a budget of at most ``race_s`` seconds; each refusal says the limit and what
+to change. Locally nothing is capped.
 
 How we know: ``WORKBENCH_HOSTED=1`` (or ``0``) decides; unset, the app is hosted when its code lives
 under ``/mount/src/``, where Community Cloud clones every app's repository.
@@ -26,11 +27,13 @@ class HostedLimits:
     image_size: int = 224
     images: int = 4_000  # images a run trains and validates on (after "max images per class")
     params: int = 30_000_000  # model size: resnet50 (25.6 M) fits, ViT-Base (86 M) does not
+    race_s: int = 1800  # a race holds the device for its whole budget; trainings queued behind it wait
 
     def lines(self) -> list[str]:
         """The caps as a person reads them (the app's banner, the CLI's help)."""
         return [f"at most {self.epochs} epochs", f"images of at most {self.image_size} px",
-                f"at most {self.images:,} images per run", f"models of at most {self.params / 1e6:.0f} M parameters"]
+                f"at most {self.images:,} images per run", f"models of at most {self.params / 1e6:.0f} M parameters",
+                f"races of at most {self.race_s // 60} minutes"]
 
 
 LIMITS = HostedLimits()

@@ -67,6 +67,7 @@ from engine.config import TrainConfig
 from engine.core.device import flush_denormals, seed_everything
 from engine.core.errors import EngineError
 from engine.core.files import read_json
+from engine.core.hosting import hosted_limits
 from engine.core.memory import reuse_freed_memory
 from engine.core.modes import evaluating
 from engine.freeze.plan import FreezePlan, set_train_mode
@@ -109,6 +110,11 @@ def check_budget(budget_s: Any, plans: int, eta: int = ETA) -> float:
         raise EngineError(f"The race budget must be more than 0 seconds (got {budget_s:g}).")
     if budget_s > MAX_BUDGET_S:
         raise EngineError(f"The race budget is at most {MAX_BUDGET_S:.0f} s (24 hours; got {budget_s:g}).")
+    limits = hosted_limits()
+    if limits is not None and budget_s > limits.race_s:
+        raise EngineError(f"This app runs on a shared server (hosted mode), where a race's budget is at most "
+                          f"{limits.race_s} s ({limits.race_s // 60} minutes; got {budget_s:g}): the race holds the "
+                          "device for all of it, and every training queued behind it waits.")
     rungs = len(rung_sizes(plans, eta))
     least = MIN_SLICE_S * plans * rungs
     if budget_s < least:
