@@ -223,7 +223,17 @@ def test_gradual_unfreezing_counts_passes_over_the_data_not_slices(tmp_path):
     assert result.status == "finished"
     (row,) = runs[0].metrics()  # one slice, one epoch: 80 training images, passed over many times in 3 s
     model = create_model("timm:test_resnet", weights="none", class_names=[str(i) for i in range(10)]).module
-    assert row["trainable_params"] == sum(p.numel() for p in model.parameters())  # the last stage joined too
+    everything = sum(p.numel() for p in model.parameters())
+    assert row["trainable_params"] == everything  # the last stage joined too
+    # resumed as any run (its epochs now ordinary passes): the plan does not go back to the head only of
+    # its epoch count, and the saved optimizer, holding every stage, fits
+    from engine.runs.store import extend_run
+    from engine.training.run import train_run
+
+    extend_run(runs[0], 3)
+    result = train_run(runs[0], resume=True)
+    assert result.status == "finished", result.reason
+    assert [m["trainable_params"] for m in runs[0].metrics()] == [everything] * 3
 
 
 def test_each_plan_is_sized_with_the_others_in_memory(tmp_path, monkeypatch):

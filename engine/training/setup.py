@@ -165,6 +165,9 @@ class EpochRunner:
     ranks: Ranks | None = None  # one of several processes (engine/training/distributed.py)
     trainer: nn.Module | None = None  # with ranks: the DDP wrapper of ``model``, what the training steps call
     num_classes: int = 0
+    # a resumed run whose saved optimizer holds stages its epoch count would not have released yet (a
+    # race counts gradual unfreezing in passes over the data): the plan never goes back before this epoch
+    plan_floor: int = 0
 
     @property
     def steps(self) -> int:
@@ -173,7 +176,8 @@ class EpochRunner:
     def unfreeze(self, epoch: int) -> None:
         """Gradual unfreezing: stages the plan releases by ``epoch`` join the optimizer (and, with
         several processes, a rebuilt DDP wrapper: DDP only reduces what needed gradients when built)."""
-        self.report, added = unfreeze_for_epoch(self.module, self.stages, self.plan, epoch - 1, self.optimizer,
+        self.report, added = unfreeze_for_epoch(self.module, self.stages, self.plan, max(epoch - 1, self.plan_floor),
+                                                self.optimizer,
                                                 self.config.weight_decay)
         if added and self.ranks is not None:
             self.trainer = wrap(self.model, self.ranks)
@@ -245,7 +249,8 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
             handle.module = sync_batchnorm(handle.module)  # before the plan: its eval hooks sit on these modules
     module = handle.module
     stages = model_stages(module, handle.spec.head)
-    report = apply_plan(module, stages, plan, epoch=state.epoch)
+    plan_epoch = _resumed_plan_epoch(module, stages, plan, state.epoch, optimizer_state, config.weight_decay)
+    report = apply_plan(module, stages, plan, epoch=plan_epoch)
     channels_last = config.channels_last if config.channels_last is not None else any(
         isinstance(m, nn.Conv2d) for m in module.modules())
     module.to(device)
@@ -305,18 +310,19 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     optimizer = make_optimizer(module, stages, plan, config, optimizer_state)
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = tuple(train_src.tensors[0].shape[1:]) if cached else (3, prep.image_size, prep.image_size)
-    batches = _plan_batches(config, module, model, stages, plan, state, input_shape, device, channels_last, dtype,
+    batches = _plan_batches(config, module, model, stages, plan, plan_epoch, input_shape, device, channels_last, dtype,
                             world, ranks.local_world if ranks is not None else 1, reserve)
     # evaluation in the same slices: what fits a training step fits an inference pass
     val_loader = DataLoader(val_src if ranks is None else shard(val_src, ranks), shuffle=False,
                             **dict(loader_kw, batch_size=batches.micro_batch))
     return EpochRunner(config, module, model, stages, plan, report, optimizer, train_loader, val_loader, generator,
                        device, dtype, scaler, channels_last, cached, batches, class_weight, ranks,
-                       wrap(model, ranks) if ranks is not None else None, len(handle.spec.class_names))
+                       wrap(model, ranks) if ranks is not None else None, len(handle.spec.class_names),
+                       plan_floor=plan_epoch)
 
 
 def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,
-                  state: TrainState, input_shape: tuple[int, ...], device: torch.device, channels_last: bool,
+                  plan_epoch: int, input_shape: tuple[int, ...], device: torch.device, channels_last: bool,
                   dtype: torch.dtype | None, world: int = 1, here: int = 1, reserve: int = 0) -> BatchPlan:
     """The micro-batch, measured with the most of the model this run will ever train (the plan at its
     last epoch: gradual unfreezing only adds), so it holds for the whole run. With ``world``
@@ -332,7 +338,24 @@ def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stag
                             optimizer_kind=config.optimizer, channels_last=channels_last, dtype=dtype,
                             reserve=reserve)
     finally:
-        apply_plan(module, stages, plan, epoch=state.epoch)
+        apply_plan(module, stages, plan, epoch=plan_epoch)
+
+
+def _resumed_plan_epoch(module: nn.Module, stages: list[Stage], plan: FreezePlan, epoch: int,
+                        saved: dict[str, Any] | None, weight_decay: float) -> int:
+    """The plan's epoch for a run resuming at ``epoch``: that one, or a later one when the saved
+    optimizer already holds stages released later. A race counts gradual unfreezing in passes over the
+    data, so a winner that trained a few slices (its epochs) may have released every stage; resumed at
+    its epoch count, the plan would freeze them again and the saved optimizer would not fit. The first
+    epoch whose groups are the saved ones; unfreezing only adds, so only later epochs are tried."""
+    layout = sorted(saved.get("group_layout", [])) if saved else []
+    if not layout or not plan.unfreeze_schedule:
+        return epoch
+    for later in range(epoch, max(e for e, _n in plan.unfreeze_schedule) + 1):
+        apply_plan(module, stages, plan, epoch=later)
+        if sorted(g["name"] for g in param_groups(module, stages, plan, weight_decay)) == layout:
+            return later
+    return epoch
 
 
 def make_optimizer(module: nn.Module, stages: list[Stage], plan: FreezePlan, config: TrainConfig,
