@@ -73,7 +73,7 @@ def test_relabel_exclude_restore_undo_are_honoured_and_files_never_move(tmp_path
     assert dec.undo(str(root)) is None and len(load_source(str(root))) == 18 and not load_source(str(root)).overrides
 
 
-def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path):
+def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path, monkeypatch):
     splits = tmp_path / "data" / "splits"
     _digits_folder(splits / "train", per_class=4, classes=(0, 1))
     _digits_folder(splits / "val", per_class=2, classes=(0, 1))
@@ -92,7 +92,14 @@ def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path):
     import shutil
 
     archive = Path(shutil.make_archive(str(tmp_path / "data" / "shapes"), "zip", flat))  # a zip: beside it
-    dec.exclude(str(archive), "1/0.png")
+    import engine.data.datasets
+
+    decoded = []
+    real_check = engine.data.datasets.check_image
+    with monkeypatch.context() as patched:  # a decision is one click: it names an image of the data without
+        patched.setattr(engine.data.datasets, "check_image", lambda path: decoded.append(path) or real_check(path))
+        dec.exclude(str(archive), "1/0.png")  # decoding every one (1.2 s a click on a 2,000-photo zip when it did)
+    assert decoded == []
     assert (tmp_path / "data" / "shapes.zip.workbench-overrides.json").is_file()
     report = validate(load_source(str(archive)))  # the relabel zipped along with the folder, then the exclusion
     assert report.counts == {"one": 3, "zero": 2} and report.overrides["relabelled"] == 1

@@ -470,16 +470,19 @@ def load_cifar10_set(root: str | Path | None = None, download: bool = True) -> I
     )
 
 
-def load_source(source: str, work_dir: str | Path | None = None, overrides: Overrides | None = None) -> ImageSet:
+def load_source(source: str, work_dir: str | Path | None = None, overrides: Overrides | None = None,
+                verify: bool = True) -> ImageSet:
     """'digits' | 'lfw' | 'cifar10' | a folder | a .zip (extracted under ``work_dir``), with the decisions
     about single images applied (engine.data.overrides): ``overrides`` when given; else, for a run's
     ``work_dir``, those the run trained with (its split stays its own); else the dataset's current ones.
 
     An empty or blank source is refused: Path("") is the current folder, never what was meant.
+    ``verify=False`` lists a folder's or zip's images without decoding each (what a decision about one
+    image needs; a training decodes every one, and skips what does not decode).
     """
     from engine.data.overrides import apply_overrides, read_overrides, run_overrides, with_zipped
 
-    ds = _read_source(source, work_dir)
+    ds = _read_source(source, work_dir, verify)
     if overrides is None:
         overrides = run_overrides(work_dir) if work_dir is not None else read_overrides(source)
     if Path(source).suffix.lower() == ".zip":
@@ -487,7 +490,7 @@ def load_source(source: str, work_dir: str | Path | None = None, overrides: Over
     return apply_overrides(ds, overrides)
 
 
-def _read_source(source: str, work_dir: str | Path | None) -> ImageSet:
+def _read_source(source: str, work_dir: str | Path | None, verify: bool = True) -> ImageSet:
     """The data as delivered (see ``load_source``)."""
     if not isinstance(source, str) or not source.strip():
         raise DataError("No data given: use digits, lfw, cifar10, a folder with one sub-folder per class, "
@@ -505,13 +508,13 @@ def _read_source(source: str, work_dir: str | Path | None) -> ImageSet:
         target = Path(work_dir) / "extracted" if work_dir else path.parent / f".{path.name}.extracted"
         root = extract_once(path, target, display_name=path.name)
         try:
-            return load_dataset(root)
+            return load_dataset(root, verify)
         except DataError as exc:  # "<internal folder> has no class folders": name the user's zip instead
             text = str(exc)
             if text.startswith(root.name + " "):
                 raise DataError(f"{path.name}:{text[len(root.name):]}") from exc
             raise
     if path.is_dir():
-        return load_dataset(path)
+        return load_dataset(path, verify)
     raise DataError(f"Unknown data '{source}': use {', '.join(BUILTIN + TORCHVISION_SETS)}, a folder with one sub-folder "
                     "per class, or a .zip of such a folder.")

@@ -7,11 +7,9 @@ is why this is a module above engine.data.datasets, not part of the file format 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from engine.core.errors import DataError
-from engine.data.datasets import ImageSet, load_dataset, load_source
-from engine.data.layouts import BUILTIN
+from engine.data.datasets import ImageSet, load_source
 from engine.data.overrides import (
     ACTIONS,
     Decision,
@@ -25,11 +23,9 @@ from engine.data.overrides import (
 
 
 def _raw_set(source: str) -> ImageSet:
-    """The data as delivered (no decisions applied), read without decoding every image."""
-    path = Path(source)
-    if source not in BUILTIN and path.suffix.lower() != ".zip" and path.is_dir():
-        return load_dataset(path, verify=False)
-    return load_source(source, overrides=Overrides())
+    """The data as delivered (no decisions applied), read without decoding every image: a decision
+    is one click, and decoding a 2,000-photo zip took 1.2 s of it."""
+    return load_source(source, overrides=Overrides(), verify=False)
 
 
 def _known_image(ds: ImageSet, image: str) -> str:
