@@ -592,6 +592,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         resolve(args.source)
         is_model = True
     except EngineError:
+        if ":" in args.source:  # a run id never has one: an unknown model, said as such
+            raise
         is_model = False
     if is_model:
         if not args.data:
@@ -607,7 +609,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         return 0
     for m in maps:
         axes = f"; PCA axes explain {100 * sum(m.explained):.0f}% of the variance" if m.explained else ""
-        print(f"{m.model}: {len(m.points)} images, {m.dims} features, {m.k}-NN accuracy {m.knn_acc:.3f}{axes}")
+        lowered = f" (k lowered from {args.k}: the smallest class has {m.k + 1} images)" if m.k < args.k else ""
+        print(f"{m.model}: {len(m.points)} images, {m.dims} features, {m.k}-NN accuracy {m.knn_acc:.3f}{lowered}{axes}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The feature-space map: real models on real images, the projection, and the separability score."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.config import TrainConfig
@@ -62,3 +63,40 @@ def test_the_cli_maps_a_model_and_refuses_what_it_cannot_map(tmp_path):
     assert len(only["points"]) == len(only["labels"]) == 8 and 0 <= only["knn_acc"] <= 1 and only["method"] == "pca"
     engine("features", "timm:efficientnet_lite0").assert_one_line_error("needs --data")
     engine("features", "no-such-run", "--out", str(tmp_path)).assert_one_line_error("no run at")
+
+
+def test_k_stays_below_the_smallest_class_and_the_map_says_which_k_it_used():
+    """Two classes of two images each, perfectly apart: 5 neighbours outvote each image's one
+    same-class neighbour (a separable set scored 0.00); the k the data allows is 1."""
+    from engine.lab.feature_map import usable_k
+
+    points = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    labels = [0, 0, 1, 1]
+    assert knn_accuracy(points, labels, k=5) == 0.0
+    assert usable_k(labels, 5) == 1 and knn_accuracy(points, labels, k=usable_k(labels, 5)) == 1.0
+    assert usable_k([0] * 10 + [1] * 10, 5) == 5
+
+
+def test_a_map_refuses_one_class_no_images_and_a_run_whose_classes_changed(tmp_path):
+    import shutil
+
+    from engine.core.errors import DataError, RunError
+    from tests.hostile._cli import engine
+    from tests.test_overrides import _digits_folder
+
+    folder = _digits_folder(tmp_path / "digits", per_class=10, classes=(0, 1))
+    config = TrainConfig(model="timm:test_resnet", weights="none", data=str(folder), image_size=32, epochs=1,
+                         num_workers=0, plan=FreezePlan.full(head_lr=3e-3).to_dict())
+    run = create_run(tmp_path / "runs", config.to_dict())
+    assert fit(config, run).status == "finished"
+    (before, after) = run_maps(str(run.path))
+    assert after.k == before.k == 1  # 2 validation images a class: one neighbour of its own
+    shutil.rmtree(folder / "1")  # the data lost a class since the run trained
+    with pytest.raises(RunError, match="other classes"):
+        run_maps(str(run.path))
+    one = _digits_folder(tmp_path / "one", per_class=10, classes=(3,))
+    few = _digits_folder(tmp_path / "few", per_class=1, classes=(0, 1))
+    for data, phrase in ((one, "of one class only"), (few, "No validation images")):
+        with pytest.raises(DataError, match=phrase):
+            model_map("timm:test_resnet", str(data), weights="none", image_size=32)
+    engine("features", "timm:no-such-model", "--data", "digits").assert_one_line_error("unknown model")

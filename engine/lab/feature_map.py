@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from engine.core.errors import EngineError
+from engine.core.errors import DataError, EngineError
 from engine.core.memory import inference_batch
 from engine.core.modes import evaluating
 from engine.training.feature_cache import head_inputs
@@ -67,8 +67,17 @@ def embed(handle: ModelHandle, ds: ImageSet, indices: Sequence[int]) -> torch.Te
     return torch.cat(chunks)
 
 
+def usable_k(labels: Sequence[int], k: int) -> int:
+    """The k a leave-one-out vote can use: below the smallest class's image count. An image of a class
+    of m images has at most m - 1 neighbours of its own class; with k beyond that, a perfectly separated
+    class is outvoted (5-NN scored 0.00 on two classes of two images each, 1-NN 1.00)."""
+    smallest = min(Counter(labels).values(), default=1)
+    return max(1, min(k, smallest - 1))
+
+
 def knn_accuracy(features: torch.Tensor, labels: Sequence[int], k: int = 5) -> float:
-    """Leave-one-out k-NN accuracy with cosine distance (ties: the nearer neighbours' class wins)."""
+    """Leave-one-out k-NN accuracy with cosine distance (ties: the nearer neighbours' class wins).
+    ``k`` as given: see ``usable_k`` for the k the data allows."""
     n = features.shape[0]
     if n < 2:
         return float("nan")
@@ -113,10 +122,18 @@ def project(features: torch.Tensor, method: str = "pca", seed: int = 0) -> tuple
 
 def feature_map(handle: ModelHandle, ds: ImageSet, indices: Sequence[int], *, name: str, method: str = "pca",
                 k: int = 5, seed: int = 0) -> FeatureMap:
-    """Embed ``ds[indices]`` with ``handle``, project and score."""
-    features = embed(handle, ds, indices)
+    """Embed ``ds[indices]`` with ``handle``, project and score (with the k the data allows:
+    ``usable_k``; the map records the k it used)."""
     labels = [ds.labels[i] for i in indices]
+    if not indices:
+        raise DataError(f"No validation images to map in {ds.name}: its validation share is empty (too few "
+                        "images per class, or all of them skipped); use more images per class.")
+    if len(set(labels)) < 2:
+        raise DataError(f"The images to map from {ds.name} are of one class only: separability needs at least "
+                        "two classes.")
+    features = embed(handle, ds, indices)
     points, explained = project(features, method, seed)
+    k = usable_k(labels, k)
     return FeatureMap(model=name, method=method, points=points, labels=labels, class_names=list(ds.class_names),
                       sources=[ds.sources[i] for i in indices], knn_acc=knn_accuracy(features, labels, k), k=k,
                       dims=int(features.shape[1]), explained=explained, indices=[int(i) for i in indices])
@@ -129,13 +146,14 @@ def run_maps(run_dir: str, *, method: str = "pca", k: int = 5, max_images: int =
     from engine.data.datasets import load_source
     from engine.data.splits import split_indices
     from engine.models.factory import create_model
-    from engine.runs.load import load_run_model
+    from engine.runs.load import check_same_classes, load_run_model
     from engine.runs.store import RunDir
 
     run = RunDir(Path(run_dir))
     config = TrainConfig.from_dict(run.config())
     tuned = load_run_model(run.path)
     ds = load_source(config.data, work_dir=str(run.path))
+    check_same_classes(run, tuned.spec.class_names, ds.class_names, "its feature space cannot be mapped on that data")
     _train, val = split_indices(ds, config)
     val = _evenly(val, ds.labels, max_images)
     pretrained = create_model(config.model, weights=config.weights, class_names=list(ds.class_names))

@@ -22,7 +22,7 @@ from engine.core.memory import inference_batch
 from engine.data.overrides import image_key
 from engine.data.splits import split_all
 from engine.outputs.predict import class_probs
-from engine.runs.load import load_run_model
+from engine.runs.load import check_same_classes, load_run_model
 from engine.runs.store import RunDir
 
 SPLITS = ("train", "val")
@@ -72,9 +72,7 @@ def rank_mislabeled(run: RunDir, kind: str = "best", top: int = 20) -> Mislabele
     handle = load_run_model(run.path, kind)
     ds = load_source(config.data, work_dir=str(run.path))
     names = list(handle.spec.class_names)
-    if list(ds.class_names) != names:
-        raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes than its data has; "
-                          "its losses cannot be computed on that data.")
+    check_same_classes(run, names, ds.class_names, "its losses cannot be computed on that data")
     train, val, _ = split_all(ds, config)
     indices = train + val
     splits = ["train"] * len(train) + ["val"] * len(val)

@@ -13,7 +13,7 @@ from engine.core.errors import EngineError
 from engine.core.memory import inference_batch
 from engine.data.splits import split_all
 from engine.outputs.predict import class_probs
-from engine.runs.load import load_run_model
+from engine.runs.load import check_same_classes, load_run_model
 from engine.runs.store import RunDir
 from engine.training.metrics import balanced_scores
 
@@ -139,10 +139,7 @@ def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", 
     config = TrainConfig.from_dict(run.config())
     handle = load_run_model(run.path, kind)
     ds = load_source(config.data, work_dir=str(run.path))
-    if list(ds.class_names) != list(handle.spec.class_names):
-        shown = ", ".join(handle.spec.class_names[:5]) + (" ..." if len(handle.spec.class_names) > 5 else "")
-        raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes ({shown}) than its data has "
-                          f"({len(ds.class_names)} classes); it cannot be evaluated on that data.")
+    check_same_classes(run, handle.spec.class_names, ds.class_names, "it cannot be evaluated on that data")
     if split not in SPLIT_CHOICES:
         raise EngineError(f"Unknown split '{split}': use {' or '.join(SPLIT_CHOICES)}.")
     _, val, test = split_all(ds, config)

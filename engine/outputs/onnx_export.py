@@ -110,14 +110,13 @@ def _split_data(run: RunDir, which: str):
     from engine.data.datasets import load_source
     from engine.data.splits import split_indices
     from engine.data.transforms import eval_transform
-    from engine.runs.load import load_run_model
+    from engine.runs.load import check_same_classes, load_run_model
 
     config = TrainConfig.from_dict(run.config())
     spec = load_run_model(run.path).spec
     ds = load_source(config.data, work_dir=str(run.path))
-    if list(ds.class_names) != list(spec.class_names):
-        raise EngineError(f"Run {run.run_id}: its checkpoint predicts other classes than its data has; "
-                          "the exported models cannot be scored or calibrated on that data.")
+    check_same_classes(run, spec.class_names, ds.class_names,
+                       "the exported models cannot be scored or calibrated on that data")
     train, val = split_indices(ds, config)
     return ds, (train if which == "train" else val), eval_transform(spec)
 

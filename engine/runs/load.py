@@ -34,3 +34,14 @@ def load_run_model(run_dir: str | Path, kind: str = "best") -> ModelHandle:
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in weights.values()):
         raise RunError(f"The run {run.run_id}: its '{kind}' weights hold NaN or infinite values.")
     return model_from_spec(spec, weights)
+
+
+def check_same_classes(run: RunDir, checkpoint_classes: list[str], data_classes: list[str], purpose: str) -> None:
+    """A run's checkpoint and the data it is read with must name the same classes, in order (its data
+    may have changed since: a class folder added or removed). ``purpose``: what cannot be done, e.g.
+    "it cannot be evaluated on that data"."""
+    if list(checkpoint_classes) == list(data_classes):
+        return
+    shown = ", ".join(checkpoint_classes[:5]) + (" ..." if len(checkpoint_classes) > 5 else "")
+    raise RunError(f"Run {run.run_id}: its checkpoint predicts other classes ({shown}) than its data has "
+                   f"({len(data_classes)} classes); {purpose}.")
