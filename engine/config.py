@@ -219,8 +219,37 @@ class TrainConfig:
         for n in counts:
             if n > n_backbone:
                 raise ConfigError("unfreeze", f"the model has {n_backbone} backbone stages; {n} cannot train.")
+        lone: list[str] = []  # BatchNorm layers that train and would see one value per channel
+        hooks = [m.register_forward_hook(_one_value_per_channel(name, lone))
+                 for name in (_training_batchnorms(module, stages, plan, self.epochs) if self.batch_size < 2 else [])
+                 for m in [module.get_submodule(name)]]
         try:
             with evaluating(module), torch.inference_mode():
                 module(torch.zeros(1, 3, image_size, image_size))
         except Exception as exc:  # e.g. a ViT whose patch grid is fixed at another size
             raise ConfigError("image_size", refused_input_size(image_size, exc)) from exc
+        finally:
+            for h in hooks:
+                h.remove()
+        if lone:
+            raise ConfigError("batch_size", f"a batch of one image cannot train BatchNorm layer {lone[0]} at "
+                                            f"{image_size} px: its input there is 1x1, one value per channel, and "
+                                            "BatchNorm in training normalises over the batch. Use a batch of 2 or "
+                                            "more, or a larger image size.")
+
+
+def _training_batchnorms(module: nn.Module, stages: list[Stage], plan: FreezePlan, epochs: int) -> list[str]:
+    """BatchNorm layers in training mode at the plan's widest epoch (gradual unfreezing only adds)."""
+    from engine.freeze.plan import plan_effect
+
+    held = set(plan_effect(module, stages, plan, epoch=max(0, epochs - 1)).eval_modules)
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in held]
+
+
+def _one_value_per_channel(name: str, found: list[str]):
+    def hook(_m: nn.Module, inputs: tuple, _output: Any) -> None:
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if x is not None and x.ndim >= 2 and x[0].numel() // max(1, x.shape[1]) == 1:
+            found.append(name)
+    return hook

@@ -262,3 +262,27 @@ def test_each_plan_is_sized_with_the_others_in_memory(tmp_path, monkeypatch):
     assert first.set_up(lambda: False)
     expected = int((budget - process - 3 * weights - 8 * weights) // (HEADROOM * cost.per_image))
     assert first.runner.batches.micro_batch == expected < 30
+
+
+def test_a_race_started_again_follows_its_new_process(tmp_path):
+    """A race cancelled before its first score can be started again (``race --group``): its runs
+    then read as running in this process, not as interrupted by the earlier, dead one."""
+    import subprocess
+    import sys
+
+    base = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=10,
+                       num_workers=0, batch_size=16)
+    runs = create_race(tmp_path, base, ("fe", "full"), 3.0)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for run in runs:  # what an earlier race process cancelled in its setup leaves
+        run.write_status(state="running", pid=dead.pid, pid_start=1.0)
+    seen = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train_race(runs, say=lambda _line: seen.append([r.status().active for r in runs]))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.status == "finished" and seen[0] == [True, True]
+    assert sorted(r.status().state for r in runs) == ["finished", "finished"]

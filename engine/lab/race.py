@@ -55,6 +55,7 @@ race's curves (validation accuracy per wall-clock second).
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, replace
@@ -609,12 +610,14 @@ def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
     queues for it (every run's status says its place in line), otherwise a busy device is refused.
     Whatever ends the race early, no run is left reading "running"."""
     from engine.runs.locks import device_lock
-    from engine.runs.process import Heartbeat
+    from engine.runs.process import Heartbeat, process_start
     from engine.runs.queue import CancelledInQueue, device_queue, in_line, wait_for_device
     from engine.training.run import _sigterm_as_interrupt
 
     device = TrainConfig.from_dict(runs[0].config()).device
     held = lock or device_lock(device, holder=f"race {_config(runs[0]).get('group')}")
+    for run in runs:  # this process races them (started again with --group, an earlier pid is dead): a
+        run.write_status(pid=os.getpid(), pid_start=process_start(os.getpid()))  # status follows the live one
 
     def write_all(**fields: Any) -> None:
         for run in runs:

@@ -203,6 +203,10 @@ def plan_batches(module: nn.Module, model: nn.Module, input_shape: tuple[int, ..
             return BatchPlan(batch_size, max(1, min(batch_size, fits)), True, squeezed, fixed, budget)
         _set_checkpointing(module, False)
     need = fixed + HEADROOM * per_image
+    images = len(input_shape) == 3  # else the head's input: cached features, the backbone already frozen
+    what = f"one image at {input_shape[-1]} px needs" if images else "the cached features of one image need"
+    advice = ("Lower the image size, freeze more of the model, or raise --memory-budget." if images
+              else "Raise --memory-budget.")
     raise EngineError(
-        f"one image at {input_shape[-1]} px needs about {format_size(need)} to train this way, more than the "
-        f"memory budget of {budget}. Lower the image size, freeze more of the model, or raise --memory-budget.")
+        f"{what} about {format_size(need)} to train this way ({format_size(fixed)} of it before the first "
+        f"image: this process, gradients and optimizer state), more than the memory budget of {budget}. {advice}")

@@ -49,6 +49,11 @@ BAD_TRAIN = {
     "val-fraction-0": ({"val_fraction": "0"}, "val_fraction must be in"),
     "val-fraction-nan": ({"val_fraction": "nan"}, "val_fraction must be a finite"),
     "max-per-class-0": ({"max_per_class": "0"}, "max_per_class must be between 1"),
+    "max-per-class-1": ({"max_per_class": "1"}, "no validation images"),  # all 10 train: nothing measures the run
+    "batch-1-at-1x1-maps": ({"batch_size": "1"}, "a batch of one image cannot train BatchNorm"),  # 32 px: 1x1
+    "memory-budget-tiny": ({"memory_budget": "1MB"}, "one image at 32 px needs about"),
+    "memory-budget-tiny-cached": ({"memory_budget": "1MB", "strategy": "feature-extraction"},
+                                  "the cached features of one image need about"),  # not "at 96 px": features
     "unfreeze-epoch-0": ({"unfreeze": "0:1"}, "unfreeze epochs start at 1"),
     "unfreeze-garbage": ({"unfreeze": "soon"}, "EPOCH:STAGES"),
     "strategy-unknown": ({"strategy": "melt"}, "Unknown freeze strategy"),
