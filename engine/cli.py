@@ -312,9 +312,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.status in ("finished", "cancelled") else 1
 
 
-def _take_device_lock(device: str):
+def _take_device_lock(device: str, holder: str = "a training started from the command line"):
     """The device, now, for a training in the foreground: refused when busy or when others wait in
-    line for it (``--background`` joins the line instead)."""
+    line for it (``--background`` joins the line instead). ``holder``: who holds it, as others are told."""
     from engine.runs.locks import device_lock
     from engine.runs.queue import device_queue
 
@@ -322,7 +322,7 @@ def _take_device_lock(device: str):
     if waiting:
         raise RunError(f"{waiting} training{'s wait' if waiting > 1 else ' waits'} in line for this device; "
                        "add --background to join the queue.")
-    lock = device_lock(device, holder="a training started from the command line")
+    lock = device_lock(device, holder=holder)
     lock.acquire()
     return lock
 
@@ -417,7 +417,8 @@ def cmd_race(args: argparse.Namespace) -> int:
                            device=args.device)
         base.check_hosted()
         if not args.background:
-            lock = _take_device_lock(base.device)  # a busy device refuses before any run folder exists
+            # a busy device refuses before any run folder exists
+            lock = _take_device_lock(base.device, holder="a race started from the command line")
         runs = create_race(args.out, base, plans, args.budget, eta=args.eta,
                            owner=None if args.background else os.getpid())
         if args.background:
@@ -880,7 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="model: digits | lfw | FOLDER (a run uses its own validation images)")
     p.add_argument("--weights", default="packaged", help="model: packaged|hub|none|PATH")
     p.add_argument("--image-size", type=_at_least(8, 4096))
-    p.add_argument("--max-per-class", type=_at_least(1, 10_000), default=50, help="model: images per class sampled")
+    p.add_argument("--max-per-class", type=_at_least(1, 10_000), default=50, help="model: at most this many images per class before the 80/20 split; the map shows the "
+                   "validation share (about a fifth of them)")
     p.add_argument("--method", default="pca", choices=["pca", "umap"])
     p.add_argument("--k", type=_at_least(1, 100), default=5, help="neighbours of the k-NN score")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")

@@ -215,3 +215,15 @@ def test_digits_are_read_from_sklearns_file_as_load_digits_gives_them_without_im
             "print(len(d), 'sklearn' in sys.modules, 'scipy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.split() == ["1797", "False", "False"], out.stderr[-2000:]
+
+
+def test_a_folder_whose_every_image_is_unreadable_says_so_once(tmp_path):
+    """Not "2 classes have no images ... Only one class has images": none has."""
+    from engine.data.datasets import load_dataset, validate
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    problems = validate(load_dataset(tmp_path)).problems
+    assert "No class has images: a classifier needs images of at least two classes." in problems
+    assert not any("Only one class" in p for p in problems)

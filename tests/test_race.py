@@ -149,6 +149,7 @@ def test_refusals_are_one_clear_sentence():
     (["--plans", "full"], "at least two plans"),
     (["--eta", "1"], "must be between 2 and 10"),
     (["--plans", "fe,sideways"], "Unknown plan"),
+    (["--plans", ""], "No plans given"),  # not "all five"
     (["--budget", "soon"], "invalid float value"),
     (["--data", "nosuch", "--plans", "fe,full", "--budget", "5"], "Unknown data"),  # refused in the race: removed
 ])

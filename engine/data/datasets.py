@@ -365,7 +365,9 @@ def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
     if empty:
         problems.append(f"{len(empty)} class(es) have no images: {', '.join(empty)}.")
     populated = [c for c, n in counts.items() if n > 0]
-    if len(populated) < 2:
+    if not populated:
+        problems.append("No class has images: a classifier needs images of at least two classes.")
+    elif len(populated) < 2:
         problems.append("Only one class has images: a classifier needs at least two classes.")
     # the images a class trains on: all of them (random split), or its given train split
     pool = per_split.get("train", {c: 0 for c in counts}) if per_split else counts

@@ -90,8 +90,11 @@ MAX_BUDGET_S = 24 * 3600.0
 
 # ------------------------------------------------------------------ plans and budget
 def parse_plans(text: str | None) -> tuple[str, ...]:
-    """'fe,last-1,full' -> ('fe', 'last-1', 'full'); at least two distinct known plans."""
-    names = tuple(p.strip().lower() for p in (text or ",".join(PLANS)).split(",") if p.strip())
+    """'fe,last-1,full' -> ('fe', 'last-1', 'full'); at least two distinct known plans. None: all of
+    them; an empty text is a mistake, not "all"."""
+    names = tuple(p.strip().lower() for p in (",".join(PLANS) if text is None else text).split(",") if p.strip())
+    if not names:
+        raise EngineError(f"No plans given: name at least two of {', '.join(PLANS)} (or leave --plans out for all).")
     unknown = [n for n in names if n not in PLANS]
     if unknown:
         raise EngineError(f"Unknown plan(s) {', '.join(unknown)}: a race picks from {', '.join(PLANS)}.")
