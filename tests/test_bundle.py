@@ -108,6 +108,18 @@ def test_round_trip_evaluates_and_predicts_the_same(trained, bundle, tmp_path, c
     assert _probs(run, cat_photo) == _probs(trained, cat_photo)
 
 
+def test_an_imported_run_reads_no_data_outside_the_data_folder(bundle, tmp_path, monkeypatch, cat_photo):
+    """Its config's data path was written on another machine: /usr, say, would be scanned as a dataset
+    and its folder names shown as classes. Built-in data and the data folder are read; nothing else."""
+    from engine.core.errors import DataError
+
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    run = import_bundle(_config(data="/usr")(bundle), tmp_path / "runs")
+    with pytest.raises(DataError, match=r"imported from another machine, and its data path \(/usr\) is outside"):
+        evaluate_run(run)
+    assert predict_files(load_run_model(run.path), [cat_photo])  # predictions need no data
+
+
 def test_an_imported_run_is_not_resumed_from_scratch(trained, bundle, tmp_path):
     """A bundle has no optimizer state: resuming would silently retrain and overwrite its best weights."""
     other = tmp_path / "other-machine"
@@ -410,7 +422,25 @@ HOSTILE = {
                            "cannot be built here"),
     "another-models-tensors": (_weights_case(tensor_edit=_rename_tensors), "does not fit timm:test_resnet"),
     "nan-weights": (_weights_case(tensor_edit=_nan), "nan"),
+    # preprocessing is read from the weights: a 30000 px input size is a 10.8 GB tensor at evaluation
+    "input-size-huge": (_weights_case(meta_edit=lambda m: m["spec"].update(input_size=[3, 30000, 30000])),
+                        "preprocessing"),
+    "interpolation-unknown": (_weights_case(meta_edit=lambda m: m["spec"].update(interpolation="evil")),
+                              "preprocessing"),
+    "std-zero": (_weights_case(meta_edit=lambda m: m["spec"].update(std=[0, 0, 0])), "preprocessing"),
+    # class names are printed by predict and eval: no escape sequences, newlines or repeats
+    "class-name-escape": (_weights_case(meta_edit=lambda m: _names(m, ["\x1b[31mred", "b"])), "control characters"),
+    "class-name-newline": (_weights_case(meta_edit=lambda m: _names(m, ["a\nerror: fake", "b"])), "control characters"),
+    "class-names-repeat": (_weights_case(meta_edit=lambda m: _names(m, ["a", "a"])), "class names repeat"),
+    "config-names-another-model": (_config(model="timm:resnet18"), "names timm:resnet18 but the weights are"),
+    "overrides-not-decisions": (lambda d: _rebuild(d, {"data-overrides.json": b'{"decisions": "x"}'}),
+                                "not a list of decisions"),
 }
+
+
+def _names(meta: dict, names: list[str]) -> None:
+    meta["class_names"] = names
+    meta["spec"]["class_names"] = names
 
 
 def _empty_zip() -> bytes:

@@ -492,6 +492,18 @@ def load_source(source: str, work_dir: str | Path | None = None, overrides: Over
     return apply_overrides(ds, overrides)
 
 
+def _imported(work_dir: str | Path) -> bool:
+    """Whether a run folder holds a run imported from a bundle: its data path was written on another
+    machine, so it is untrusted here (engine.runs.bundle)."""
+    import json
+
+    try:
+        status = json.loads((Path(work_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(status, dict) and bool(status.get("imported_from"))
+
+
 def _read_source(source: str, work_dir: str | Path | None, verify: bool = True) -> ImageSet:
     """The data as delivered (see ``load_source``)."""
     if not isinstance(source, str) or not source.strip():
@@ -502,6 +514,11 @@ def _read_source(source: str, work_dir: str | Path | None, verify: bool = True) 
     if source == "cifar10":
         return load_cifar10_set()
     path = Path(source)
+    if work_dir is not None and _imported(work_dir) and not resolves_inside(path, os.path.realpath(data_root())):
+        shown = "".join(ch if ch.isprintable() else "?" for ch in source)[-80:]
+        raise DataError(f"This run was imported from another machine, and its data path ({shown}) is outside "
+                        f"this app's data folder ({data_root()}), so it is not read. Its predictions and exports "
+                        "need no data.")
     if path.suffix.lower() == ".zip":
         if not path.is_file():
             raise DataError(f"Zip file not found: {path}")

@@ -369,22 +369,32 @@ def _sidecar_preprocessing(sidecar: dict[str, Any] | None, qualified: str, notes
     if sidecar.get("name") not in (None, qualified):
         notes.append(f"The JSON beside the weights is for {sidecar.get('name')}; its preprocessing is not used.")
         return {}
-    try:
-        size = tuple(int(v) for v in sidecar["input_size"])
-        mean = tuple(float(v) for v in sidecar.get("mean", ()))
-        std = tuple(float(v) for v in sidecar.get("std", ()))
-        crop_pct = float(sidecar.get("crop_pct", 0.875))
-        interpolation = str(sidecar.get("interpolation", "bilinear"))
-        crop_mode = str(sidecar.get("crop_mode", "center"))
-        ok = (len(size) == 3 and size[0] == 3 and all(8 <= v <= 4096 for v in size[1:]) and len(mean) == 3
-              and len(std) == 3 and all(0 < v < 1e3 for v in std) and all(abs(v) < 1e3 for v in mean)
-              and 0.1 <= crop_pct <= 2.0 and interpolation in _INTERPOLATIONS and crop_mode in _CROP_MODES)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    values = sane_preprocessing(sidecar)
+    if values is None:
         notes.append("The JSON beside the weights has preprocessing values that cannot be used; the "
                      "architecture's defaults are used.")
         return {}
+    return values
+
+
+def sane_preprocessing(values: dict[str, Any]) -> dict[str, Any] | None:
+    """Preprocessing read from an untrusted file (a sidecar JSON, an imported run's weights): the values
+    when every one is usable (3 channels of 8-4096 px, finite mean, std above 0, a crop share of 0.1-2, a
+    known interpolation and crop mode), else None. A 30000 px input size, say, is a 10.8 GB tensor."""
+    try:
+        size = tuple(int(v) for v in values["input_size"])
+        mean = tuple(float(v) for v in values.get("mean", ()))
+        std = tuple(float(v) for v in values.get("std", ()))
+        crop_pct = float(values.get("crop_pct", 0.875))
+        interpolation = str(values.get("interpolation", "bilinear"))
+        crop_mode = str(values.get("crop_mode", "center"))
+        ok = (len(size) == 3 and size[0] == 3 and all(8 <= v <= 4096 for v in size[1:]) and len(mean) == 3
+              and len(std) == 3 and all(0 < v < 1e3 for v in std) and all(abs(v) < 1e3 for v in mean)
+              and 0.1 <= crop_pct <= 2.0 and interpolation in _INTERPOLATIONS and crop_mode in _CROP_MODES)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if not ok:
+        return None
     return {"input_size": size, "mean": mean, "std": std, "crop_pct": crop_pct, "interpolation": interpolation,
             "crop_mode": crop_mode}
 

@@ -54,6 +54,7 @@ IDENTITY = ("config.json", WEIGHTS, "metrics.jsonl")  # what makes two copies of
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
 STALE_AFTER_S = 15 * 60  # an import folder this old belongs to a dead importer
 _PART_PREFIX = ".bundle-import-"
+MAX_CLASS_NAME = 200  # characters; a folder name, not a document
 
 
 class BundleError(RunError):
@@ -456,7 +457,15 @@ def _check_contents(staged: Path, manifest: dict[str, Any], shown: str) -> None:
     best = _parse_json((staged / "best.json").read_bytes(), "best.json", shown)
     if not isinstance(best, dict):
         raise BundleError(f"{shown}: 'best.json' is not a JSON object; refused.")
-    _check_weights(staged / WEIGHTS, best, shown)
+    _check_weights(staged / WEIGHTS, best, shown, config.get("model"))
+    if (staged / "data-overrides.json").is_file():  # what evaluation reads the data with: refused now, not then
+        from engine.data.overrides import read_file
+
+        try:
+            read_file(staged / "data-overrides.json")
+        except EngineError:
+            raise BundleError(f"{shown}: 'data-overrides.json' is not a list of decisions about images; "
+                              "refused.") from None
 
 
 def _check_config(config: Any, shown: str) -> None:
@@ -470,9 +479,10 @@ def _check_config(config: Any, shown: str) -> None:
         raise BundleError(f"{shown}: 'config.json' is not a valid run config: {_one_line(exc)}") from None
 
 
-def _check_weights(path: Path, sidecar: dict[str, Any], shown: str) -> None:
-    """Opened with safetensors (never torch.load): classes present, one per head row, the model's tensors."""
-    from engine.models.factory import ModelSpec
+def _check_weights(path: Path, sidecar: dict[str, Any], shown: str, config_model: str | None = None) -> None:
+    """Opened with safetensors (never torch.load): classes present, printable, distinct, one per head
+    row; preprocessing in range; the model the config names; the model's tensors."""
+    from engine.models.factory import ModelSpec, sane_preprocessing
 
     try:
         meta = weights_meta(path)
@@ -483,15 +493,29 @@ def _check_weights(path: Path, sidecar: dict[str, Any], shown: str) -> None:
     names = meta.get("class_names")
     if not (isinstance(names, list) and len(names) >= 1 and all(isinstance(n, str) for n in names)):
         raise BundleError(f"{shown}: the weights carry no class names; refused.")
+    bad = next((n for n in names if not n or len(n) > MAX_CLASS_NAME or not n.isprintable()), None)
+    if bad is not None:  # printed by predict and eval: an escape sequence or a newline would forge output
+        raise BundleError(f"{shown}: a class name is empty, over {MAX_CLASS_NAME} characters or holds control "
+                          f"characters ('{_printable(bad, 40)}'); refused.")
+    if len(set(names)) != len(names):
+        raise BundleError(f"{shown}: its class names repeat ('{_printable(_first_repeat(names), 40)}'); refused.")
     try:
         spec = ModelSpec.from_dict(meta["spec"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise BundleError(f"{shown}: the weights carry no readable model description; refused.") from None
+    if sane_preprocessing(meta["spec"]) is None:
+        raise BundleError(f"{shown}: the weights' preprocessing (input size, mean/std, crop, interpolation) is "
+                          "out of range; refused.")
     rows = head_classes(path, str(spec.head))
     if rows is None or rows != len(names) or spec.num_classes != len(names):
         raise BundleError(f"{shown}: the weights' head predicts {rows if rows is not None else 'no'} classes but "
                           f"{len(names)} class names are given; refused.")
+    if list(spec.class_names) != list(names):
+        raise BundleError(f"{shown}: the weights' model description and their class names differ; refused.")
     _check_tensors(path, spec, shown)
+    if config_model is not None and _qualified(config_model) != spec.name:
+        raise BundleError(f"{shown}: config.json names {_printable(config_model, 40)} but the weights are "
+                          f"{_printable(spec.name, 40)}; refused.")
 
 
 def _check_tensors(path: Path, spec: Any, shown: str) -> None:
@@ -595,6 +619,20 @@ def _sweep_dead_imports(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:
             pass
+
+
+def _qualified(model: str) -> str:
+    from engine.models.registry import resolve
+
+    try:
+        return resolve(model).qualified
+    except EngineError:
+        return model
+
+
+def _first_repeat(names: list[str]) -> str:
+    seen: set[str] = set()
+    return next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
 
 
 # ------------------------------------------------------------------ words
