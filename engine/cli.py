@@ -725,6 +725,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     target = Path(args.output)
     if target.is_dir():
         raise EngineError(f"-o {args.output} is a folder; name the file to write, e.g. {target / 'train.py'}.")
+    from engine.core.files import check_output_file
+
+    check_output_file(target, run.path.parent)
     target.write_text(text)
     print(f"wrote {target}: `python {target.name}` reproduces run {run.run_id} (plain torch + timm)",
           file=sys.stderr)

@@ -212,6 +212,34 @@ def _no_best(run):
     run.write_status(state="cancelled")
 
 
+def test_an_export_never_writes_into_the_runs_folder_or_through_a_link_device_or_pipe(trained, tmp_path):
+    """-o RUN/best.safetensors destroyed the run it exported; -o onto a device node or a pipe replaced the
+    node with a zip (a rename replaces what is there). Refused before anything is written; the script
+    and ONNX exports share the check."""
+    from engine.runs.bundle import export_bundle_file
+
+    run = _copy_run(trained, tmp_path / "runs")
+    before = {p.name: _sha(p) for p in run.path.iterdir() if p.is_file()}
+    pipe, link = tmp_path / "pipe", tmp_path / "link.zip"
+    os.mkfifo(pipe)
+    link.symlink_to(tmp_path / "elsewhere.zip")
+    for target, phrase in ((run.path / "best.safetensors", "inside the runs folder"),
+                           (tmp_path / "runs" / "x.zip", "inside the runs folder"),
+                           (pipe, "not a plain file"), (link, "not a plain file")):
+        with pytest.raises(EngineError, match=phrase):
+            export_bundle_file(run, target, script_for=script_for_run)
+    assert {p.name: _sha(p) for p in run.path.iterdir() if p.is_file()} == before
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and link.is_symlink() and not (tmp_path / "elsewhere.zip").exists()
+    for fmt in ("script", "onnx"):
+        engine("export", run.run_id, "--format", fmt, "-o", str(run.path / "config.json"),
+               "--out", str(tmp_path / "runs")).assert_one_line_error("inside the runs folder")
+    assert {p.name: _sha(p) for p in run.path.iterdir() if p.is_file()} == before
+    written = export_bundle_file(run, tmp_path / "fine.zip", script_for=script_for_run)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert written["files"] and stat.S_IMODE(os.stat(tmp_path / "fine.zip").st_mode) == 0o644 & ~umask  # as any file
+
+
 @pytest.mark.parametrize("spoil, phrase", [(_running, "still running"), (_queued, "still queued"),
                                            (_damaged, "damaged"), (_no_best, "no best checkpoint")],
                          ids=["running", "queued", "damaged", "no-best"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -79,3 +80,19 @@ class file_lock:
     def __exit__(self, *exc: Any) -> None:
         fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
         self._fh.close()
+
+
+def check_output_file(target: Path, runs_folder: Path) -> None:
+    """A file an export is about to write: new, or a plain file to replace. Never a link, device or pipe
+    (the atomic rename would replace the node itself: ``-o /dev/null`` run as root), and never inside the
+    runs folder (``-o RUN/best.safetensors`` destroyed the run it exported)."""
+    from engine.core.errors import EngineError
+
+    if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+        raise EngineError(f"{target} exists and is not a plain file (a folder, link, device or pipe); name a new "
+                          "file to write.")
+    parent = os.path.realpath(target.parent if str(target.parent) else ".")
+    runs = os.path.realpath(runs_folder)
+    if parent == runs or parent.startswith(runs.rstrip(os.sep) + os.sep):
+        raise EngineError(f"{target} is inside the runs folder ({runs_folder}); write exports outside it, where "
+                          "they cannot overwrite a run's own files.")

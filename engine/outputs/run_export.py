@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import EngineError
-from engine.core.files import atomic_write_bytes
+from engine.core.files import atomic_write_bytes, check_output_file
 from engine.runs.store import RunDir
 
 FORMATS = ("script", "onnx", "torchscript", "safetensors")
@@ -37,6 +37,7 @@ def output_path(run: RunDir, fmt: str, output: str | None) -> Path:
         raise EngineError(f"-o {target}: the folder {parent} does not exist.")
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise EngineError(f"-o {target}: not allowed to write there.")
+    check_output_file(target, run.path.parent)
     return target
 
 

@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Iterator
 
 from engine.core.errors import EngineError, RunError
-from engine.core.files import atomic_write_json, file_lock
+from engine.core.files import atomic_write_json, check_output_file, file_lock
 from engine.core.paths import lock_dir
 from engine.runs.checkpoint_file import head_classes, weights_meta
 from engine.runs.status import RunStatus
@@ -150,12 +150,16 @@ def export_bundle_file(run: RunDir, target: str | Path, *, script_for: Callable[
         raise BundleError(f"{target} is a folder; name the file to write, e.g. {target / (run.run_id + '.zip')}.")
     if not target.parent.is_dir():
         raise BundleError(f"The folder of {target} does not exist.")
+    check_output_file(target, run.path.parent)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             manifest = write_bundle(run, fh, script_for=script_for)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)  # readable as any file the user writes (mkstemp's is private)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
