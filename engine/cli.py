@@ -250,9 +250,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                               if run.status().imported_from else "")
                            + "; start a new run with its settings instead.")
         if args.epochs_given:
-            from engine.config import TrainConfig
+            from engine.training.run import check_resumable
 
-            TrainConfig.from_dict({**run.config(), "epochs": args.epochs}).check_hosted()  # before it is written
+            check_resumable(run, args.epochs)  # before the run is touched: a refusal leaves it as it was
             if not args.background:
                 lock = _take_device_lock(run.config().get("device", "auto"))
             extend_run(run, args.epochs)

@@ -90,6 +90,35 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+def test_a_resume_the_run_cannot_take_is_refused_and_leaves_it_as_it_was(tmp_path):
+    """Fewer epochs than done, a damaged commit, data whose classes changed (renamed: the labels would
+    be silently permuted; added: a size mismatch deep in load_state_dict): one clear refusal, and the
+    run's config and state untouched."""
+    from engine.training.run import check_resumable
+    from tests.test_overrides import _digits_folder
+
+    folder = _digits_folder(tmp_path / "digits", per_class=6, classes=(0, 1, 2))
+    config = tiny(data=str(folder), epochs=2, max_per_class=None)
+    run = create_run(tmp_path / "runs", config.to_dict())
+    assert fit(config, run).status == "finished"
+    untouched = (run.config_path.read_bytes(), run.status_path.read_bytes())
+    with pytest.raises(EngineError, match="has trained 2 epoch"):
+        check_resumable(run, 2)
+    (folder / "2").rename(folder / "two")
+    with pytest.raises(RunError, match=r"predicts other classes \(0, 1, 2\).*cannot be resumed"):
+        check_resumable(run, 4)
+    assert (run.config_path.read_bytes(), run.status_path.read_bytes()) == untouched
+    with pytest.raises(RunError, match="cannot be resumed"):  # the engine's own check, past the CLI's
+        fit(TrainConfig.from_dict({**run.config(), "epochs": 4}), run, resume=True)
+    (folder / "two").rename(folder / "2")
+    good = run.train_state_path.read_bytes()
+    run.train_state_path.write_bytes(good[:100])
+    with pytest.raises(RunError, match="damaged"):
+        check_resumable(run, 4)
+    run.train_state_path.write_bytes(good)
+    check_resumable(run, 4)  # as it was: resumable
+
+
 def test_resume_after_gradual_unfreeze_rebuilds_groups(tmp_path):
     plan = FreezePlan.feature_extraction(head_lr=3e-3, unfreeze_schedule=((1, 2),))
     config = tiny(epochs=3, plan=plan.to_dict(), feature_cache="off")

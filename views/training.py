@@ -19,6 +19,7 @@ from engine.runs.background import start_background
 from engine.runs.locks import device_lock
 from engine.runs.queue import device_queue
 from engine.runs.store import active_runs, create_run, describe_run, extend_run, list_runs, open_run
+from engine.training.run import check_resumable
 from ui.cache import dataset_overview
 from ui.dataset_builder import dataset_builder
 from ui.errors import show_error
@@ -186,7 +187,7 @@ if runs:
         resume_box = st.container()
         if st.button("Resume"):
             try:
-                TrainConfig.from_dict({**run.config(), "epochs": int(more)}).check_hosted()
+                check_resumable(run, int(more))  # a refusal leaves the run as it was
                 extend_run(run, int(more))
             except EngineError as exc:
                 show_error(exc, resume_box)

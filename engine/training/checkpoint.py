@@ -128,6 +128,12 @@ class Checkpointer:
     def restore(self, handle: ModelHandle, commit: dict[str, Any]) -> None:
         """The committed weights into the model; derived files a kill left behind are rebuilt."""
         assert self.run is not None
+        trained = (commit.get("meta") or {}).get("class_names")
+        if trained:  # the data may have changed since: a class added, removed or renamed
+            from engine.runs.load import check_same_classes
+
+            check_same_classes(self.run, list(trained), list(handle.spec.class_names),
+                               "it cannot be resumed on that data; start a new run")
         weights = commit["model"] if "model" in commit else load_weights(self.run.checkpoint("last"))
         handle.module.load_state_dict(weights)
         repair_after_crash(self.run, handle, commit, self.monitor)

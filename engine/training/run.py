@@ -105,3 +105,24 @@ class _sigterm_as_interrupt:
 
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_resumable(run: RunDir, epochs: int) -> None:
+    """What resuming ``run`` to ``epochs`` needs, checked before the run is touched: a refused resume
+    leaves its config and its state as they were. Its last commit readable; more epochs than it has
+    trained; a shared server's caps; its data readable, with the classes its checkpoint predicts."""
+    from engine.data.datasets import load_source
+    from engine.runs.load import check_same_classes
+    from engine.training.checkpoint import read_commit
+
+    commit = read_commit(run)
+    done = int(commit.get("epoch") or 0)
+    if epochs <= done:
+        raise EngineError(f"Run {run.run_id} has trained {done} epoch(s): resuming it needs more than {done} "
+                          f"(got {epochs}).")
+    config = TrainConfig.from_dict({**run.config(), "epochs": epochs})
+    config.check_hosted()
+    trained = (commit.get("meta") or {}).get("class_names")
+    if trained:
+        names = load_source(config.data, work_dir=str(run.path), verify=False).class_names
+        check_same_classes(run, list(trained), list(names), "it cannot be resumed on that data; start a new run")
