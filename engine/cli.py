@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -17,8 +18,20 @@ from engine.models.registry import DEFAULT_MODEL
 
 
 def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2)
+    """Strict JSON: a NaN or infinity (a class with no validation images has no accuracy) is null,
+    since JSON has no such numbers and strict parsers refuse Python's NaN."""
+    json.dump(_finite(data), sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def _human(n: int | None) -> str:

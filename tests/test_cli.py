@@ -91,3 +91,29 @@ def test_train_eval_predict_resume_through_the_cli(tmp_path, cat_photo):
     assert json.loads(proc.stdout)["epochs"] == 3
     proc = run_cli("train", "--data", str(tmp_path / "nope"), *common)
     assert proc.returncode == 2 and "Unknown data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_json_output_is_strict_json_even_where_a_score_has_no_value(tmp_path, capsys):
+    """A class with no validation images has no accuracy: null, not NaN (which strict parsers refuse)."""
+
+    from engine.cli import main
+    from engine.config import TrainConfig
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
+    from tests.test_overrides import _digits_folder
+
+    data = tmp_path / "splits"
+    _digits_folder(data / "train", per_class=6, classes=(0, 1))
+    _digits_folder(data / "val", per_class=3, classes=(0,))  # no validation images of class 1
+    config = TrainConfig(model="timm:test_resnet", weights="none", data=str(data), image_size=32, epochs=1,
+                         num_workers=0)
+    run = create_run(tmp_path / "runs", config.to_dict())
+    assert fit(config, run).status == "finished"
+    capsys.readouterr()
+    assert main(["eval", run.run_id, "--out", str(tmp_path / "runs"), "--json"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert report["per_class_acc"]["1"] is None and report["per_class_acc"]["0"] is not None
