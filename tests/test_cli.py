@@ -95,7 +95,6 @@ def test_train_eval_predict_resume_through_the_cli(tmp_path, cat_photo):
 
 def test_json_output_is_strict_json_even_where_a_score_has_no_value(tmp_path, capsys):
     """A class with no validation images has no accuracy: null, not NaN (which strict parsers refuse)."""
-
     from engine.cli import main
     from engine.config import TrainConfig
     from engine.runs.store import create_run
