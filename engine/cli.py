@@ -255,6 +255,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.resume is not None:
         if not args.resume.strip():
             raise EngineError("--resume needs a run id or a run folder (python -m engine runs lists them).")
+        changed = sorted(getattr(args, "given", set()) - RESUME_OPTIONS)
+        if changed:  # they were silently ignored: the run goes on with its own settings
+            raise EngineError(f"--resume continues a run with the settings it started with; {', '.join(changed)} "
+                              "cannot change (only --epochs can). Start a new run to train another way.")
         run = open_run(args.out, args.resume)
         _refuse_if_active(run)  # before touching its config
         if not run.train_state_path.is_file() and (run.metrics() or run.status().imported_from):
@@ -323,6 +327,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif result.status == "failed":  # several processes: how they ended (engine/training/launch.py)
         print(f"error: {result.reason}", file=sys.stderr)
     return 0 if result.status in ("finished", "cancelled") else 1
+
+
+RESUME_OPTIONS = frozenset({"--resume", "--epochs", "--out", "--background", "--json"})  # what a resume may say
 
 
 def _take_device_lock(device: str, holder: str = "a training started from the command line"):
@@ -1008,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.epochs_given = "--epochs" in argv
+    args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -180,6 +180,8 @@ OTHER_COMMANDS = {
     "compare-epochs-0": (["compare", "--epochs", "0"], "epochs must be between 1"),
     "resume-unknown-run": (["train", "--resume", "no-such-run"], "No run at"),
     "resume-empty": (["train", "--resume", ""], "--resume needs a run"),
+    "resume-with-other-settings": (["train", "--resume", "some-run", "--lr", "5", "--data=lfw"],
+                                   "--data, --lr cannot change"),  # silently ignored before
     "summary-vit-size-off-its-patch-grid": (["summary", "timm:test_vit", "--input-size", "33"], "does not fit"),
     "no-command": ([], "required"),
 }
