@@ -549,6 +549,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(result.tta.line())
         for name, acc in result.per_class_acc.items():
             print(f"  {name:<20} {acc:.3f}")
+        if result.changed:
+            print(f"note: {result.changed}", file=sys.stderr)
     return 0
 
 

@@ -116,3 +116,28 @@ def test_json_output_is_strict_json_even_where_a_score_has_no_value(tmp_path, ca
 
     report = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert report["per_class_acc"]["1"] is None and report["per_class_acc"]["0"] is not None
+
+
+def test_eval_says_when_the_split_is_not_the_one_the_run_was_measured_on(tmp_path, capsys):
+    """Images that became unreadable are skipped when the data is read, so the split shrinks: the
+    scores are of fewer images than the run was validated on, and eval says so."""
+    from engine.cli import main
+    from engine.config import TrainConfig
+    from engine.outputs.evaluate import evaluate_run
+    from engine.runs.store import create_run
+    from engine.training.loop import fit
+    from tests.test_overrides import _digits_folder
+
+    data = _digits_folder(tmp_path / "digits", per_class=10, classes=(0, 1))
+    config = TrainConfig(model="timm:test_resnet", weights="none", data=str(data), image_size=32, epochs=1,
+                         num_workers=0)
+    run = create_run(tmp_path / "runs", config.to_dict())
+    assert fit(config, run).status == "finished"
+    assert evaluate_run(run).changed is None
+    for png in sorted(data.rglob("*.png"))[:6]:
+        png.write_bytes(b"not an image any more")
+    result = evaluate_run(run)
+    assert result.changed and "measured on 4 val images" in result.changed
+    capsys.readouterr()
+    assert main(["eval", run.run_id, "--out", str(tmp_path / "runs")]) == 0
+    assert "note: the run was measured on 4 val images" in capsys.readouterr().err

@@ -52,6 +52,8 @@ else:
 b1, b2 = st.columns(2)  # the two that an imbalanced validation set cannot flatter
 b1.metric("Balanced accuracy (mean per-class recall)", f"{report.balanced_accuracy:.2%}")
 b2.metric("Macro-F1", f"{report.macro_f1:.3f}")
+if report.changed:
+    st.warning(f"Note: {report.changed}.")
 if report.unreadable:
     st.warning(f"{len(report.unreadable)} validation file(s) can no longer be read and were left out: "
                + public_message("; ".join(u["reason"] for u in report.unreadable[:5])))

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from engine.config import TrainConfig
 from engine.core.device import resolve_device
 from engine.core.errors import EngineError
+from engine.core.files import read_json
 from engine.core.memory import inference_batch
 from engine.data.splits import split_all
 from engine.outputs.predict import class_probs
@@ -73,6 +74,7 @@ class EvalSummary:
     per_class_acc: dict[str, float]
     unreadable: list[dict[str, str]] = field(default_factory=list)  # files broken since training, left out
     split: str = "val"
+    changed: str | None = None  # the split is not the one the run was measured on (its data changed)
     test_acc: float | None = None
     test_loss: float | None = None
     test_images: int | None = None
@@ -105,6 +107,7 @@ class EvaluationReport:
     misclassified: list[dict[str, Any]]
     confidence: dict[str, list[float]]  # "correct" / "wrong" -> the top-1 probabilities
     unreadable: list[dict[str, str]] = field(default_factory=list)
+    changed: str | None = None  # the split is not the one the run was measured on (its data changed)
     # beside accuracy, the scores a small class cannot hide behind (engine.training.metrics)
     macro_f1: float = 0.0  # mean per-class F1 over the classes that occur in the labels or predictions
     balanced_accuracy: float = 0.0  # mean per-class recall over the classes with images
@@ -168,7 +171,21 @@ def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", 
             "tta": tta, "labels": torch.cat(labels)[keep], "indices": indices,
             "sources": [ds.sources[i] for i in indices], "images": [image_key(ds, i) for i in indices],
             "class_names": handle.spec.class_names,
-            "unreadable": list(dataset.failed)}
+            "unreadable": list(dataset.failed), "changed": _split_changed(run, split, len(indices))}
+
+
+def _split_changed(run: RunDir, split: str, evaluated: int) -> str | None:
+    """A sentence when the run was measured on another number of ``split`` images than are evaluated
+    now (its status records the split it trained with): images removed, added or unreadable since, so
+    these scores are not the ones it had."""
+    status = read_json(run.status_path, {})
+    counts = status.get("split") if isinstance(status, dict) else None
+    recorded = counts.get(split) if isinstance(counts, dict) else None
+    if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded == evaluated:
+        return None
+    return (f"the run was measured on {recorded} {split} images and {evaluated} are evaluated now: its data "
+            "has changed since it trained (images removed, added or no longer readable), so these scores are "
+            "not the ones it had")
 
 
 def evaluate_run(run: RunDir, kind: str = "best", split: str = "val", tta: bool = False) -> EvalSummary:
@@ -187,7 +204,7 @@ def evaluate_run(run: RunDir, kind: str = "best", split: str = "val", tta: bool 
         scores.update(val_acc=None, val_loss=None, val_images=None)
     return EvalSummary(run_id=run.run_id, checkpoint=kind, per_class_acc=per_class, split=split,
                        unreadable=[{"file": f, "reason": r} for f, r in preds["unreadable"]],
-                       tta=_tta_change(preds), **scores)
+                       tta=_tta_change(preds), changed=preds["changed"], **scores)
 
 
 def evaluation_report(run: RunDir, kind: str = "best", split: str = "val", tta: bool = False) -> EvaluationReport:
@@ -222,5 +239,5 @@ def evaluation_report(run: RunDir, kind: str = "best", split: str = "val", tta: 
         confidence={"correct": confidence[predicted == labels].tolist(),
                     "wrong": confidence[predicted != labels].tolist()},
         unreadable=[{"file": f, "reason": r} for f, r in preds["unreadable"]],
-        tta=_tta_change(preds),
+        tta=_tta_change(preds), changed=preds["changed"],
     )
