@@ -120,6 +120,18 @@ def test_an_imported_run_reads_no_data_outside_the_data_folder(bundle, tmp_path,
     assert predict_files(load_run_model(run.path), [cat_photo])  # predictions need no data
 
 
+def test_an_imported_unfinished_run_does_not_say_resume_it(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "source")
+    run.write_status(state="interrupted",
+                     reason="the training process ended without finishing (crash or kill); resume it")
+    imported = import_bundle(export_bundle(run, script_for=script_for_run), tmp_path / "runs")
+    status = imported.status()
+    assert status.state == "interrupted" and "cannot be resumed here" in status.reason
+    assert "; resume it" not in status.reason
+    with pytest.raises(RunError, match="carries only its best weights"):
+        load_run_model(imported.path, "last")
+
+
 def test_an_imported_run_is_not_resumed_from_scratch(trained, bundle, tmp_path):
     """A bundle has no optimizer state: resuming would silently retrain and overwrite its best weights."""
     other = tmp_path / "other-machine"

@@ -554,8 +554,12 @@ def _write_imported_status(staged: Path, manifest: dict[str, Any], shown: str) -
     origin = {"bundle": shown, "run_id": manifest["run_id"], "imported_at": now,
               "exported_at": exported if isinstance(exported, (int, float)) and not isinstance(exported, bool) else None,
               "engine_version": engine_version[:40] if isinstance(engine_version, str) else None}
-    status = replace(bundled, state=state, pid=None, pid_start=None, heartbeat=None, imported_from=origin,
-                     updated_at=now)
+    reason = bundled.reason
+    if state != "finished" and "resume" in reason:  # "...; resume it" was true where it trained, not here
+        reason = (reason.split(";")[0] + "; imported as a bundle, which carries its best weights, not the "
+                  "training state: it cannot be resumed here")
+    status = replace(bundled, state=state, reason=reason[:500], pid=None, pid_start=None, heartbeat=None,
+                     imported_from=origin, updated_at=now)
     atomic_write_json(staged / "status.json", status.to_dict())
 
 

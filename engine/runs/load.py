@@ -21,7 +21,9 @@ def load_run_model(run_dir: str | Path, kind: str = "best") -> ModelHandle:
     run = RunDir(Path(run_dir))
     path = run.checkpoint(kind)
     if not path.is_file():
-        raise RunError(f"The run {run.run_id} has no '{kind}' checkpoint yet.")
+        imported = run.status().imported_from
+        raise RunError(f"The run {run.run_id} has no '{kind}' checkpoint" + (
+            " (imported as a bundle, which carries only its best weights)." if imported else " yet."))
     problems = run.problems() if kind == "best" else []
     if problems:
         raise RunError(f"The run {run.run_id} is damaged: {'; '.join(problems)}.")
