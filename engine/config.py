@@ -36,11 +36,18 @@ class ConfigError(EngineError):
         self.field = field
 
 
+def _shown(value: Any) -> str:
+    """A refused value as one short line: a 400-digit number or a long string is cut, not echoed."""
+    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
+
+
 def _text(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(name, f"{name} must be given (got {value!r}).")
+            raise ConfigError(name, f"{name} must be given (got {_shown(value)}).")
 
 
 def _integer(config: Any, name: str, low: int, high: int, optional: bool = False) -> None:
@@ -48,9 +55,9 @@ def _integer(config: Any, name: str, low: int, high: int, optional: bool = False
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"{name} must be a whole number (got {value!r}).")
+        raise ConfigError(name, f"{name} must be a whole number (got {_shown(value)}).")
     if not low <= value <= high:
-        raise ConfigError(name, f"{name} must be between {low} and {high} (got {value}).")
+        raise ConfigError(name, f"{name} must be between {low} and {high} (got {_shown(value)}).")
 
 
 def _number(config: Any, name: str, low: float, high: float, *, low_open: bool = False,
@@ -59,7 +66,7 @@ def _number(config: Any, name: str, low: float, high: float, *, low_open: bool =
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(name, f"{name} must be a finite number (got {value!r}).")
+        raise ConfigError(name, f"{name} must be a finite number (got {_shown(value)}).")
     if value < low or value > high or (low_open and value == low) or (high_open and value == high):
         lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
         raise ConfigError(name, f"{name} must be in {lo}, {hi} (got {value:g}).")

@@ -316,7 +316,7 @@ def _read_manifest(zf: zipfile.ZipFile, shown: str, limits: BundleLimits) -> dic
         raise BundleError(f"{shown}: {MANIFEST} does not describe a run bundle.")
     version = manifest.get("format")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT:
-        raise BundleError(f"{shown}: made by a newer version of the workbench (bundle format {version}); "
+        raise BundleError(f"{shown}: made by a newer version of the workbench (bundle format {_printable(str(version), 20)}); "
                           "update this one to import it.")
     if version != FORMAT:
         raise BundleError(f"{shown}: {MANIFEST} has an unknown bundle format ({str(version)[:20]}).")

@@ -39,6 +39,7 @@ BAD_TRAIN = {
     "workers-negative": ({"workers": "-1"}, "num_workers must be between 0"),
     "image-size-0": ({"image_size": "0"}, "image_size must be between 8"),
     "image-size-huge": ({"image_size": "100000"}, "image_size must be between 8"),
+    "image-size-400-digits": ({"image_size": "1" + "0" * 400}, "(401 characters)"),  # cut, not echoed
     "lr-nan": ({"lr": "nan"}, "finite"),
     "lr-inf": ({"lr": "inf"}, "finite"),
     "lr-zero": ({"lr": "0"}, "positive"),
