@@ -473,9 +473,14 @@ HOSTILE = {
     "class-name-newline": (_weights_case(meta_edit=lambda m: _names(m, ["a\nerror: fake", "b"])), "control characters"),
     "class-names-repeat": (_weights_case(meta_edit=lambda m: _names(m, ["a", "a"])), "class names repeat"),
     "config-names-another-model": (_config(model="timm:resnet18"), "names timm:resnet18 but the weights are"),
+    "metrics-beyond-the-config": (lambda d: _rebuild(d, {"metrics.jsonl": _metrics(d) * 40}), "more than the"),
     "overrides-not-decisions": (lambda d: _rebuild(d, {"data-overrides.json": b'{"decisions": "x"}'}),
                                 "not a list of decisions"),
 }
+
+
+def _metrics(data: bytes) -> bytes:
+    return dict((i.filename, d) for i, d in _members(data))["metrics.jsonl"]
 
 
 def _names(meta: dict, names: list[str]) -> None:

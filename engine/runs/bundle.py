@@ -462,6 +462,10 @@ def _check_contents(staged: Path, manifest: dict[str, Any], shown: str) -> None:
     if not isinstance(best, dict):
         raise BundleError(f"{shown}: 'best.json' is not a JSON object; refused.")
     _check_weights(staged / WEIGHTS, best, shown, config.get("model"))
+    epochs = len(RunDir(staged).metrics())  # every run list reads them: no more than the run trained
+    if epochs > int(config.get("epochs") or 0):
+        raise BundleError(f"{shown}: metrics.jsonl has {epochs} epochs, more than the {config.get('epochs')} its "
+                          "config.json trains; refused.")
     if (staged / "data-overrides.json").is_file():  # what evaluation reads the data with: refused now, not then
         from engine.data.overrides import read_file
 
