@@ -515,7 +515,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         result = {"undone": undone.to_dict() if undone else None}
         line = f"undone: {undone.line()}" if undone else "nothing to undo: no decisions"
     else:
-        current = ov.read_overrides(data)
+        current = decisions.current(data)
         state = current.state()
         result = {"file": str(ov.overrides_path(data)), **current.to_dict(),
                   "relabel": {k: d.label for k, d in state.items() if d.action == "relabel"},

@@ -244,3 +244,36 @@ def test_evaluate_page_excludes_relabels_and_undoes(tmp_path):
     next(b for b in at.button if b.key and b.key.startswith("ml-") and b.label == "Relabel").click().run()
     saved = json.loads((tmp_path / "data" / "overrides" / "lfw.json").read_text())["decisions"]
     assert [d["action"] for d in saved] == ["relabel"] and saved[0]["label"] in ("face", "non-face")
+
+
+@pytest.mark.timeout(60)
+def test_a_pipe_named_like_an_overrides_or_labels_file_is_refused_not_read(tmp_path):
+    """Reading a FIFO blocks until someone writes to it: the data check, a decision and a training hung."""
+    import os
+
+    from engine.data.datasets import load_dataset
+
+    folder = _digits_folder(tmp_path / "d", per_class=3, classes=(0, 1))
+    os.mkfifo(folder / "workbench-overrides.json")
+    with pytest.raises(DataError, match="not a plain file"):
+        load_source(str(folder))
+    with pytest.raises(DataError, match="not a plain file"):
+        dec.exclude(str(folder), "0/0.png")
+    flat = _digits_folder(tmp_path / "csv", per_class=3, classes=(0, 1))
+    os.mkfifo(flat / "labels.csv")
+    with pytest.raises(DataError, match="labels.csv is not a plain file"):
+        load_dataset(flat)
+
+
+def test_undo_and_the_decisions_list_need_data_the_workbench_reads(tmp_path, monkeypatch):
+    """'' is the current folder and a folder without classes is nobody's dataset: their overrides file
+    is never read or rewritten."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "workbench-overrides.json").write_text('{"decisions": [{"image": "a/1.png", "action": "exclude"}]}')
+    before = (tmp_path / "workbench-overrides.json").read_bytes()
+    for source in ("", str(tmp_path), str(tmp_path / "missing")):
+        with pytest.raises(DataError):
+            dec.undo(source)
+        with pytest.raises(DataError):
+            dec.current(source)
+    assert (tmp_path / "workbench-overrides.json").read_bytes() == before

@@ -59,7 +59,19 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+def is_plain_file(path: Path) -> bool:
+    """A regular file, not a link, pipe, device or folder: what may be opened and read to its end
+    (reading a FIFO blocks until someone writes to it: forever)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON in a plain file, else ``default`` (missing, unreadable, not JSON, or not a plain file)."""
+    if not is_plain_file(path):
+        return default
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

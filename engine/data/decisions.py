@@ -78,8 +78,16 @@ def restore(source: str, image: str) -> Decision:
     return decide(source, image, "restore")
 
 
+def current(source: str) -> Overrides:
+    """The decisions about ``source``, which must be data the workbench reads (a built-in set, a dataset
+    folder or a zip): '' would be the current folder's file, a folder that is no dataset someone's."""
+    _raw_set(source)
+    return read_file(overrides_path(source))
+
+
 def undo(source: str) -> Decision | None:
     """Take back the last decision (None: there was none)."""
+    _raw_set(source)  # data the workbench reads, as ``current`` says
     path = overrides_path(source)
     with decisions_lock(path):
         current = read_file(path)

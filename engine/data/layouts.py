@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.core.errors import DataError
+from engine.core.files import is_plain_file
 from engine.data.archive import is_hidden_name
 from engine.data.images import IMAGE_SUFFIXES
 
@@ -67,6 +68,8 @@ class LabelsCsv:
 
 def _csv_header(path: Path) -> list[str] | None:
     """The lower-cased first row of a CSV (BOM removed), None when it cannot be read as text."""
+    if not is_plain_file(path):  # a pipe named .csv would block the read forever
+        return None
     try:
         with open(path, "rb") as fh:
             head = fh.read(64 * 1024)
@@ -186,6 +189,9 @@ def read_labels_csv(path: Path) -> LabelsCsv:
     """The rows of a labels CSV; a malformed file is one clear DataError, a bad row is skipped with the
     reason (rows: blank lines ignored, duplicates and rows without a label or with an unknown split skipped)."""
     shown = path.name
+    if not is_plain_file(path):
+        raise DataError(f"{shown} is not a plain file (a pipe, device, link or folder); a labels file is read only "
+                        "when it is one.")
     try:
         size = path.stat().st_size
         if size > MAX_CSV_BYTES:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import DataError
-from engine.core.files import atomic_write_json, file_lock
+from engine.core.files import atomic_write_json, file_lock, is_plain_file
 from engine.core.paths import data_root, lock_dir
 from engine.data.layouts import BUILTIN, OVERRIDES_FILE, TORCHVISION_SETS  # layouts know the file's name
 
@@ -142,6 +142,9 @@ def read_file(path: Path, shown: str | None = None) -> Overrides:
         raise DataError(f"{shown} is a link; an overrides file is read only when it is a plain file.")
     if not path.exists():
         return Overrides(file=shown)
+    if not is_plain_file(path):  # a pipe would block the read forever
+        raise DataError(f"{shown} is not a plain file (a pipe, device or folder); an overrides file is read only "
+                        "when it is one.")
     try:
         size = path.stat().st_size
         if size > MAX_BYTES:

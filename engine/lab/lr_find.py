@@ -78,6 +78,9 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, floa
     return (lrs[steepest] if slopes[steepest] < 0 else None), min_over_10
 
 
+MIN_LR, MAX_LR = 1e-12, 1e3  # a sweep's range: far wider than any useful LR, far from float's limits
+
+
 def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int = 100,
             on_point: Callable[[int, float, float], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> LRSweep:
@@ -85,6 +88,8 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
     on a fresh model built from ``config``; ``on_point(step, lr, loss)`` after each step."""
     if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
         raise EngineError(f"the sweep needs 0 < start LR < end LR (got {start_lr:g} .. {end_lr:g}).")
+    if start_lr < MIN_LR or end_lr > MAX_LR:  # beyond them a float LR (or a group's share of it) is 0 or inf
+        raise EngineError(f"the sweep's LRs lie between {MIN_LR:g} and {MAX_LR:g} (got {start_lr:g} .. {end_lr:g}).")
     if not 5 <= steps <= 10_000:
         raise EngineError(f"the sweep needs 5 to 10,000 steps (got {steps}).")
     config.check_hosted()
@@ -100,7 +105,10 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
         sweep.ended = "cancelled while computing features"
         return sweep
     planned = [group["lr"] for group in runner.optimizer.param_groups]
-    ratio = (end_lr / start_lr) ** (1 / (steps - 1))
+    log_step = (math.log(end_lr) - math.log(start_lr)) / (steps - 1)
+
+    def lr_at(k: int) -> float:  # in log space: (end / start) ** (1 / (steps - 1)) overflows for wide ranges
+        return math.exp(math.log(start_lr) + min(k, steps - 1) * log_step)
 
     def set_head_lr(lr: float) -> None:
         """Every group scaled alike: the head gets ``lr``, each backbone stage keeps its ratio to it."""
@@ -113,7 +121,7 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
     def on_step(_i: int, loss: float, _seen: int) -> None:
         nonlocal best, average
         k = len(sweep.lrs)
-        lr = start_lr * ratio ** k
+        lr = lr_at(k)
         average = SMOOTHING * average + (1 - SMOOTHING) * loss
         smoothed = average / (1 - SMOOTHING ** (k + 1))
         sweep.lrs.append(lr)
@@ -127,7 +135,7 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
         elif k + 1 >= steps:
             sweep.ended = f"reached the end LR {end_lr:g}"
         else:
-            set_head_lr(start_lr * ratio ** (k + 1))
+            set_head_lr(lr_at(k + 1))
 
     constant = replace(config, schedule="constant")  # the sweep sets every step's LR itself
     set_head_lr(start_lr)
@@ -141,7 +149,7 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
             if stats is None and not sweep.ended:
                 sweep.ended = "cancelled"
     except Diverged:
-        sweep.ended = f"the loss became infinite at LR {start_lr * ratio ** len(sweep.lrs):.2g}"
+        sweep.ended = f"the loss became infinite at LR {lr_at(len(sweep.lrs)):.2g}"
     sweep.group_lrs = {group["name"]: group["lr"] for group in runner.optimizer.param_groups}
     sweep.suggestion, sweep.min_over_10 = suggest(sweep.lrs, sweep.smoothed)
     return sweep
