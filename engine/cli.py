@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from engine.core.errors import EngineError, RunError
@@ -391,14 +392,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for run in runs:  # this process owns the queue: a run waiting its turn is not mistaken for a dead one
         if run.status().active:
             run.write_status(pid=os.getpid(), pid_start=process_start(os.getpid()))
-    for run in runs:
-        state = run.status().state
-        if state == "finished":
-            continue
-        train_run(run, resume=run.checkpoint("last").is_file(), wait=bool(args.group),
-                  emit=_progress_printer(sys.stderr.isatty() and not args.json))
-        if run.status().state == "cancelled":
-            break
+    try:
+        for run in runs:
+            state = run.status().state
+            if state == "finished":
+                continue
+            train_run(run, resume=run.checkpoint("last").is_file(), wait=bool(args.group),
+                      emit=_progress_printer(sys.stderr.isatty() and not args.json))
+            if run.status().state == "cancelled":
+                break
+    finally:  # stopped, cancelled or failed: the runs still waiting their turn end too, not as "interrupted"
+        for run in runs:
+            if run.status().state == "queued" and run.status().pid == os.getpid():
+                run.write_status(state="cancelled", reason="the comparison stopped before its turn",
+                                 queue_position=None, finished_at=time.time())
     rows = comparison_table(runs)
     if args.json:
         _print_json({"group": runs[0].config().get("group"), "runs": rows})

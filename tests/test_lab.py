@@ -53,6 +53,38 @@ def test_comparison_trains_same_data_and_budget_and_tables(tmp_path):
         create_comparison(tmp_path, base, {"one": FreezePlan.full()})
 
 
+def test_a_comparison_checks_every_plan_and_the_data_before_writing_a_run(tmp_path):
+    """A bad later plan was found after the first had trained; unknown data left runs behind."""
+    from dataclasses import replace
+
+    from engine.runs.store import list_runs
+
+    base = TrainConfig(**TINY, epochs=1)
+    bad = {"full": FreezePlan.full(), "last 999": FreezePlan.last(999)}
+    with pytest.raises(EngineError, match="strategy last 999: the model has .* backbone stages"):
+        create_comparison(tmp_path, base, bad)
+    none = {"fe": FreezePlan.feature_extraction(), "nothing": FreezePlan.custom(stages=())}
+    with pytest.raises(EngineError, match="strategy nothing: Nothing to train"):
+        create_comparison(tmp_path, base, none)
+    with pytest.raises(EngineError, match="Unknown data"):
+        create_comparison(tmp_path, replace(base, data=str(tmp_path / "missing")), {"a": FreezePlan.full(),
+                                                                                     "b": FreezePlan.last(1)})
+    assert list_runs(tmp_path) == []
+
+
+def test_a_cancelled_comparison_ends_the_runs_still_waiting(tmp_path):
+    """They read 'interrupted ... resume it' (queued, with a dead pid) after the group stopped."""
+    from engine.cli import main
+    from engine.runs.background import request_cancel
+
+    runs = create_comparison(tmp_path, TrainConfig(**TINY, epochs=1),
+                             {"fe": FreezePlan.feature_extraction(head_lr=5e-2), "full": FreezePlan.full()})
+    request_cancel(runs[0])  # cancelled while it waits for the device
+    assert main(["compare", "--group", runs[0].config()["group"], "--out", str(tmp_path), "--json"]) == 0
+    assert [r.status().state for r in runs] == ["cancelled", "cancelled"]
+    assert "before its turn" in runs[1].status().reason
+
+
 def test_evaluation_report_is_consistent(trained_run):
     report = evaluation_report(trained_run)
     confusion = np.array(report.confusion)
