@@ -270,3 +270,22 @@ def test_the_test_split_is_evaluated_with_a_feature_cache_and_without_a_run_fold
     result = fit(cfg(tmp_path / "d", plan=plan, feature_cache="on", epochs=2))
     assert result.feature_cache and result.status == "finished"
     assert "on 9 held-out images (last checkpoint)" in result.reason
+
+
+def test_csv_labels_that_cannot_be_printed_are_skipped_and_accents_are_one_class(tmp_path):
+    """Class names are printed (predict, eval, the mislabelled ranking) and carried by run bundles,
+    whose import refuses escapes, newlines and names over 200 characters: such rows are skipped with
+    the reason, so a run this workbench trains is one it can import. 'café' typed precomposed or with a
+    combining accent is one class."""
+    import csv as csv_module
+
+    rows = csv_folder(tmp_path, header="path,label", n=12)
+    labels = ["caf\u00e9", "cafe\u0301", "\x1b[31mred", "a\nb", "x" * 201, "plain"] * 2
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        writer = csv_module.writer(fh)
+        writer.writerow(["path", "label"])
+        for row, label in zip(rows, labels):
+            writer.writerow([row[0], label])
+    ds = load_dataset(tmp_path, verify=False)
+    assert ds.class_names == ["café", "plain"] and ds.counts() == {"café": 4, "plain": 2}
+    assert sum("control characters" in why for _f, why in ds.skipped) == 6

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,9 @@ def _size(n: int) -> str:
     return f"{n / 1024 / 1024:.1f} MB"
 
 
+MAX_LABEL = 200  # characters in a class name, as a run bundle allows (engine.runs.bundle)
+
+
 def read_labels_csv(path: Path) -> LabelsCsv:
     """The rows of a labels CSV; a malformed file is one clear DataError, a bad row is skipped with the
     reason (rows: blank lines ignored, duplicates and rows without a label or with an unknown split skipped)."""
@@ -252,9 +256,12 @@ def read_labels_csv(path: Path) -> LabelsCsv:
         if rel is None:
             skipped.append((row[ip].strip() or where, f"{where}: {problem}"))
             continue
-        label = row[il].strip()
+        label = unicodedata.normalize("NFC", row[il].strip())  # one class however the accents were typed
         if not label:
             skipped.append((rel, f"{where}: no label"))
+            continue
+        if len(label) > MAX_LABEL or not label.isprintable():  # class names are printed: no escapes or newlines
+            skipped.append((rel, f"{where}: a label over {MAX_LABEL} characters or with control characters"))
             continue
         split = None
         if isplit is not None:
