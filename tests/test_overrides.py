@@ -277,3 +277,20 @@ def test_undo_and_the_decisions_list_need_data_the_workbench_reads(tmp_path, mon
         with pytest.raises(DataError):
             dec.current(source)
     assert (tmp_path / "workbench-overrides.json").read_bytes() == before
+
+
+def test_a_decision_keeps_the_overrides_files_permissions(tmp_path):
+    """The file travels with the folder and a team reads it: a rewrite keeps its mode (mkstemp's 0600
+    made it unreadable to the others), and a new one gets what open() would give it."""
+    import os
+    import stat
+
+    folder = _digits_folder(tmp_path / "d", per_class=3, classes=(0, 1))
+    dec.exclude(str(folder), "0/0.png")
+    path = folder / "workbench-overrides.json"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    path.chmod(0o640)
+    dec.undo(str(folder))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

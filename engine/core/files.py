@@ -7,13 +7,33 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import stat
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from engine.core.faults import fault_point
+
+
+def _new_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside ``path`` with the permissions a rewrite keeps: the file's own, or, for a
+    new file, what open() gives (mode 0666 less the umask, applied by the kernel). mkstemp's are
+    private: a dataset's overrides file turned unreadable to the rest of a team."""
+    try:
+        keep: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        keep = None
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if keep is not None:
+            os.fchmod(fd, keep)
+        return fd, str(tmp)
+    raise FileExistsError(f"no free temp name beside {path}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -25,7 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_temps(path)
     fault_point(path.name, "before")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             half = len(data) // 2
