@@ -67,7 +67,7 @@ def test_nothing_is_written_and_bad_settings_are_refused(tmp_path, monkeypatch):
     for kw, phrase in ((dict(start_lr=1.0, end_lr=1e-3), "start LR < end LR"), (dict(steps=2), "5 to 10,000 steps"),
                        (dict(end_lr=math.inf), "start LR < end LR"),
                        (dict(end_lr=1e308), "between 1e-12 and 1000"),  # its steps overflowed to an LR of inf
-                       (dict(start_lr=1e-320), "between 1e-12 and 1000")):
+                       (dict(start_lr=1e-15), "between 1e-12 and 1000")):
         with pytest.raises(EngineError, match=phrase):
             lr_find(config, **kw)
 
