@@ -403,7 +403,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 break
     finally:  # stopped, cancelled or failed: the runs still waiting their turn end too, not as "interrupted"
         for run in runs:
-            if run.status().state == "queued" and run.status().pid == os.getpid():
+            status = run.status()
+            if status.state == "queued" and status.pid == os.getpid():
                 run.write_status(state="cancelled", reason="the comparison stopped before its turn",
                                  queue_position=None, finished_at=time.time())
     rows = comparison_table(runs)
@@ -1023,8 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.epochs_given = "--epochs" in argv
     args.given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    args.epochs_given = "--epochs" in args.given
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.anatomy.tree import refused_input_size
-from engine.core.errors import EngineError
+from engine.core.errors import EngineError, printable
 from engine.core.hosting import HostedLimits, hosted_limits
 from engine.core.memory import parse_size
 from engine.core.modes import evaluating
@@ -39,7 +39,7 @@ class ConfigError(EngineError):
 def _shown(value: Any) -> str:
     """A refused value as one short line: a 400-digit number or a long string is cut, not echoed."""
     text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    text = printable(text)
     return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 

@@ -6,6 +6,12 @@ Anything that is *not* an EngineError is a bug in the engine and keeps its trace
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` as it may appear in a message: control characters (an escape sequence, a newline) become
+    '?', so a name from a file or a zip cannot forge or break the one line a refusal is."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
 class EngineError(Exception):
     """A problem the user can act on (bad name, bad file, no network)."""
 

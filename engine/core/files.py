@@ -114,17 +114,21 @@ class file_lock:
         self._fh.close()
 
 
+def resolves_inside(path: Path, root_real: str) -> bool:
+    """Whether ``path`` resolves (every link followed, loops included) to ``root_real`` or below it."""
+    real = os.path.realpath(path)  # never raises on loops, unlike Path.resolve on Python 3.11
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
 def check_output_file(target: Path, runs_folder: Path) -> None:
     """A file an export is about to write: new, or a plain file to replace. Never a link, device or pipe
     (the atomic rename would replace the node itself: ``-o /dev/null`` run as root), and never inside the
     runs folder (``-o RUN/best.safetensors`` destroyed the run it exported)."""
     from engine.core.errors import EngineError
 
-    if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+    if os.path.lexists(target) and not is_plain_file(target):
         raise EngineError(f"{target} exists and is not a plain file (a folder, link, device or pipe); name a new "
                           "file to write.")
-    parent = os.path.realpath(target.parent if str(target.parent) else ".")
-    runs = os.path.realpath(runs_folder)
-    if parent == runs or parent.startswith(runs.rstrip(os.sep) + os.sep):
+    if resolves_inside(target.parent, os.path.realpath(runs_folder)):
         raise EngineError(f"{target} is inside the runs folder ({runs_folder}); write exports outside it, where "
                           "they cannot overwrite a run's own files.")

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.core.errors import DataError, ImageError
+from engine.core.errors import DataError, ImageError, printable
+from engine.core.files import read_json, resolves_inside
 from engine.core.paths import data_root
 from engine.data.archive import extract_once, is_hidden_name
 from engine.data.balance import IMBALANCE_WARN, class_imbalance
 from engine.data.images import IMAGE_SUFFIXES, check_image
-from engine.data.imageset import BROKEN_LINK, FOLDER_LINK, OUTSIDE, FileLoader, ImageSet, resolves_inside
+from engine.data.imageset import BROKEN_LINK, FOLDER_LINK, OUTSIDE, FileLoader, ImageSet
 from engine.data.layouts import BUILTIN, SPLITS, TORCHVISION_SETS, Layout, detect_layout, read_labels_csv, split_note
 from engine.data.transforms import resize_target
 
@@ -495,12 +496,7 @@ def load_source(source: str, work_dir: str | Path | None = None, overrides: Over
 def _imported(work_dir: str | Path) -> bool:
     """Whether a run folder holds a run imported from a bundle: its data path was written on another
     machine, so it is untrusted here (engine.runs.bundle)."""
-    import json
-
-    try:
-        status = json.loads((Path(work_dir) / "status.json").read_text())
-    except (OSError, ValueError):
-        return False
+    status = read_json(Path(work_dir) / "status.json", {})
     return isinstance(status, dict) and bool(status.get("imported_from"))
 
 
@@ -515,7 +511,7 @@ def _read_source(source: str, work_dir: str | Path | None, verify: bool = True) 
         return load_cifar10_set()
     path = Path(source)
     if work_dir is not None and _imported(work_dir) and not resolves_inside(path, os.path.realpath(data_root())):
-        shown = "".join(ch if ch.isprintable() else "?" for ch in source)[-80:]
+        shown = printable(source)[-80:]
         raise DataError(f"This run was imported from another machine, and its data path ({shown}) is outside "
                         f"this app's data folder ({data_root()}), so it is not read. Its predictions and exports "
                         "need no data.")

@@ -5,7 +5,6 @@ work on an ImageSet - the overrides applied to it, the splits drawn from it - si
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +12,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from engine.core.errors import ImageError
+from engine.core.files import resolves_inside
 from engine.data.images import open_image
 
 
@@ -37,12 +37,6 @@ class FileLoader:
 OUTSIDE = "link to outside the dataset folder"
 FOLDER_LINK = "link to a folder (links to folders are not followed)"
 BROKEN_LINK = "broken link (or a link loop)"
-
-
-def resolves_inside(path: Path, root_real: str) -> bool:
-    """Whether ``path`` resolves (every link followed, loops included) to ``root_real`` or below it."""
-    real = os.path.realpath(path)  # never raises on loops, unlike Path.resolve on Python 3.11
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
 @dataclass

@@ -55,7 +55,7 @@ def check_plans(base: TrainConfig, plans: dict[str, FreezePlan]) -> None:
     from engine.anatomy.stages import model_stages
     from engine.core.errors import DataError
     from engine.data.datasets import load_source, validate
-    from engine.freeze.plan import apply_plan, param_groups
+    from engine.freeze.plan import apply_plan, build_optimizer
     from engine.models.factory import create_model
 
     ds = load_source(base.data, verify=False)
@@ -70,8 +70,7 @@ def check_plans(base: TrainConfig, plans: dict[str, FreezePlan]) -> None:
         try:
             config.validate_for_model(handle.module, stages, size)
             apply_plan(handle.module, stages, plan, epoch=config.epochs - 1)
-            if not param_groups(handle.module, stages, plan):
-                raise EngineError("Nothing to train: the plan freezes every parameter.")
+            build_optimizer(handle.module, stages, plan)  # refuses a plan that freezes every parameter
         except EngineError as exc:
             raise EngineError(f"strategy {label}: {exc}") from exc
 

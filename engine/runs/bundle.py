@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Iterator
 
-from engine.core.errors import EngineError, RunError
+from engine.core.errors import EngineError, RunError, printable
 from engine.core.files import atomic_write_json, check_output_file, file_lock
 from engine.core.paths import lock_dir
 from engine.runs.checkpoint_file import head_classes, weights_meta
@@ -650,7 +650,7 @@ def _first_repeat(names: list[str]) -> str:
 # ------------------------------------------------------------------ words
 def _printable(text: str, limit: int = 60) -> str:
     """A name from a zip, as one short line: control characters never reach a message."""
-    clean = "".join(ch if ch.isprintable() else "?" for ch in text)
+    clean = printable(text)
     return clean[:limit] + ("..." if len(clean) > limit else "")
 
 
