@@ -5,10 +5,10 @@ with *this many seconds* on this machine, which plan should I have used? Each ca
 ordinary run of one group (config ``group``/``label`` as in a comparison, plus ``race``), trained
 by one process that holds the device for the whole race.
 
-Every plan is set up first (data, model, loaders, optimizer, and feature extraction's one pass that
-fills its feature cache): that time counts against the budget but against no plan's slice, so the
-first rung compares plans on equal training time. Then successive halving: the rest of the budget
-is split equally between the rungs (5 plans -> 3 -> 2 -> 1 is four rungs; each rung splits what is
+Every plan is set up first (data, model, loaders, optimizer, and the one pass that fills the cache of
+feature extraction and of the last-stages plans, training/prefix_cache.py): that time counts against
+the budget but against no plan's slice, so the first rung compares plans on equal training time.
+Then successive halving: the rest of the budget is split equally between the rungs (5 plans -> 3 -> 2 -> 1 is four rungs; each rung splits what is
 left between itself and the rungs after it, so a rung that ran late shortens all later ones alike
 rather than starving the next), and rung r gives every surviving plan an equal share of its time; after each rung the better half (rounded up) continues,
 ranked by validation accuracy (tie: lower validation loss). The last rung trains the winner alone.
@@ -302,7 +302,7 @@ class Lane:
         return weights * (4 * self.after + 3 * self.before)
 
     def set_up(self, stop: Callable[[], bool]) -> bool:
-        """Data, model, loaders, optimizer and (feature extraction) the feature cache; False when
+        """Data, model, loaders, optimizer and (feature extraction, last stages) the cache; False when
         cancelled. Timed as ``setup_s``."""
         begun = time.perf_counter()
         try:

@@ -27,7 +27,12 @@ class _Captured(Exception):
 
 
 def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
-    """Features entering ``head`` for batch ``x`` (the head itself is not run)."""
+    """Features entering ``head`` for batch ``x`` (the head itself is not run), one row per image."""
+    return module_inputs(module, head, x).flatten(1)
+
+
+def module_inputs(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """What enters submodule ``name`` for batch ``x``; the forward stops there."""
     box: dict[str, torch.Tensor] = {}
 
     def grab(_m: nn.Module, inputs: tuple) -> None:
@@ -35,7 +40,7 @@ def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
         raise _Captured
 
     with model_lock(module):  # the hook must never meet another thread's forward
-        handle = module.get_submodule(head).register_forward_pre_hook(grab)
+        handle = module.get_submodule(name).register_forward_pre_hook(grab)
         try:
             module(x)
         except _Captured:
@@ -43,8 +48,8 @@ def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
         finally:
             handle.remove()
     if "x" not in box:
-        raise RuntimeError(f"the head '{head}' was never called during forward")
-    return box["x"].flatten(1)
+        raise RuntimeError(f"'{name}' was never called during forward")
+    return box["x"]
 
 
 def extract_features(
@@ -67,12 +72,14 @@ def extract_features(
 def uses_feature_cache(plan: FreezePlan, config: TrainConfig) -> bool:
     frozen_forever = (plan.strategy == "feature-extraction" and not plan.unfreeze_schedule
                       and not plan.patterns and plan.bn_policy == "freeze")
-    if config.feature_cache == "off":
-        return False
-    if config.feature_cache == "on" and not (frozen_forever and not config.augment):
-        raise EngineError("The feature cache needs a frozen backbone (feature extraction, BN frozen, "
-                          "no unfreezing) and augmentation off.")
-    return frozen_forever and not config.augment
+    return config.feature_cache != "off" and frozen_forever and not config.augment
+
+
+def refuse_uncached(config: TrainConfig, cached: bool) -> None:
+    """``feature_cache="on"`` is a promise: a run that would train on images is refused."""
+    if config.feature_cache == "on" and not cached:
+        raise EngineError("The feature cache needs a frozen part below what trains (feature extraction or the "
+                          "last stages, BatchNorm frozen, no unfreezing) and augmentation off.")
 
 
 class HeadOnly(nn.Module):
@@ -97,7 +104,10 @@ def cache_point(handle: ModelHandle, stages: list[Stage]) -> tuple[str, float]:
 
 
 def compute_features(model: nn.Module, point: str, loader: Iterable, device: torch.device,
-                     channels_last: bool, should_stop: Callable[[], bool]) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     channels_last: bool, should_stop: Callable[[], bool],
+                     flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What enters ``point`` for every image of ``loader`` (one row each when ``flatten``), and the
+    labels; None when stopped."""
     feats, labels = [], []
     with evaluating(model), torch.inference_mode():
         for x, y in loader:
@@ -106,6 +116,7 @@ def compute_features(model: nn.Module, point: str, loader: Iterable, device: tor
             x = x.to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            feats.append(head_inputs(model, point, x).float().cpu())
+            inputs = module_inputs(model, point, x)
+            feats.append((inputs.flatten(1) if flatten else inputs).float().contiguous().cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)

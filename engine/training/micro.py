@@ -193,6 +193,8 @@ def plan_batches(module: nn.Module, model: nn.Module, input_shape: tuple[int, ..
     if fits >= 1:
         return BatchPlan(batch_size, max(1, min(batch_size, fastest, fits)), False, per_image, fixed, budget)
     if _set_checkpointing(module, True):
+        if model is not module:  # a view of the model's top (prefix_cache.py) keeps its own flag
+            _set_checkpointing(model, True)
         light = saved_bytes_per_image(model, input_shape, device, channels_last=channels_last, dtype=dtype)
         # what is kept is only the segment boundaries (``light``); the backward recomputes one segment at
         # a time and holds its activations. Measured (efficientnet_lite0, 224 px, slices of 7): the peak
@@ -202,8 +204,9 @@ def plan_batches(module: nn.Module, model: nn.Module, input_shape: tuple[int, ..
         if fits >= 1:
             return BatchPlan(batch_size, max(1, min(batch_size, fits)), True, squeezed, fixed, budget)
         _set_checkpointing(module, False)
+        _set_checkpointing(model, False)
     need = fixed + HEADROOM * per_image
-    images = len(input_shape) == 3  # else the head's input: cached features, the backbone already frozen
+    images = model is module  # else the head or the top stages on cached features, the rest already frozen
     what = f"one image at {input_shape[-1]} px needs" if images else "the cached features of one image need"
     advice = ("Lower the image size, freeze more of the model, or raise --memory-budget." if images
               else "Raise --memory-budget.")

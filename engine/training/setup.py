@@ -22,7 +22,7 @@ from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
 from engine.core.faults import fault_point
 from engine.core.hosting import hosted_limits, per_class_that_fits
-from engine.core.memory import MemoryBudget, detect_budget, inference_batch
+from engine.core.memory import MemoryBudget, current_rss, detect_budget, format_size, inference_batch
 from engine.data.balance import balanced_sampler, class_weights
 from engine.data.datasets import TransformDataset, load_source, validate
 from engine.data.overrides import Overrides, applied_overrides, save_run_overrides
@@ -43,8 +43,9 @@ from engine.training.distributed import (
     wrap,
 )
 from engine.training.epoch import Diverged, evaluate, evaluate_scores, train_one_epoch
-from engine.training.feature_cache import HeadOnly, cache_point, compute_features, uses_feature_cache
+from engine.training.feature_cache import HeadOnly, cache_point, compute_features, refuse_uncached, uses_feature_cache
 from engine.training.micro import BatchPlan, plan_batches
+from engine.training.prefix_cache import cache_fits, prefix_cut, prefix_view
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -271,12 +272,14 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     cached = uses_feature_cache(plan, config)
     model: nn.Module = module
     train_src, val_src = prep.train_ds, prep.val_ds
-    if cached:  # the frozen backbone runs once over the data; only the head trains, on its outputs
-        point, drop = cache_point(handle, stages)
+    top = None if cached else _top_view(config, prep, module, stages, plan, device, channels_last, reserve)
+    refuse_uncached(config, cached or top is not None)
+    if cached or top is not None:  # the frozen part runs once over the data; only the top trains, on its outputs
+        point, drop = cache_point(handle, stages) if cached else top[0]
         # one inference pass, in model-sized slices (core/memory.py)
         plain = dict(loader_kw, shuffle=False, batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
         def features(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
-            return compute_features(module, point, loader, device, channels_last, stop)
+            return compute_features(module, point, loader, device, channels_last, stop, flatten=top is None)
 
         if ranks is None:
             tr, va = features(DataLoader(prep.train_ds, **plain)), features(DataLoader(prep.val_ds, **plain))
@@ -285,10 +288,11 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
             va = shared_features(features, prep.val_ds, plain, ranks) if tr is not None else None
         if tr is None or va is None:
             return None
-        model = HeadOnly(module.get_submodule(point), drop)
+        model = HeadOnly(module.get_submodule(point), drop) if top is None else top[1]
         train_src, val_src = TensorDataset(*tr), TensorDataset(*va)
         loader_kw.update(num_workers=0, persistent_workers=False, pin_memory=False)
-        channels_last = False
+        channels_last = channels_last and top is not None  # cached maps stay convolution inputs
+        cached = True
 
     if len(train_src) == 0:
         raise DataError("No training images after the split.")
@@ -324,6 +328,31 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
                        device, dtype, scaler, channels_last, cached, batches, class_weight, ranks,
                        wrap(model, ranks) if ranks is not None else None, len(handle.spec.class_names),
                        plan_floor=plan_epoch)
+
+
+def _top_view(config: TrainConfig, prep: Prepared, module: nn.Module, stages: list[Stage], plan: FreezePlan,
+              device: torch.device, channels_last: bool, reserve: int) -> tuple[tuple[str, float], nn.Module] | None:
+    """For a plan that trains only the top stages: (the cut module, no dropout) and the view of the
+    model that trains from the cut's cached input (engine/training/prefix_cache.py); None when the plan
+    changes what trains, the view does not reproduce the model, or the cache would not fit the memory
+    budget. ``feature_cache="on"`` turns those into a refusal."""
+    cut = prefix_cut(plan, config, stages)
+    if cut is None:
+        return None
+    example = torch.stack([prep.val_ds[i][0] for i in range(min(2, len(prep.val_ds)))]).to(device)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    found = prefix_view(module, cut, example)
+    why = found if isinstance(found, str) else None
+    if why is None:
+        images = len(prep.train_ds) + len(prep.val_ds)
+        if not cache_fits(found[1], images, detect_budget(config.memory_budget), current_rss() + reserve):
+            why = f"the cached inputs of '{cut}' ({format_size(found[1] * images)}) would not fit the memory budget"
+    if why is None:
+        return (cut, 0.0), found[0]
+    if config.feature_cache == "on":
+        raise EngineError(f"The feature cache cannot be used for this run: {why}.")
+    return None
 
 
 def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,
