@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one race per eta and every plan alone per seed; the verdict compares means "
                         "(a single run's difference of one or two validation images is noise)")
+    parser.add_argument("--alone", help="the plans given the budget alone (default: every plan raced); feature "
+                        "extraction, far behind at 96 px, can be left out to save its minutes")
     parser.add_argument("--no-alone", action="store_true", help="only the races (compare with an earlier run's "
                         "plans alone)")
     parser.add_argument("--out", help="runs folder (default: a temporary one)")
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp(prefix="race-bench-locks-"))
     out = Path(args.out or tempfile.mkdtemp(prefix="race-bench-"))
     plans = parse_plans(args.plans)
+    alone_plans = [p.strip() for p in args.alone.split(",") if p.strip()] if args.alone else list(plans)
+    if not set(alone_plans) <= set(plans):
+        parser.error("--alone names plans that are not raced")
     base = TrainConfig(model=args.model, data="digits", image_size=args.image_size, batch_size=32)
     print(f"{args.model}, digits at {args.image_size} px, budget {args.budget:g} s, {torch.get_num_threads()} "
           f"threads, runs in {out}", flush=True)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"race eta {eta}: {race.seconds:.1f} s, {race.rungs} of {race.rungs_planned} rungs"
                   f"{' (the budget ran out first)' if race.out_of_time else ''}, winner {winner['strategy']} best val "
                   f"acc {winner['best_val_acc']:.4f} ({load()})", flush=True)
-        for name in () if args.no_alone else plans:
+        for name in () if args.no_alone else alone_plans:
             result = train_race(create_solo(out, config, name, args.budget))
             row = result.leaderboard[0]
             alone.setdefault(row["strategy"], []).append(row["best_val_acc"])

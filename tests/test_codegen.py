@@ -57,6 +57,9 @@ CASES = {
     # (b) feature extraction with frozen BN: the engine trains the head on cached features
     "feature-extraction": dict(model="timm:test_efficientnet", epochs=2,
                                plan=FreezePlan.feature_extraction(head_lr=5e-2).to_dict()),
+    # (b2) the last stage on cached inputs: the frozen stages run once (engine/training/prefix_cache.py)
+    "last-n-cached": dict(model="timm:test_resnet", epochs=2,
+                          plan=FreezePlan.last(1, head_lr=5e-2, backbone_lr_ratio=1.0).to_dict()),
     # (c) last-N with gradual unfreezing, SGD, grad clipping, one-cycle schedule
     "last-n-gradual": dict(model="timm:test_resnet", epochs=2, optimizer="sgd", grad_clip=1.0, schedule="onecycle",
                            plan=FreezePlan.last(1, head_lr=5e-2, backbone_lr_ratio=1.0, unfreeze_schedule=((1, 3),)).to_dict()),
@@ -147,7 +150,8 @@ def test_script_reproduces_the_engine_run_exactly(exported, name):
     assert loss == e.history[-1]["val_loss"]
     assert (e.script.parent / "model.safetensors").is_file()
     # the cases exercise what they claim to
-    assert e.feature_cache == (name in ("feature-extraction", "balance-sampler"))
+    assert e.feature_cache == (name in ("feature-extraction", "balance-sampler", "last-n-cached"))
+    assert ("CACHE_SKIP = []" not in e.script.read_text()) == (name == "last-n-cached")
     assert f"BALANCE = {e.config.balance!r}" in e.script.read_text()
     if name == "last-n-gradual":
         assert e.history[1]["trainable_params"] > e.history[0]["trainable_params"]

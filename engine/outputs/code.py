@@ -27,6 +27,7 @@ from engine.models.factory import create_model
 from engine.models.registry import resolve
 from engine.models.weights import WEIGHT_CHOICES, packaged_for
 from engine.training.feature_cache import cache_point, uses_feature_cache
+from engine.training.prefix_cache import prefix_cut, prefix_view, skipped_modules
 
 if TYPE_CHECKING:
     from engine.runs.store import RunDir
@@ -54,7 +55,8 @@ NOTES: dict[str, str] = {
     "TRAINABLE_PATTERNS": "parameter-name patterns that train as well",
     "BN_POLICY": "BatchNorm in frozen stages: 'freeze' (eval mode, stats fixed) | 'adapt' (stats follow the data) "
                  "| 'train'",
-    "FEATURE_CACHE": "frozen backbone: its features are computed once, only the part after CACHE_POINT trains on them",
+    "FEATURE_CACHE": "frozen backbone (or frozen stages below the ones that train): what enters CACHE_POINT is "
+                     "computed once, only the part from CACHE_POINT on trains on it",
     "SCHEDULE": "'cosine' | 'onecycle' | 'constant'; warm-up share of all steps",
     "BALANCE": "class imbalance: 'none' | 'weights' (training loss weighted by inverse class frequency, mean 1) "
                "| 'sampler' (classes drawn equally often)",
@@ -104,11 +106,13 @@ def trainable_stages_by_epoch(config: TrainConfig, stages: list[Stage]) -> dict[
 
 
 def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "",
-                    micro_batch: int | None = None) -> list[tuple[str, Any]]:
+                    micro_batch: int | None = None, cached: bool | None = None) -> list[tuple[str, Any]]:
     """The settings block's (name, value) pairs for ``config``, in the template's order.
 
     ``micro_batch``: the slice the run really used (its status says; picked from the memory budget
-    when the config leaves it open), so the script adds up gradients the same way."""
+    when the config leaves it open), so the script adds up gradients the same way. ``cached``: whether
+    the run trained on cached inputs (its RunStarted event says; None: as the engine would decide, but
+    for the memory budget); a run that trained on images gets a script that does too."""
     mid = resolve(config.model)
     plan = config.freeze_plan()
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
@@ -130,6 +134,13 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
     stages = model_stages(handle.module, handle.spec.head)
     lrs = _stage_lrs(stages, plan)
     point, drop = cache_point(handle, stages)
+    feature_cache, skip = uses_feature_cache(plan, config), []
+    if not feature_cache and cached is not False:  # the frozen stages once, as engine/training/prefix_cache.py
+        cut = prefix_cut(plan, config, stages)
+        with torch.random.fork_rng(devices=[]):
+            example = torch.rand(2, 3, size, size)
+        if cut is not None and not isinstance(prefix_view(handle.module, cut, example), str):
+            point, drop, skip, feature_cache = cut, 0.0, skipped_modules(handle.module, cut, example) or [], True
     return [
         ("RUN_ID", run_id or "(unsaved)"),
         ("MODEL_SOURCE", mid.source),
@@ -152,9 +163,10 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("TRAINABLE_STAGES", trainable_stages_by_epoch(config, stages)),
         ("TRAINABLE_PATTERNS", list(plan.patterns)),
         ("BN_POLICY", plan.bn_policy),
-        ("FEATURE_CACHE", uses_feature_cache(plan, config)),
+        ("FEATURE_CACHE", feature_cache if cached is not False else False),
         ("CACHE_POINT", point),
         ("CACHE_DROPOUT", drop),
+        ("CACHE_SKIP", skip),
         ("FEATURE_BATCH", inference_batch(handle.module, (3, size, size))),
         ("OPTIMIZER", config.optimizer),
         ("MOMENTUM", SGD_MOMENTUM),
@@ -213,9 +225,9 @@ def template_setting_names() -> list[str]:
 
 
 def generate_script(config: TrainConfig, class_names: list[str], run_id: str = "",
-                    micro_batch: int | None = None) -> str:
+                    micro_batch: int | None = None, cached: bool | None = None) -> str:
     """The standalone Python source that reproduces ``config`` (no engine import in it)."""
-    settings = script_settings(config, class_names, run_id, micro_batch)
+    settings = script_settings(config, class_names, run_id, micro_batch, cached)
     names = [n for n, _ in settings]
     if names != template_setting_names():  # a setting the template reads must never keep its demo value
         raise RuntimeError(f"the settings do not match {TEMPLATE_PATH.name}: {names} vs {template_setting_names()}")
@@ -272,4 +284,8 @@ def script_for_run(run: RunDir) -> str:
             names = load_source(config.data, work_dir=str(run.path)).class_names
         except EngineError as exc:
             raise EngineError(f"Run {run.run_id} has no checkpoint yet and its data cannot be read ({exc}).") from exc
-    return generate_script(config, [str(n) for n in names], run.run_id, run.status().micro_batch)
+    from engine.training.launch import used_cache
+
+    started = run.events_path.is_file()
+    return generate_script(config, [str(n) for n in names], run.run_id, run.status().micro_batch,
+                           used_cache(run) if started else None)

@@ -16,6 +16,7 @@ saves the trained weights as model.safetensors.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -89,6 +90,8 @@ BN_POLICY = 'freeze'
 FEATURE_CACHE = False
 CACHE_POINT = 'fc'
 CACHE_DROPOUT = 0.0
+# frozen stages below CACHE_POINT: the modules the trained part skips (it starts from their cached output)
+CACHE_SKIP = []
 # images per forward of the one pass that computes the features (sized to the model's largest layer)
 FEATURE_BATCH = 32
 OPTIMIZER = 'adamw'
@@ -412,11 +415,11 @@ def head_input(model, point, x):
         pass
     finally:
         hook.remove()
-    return box["x"].flatten(1)
+    return box["x"]
 
 
 def compute_features(model, loader, device, channels_last):
-    """The frozen backbone runs once over the data, in eval mode."""
+    """The frozen part runs once over the data, in eval mode (one row per image before a head)."""
     model.eval()
     feats, labels = [], []
     with torch.inference_mode():
@@ -424,9 +427,33 @@ def compute_features(model, loader, device, channels_last):
             x = x.to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            feats.append(head_input(model, CACHE_POINT, x).float().cpu())
+            inputs = head_input(model, CACHE_POINT, x)
+            feats.append((inputs if CACHE_SKIP else inputs.flatten(1)).float().contiguous().cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+def without_prefix(model, skipped):
+    """The model with the ``skipped`` modules passing their input through: shallow copies of the
+    containers on the way to each, every other module (and parameter) shared with ``model``."""
+    copies = {}
+
+    def copied(path):
+        if path not in copies:
+            parent, _, leaf = path.rpartition(".")
+            original = model if not path else model.get_submodule(path)
+            clone = copy.copy(original)
+            clone._modules = type(original._modules)(original._modules)
+            if path:
+                copied(parent)._modules[leaf] = clone
+            copies[path] = clone
+        return copies[path]
+
+    view = copied("")
+    for name in skipped:
+        parent, _, leaf = name.rpartition(".")
+        copied(parent)._modules[leaf] = nn.Identity()
+    return view
 
 
 # ============================================================== 3. freezing
@@ -662,9 +689,12 @@ def main():
         once = dict(loader_kw, batch_size=FEATURE_BATCH)
         train_set = TensorDataset(*compute_features(model, DataLoader(train_set, **once), device, channels_last))
         val_set = TensorDataset(*compute_features(model, DataLoader(val_set, **once), device, channels_last))
-        trained = HeadOnly(model.get_submodule(CACHE_POINT), CACHE_DROPOUT)
+        if CACHE_SKIP:  # the top stages train on what enters them
+            trained = without_prefix(model, CACHE_SKIP)
+        else:
+            trained = HeadOnly(model.get_submodule(CACHE_POINT), CACHE_DROPOUT)
+            channels_last = False
         loader_kw.update(num_workers=0, persistent_workers=False, pin_memory=False)
-        channels_last = False
 
     generator = torch.Generator()
     train_labels = [labels[i] for i in train_idx]

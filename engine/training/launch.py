@@ -87,7 +87,7 @@ def launch_ranks(run: RunDir, config: TrainConfig, resume: bool) -> RunResult:
     history = run.metrics()
     return RunResult(status=status.state, reason=status.reason, run_dir=str(run.path), best_epoch=status.best_epoch,
                      best_val_acc=status.best_val_acc, epochs_done=len(history),
-                     seconds=time.perf_counter() - started, history=history, feature_cache=_used_cache(run))
+                     seconds=time.perf_counter() - started, history=history, feature_cache=used_cache(run))
 
 
 def failure_reason(failures: dict[int, Any], world: int) -> str:
@@ -121,7 +121,7 @@ def _refused(failures: dict[int, Any]) -> bool:
     return any(isinstance(f.message, str) and f.message.startswith(ENGINE_ERROR) for f in failures.values())
 
 
-def _used_cache(run: RunDir) -> bool:
+def used_cache(run: RunDir) -> bool:
     """Whether the last start used the feature cache (its RunStarted event, written by rank 0)."""
     used = False
     try:
