@@ -105,6 +105,23 @@ def test_feature_cache_is_computed_by_shards_and_trains_the_head_like_one_proces
     assert abs(two["val_acc"] - one["val_acc"]) <= 1 / images + 1e-9  # at most a borderline image flips on rounding
 
 
+def test_the_frozen_stages_run_once_on_two_processes_as_they_would_on_images(tmp_path):
+    """Last stage on 2 ranks: each rank computes its shard of the cached inputs once and the view of the
+    top trains under DDP; the same 2-process run on images gives the same numbers (BatchNorm in the
+    trained stage sees each rank's half of the batch either way)."""
+    args = [*TINY, "--strategy", "last-n:1", "--lr", "1e-2", "--max-per-class", "40", "--epochs", "2", "--nproc", "2"]
+    results = {}
+    for cache in ("auto", "off"):
+        proc = train_cli(tmp_path / cache, *args, "--feature-cache", cache)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[cache] = json.loads(proc.stdout)
+    assert results["auto"]["feature_cache"] is True and results["off"]["feature_cache"] is False
+    cached, plain = (RunDir(Path(results[c]["run_dir"])).metrics() for c in ("auto", "off"))
+    for a, b in zip(cached, plain, strict=True):
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-3 and abs(a["train_loss"] - b["train_loss"]) < 1e-3, (a, b)
+    load_run_model(RunDir(Path(results["auto"]["run_dir"])).path)  # the plain model: no view, no DDP prefixes
+
+
 def test_training_page_offers_processes_only_with_several_gpus(tmp_path, monkeypatch):
     """One process per GPU; the page passes it to the run's config (a batch that does not divide is refused
     beside the settings, nothing created). Without several GPUs the field is not there."""

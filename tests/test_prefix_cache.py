@@ -108,3 +108,15 @@ def test_a_cache_over_the_memory_budget_is_not_made():
                   memory_budget=str(budget))
     with pytest.raises(EngineError, match="would not fit the memory budget"):
         fit(config)
+
+
+def test_a_cached_run_resumes_to_the_numbers_of_one_straight_run(tmp_path):
+    """Stopped after epoch 2 and resumed: the cache is computed again and the top continues from the
+    saved weights and optimizer, as a run that never stopped."""
+    config = tiny(plan=FreezePlan.last(1, head_lr=5e-2).to_dict(), epochs=3)
+    straight = fit(config, create_run(tmp_path / "a", config.to_dict()))
+    run = create_run(tmp_path / "b", config.to_dict())
+    fit(config, run, should_stop=lambda: len(run.metrics()) >= 2)
+    resumed = fit(config, run, resume=True)
+    assert resumed.feature_cache and [m["epoch"] for m in run.metrics()] == [1, 2, 3]
+    assert run.metrics()[-1]["val_loss"] == pytest.approx(straight.history[-1]["val_loss"], rel=1e-5)
