@@ -112,6 +112,37 @@ def test_zip_of_a_folder_loads(tmp_path):
     assert ds.class_names == ["rose", "tulip"] and len(ds) == 4
 
 
+def test_a_folder_named_like_a_zip_is_a_folder_and_a_pipe_is_no_zip(tmp_path):
+    import os
+
+    folder = tmp_path / "flowers.zip"
+    for cls in ("rose", "tulip"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(2):
+            (folder / cls / f"{i}.png").write_bytes(_png())
+    ds = load_source(str(folder))  # was "Zip file not found"
+    assert ds.class_names == ["rose", "tulip"] and len(ds) == 4
+    os.mkfifo(tmp_path / "pipe.zip")
+    with pytest.raises(DataError, match="not a regular file"):
+        load_source(str(tmp_path / "pipe.zip"))
+    with pytest.raises(DataError, match="Zip file not found"):
+        load_source(str(tmp_path / "missing.zip"))
+
+
+def test_a_class_folder_whose_name_cannot_be_printed_is_skipped_with_the_reason(tmp_path):
+    """A class name is printed (CLI lines, the app) and carried in run bundles, which refuse control
+    characters: such a folder is listed as skipped, as a labels CSV's label would be."""
+    for cls in ("rose", "tulip", "evil\x1b[31mred", "x" * 201):
+        (tmp_path / "set" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "set" / cls / f"{i}.png").write_bytes(_png())
+    ds = load_source(str(tmp_path / "set"))
+    assert ds.class_names == ["rose", "tulip"] and len(ds) == 4
+    reasons = dict(ds.skipped)
+    assert "evil?[31mred" in reasons and "control characters" in reasons["evil?[31mred"]
+    assert "x" * 201 in reasons
+
+
 @pytest.mark.parametrize("name", ["../evil.png", "/abs/evil.png", "a/../../evil.png", "C:/evil.png"])
 def test_zip_path_escapes_are_refused(tmp_path, name):
     archive = _zip(tmp_path / "bad.zip", {"ok/a.png": _png(), name: _png()})

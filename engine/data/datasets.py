@@ -24,7 +24,16 @@ from engine.data.archive import extract_once, is_hidden_name
 from engine.data.balance import IMBALANCE_WARN, class_imbalance
 from engine.data.images import IMAGE_SUFFIXES, check_image
 from engine.data.imageset import BROKEN_LINK, FOLDER_LINK, OUTSIDE, FileLoader, ImageSet
-from engine.data.layouts import BUILTIN, SPLITS, TORCHVISION_SETS, Layout, detect_layout, read_labels_csv, split_note
+from engine.data.layouts import (
+    BUILTIN,
+    MAX_LABEL,
+    SPLITS,
+    TORCHVISION_SETS,
+    Layout,
+    detect_layout,
+    read_labels_csv,
+    split_note,
+)
 from engine.data.transforms import resize_target
 
 if TYPE_CHECKING:
@@ -166,6 +175,11 @@ def _class_dirs(folder: Path, root: Path, root_real: str, skipped: list[tuple[st
                 skipped.append((entry.relative_to(root).as_posix(), problem))
                 continue
         if entry.is_dir():
+            if len(entry.name) > MAX_LABEL or not entry.name.isprintable():  # as a labels CSV's labels: class
+                skipped.append((printable(entry.relative_to(root).as_posix()),  # names are printed and bundled
+                                f"a class folder name over {MAX_LABEL} characters or with control characters "
+                                "(an escape, a newline): not read as a class; rename the folder"))
+                continue
             class_dirs.append(entry)
         elif entry.suffix.lower() in IMAGE_SUFFIXES:
             loose_images = True
@@ -515,9 +529,11 @@ def _read_source(source: str, work_dir: str | Path | None, verify: bool = True) 
         raise DataError(f"This run was imported from another machine, and its data path ({shown}) is outside "
                         f"this app's data folder ({data_root()}), so it is not read. Its predictions and exports "
                         "need no data.")
-    if path.suffix.lower() == ".zip":
-        if not path.is_file():
+    if path.suffix.lower() == ".zip" and not path.is_dir():  # a folder named like a zip is read as a folder
+        if not path.exists():
             raise DataError(f"Zip file not found: {path}")
+        if not path.is_file():
+            raise DataError(f"{path.name} is not a regular file (a pipe or a device): a zip upload must be a file.")
         # a run's own folder, or a hidden one beside the zip: never a folder of the user's, since
         # extract_once replaces whatever it finds there that is not this zip's complete extraction
         target = Path(work_dir) / "extracted" if work_dir else path.parent / f".{path.name}.extracted"

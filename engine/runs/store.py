@@ -217,6 +217,8 @@ def create_run(runs_root: str | Path, config: dict[str, Any], run_id: str | None
 
 def open_run(runs_root: str | Path, run: str | Path) -> RunDir:
     """A run by id (under runs_root) or by path; refuses ids that escape runs_root."""
+    if not str(run).strip():  # Path("") is the current folder: never a run by accident
+        raise RunError("No run given: name a run id or a run folder.")
     candidate = Path(run)
     root = Path(runs_root).resolve()
     if not candidate.is_absolute() and len(candidate.parts) == 1:

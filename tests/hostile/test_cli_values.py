@@ -181,6 +181,9 @@ OTHER_COMMANDS = {
     "compare-epochs-0": (["compare", "--epochs", "0"], "epochs must be between 1"),
     "resume-unknown-run": (["train", "--resume", "no-such-run"], "No run at"),
     "resume-empty": (["train", "--resume", ""], "--resume needs a run"),
+    # Path("") is the current folder: a config.json there was read as a run
+    "eval-empty-run": (["eval", ""], "No run given"),
+    "mislabeled-empty-run": (["data", "mislabeled", ""], "No run given"),
     "resume-with-other-settings": (["train", "--resume", "some-run", "--lr", "5", "--data=lfw"],
                                    "--data, --lr cannot change"),  # silently ignored before
     "summary-vit-size-off-its-patch-grid": (["summary", "timm:test_vit", "--input-size", "33"], "does not fit"),
@@ -191,7 +194,7 @@ OTHER_COMMANDS = {
 @pytest.mark.parametrize("name", list(OTHER_COMMANDS), ids=list(OTHER_COMMANDS))
 def test_other_commands_refuse_nonsense_in_one_line(tmp_path, capsys, name):
     argv, phrase = OTHER_COMMANDS[name]
-    if argv and argv[0] in ("eval", "compare", "train"):
+    if argv and argv[0] in ("eval", "compare", "train", "data"):
         argv = [*argv, "--out", str(tmp_path / "runs")]
     try:
         rc = main(argv)
