@@ -101,6 +101,8 @@ def test_split_folders_csv_and_builtin_layouts_honour_the_decisions(tmp_path, mo
         dec.exclude(str(archive), "1/0.png")  # decoding every one (1.2 s a click on a 2,000-photo zip when it did)
     assert decoded == []
     assert (tmp_path / "data" / "shapes.zip.workbench-overrides.json").is_file()
+    with pytest.raises(DataError, match=r"is not an image of shapes\.zip:"):  # not its hidden extraction folder
+        dec.exclude(str(archive), "1/nope.png")
     report = validate(load_source(str(archive)))  # the relabel zipped along with the folder, then the exclusion
     assert report.counts == {"one": 3, "zero": 2} and report.overrides["relabelled"] == 1
     assert report.overrides["file"] == "workbench-overrides.json in the zip and shapes.zip.workbench-overrides.json"
@@ -294,3 +296,24 @@ def test_a_decision_keeps_the_overrides_files_permissions(tmp_path):
     path.chmod(0o640)
     dec.undo(str(folder))
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_a_persons_own_notes_in_the_overrides_file_survive_a_decision(tmp_path):
+    """The file is meant to be read and edited by people: a 'note' beside a decision, or a top-level
+    'comment', stays when the workbench writes the file again (it was dropped)."""
+    folder = _digits_folder(tmp_path / "d", per_class=3, classes=(0, 1))
+    dec.exclude(str(folder), "0/0.png")
+    path = folder / "workbench-overrides.json"
+    data = json.loads(path.read_text())
+    data["comment"] = "reviewed by Ana"
+    data["decisions"][0]["note"] = "thumb over the lens"
+    path.write_text(json.dumps(data))
+    dec.relabel(str(folder), "0/1.png", "1")
+    dec.undo(str(folder))
+    dec.exclude(str(folder), "1/0.png")
+    data = json.loads(path.read_text())
+    assert data["comment"] == "reviewed by Ana"
+    assert data["decisions"][0] == {**data["decisions"][0], "image": "0/0.png", "action": "exclude",
+                                    "note": "thumb over the lens"}
+    assert [d["image"] for d in data["decisions"]] == ["0/0.png", "1/0.png"]
+    assert set(ov.read_overrides(str(folder)).state()) == {"0/0.png", "1/0.png"}

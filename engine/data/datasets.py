@@ -539,7 +539,9 @@ def _read_source(source: str, work_dir: str | Path | None, verify: bool = True) 
         target = Path(work_dir) / "extracted" if work_dir else path.parent / f".{path.name}.extracted"
         root = extract_once(path, target, display_name=path.name)
         try:
-            return load_dataset(root, verify)
+            ds = load_dataset(root, verify)
+            ds.name = path.name  # messages name the user's zip, never the hidden folder it is unpacked into
+            return ds
         except DataError as exc:  # "<internal folder> has no class folders": name the user's zip instead
             text = str(exc)
             if text.startswith(root.name + " "):

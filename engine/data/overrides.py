@@ -44,6 +44,7 @@ ZIP_SUFFIX = ".workbench-overrides.json"
 RUN_FILE = "data-overrides.json"  # in a run's folder: the decisions it trained with
 VERSION = 1
 ACTIONS = ("relabel", "exclude", "restore")
+OWN_KEYS = ("image", "action", "label", "at")  # a decision's keys this workbench writes; others are a person's
 MAX_BYTES = 20 * 1024 * 1024  # ~150,000 decisions: far more than anyone clicks
 MAX_NAME = 1024
 ABOUT = ("Decisions about single images, in the order they were taken; the last one per image counts. "
@@ -60,9 +61,11 @@ class Decision:
     action: str  # relabel | exclude | restore
     label: str | None = None  # the class, for relabel
     at: str = ""  # when (UTC, ISO 8601): for the person reading the file
+    # keys a person added beside a decision (a "note", who decided): kept when the file is written again
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"image": self.image, "action": self.action}
+        out: dict[str, Any] = {**self.extra, "image": self.image, "action": self.action}
         if self.label is not None:
             out["label"] = self.label
         if self.at:
@@ -80,6 +83,7 @@ class Overrides:
 
     decisions: list[Decision] = field(default_factory=list)
     file: str = ""  # the file's name, for messages
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # a person's own top-level keys, kept
 
     @property
     def empty(self) -> bool:
@@ -93,7 +97,7 @@ class Overrides:
         return {k: d for k, d in last.items() if d.action != "restore"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": VERSION, "about": ABOUT, "decisions": [d.to_dict() for d in self.decisions]}
+        return {**self.extra, "version": VERSION, "about": ABOUT, "decisions": [d.to_dict() for d in self.decisions]}
 
     @classmethod
     def from_dict(cls, data: Any, shown: str = OVERRIDES_FILE) -> Overrides:
@@ -117,9 +121,13 @@ class Overrides:
             if action == "relabel" and (not isinstance(label, str) or not label.strip()):
                 raise DataError(f"{where} relabels {image[:80]} without a class ('label'); {fix}.")
             at = raw.get("at")
+            extra = {k: v for k, v in raw.items() if k not in OWN_KEYS}
+            if action != "relabel" and label is not None:
+                extra["label"] = label  # a label beside an exclude is the person's note, not a class
             decisions.append(Decision(image=image, action=action, label=label if action == "relabel" else None,
-                                      at=at if isinstance(at, str) else ""))
-        return cls(decisions=decisions, file=shown)
+                                      at=at if isinstance(at, str) else "", extra=extra))
+        return cls(decisions=decisions, file=shown,
+                   extra={k: v for k, v in data.items() if k not in ("version", "about", "decisions")})
 
 
 # ------------------------------------------------------------------ where, read, write
