@@ -313,7 +313,8 @@ def test_folder_reading_matches_the_engine(tmp_path):
 
 @pytest.mark.parametrize("model, weights, classes", [("timm:efficientnet_lite0", "packaged", 3),
                                                      ("timm:test_resnet", "file", 3), ("timm:test_resnet", "file", 5),
-                                                     ("tv:mobilenet_v3_small", "file", 2), ("tv:squeezenet1_1", "none", 2)])
+                                                     ("tv:mobilenet_v3_small", "file", 2), ("tv:squeezenet1_1", "none", 2),
+                                                     ("tv:googlenet", "none", 2)])
 def test_model_construction_matches_the_engine(monkeypatch, tmp_path, model, weights, classes):
     """Same weights and the same freshly initialised head (same seed, same random draws) as the engine's
     create_model: packaged weights, a user's file (of 5 classes: its head kept or replaced), none."""

@@ -183,3 +183,25 @@ def test_spec_roundtrips_through_json_and_rebuilds_model():
     with torch.inference_mode():
         assert torch.allclose(rebuilt.module(x), handle.module(x))
     assert find_head(rebuilt.module) == spec.head
+
+
+def test_torchvision_models_with_auxiliary_heads_train_on_their_main_head(tmp_path):
+    """torchvision builds googlenet (and inception_v3) without weights with auxiliary classifiers, whose
+    training forward returns a namedtuple: every training of them was a TypeError. They are built without
+    (as torchvision's pretrained googlenet is), and a weights file that has them still loads."""
+    from safetensors.torch import save_file
+    from torchvision import models as tvm
+
+    from engine.config import TrainConfig
+    from engine.freeze.plan import FreezePlan
+    from engine.training.loop import fit
+
+    result = fit(TrainConfig(model="tv:googlenet", weights="none", data="digits", image_size=32, batch_size=16,
+                             max_per_class=6, num_workers=0, epochs=1, plan=FreezePlan.last(1).to_dict()))
+    assert result.status == "finished" and result.epochs_done == 1
+    with_aux = tvm.googlenet(weights=None, aux_logits=True, init_weights=False)
+    save_file({k: v.contiguous() for k, v in with_aux.state_dict().items()}, tmp_path / "g.safetensors")
+    handle = create_model("tv:googlenet", weights=f"file:{tmp_path / 'g.safetensors'}", num_classes=1000,
+                          check_output=False)
+    assert handle.module.aux1 is None
+    assert torch.equal(handle.module.conv1.conv.weight, with_aux.conv1.conv.weight)

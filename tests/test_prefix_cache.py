@@ -54,7 +54,7 @@ def test_the_view_shares_parameters_and_skips_only_the_frozen_part():
     module, stages = handle.module, model_stages(handle.module, handle.spec.head)
     plan = FreezePlan.last(2)
     apply_plan(module, stages, plan)
-    cut = prefix_cut(plan, TrainConfig(model="timm:test_efficientnet"), stages)
+    cut = prefix_cut(plan, TrainConfig(model="timm:test_efficientnet"), stages, module)
     assert cut == stages[-3].modules[0]  # two backbone stages and the head train
     found = prefix_view(module, cut, torch.randn(2, 3, 48, 48))
     assert not isinstance(found, str), found
@@ -67,14 +67,26 @@ def test_the_view_shares_parameters_and_skips_only_the_frozen_part():
     assert not isinstance(module.blocks[0], nn.Identity)  # the model itself is untouched
 
 
+def test_a_stage_named_by_its_container_is_cut_at_its_own_module():
+    """timm's DenseNet names every stage by the container of the whole backbone ('features'): the cut
+    is the outermost module that holds only trainable parameters, not that container."""
+    handle = create_model("timm:densenet121", weights="none", num_classes=3, check_output=False)
+    stages = model_stages(handle.module, handle.spec.head)
+    cut = prefix_cut(FreezePlan.last(2), TrainConfig(model="timm:densenet121"), stages, handle.module)
+    assert cut == "features.denseblock4"
+    assert not isinstance(prefix_view(handle.module, cut, torch.rand(2, 3, 64, 64)), str)
+
+
 @pytest.mark.parametrize("plan", [FreezePlan.full(), FreezePlan.last(1, bn_policy="adapt"),
                                   FreezePlan.last(1, unfreeze_schedule=((1, 2),)), FreezePlan.feature_extraction()])
 def test_only_a_fixed_frozen_part_below_the_top_is_cut(plan):
     handle = create_model("timm:test_resnet", weights="none", num_classes=3, check_output=False)
     stages = model_stages(handle.module, handle.spec.head)
-    assert prefix_cut(plan, TrainConfig(model="timm:test_resnet"), stages) is None
-    assert prefix_cut(FreezePlan.last(1), TrainConfig(model="timm:test_resnet", augment=True), stages) is None
-    assert prefix_cut(FreezePlan.last(1), TrainConfig(model="timm:test_resnet", feature_cache="off"), stages) is None
+    module = handle.module
+    assert prefix_cut(plan, TrainConfig(model="timm:test_resnet"), stages, module) is None
+    assert prefix_cut(FreezePlan.last(1), TrainConfig(model="timm:test_resnet", augment=True), stages, module) is None
+    assert prefix_cut(FreezePlan.last(1), TrainConfig(model="timm:test_resnet", feature_cache="off"), stages,
+                      module) is None
 
 
 def test_a_vit_trains_on_images_and_on_is_refused_with_the_reason():

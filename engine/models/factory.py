@@ -141,8 +141,16 @@ def _torchvision_default_weights(arch: str):
         return None
 
 
+# torchvision models with auxiliary classifiers: built with aux_logits=True (its default without weights),
+# a training forward returns a namedtuple of logits, not logits; the workbench trains the main head only,
+# as torchvision's own pretrained googlenet is delivered. Their weights in a file are not loaded.
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
 def _build_torchvision(mid: ModelId, kind: str) -> tuple[nn.Module, dict[str, Any]]:
     from torchvision import models as tvm
+
+    no_aux = {"aux_logits": False} if mid.arch in AUX_HEADS else {}
 
     if kind == "packaged":
         packaged_for(mid.source, mid.arch)  # raises with the list of what is packaged
@@ -152,11 +160,11 @@ def _build_torchvision(mid: ModelId, kind: str) -> tuple[nn.Module, dict[str, An
         if default is None:
             raise WeightsError(f"torchvision has no pretrained weights for {mid}.")
         try:
-            model = tvm.get_model(mid.arch, weights=default)
+            model = tvm.get_model(mid.arch, weights=default, **no_aux)
         except Exception as exc:
             raise hub_error(str(mid), f"{type(exc).__name__}: {str(exc)[:160]}") from exc
     else:
-        model = tvm.get_model(mid.arch, weights=None)
+        model = tvm.get_model(mid.arch, weights=None, **no_aux)
     return model, _torchvision_data_config(default)
 
 
@@ -337,6 +345,9 @@ def _load_file_weights(
 ) -> tuple[str, list[str]]:
     """Load a user's state_dict; a head of another size (a fine-tuned model) is resized to fit."""
     state = read_state_dict(path)
+    aux = tuple(p for prefixes in AUX_HEADS.values() for p in prefixes
+                if not any(name.startswith(p) for name in module.state_dict()))
+    state = {k: v for k, v in state.items() if not k.startswith(aux)} if aux else state  # see AUX_HEADS
     sidecar = _read_sidecar(path)
     report = fit_report(module, state)
     head_keys = {f"{head}.weight", f"{head}.bias"}

@@ -136,7 +136,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
     point, drop = cache_point(handle, stages)
     feature_cache, skip = uses_feature_cache(plan, config), []
     if not feature_cache and cached is not False:  # the frozen stages once, as engine/training/prefix_cache.py
-        cut = prefix_cut(plan, config, stages)
+        cut = prefix_cut(plan, config, stages, handle.module)
         with torch.random.fork_rng(devices=[]):
             example = torch.rand(2, 3, size, size)
         if cut is not None and not isinstance(prefix_view(handle.module, cut, example), str):

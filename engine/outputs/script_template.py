@@ -361,12 +361,17 @@ def new_head(model, num_classes):
     model.set_submodule(HEAD, new)
 
 
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}  # torchvision's auxiliary heads
+
+
 def build_model():
     """The backbone with its weights, and a new head for our classes (in eval mode)."""
     if MODEL_SOURCE == "timm":
         model = timm.create_model(MODEL_ARCH, pretrained=WEIGHTS == "hub")
     else:
-        model = torchvision.models.get_model(MODEL_ARCH, weights="DEFAULT" if WEIGHTS == "hub" else None)
+        # auxiliary classifiers off: their training forward returns a namedtuple; the main head is what trains
+        no_aux = {"aux_logits": False} if MODEL_ARCH in AUX_HEADS else {}
+        model = torchvision.models.get_model(MODEL_ARCH, weights="DEFAULT" if WEIGHTS == "hub" else None, **no_aux)
     if WEIGHTS == "packaged":
         import importlib.util
 
@@ -375,6 +380,7 @@ def build_model():
         load_weights(model, read_weights(folder / "models" / filename))
     elif WEIGHTS.startswith("file:"):
         state = read_weights(WEIGHTS[len("file:"):])
+        state = {k: v for k, v in state.items() if not k.startswith(AUX_HEADS.get(MODEL_ARCH, ()))}
         head = model.get_submodule(HEAD)
         if f"{HEAD}.weight" in state and state[f"{HEAD}.weight"].shape != head.weight.shape:
             new_head(model, state[f"{HEAD}.weight"].shape[0])  # a fine-tuned file: its head size

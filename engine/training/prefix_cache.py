@@ -34,10 +34,14 @@ if TYPE_CHECKING:
 CACHE_SHARE = 0.25  # the cache may take at most this share of the memory the budget leaves free
 
 
-def prefix_cut(plan: FreezePlan, config: TrainConfig, stages: list[Stage]) -> str | None:
+def prefix_cut(plan: FreezePlan, config: TrainConfig, stages: list[Stage], module: nn.Module) -> str | None:
     """The module whose input is cached, when ``plan`` trains a top run of stages (the head and the
     backbone stages above some cut), never changes what trains, keeps BatchNorm frozen below, and the
-    images are not augmented; None otherwise (including feature extraction: feature_cache.py's)."""
+    images are not augmented; None otherwise (including feature extraction: feature_cache.py's).
+
+    The cut is the outermost module above the first trainable parameter that holds trainable
+    parameters only: a stage's own module list can be coarser than that (timm's DenseNet names every
+    stage by its container, ``features``)."""
     if config.feature_cache == "off" or config.augment or plan.unfreeze_schedule or plan.patterns \
             or plan.bn_policy != "freeze":
         return None
@@ -47,7 +51,15 @@ def prefix_cut(plan: FreezePlan, config: TrainConfig, stages: list[Stage]) -> st
         return None  # nothing frozen below, or only the head trains (the feature cache's case)
     if any(stage.name not in trains for stage in stages[first:]):
         return None  # a frozen stage between trainable ones runs on every step anyway
-    return stages[first].modules[0] if stages[first].modules else None
+    if not stages[first].params:
+        return None
+    trainable = {p for stage in stages[first:] for p in stage.params}
+    parts = stages[first].params[0].split(".")[:-1]
+    for depth in range(1, len(parts) + 1):
+        name = ".".join(parts[:depth])
+        if all(f"{name}.{p}" in trainable for p, _ in module.get_submodule(name).named_parameters()):
+            return name
+    return None
 
 
 def skipped_modules(module: nn.Module, cut: str, x: torch.Tensor) -> list[str] | None:

@@ -336,7 +336,7 @@ def _top_view(config: TrainConfig, prep: Prepared, module: nn.Module, stages: li
     model that trains from the cut's cached input (engine/training/prefix_cache.py); None when the plan
     changes what trains, the view does not reproduce the model, or the cache would not fit the memory
     budget. ``feature_cache="on"`` turns those into a refusal."""
-    cut = prefix_cut(plan, config, stages)
+    cut = prefix_cut(plan, config, stages, module)
     if cut is None:
         return None
     example = torch.stack([prep.val_ds[i][0] for i in range(min(2, len(prep.val_ds)))]).to(device)
