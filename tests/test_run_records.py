@@ -66,3 +66,29 @@ def test_data_and_freeze_reports_round_trip_through_json(tmp_path):
     report = preview_plan(handle.module, model_stages(handle.module, handle.spec.head), plan, epoch=1)
     again = FreezeReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert again == report and again.trainable_pct == report.trainable_pct
+
+
+def test_wait_for_a_run_being_created_waits_for_its_status(tmp_path):
+    """A run folder appears before its status.json (create_run writes config.json first): a waiter that
+    saw the folder must not read that moment as a finished 'unknown' run (the browser journey did)."""
+    import threading
+    import time
+
+    from engine.runs.background import wait_for
+    from engine.runs.store import RunDir
+
+    run = RunDir(tmp_path / "20990101-000000-abcd")
+    run.path.mkdir()
+
+    def create() -> None:
+        time.sleep(0.4)
+        run.write_status(state="queued")
+        time.sleep(0.4)
+        run.write_status(state="finished")
+
+    writer = threading.Thread(target=create)
+    writer.start()
+    try:
+        assert wait_for(run, timeout_s=10, poll_s=0.05).state == "finished"
+    finally:
+        writer.join()

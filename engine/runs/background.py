@@ -68,11 +68,13 @@ def start_group_background(runs: list[RunDir], runs_root: str | Path) -> int:
 
 
 def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> RunStatus:
-    """Block until the run leaves the active states (for tests and scripts)."""
+    """Block until the run leaves the active states (for tests and scripts). A folder whose status is
+    not written yet is a run being created (create_run writes config.json, then status.json), not a
+    run in an unknown state."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = run.status()
-        if status.state not in ACTIVE_STATES:
+        status = run.status() if run.status_path.is_file() else None
+        if status is not None and status.state not in ACTIVE_STATES:
             return status
         time.sleep(poll_s)
     raise RunError(f"Run {run.run_id} did not finish within {timeout_s:.0f} s.")
