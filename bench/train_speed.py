@@ -99,13 +99,17 @@ def main() -> None:
     # last 2 stages: the plain loop runs the frozen stages on every step; ours runs them once (prefix_cache.py)
     prep = prepare(cfg)
     model = prep.handle.module
-    top = {"blocks.5", "blocks.6", "conv_head", "bn2", "classifier"}
+    top = ("blocks.5", "blocks.6", "conv_head", "bn2", "classifier")
+
+    def in_top(name: str) -> bool:
+        return any(name == t or name.startswith(t + ".") for t in top)
+
     for name, p in model.named_parameters():
-        p.requires_grad = name.split(".")[0] in top or ".".join(name.split(".")[:2]) in top
+        p.requires_grad = in_top(name)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     for name, m in model.named_modules():  # frozen BatchNorm in eval mode, as the engine's default policy
-        if name and not any(name == t or name.startswith(t + ".") for t in top) and isinstance(m, torch.nn.BatchNorm2d):
+        if name and not in_top(name) and isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
     seconds, seen = plain_epoch_frozen_bn(model, DataLoader(prep.train_ds, batch_size=32, shuffle=True), opt,
                                           batches or 20)

@@ -58,8 +58,8 @@ def test_the_view_shares_parameters_and_skips_only_the_frozen_part():
     assert cut == stages[-3].modules[0]  # two backbone stages and the head train
     found = prefix_view(module, cut, torch.randn(2, 3, 48, 48))
     assert not isinstance(found, str), found
-    view, per_image = found
-    assert per_image > 0
+    view = found.module
+    assert found.per_image > 0 and found.skipped
     mine = {id(p) for p in module.parameters()}
     assert {id(p) for p in view.parameters()} <= mine  # the same objects: training the view trains the model
     assert {id(p) for p in view.parameters() if p.requires_grad} == {id(p) for p in module.parameters() if p.requires_grad}

@@ -33,6 +33,7 @@ from engine.data.layouts import (
     detect_layout,
     read_labels_csv,
     split_note,
+    usable_class_name,
 )
 from engine.data.transforms import resize_target
 
@@ -175,8 +176,8 @@ def _class_dirs(folder: Path, root: Path, root_real: str, skipped: list[tuple[st
                 skipped.append((entry.relative_to(root).as_posix(), problem))
                 continue
         if entry.is_dir():
-            if len(entry.name) > MAX_LABEL or not entry.name.isprintable():  # as a labels CSV's labels: class
-                skipped.append((printable(entry.relative_to(root).as_posix()),  # names are printed and bundled
+            if not usable_class_name(entry.name):
+                skipped.append((printable(entry.relative_to(root).as_posix()),
                                 f"a class folder name over {MAX_LABEL} characters or with control characters "
                                 "(an escape, a newline): not read as a class; rename the folder"))
                 continue

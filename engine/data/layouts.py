@@ -186,7 +186,14 @@ def _size(n: int) -> str:
     return f"{n / 1024 / 1024:.1f} MB"
 
 
-MAX_LABEL = 200  # characters in a class name, as a run bundle allows (engine.runs.bundle)
+MAX_LABEL = 200  # characters in a class name
+
+
+def usable_class_name(name: str) -> bool:
+    """A class name this workbench can print on one line and carry in a run bundle: not empty, at most
+    MAX_LABEL characters, no control characters (an escape sequence, a newline). CSV labels, class
+    folders and an imported bundle's classes are held to it alike."""
+    return bool(name) and len(name) <= MAX_LABEL and name.isprintable()
 
 
 def read_labels_csv(path: Path) -> LabelsCsv:
@@ -260,7 +267,7 @@ def read_labels_csv(path: Path) -> LabelsCsv:
         if not label:
             skipped.append((rel, f"{where}: no label"))
             continue
-        if len(label) > MAX_LABEL or not label.isprintable():  # class names are printed: no escapes or newlines
+        if not usable_class_name(label):
             skipped.append((rel, f"{where}: a label over {MAX_LABEL} characters or with control characters"))
             continue
         split = None

@@ -8,9 +8,10 @@ by one process that holds the device for the whole race.
 Every plan is set up first (data, model, loaders, optimizer, and the one pass that fills the cache of
 feature extraction and of the last-stages plans, training/prefix_cache.py): that time counts against
 the budget but against no plan's slice, so the first rung compares plans on equal training time.
-Then successive halving: the rest of the budget is split equally between the rungs (5 plans -> 3 -> 2 -> 1 is four rungs; each rung splits what is
-left between itself and the rungs after it, so a rung that ran late shortens all later ones alike
-rather than starving the next), and rung r gives every surviving plan an equal share of its time; after each rung the better half (rounded up) continues,
+Then successive halving: the rest of the budget is split equally between the rungs (5 plans -> 3 ->
+2 -> 1 is four rungs; each rung splits what is left between itself and the rungs after it, so a rung
+that ran late shortens all later ones alike rather than starving the next), and rung r gives every
+surviving plan an equal share of its time; after each rung the better half (rounded up) continues,
 ranked by validation accuracy (tie: lower validation loss). The last rung trains the winner alone.
 
 Time slicing is at the optimizer step, not the pass over the data: at 96 px on 2 cores one pass of

@@ -345,8 +345,8 @@ def _load_file_weights(
 ) -> tuple[str, list[str]]:
     """Load a user's state_dict; a head of another size (a fine-tuned model) is resized to fit."""
     state = read_state_dict(path)
-    aux = tuple(p for prefixes in AUX_HEADS.values() for p in prefixes
-                if not any(name.startswith(p) for name in module.state_dict()))
+    own = list(module.state_dict())
+    aux = tuple(p for prefixes in AUX_HEADS.values() for p in prefixes if not any(n.startswith(p) for n in own))
     state = {k: v for k, v in state.items() if not k.startswith(aux)} if aux else state  # see AUX_HEADS
     sidecar = _read_sidecar(path)
     report = fit_report(module, state)

@@ -27,7 +27,7 @@ from engine.models.factory import create_model
 from engine.models.registry import resolve
 from engine.models.weights import WEIGHT_CHOICES, packaged_for
 from engine.training.feature_cache import cache_point, uses_feature_cache
-from engine.training.prefix_cache import prefix_cut, prefix_view, skipped_modules
+from engine.training.prefix_cache import TopView, prefix_cut, prefix_view
 
 if TYPE_CHECKING:
     from engine.runs.store import RunDir
@@ -134,13 +134,14 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
     stages = model_stages(handle.module, handle.spec.head)
     lrs = _stage_lrs(stages, plan)
     point, drop = cache_point(handle, stages)
-    feature_cache, skip = uses_feature_cache(plan, config), []
+    feature_cache, skip = uses_feature_cache(plan, config) and cached is not False, []
     if not feature_cache and cached is not False:  # the frozen stages once, as engine/training/prefix_cache.py
         cut = prefix_cut(plan, config, stages, handle.module)
         with torch.random.fork_rng(devices=[]):
             example = torch.rand(2, 3, size, size)
-        if cut is not None and not isinstance(prefix_view(handle.module, cut, example), str):
-            point, drop, skip, feature_cache = cut, 0.0, skipped_modules(handle.module, cut, example) or [], True
+        top = prefix_view(handle.module, cut, example) if cut is not None else None
+        if isinstance(top, TopView):
+            point, drop, skip, feature_cache = cut, 0.0, top.skipped, True
     return [
         ("RUN_ID", run_id or "(unsaved)"),
         ("MODEL_SOURCE", mid.source),
@@ -163,7 +164,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("TRAINABLE_STAGES", trainable_stages_by_epoch(config, stages)),
         ("TRAINABLE_PATTERNS", list(plan.patterns)),
         ("BN_POLICY", plan.bn_policy),
-        ("FEATURE_CACHE", feature_cache if cached is not False else False),
+        ("FEATURE_CACHE", feature_cache),
         ("CACHE_POINT", point),
         ("CACHE_DROPOUT", drop),
         ("CACHE_SKIP", skip),

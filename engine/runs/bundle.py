@@ -37,6 +37,7 @@ from typing import IO, Any, Callable, Iterator
 from engine.core.errors import EngineError, RunError, printable
 from engine.core.files import atomic_write_json, check_output_file, file_lock
 from engine.core.paths import lock_dir
+from engine.data.layouts import MAX_LABEL, usable_class_name
 from engine.runs.checkpoint_file import head_classes, weights_meta
 from engine.runs.status import RunStatus
 from engine.runs.store import RunDir
@@ -54,7 +55,6 @@ IDENTITY = ("config.json", WEIGHTS, "metrics.jsonl")  # what makes two copies of
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
 STALE_AFTER_S = 15 * 60  # an import folder this old belongs to a dead importer
 _PART_PREFIX = ".bundle-import-"
-MAX_CLASS_NAME = 200  # characters; a folder name, not a document
 
 
 class BundleError(RunError):
@@ -501,9 +501,9 @@ def _check_weights(path: Path, sidecar: dict[str, Any], shown: str, config_model
     names = meta.get("class_names")
     if not (isinstance(names, list) and len(names) >= 1 and all(isinstance(n, str) for n in names)):
         raise BundleError(f"{shown}: the weights carry no class names; refused.")
-    bad = next((n for n in names if not n or len(n) > MAX_CLASS_NAME or not n.isprintable()), None)
+    bad = next((n for n in names if not usable_class_name(n)), None)
     if bad is not None:  # printed by predict and eval: an escape sequence or a newline would forge output
-        raise BundleError(f"{shown}: a class name is empty, over {MAX_CLASS_NAME} characters or holds control "
+        raise BundleError(f"{shown}: a class name is empty, over {MAX_LABEL} characters or holds control "
                           f"characters ('{_printable(bad, 40)}'); refused.")
     if len(set(names)) != len(names):
         raise BundleError(f"{shown}: its class names repeat ('{_printable(_first_repeat(names), 40)}'); refused.")

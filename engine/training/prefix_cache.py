@@ -17,6 +17,7 @@ embeddings in functional code) fails the check and trains as before, on images.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -118,9 +119,18 @@ def without_prefix(module: nn.Module, skipped: list[str]) -> nn.Module:
     return view
 
 
-def prefix_view(module: nn.Module, cut: str, example: torch.Tensor) -> tuple[nn.Module, int] | str:
-    """The view that trains from ``cut``'s input, and the bytes one image's cached input takes; or why
-    there is none (the view does not reproduce the model on ``example``, a few real images)."""
+@dataclass
+class TopView:
+    """The model from a cut on: what trains on the cut's cached input."""
+
+    module: nn.Module  # the view (its parameters are the model's own)
+    per_image: int  # bytes one image's cached input takes
+    skipped: list[str]  # the modules the view passes over (the exported script names them)
+
+
+def prefix_view(module: nn.Module, cut: str, example: torch.Tensor) -> TopView | str:
+    """The view that trains from ``cut``'s input; or why there is none (the view does not reproduce the
+    model on ``example``, a few real images)."""
     skipped = skipped_modules(module, cut, example)
     if not skipped:
         return f"the model's forward does not reach '{cut}' through modules alone"
@@ -135,7 +145,7 @@ def prefix_view(module: nn.Module, cut: str, example: torch.Tensor) -> tuple[nn.
     if not isinstance(whole, torch.Tensor) or not isinstance(top, torch.Tensor) or top.shape != whole.shape \
             or not torch.allclose(top.float(), whole.float(), rtol=1e-3, atol=1e-4 * max(1.0, whole.abs().max().item())):
         return "skipping the frozen stages does not reproduce the model's output"
-    return view, cached[0].numel() * cached.element_size()
+    return TopView(view, cached[0].numel() * cached.element_size(), skipped)
 
 
 def cache_fits(per_image: int, images: int, budget: MemoryBudget | None, used: int) -> bool:

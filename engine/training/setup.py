@@ -269,13 +269,14 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     loader_kw: dict[str, Any] = dict(batch_size=config.batch_size // world, num_workers=workers,
                                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
-    cached = uses_feature_cache(plan, config)
+    head_only = uses_feature_cache(plan, config)
     model: nn.Module = module
     train_src, val_src = prep.train_ds, prep.val_ds
-    top = None if cached else _top_view(config, prep, module, stages, plan, device, channels_last, reserve)
-    refuse_uncached(config, cached or top is not None)
-    if cached or top is not None:  # the frozen part runs once over the data; only the top trains, on its outputs
-        point, drop = cache_point(handle, stages) if cached else top[0]
+    top = None if head_only else _top_view(config, prep, module, stages, plan, device, channels_last, reserve)
+    cached = head_only or top is not None
+    refuse_uncached(config, cached)
+    if cached:  # the frozen part runs once over the data; only the head or the top trains, on its outputs
+        point, drop = cache_point(handle, stages) if top is None else (top[0], 0.0)
         # one inference pass, in model-sized slices (core/memory.py)
         plain = dict(loader_kw, shuffle=False, batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
         def features(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -292,7 +293,6 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
         train_src, val_src = TensorDataset(*tr), TensorDataset(*va)
         loader_kw.update(num_workers=0, persistent_workers=False, pin_memory=False)
         channels_last = channels_last and top is not None  # cached maps stay convolution inputs
-        cached = True
 
     if len(train_src) == 0:
         raise DataError("No training images after the split.")
@@ -331,9 +331,9 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
 
 
 def _top_view(config: TrainConfig, prep: Prepared, module: nn.Module, stages: list[Stage], plan: FreezePlan,
-              device: torch.device, channels_last: bool, reserve: int) -> tuple[tuple[str, float], nn.Module] | None:
-    """For a plan that trains only the top stages: (the cut module, no dropout) and the view of the
-    model that trains from the cut's cached input (engine/training/prefix_cache.py); None when the plan
+              device: torch.device, channels_last: bool, reserve: int) -> tuple[str, nn.Module] | None:
+    """For a plan that trains only the top stages: the cut module and the view of the model that trains
+    from the cut's cached input (engine/training/prefix_cache.py); None when the plan
     changes what trains, the view does not reproduce the model, or the cache would not fit the memory
     budget. ``feature_cache="on"`` turns those into a refusal."""
     cut = prefix_cut(plan, config, stages, module)
@@ -346,10 +346,10 @@ def _top_view(config: TrainConfig, prep: Prepared, module: nn.Module, stages: li
     why = found if isinstance(found, str) else None
     if why is None:
         images = len(prep.train_ds) + len(prep.val_ds)
-        if not cache_fits(found[1], images, detect_budget(config.memory_budget), current_rss() + reserve):
-            why = f"the cached inputs of '{cut}' ({format_size(found[1] * images)}) would not fit the memory budget"
+        if not cache_fits(found.per_image, images, detect_budget(config.memory_budget), current_rss() + reserve):
+            why = f"the cached inputs of '{cut}' ({format_size(found.per_image * images)}) would not fit the memory budget"
     if why is None:
-        return (cut, 0.0), found[0]
+        return cut, found.module
     if config.feature_cache == "on":
         raise EngineError(f"The feature cache cannot be used for this run: {why}.")
     return None
