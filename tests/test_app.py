@@ -195,7 +195,22 @@ def test_evaluate_page_shows_matrix_metrics_gallery_and_grad_cam(tiny_run):
     assert "Confusion matrix" in charts and "Confidence of right and wrong" in charts
     captions = [str(img.proto) for img in at.get("image")]
     assert any(" → " in c for c in captions), "misclassified gallery"
-    assert any(", layer layer" in c for c in captions), "Grad-CAM overlay"
+    assert not any(", layer " in c for c in captions), "Grad-CAM runs when asked, not on the first visit"
+    from engine.outputs.evaluate import evaluation_report
+
+    wrong = evaluation_report(tiny_run).misclassified
+    picker = next(s for s in at.selectbox if s.label.startswith("Validation image"))
+    assert picker.value == wrong[0]["index"], "the first misclassified image is explained by default"
+    assert len(picker.options) > len(wrong) and "(wrong)" in picker.options[0]
+    by_label(at.button, "Explain with Grad-CAM").click().run()
+    assert not at.exception, at.exception
+    overlays = [str(img.proto) for img in at.get("image") if ", layer layer" in str(img.proto)]
+    assert overlays, "Grad-CAM overlay"
+    right = next(k for k, option in enumerate(picker.options) if "(wrong)" not in option)
+    next(s for s in at.selectbox if s.label.startswith("Validation image")).select_index(right).run()
+    assert not at.exception, at.exception
+    again = [str(img.proto) for img in at.get("image") if ", layer layer" in str(img.proto)]
+    assert again and again != overlays, "a correctly classified image, picked, is explained in its turn"
     by_label(at.toggle, "Normalise rows (recall per class)").set_value(False).run()
     assert not at.exception
 

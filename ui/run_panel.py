@@ -12,23 +12,52 @@ import streamlit as st
 from engine.core.files import read_json
 from engine.runs.background import request_cancel
 from engine.runs.store import RunDir
+from ui.errors import safe_fragment
+from ui.text import md
+
+LOSS_CURVES = ("train_loss", "val_loss")
+ACCURACY_CURVES = ("train_acc", "val_acc", "val_balanced_acc", "val_macro_f1")
+
+
+def _plotted(frame: pd.DataFrame, curves: tuple[str, ...]) -> list[str]:
+    """The curves a metrics file really holds as numbers: a run imported from elsewhere (or written by
+    an older version) may lack some, and a missing column must cost its curve, not the panel."""
+    return [c for c in curves if c in frame and pd.to_numeric(frame[c], errors="coerce").notna().any()]
+
+
+def _number(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _curves(metrics: list[dict]) -> None:
-    frame = pd.DataFrame(metrics)
-    loss = frame.melt(id_vars="epoch", value_vars=["train_loss", "val_loss"], var_name="curve", value_name="loss")
-    # macro-F1 and balanced accuracy: in runs trained since they were recorded (older lines lack them)
-    scores = [k for k in ("val_balanced_acc", "val_macro_f1") if k in frame and frame[k].notna().any()]
-    acc = frame.melt(id_vars="epoch", value_vars=["train_acc", "val_acc", *scores], var_name="curve",
-                     value_name="accuracy")
+    frame = pd.DataFrame([m for m in metrics if isinstance(m, dict)])
+    if "epoch" not in frame:
+        return
     c1, c2, c3 = st.columns(3)
-    c1.plotly_chart(px.line(loss, x="epoch", y="loss", color="curve", markers=True, title="Loss"), key="loss")
-    c2.plotly_chart(px.line(acc, x="epoch", y="accuracy", color="curve", markers=True, title="Accuracy"), key="acc")
-    lrs = pd.DataFrame([{"epoch": m["epoch"], "group": g, "lr": v} for m in metrics for g, v in m["lr"].items()
-                        if g.endswith("/decay") or "/" not in g])
+    # macro-F1 and balanced accuracy: in runs trained since they were recorded (older lines lack them)
+    for where, curves, value, title in ((c1, LOSS_CURVES, "loss", "Loss"), (c2, ACCURACY_CURVES, "accuracy",
+                                                                             "Accuracy")):
+        present = _plotted(frame, curves)
+        if present:
+            long = frame.melt(id_vars="epoch", value_vars=present, var_name="curve", value_name=value)
+            where.plotly_chart(px.line(long, x="epoch", y=value, color="curve", markers=True, title=title),
+                               key=value if value == "loss" else "acc")
+    lrs = pd.DataFrame([{"epoch": m.get("epoch"), "group": str(g), "lr": v} for m in metrics
+                        if isinstance(m, dict) and isinstance(m.get("lr"), dict) for g, v in m["lr"].items()
+                        if str(g).endswith("/decay") or "/" not in str(g)])
     if not lrs.empty:
         c3.plotly_chart(px.line(lrs, x="epoch", y="lr", color="group", markers=True, title="Learning rate (per group)"),
                         key="lr")
+
+
+def _epochs(from_status: object, config: object) -> int:
+    """The epochs the run is to train: its status, else its config, else 1 (either file may be damaged)."""
+    wanted = config.get("epochs") if isinstance(config, dict) else None
+    for value in (from_status, wanted):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 1
 
 
 def _panel(run: RunDir) -> None:
@@ -36,41 +65,47 @@ def _panel(run: RunDir) -> None:
     state = status.state
     metrics = run.metrics()
     progress = status.progress
-    config = read_json(run.config_path, {})
-    epochs = int(status.epochs or (config.get("epochs") if isinstance(config, dict) else 1) or 1)
+    epochs = _epochs(status.epochs, read_json(run.config_path, {}))
     if state == "queued" and status.queue_position:
-        st.info(f"Queued: {status.reason}. It starts by itself when the device is free.")
+        st.info(f"Queued: {md(status.reason)}. It starts by itself when the device is free.")
         if st.button("Cancel (leave the queue)", key=f"cancel-{run.run_id}"):
             request_cancel(run)
     elif status.active:
-        st.progress(progress.fraction(epochs) if progress else 0.0,
-                    text=f"{state}: {progress.describe(epochs)}" if progress else f"{state}: preparing data and model...")
+        said = progress.describe(epochs) if progress else "preparing data and model..."
+        st.progress(progress.fraction(epochs) if progress else 0.0, text=md(f"{state}: {said}"))
         if st.button("Cancel training", key=f"cancel-{run.run_id}"):
             request_cancel(run)
     elif state == "finished":
-        st.success(f"Finished: {status.reason}. Best val acc {status.best_val_acc or 0:.4f} "
+        st.success(f"Finished: {md(status.reason)}. Best val acc {status.best_val_acc or 0:.4f} "
                    f"(epoch {status.best_epoch}).")
     elif state in ("cancelled", "interrupted"):
-        st.warning(f"{state.capitalize()}: {status.reason}")
+        st.warning(f"{state.capitalize()}: {md(status.reason)}")
     elif state == "failed":
-        st.error(f"Failed: {status.reason}")
+        st.error(f"Failed: {md(status.reason)}")
     elif state == "diverged":
-        st.error(f"Diverged: {status.reason}")
+        st.error(f"Diverged: {md(status.reason)}")
     elif state == "damaged":
-        st.error(f"Damaged: {status.reason}")
+        st.error(f"Damaged: {md(status.reason)}")
     if status.batches:
-        st.caption(f"Memory: {status.batches}.")
+        st.caption(f"Memory: {md(status.batches)}.")
     if metrics:
         _curves(metrics)
-        last = metrics[-1]
-        balanced = (f" Val macro-F1 {last['val_macro_f1']:.4f}, balanced accuracy {last['val_balanced_acc']:.4f}."
-                    if isinstance(last.get("val_macro_f1"), (int, float))
-                    and isinstance(last.get("val_balanced_acc"), (int, float)) else "")
-        st.caption(f"Last epoch: {last['epoch_s']:.1f}s, {last['images_per_s']:.0f} images/s, "
-                   f"{last['trainable_params']:,} trainable parameters.{balanced}")
+        _last_epoch(metrics[-1] if isinstance(metrics[-1], dict) else {})
+
+
+def _last_epoch(last: dict) -> None:
+    """The last epoch's speed and scores, each said only when the metrics line holds it as a number."""
+    parts = [text for key, text in (("epoch_s", "{:.1f}s"), ("images_per_s", "{:.0f} images/s"),
+                                    ("trainable_params", "{:,.0f} trainable parameters"))
+             if (value := _number(last, key)) is not None for text in [text.format(value)]]
+    f1, balanced = _number(last, "val_macro_f1"), _number(last, "val_balanced_acc")
+    scores = (f" Val macro-F1 {f1:.4f}, balanced accuracy {balanced:.4f}." if f1 is not None and balanced is not None
+              else "")
+    if parts or scores:
+        st.caption(("Last epoch: " + ", ".join(parts) + "." if parts else "") + scores)
 
 
 def live_panel(run: RunDir) -> None:
     """Redraw every second while the run is active; a static panel once it is done."""
     active = run.status().active
-    st.fragment(_panel, run_every=1.0 if active else None)(run)
+    safe_fragment(_panel, run_every=1.0 if active else None)(run)

@@ -9,21 +9,26 @@ import streamlit as st
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
-from engine.data.images import open_image
-from engine.data.transforms import input_target
-from engine.outputs.explain import grad_cam
 from ui import overrides as overrides_ui
-from ui.cache import load_trained, mislabeled_for, report_for, val_image
+from ui.cache import mislabeled_for, report_for, val_image
 from ui.errors import public_message, show_error
+from ui.gradcam import explained, validation_images
+from ui.text import md, plot_labels
 from ui.widgets import pick_trained_run
 
+CAM_ON = "ev_cam_on"  # the run ids whose Grad-CAM was asked for: from then on it follows the picked image
 
-def _shown(source: str) -> str:
-    """A sample as a person knows it: 'cats/001.jpg' or 'digits[17]', never a server path."""
-    from pathlib import Path
 
-    parts = Path(source).parts
-    return "/".join(parts[-2:]) if len(parts) > 1 else source
+def cam_choices(all_images: list[dict], wrong: list[dict]) -> tuple[list[int], dict[int, str]]:
+    """The validation images Grad-CAM may explain, misclassified first (most confident first, as in the
+    gallery), then the others in split order; with what each option says (name, true class, and the
+    predicted class where the model was wrong)."""
+    mistakes = {m["index"]: m for m in wrong}
+    order = [m["index"] for m in wrong] + [v["index"] for v in all_images if v["index"] not in mistakes]
+    said = {v["index"]: f"{v['name']} · {v['label']}" for v in all_images}
+    for i, m in mistakes.items():
+        said[i] = f"{said.get(i, m['source'])} → predicted {m['predicted']} (wrong)"
+    return order, said
 
 
 st.title("Evaluate a run")
@@ -53,20 +58,22 @@ b1, b2 = st.columns(2)  # the two that an imbalanced validation set cannot flatt
 b1.metric("Balanced accuracy (mean per-class recall)", f"{report.balanced_accuracy:.2%}")
 b2.metric("Macro-F1", f"{report.macro_f1:.3f}")
 if report.changed:
-    st.warning(f"Note: {report.changed}.")
+    st.warning(f"Note: {md(report.changed)}.")
 if report.unreadable:
     st.warning(f"{len(report.unreadable)} validation file(s) can no longer be read and were left out: "
-               + public_message("; ".join(u["reason"] for u in report.unreadable[:5])))
+               + md(public_message("; ".join(u["reason"] for u in report.unreadable[:5]))))
 
 left, right = st.columns(2)
 with left:
     normalise = st.toggle("Normalise rows (recall per class)", True)
     matrix = np.array(report.confusion, dtype=float)
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalise else matrix
-    fig = go.Figure(go.Heatmap(z=shown, x=names, y=names, colorscale="Blues", text=matrix.astype(int),
+    axis = plot_labels(names)  # class names from the data: escaped for Plotly, mapped back on a click
+    named = dict(zip(axis, names))
+    fig = go.Figure(go.Heatmap(z=shown, x=axis, y=axis, colorscale="Blues", text=matrix.astype(int),
                                texttemplate="%{text}", hoverinfo="skip"))
     # invisible markers on the cell centres make each cell clickable (plotly selects points)
-    cells = [(p, t) for t in names for p in names]
+    cells = [(p, t) for t in axis for p in axis]
     fig.add_trace(go.Scatter(x=[p for p, _ in cells], y=[t for _, t in cells], mode="markers",
                              marker={"size": 28, "opacity": 0.01, "color": "black"}, showlegend=False,
                              hovertemplate="true %{y}, predicted %{x}: click to see these images<extra></extra>"))
@@ -75,7 +82,8 @@ with left:
     fig.update_layout(title="Confusion matrix (click a cell)", xaxis_title="predicted", yaxis_title="true",
                       yaxis_autorange="reversed", height=460)
     event = st.plotly_chart(fig, key="confusion", on_select="rerun", selection_mode="points")
-    picked = [(str(pt.get("y")), str(pt.get("x"))) for pt in (event.selection.points if event else [])]
+    picked = [(named.get(str(pt.get("y")), str(pt.get("y"))), named.get(str(pt.get("x")), str(pt.get("x"))))
+              for pt in (event.selection.points if event else [])]
     if picked and picked[0] != st.session_state.get("ev_last_cell"):
         st.session_state["ev_last_cell"] = picked[0]
         st.session_state["ev_true"], st.session_state["ev_pred"] = picked[0]
@@ -90,7 +98,6 @@ st.subheader("Misclassified validation images")
 st.caption("Is the model wrong, or the label? Relabel an image as another class, or exclude it: the decision "
            "goes to the dataset's overrides file (the image files are never moved) and counts from the next "
            "training and data report on.")
-overrides_ui.show_flash()
 decided = overrides_ui.decisions(config.data)
 overrides_ui.undo_button(config.data, decided)
 wrong = pd.DataFrame(report.misclassified)
@@ -109,15 +116,15 @@ else:
     for slot, row in enumerate(view.head(24).itertuples()):
         if slot % 6 == 0:
             cols = st.columns(6)  # a row of six: each image's buttons stay under it
-        caption = f"{row.true} → {row.predicted} ({row.confidence:.0%})"
+        caption = f"{row.true} → {row.predicted} ({row.confidence:.0%})"  # an image caption is plain text
         try:
             cols[slot % 6].image(val_image(config.data, int(row.index), 96, thumb=192, work_dir=str(run.path)),
                                  width=96, caption=caption)
         except EngineError as exc:  # unreadable since training: one line in its place
-            cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
+            cols[slot % 6].caption(md(f"{caption}: {public_message(str(exc))}"))
         image_name = str(getattr(row, "image", "") or "")
         overrides_ui.controls(cols[slot % 6], config.data, image_name, row.true, names, decided,
-                              key=f"mc-{image_name}")
+                              key=f"mc-{image_name}", predicted=row.predicted)
 
 st.subheader("Possibly mislabelled images")
 st.caption("Every training and validation image scored by its loss under the best checkpoint, highest first: "
@@ -142,44 +149,38 @@ if st.button("Rank the images by loss") or st.session_state.get(ranked_key):
                 cols[slot % 6].image(val_image(config.data, int(s["index"]), 96, thumb=192, work_dir=str(run.path)),
                                      width=96, caption=caption)
             except EngineError as exc:
-                cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
+                cols[slot % 6].caption(md(f"{caption}: {public_message(str(exc))}"))
             overrides_ui.controls(cols[slot % 6], config.data, s["image"], s["given"], names, decided,
-                                  key=f"ml-{s['image']}")
+                                  key=f"ml-{s['image']}", predicted=s["predicted"])
 
 st.subheader("Grad-CAM: where does the model look?")
-try:
-    handle = load_trained(str(run.path), mtime)
-except EngineError as exc:
-    show_error(exc)
-    st.stop()
-need = input_target(handle.spec)  # images are decoded reduced to what the model looks at
 source = st.radio("Image", ["a validation image", "upload"], horizontal=True)
-image = None
-try:
-    if source == "upload":
-        upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"])
-        if upload is not None:
-            image = open_image(upload.getvalue(), name=upload.name, target=need)
-    else:
-        candidates = report.misclassified[:20] or []
-        options = [m["index"] for m in candidates]
-        if options:
-            chosen = st.selectbox("Misclassified image", options,
-                                  format_func=lambda i: next(f"{_shown(m['source'])}: {m['true']} → {m['predicted']}"
-                                                             for m in candidates if m["index"] == i))
-            image = val_image(config.data, int(chosen), need, work_dir=str(run.path))
-        else:
-            image = val_image(config.data, 0, need, work_dir=str(run.path))
-except EngineError as exc:
-    show_error(exc)
-if image is not None:
-    target = st.selectbox("Explain class", ["the predicted class"] + names)
+index, upload = None, None
+if source == "upload":
+    upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"])
+else:
     try:
-        result = grad_cam(handle, image, None if target == "the predicted class" else names.index(target))
+        order, said = cam_choices(validation_images(str(run.path), mtime), report.misclassified)
+    except EngineError as exc:
+        show_error(exc)
+        order, said = [], {}
+    if order:
+        index = st.selectbox(f"Validation image ({len(order)}, the misclassified first)", order,
+                             format_func=lambda i: said.get(i, str(i)), key=f"ev_cam_image_{run.run_id}")
+target = st.selectbox("Explain class", ["the predicted class"] + names)
+asked = st.session_state.setdefault(CAM_ON, [])
+if run.run_id not in asked:  # a backward pass through the model: only when asked for, then for every pick
+    if (index is not None or upload is not None) and st.button("Explain with Grad-CAM"):
+        asked.append(run.run_id)
+        st.rerun()
+elif index is not None or upload is not None:
+    try:
+        cam = explained(str(run.path), mtime, config.data, index, upload.getvalue() if upload else None,
+                        upload.name if upload else "", None if target == "the predicted class" else names.index(target))
     except EngineError as exc:
         show_error(exc)
     else:
         c1, c2 = st.columns(2)
-        c1.image(image.resize(result.overlay.size), caption="input", width=224)
-        c2.image(result.overlay, caption=f"{result.class_name} ({result.probability:.0%}), layer {result.target_layer}",
+        c1.image(cam["input"], caption="input", width=224)
+        c2.image(cam["overlay"], caption=f"{cam['class_name']} ({cam['probability']:.0%}), layer {cam['layer']}",
                  width=224)

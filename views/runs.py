@@ -20,8 +20,9 @@ from engine.outputs.onnx_export import onnx_package
 from engine.runs.bundle import export_bundle, import_bundle
 from engine.runs.store import RunDir, delete_run, describe_run, list_runs, open_run
 from ui.cache import load_trained, script_problem
-from ui.errors import public_message, show_error
+from ui.errors import contained, public_message, show_error
 from ui.state import SELECTED_RUN
+from ui.text import code, md, plot, short_run_names
 from ui.widgets import hosted_banner
 
 IMPORTED = "runs_imported_bundle"  # the last uploaded bundle: (upload token, run id or None, message)
@@ -41,7 +42,7 @@ def _import_section() -> None:
     last = st.session_state.get(IMPORTED)
     if last and last[0] == token:
         if last[2]:
-            (st.success if last[1] else st.error)(last[2])
+            (st.success if last[1] else st.error)(md(last[2]))
         return
     run_id, message = None, None
     try:
@@ -55,7 +56,7 @@ def _import_section() -> None:
     else:
         run_id, message = run.run_id, f"{upload.name}: imported as run {run.run_id} (selected below)."
         st.session_state[SELECTED_RUN] = run_id
-        st.success(message)
+        st.success(md(message))
     st.session_state[IMPORTED] = (token, run_id, message)
 
 
@@ -112,7 +113,7 @@ def _export_and_code(run, tab_export, tab_code) -> None:
         names = (run.checkpoint_meta("best") or run.checkpoint_meta("last") or {}).get("class_names")
         problem = script_problem(str(run.path), json.dumps(run.config(), sort_keys=True))
         if problem:
-            st.info(f"No script: {problem}.")
+            st.info(f"No script: {md(problem)}.")
         elif not names:
             st.info("The run has not finished an epoch yet, so its classes are unknown.")
         else:
@@ -121,49 +122,131 @@ def _export_and_code(run, tab_export, tab_code) -> None:
             st.code(script, language="python")
 
 
-st.title("Runs")
-hosted_banner()  # on a shared server: export what you want to keep
-_import_section()
-runs = list_runs(runs_root())
-if not runs:
-    st.info("No runs yet: train one on the Training or Compare page.")
-    st.stop()
-table = pd.DataFrame([describe_run(r).to_dict() for r in runs])
-st.dataframe(table.drop(columns=["has_best"]), hide_index=True, height=260)
+def _run_rows(runs: list[RunDir]) -> pd.DataFrame:
+    """One row per run; a run whose files cannot even be described is listed with why, not dropped."""
+    rows = []
+    for r in runs:
+        try:
+            rows.append(describe_run(r).to_dict())
+        except Exception as exc:  # noqa: BLE001 - any run folder: the list must still render
+            rows.append({"run_id": r.run_id, "state": "unreadable", "reason": public_message(str(exc))})
+    return pd.DataFrame(rows).drop(columns=["has_best"], errors="ignore")
 
-ids = [r.run_id for r in runs]
-overlay = st.multiselect("Overlay curves of", ids, default=ids[: min(3, len(ids))])
-points = pd.DataFrame([{"run": r.run_id, **m} for r in runs if r.run_id in overlay for m in r.metrics()])
-if not points.empty:
+
+RUN_COLUMNS = {  # the table fits: ids and reasons get room, numbers a format (best_val_acc was cut)
+    "run_id": st.column_config.TextColumn("run", width="medium", help="the run's folder name"),
+    "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.4f", width="small"),
+    "epochs": st.column_config.TextColumn("epochs", width="small", help="done / planned"),
+    "state": st.column_config.TextColumn("state", width="small"),
+    "reason": st.column_config.TextColumn("reason", width="large"),
+}
+
+
+def _numbers(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(epoch, value) of the rows that hold both as numbers: a metrics file from elsewhere may not."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+    return [(row["epoch"], float(row[key])) for row in rows
+            if isinstance(row, dict) and number(row.get("epoch")) and number(row.get(key))]
+
+
+def _overlay(runs: list[RunDir], chosen: list[str]) -> None:
+    """Validation curves of the chosen runs, one colour each under a short name (the full id on hover).
+    A run without plottable curves (an imported bundle's metrics may hold only epochs) is named and
+    left out; the others are drawn."""
+    names = short_run_names([(r.run_id, _model_of(r)) for r in runs if r.run_id in chosen])
+    points, skipped = [], []
+    for r in (r for r in runs if r.run_id in chosen):
+        try:
+            rows = r.metrics()
+        except Exception as exc:  # noqa: BLE001 - the overlay must never cost the page
+            skipped.append(f"{code(r.run_id)} ({md(public_message(str(exc)))})")
+            continue
+        acc, loss = dict(_numbers(rows, "val_acc")), dict(_numbers(rows, "val_loss"))
+        if not acc and not loss:
+            if rows:  # a run that has not finished an epoch yet has nothing to draw: no complaint
+                skipped.append(f"{code(r.run_id)} (its metrics hold no validation accuracy or loss)")
+            continue
+        points += [{"run": plot(names[r.run_id]), "run id": plot(r.run_id), "epoch": e, "val_acc": acc.get(e),
+                    "val_loss": loss.get(e)} for e in sorted(set(acc) | set(loss))]
+    if skipped:
+        st.caption("Not drawn: " + "; ".join(skipped) + ".")
+    if not points:
+        return
+    frame = pd.DataFrame(points)
     c1, c2 = st.columns(2)
-    c1.plotly_chart(px.line(points, x="epoch", y="val_acc", color="run", markers=True, title="Validation accuracy"),
-                    key="ov_acc")
-    c2.plotly_chart(px.line(points, x="epoch", y="val_loss", color="run", markers=True, title="Validation loss"),
-                    key="ov_loss")
+    for where, key, title, extra in ((c1, "val_acc", "Validation accuracy", {"range_y": [0, 1]}),
+                                     (c2, "val_loss", "Validation loss", {})):
+        shown = frame.dropna(subset=[key])
+        if not shown.empty:
+            fig = px.line(shown, x="epoch", y=key, color="run", markers=True, title=title, hover_data=["run id"],
+                          **extra)
+            fig.update_layout(legend={"title": {"text": "run"}})
+            where.plotly_chart(fig, key=f"ov_{key}")
 
-st.divider()
-selected = st.session_state.get(SELECTED_RUN)
-pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0)
-st.session_state[SELECTED_RUN] = pick
-run = open_run(runs_root(), pick)
-origin = run.status().imported_from
-if origin:
-    st.caption(f"Imported from {origin.get('bundle', 'a bundle')} (run {origin.get('run_id', '?')} there).")
-problems = run.problems()
-if problems:
-    st.error(f"Run {run.run_id} is damaged: {'; '.join(problems)}. It cannot be exported or reproduced; "
-             "delete it below.")
-    tab_delete = st.container()
-else:
-    tab_export, tab_code, tab_delete = st.tabs(["Export", "Show me the code", "Delete"])
+
+def _model_of(run: RunDir) -> str | None:
+    try:
+        model = run.config().get("model")
+    except Exception:  # noqa: BLE001 - a damaged config: the legend says "run"
+        return None
+    return model if isinstance(model, str) else None
+
+
+def _details(run: RunDir) -> None:
+    """Where the run came from, what is wrong with it, its export and code tabs; Delete is drawn apart."""
+    origin = run.status().imported_from
+    if isinstance(origin, dict):
+        st.caption(f"Imported from {md(origin.get('bundle', 'a bundle'))} (run {md(origin.get('run_id', '?'))} "
+                   "there).")
+    problems = run.problems()
+    if problems:
+        st.error(f"Run {code(run.run_id)} is damaged: {md('; '.join(problems))}. It cannot be exported or "
+                 "reproduced; delete it below.")
+        return
+    tab_export, tab_code = st.tabs(["Export", "Show me the code"])
     _export_and_code(run, tab_export, tab_code)
-with tab_delete:
-    confirm = st.checkbox(f"Yes, delete {run.run_id} and its checkpoints")
-    if st.button("Delete run", disabled=not confirm):
+
+
+DELETED = "runs_deleted"  # the run id just deleted: said once after the rerun the deletion causes
+
+
+def _delete(run: RunDir) -> None:
+    """Delete, after a confirming tick; what was deleted is said after the page redraws without it."""
+    st.subheader("Delete")
+    confirm = st.checkbox(f"Yes, delete {md(run.run_id)} and its checkpoints", key=f"delete-ok-{run.run_id}")
+    if st.button("Delete run", disabled=not confirm, help="tick the box above first: this cannot be undone"):
         try:
             delete_run(run)
         except RunError as exc:
             show_error(exc)
         else:
             st.session_state[SELECTED_RUN] = None
+            st.session_state[DELETED] = run.run_id
             st.rerun()
+
+
+st.title("Runs")
+hosted_banner()  # on a shared server: export what you want to keep
+deleted = st.session_state.pop(DELETED, None)
+if deleted:
+    st.success(f"Deleted run {code(deleted)} and its checkpoints.")
+contained(_import_section)
+runs = list_runs(runs_root())
+if not runs:
+    st.info("No runs yet: train one on the Training or Compare page.")
+    st.stop()
+st.dataframe(_run_rows(runs), hide_index=True, height=260, column_config=RUN_COLUMNS)
+
+ids = [r.run_id for r in runs]
+overlay = st.multiselect("Overlay curves of", ids, default=ids[: min(3, len(ids))])
+contained(_overlay, runs, overlay)
+
+st.divider()
+selected = st.session_state.get(SELECTED_RUN)
+pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0)
+st.session_state[SELECTED_RUN] = pick
+run = open_run(runs_root(), pick)
+contained(_details, run)
+_delete(run)
