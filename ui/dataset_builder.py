@@ -14,6 +14,8 @@ from engine.core.errors import EngineError
 from engine.data.builder import BuiltDataset, built_datasets
 from engine.data.images import IMAGE_SUFFIXES
 from ui.errors import show_error
+from ui.text import md
+from ui.uploads import upload_help, upload_limit_mb
 
 NEW = "+ new dataset"
 PICKED = "builder_dataset"  # the dataset this session is building
@@ -32,6 +34,21 @@ def _thumb(path: str, mtime_ns: int):
     img = open_image(path, target=96)
     img.thumbnail((96, 96))
     return np.asarray(img)
+
+
+def same_name_as(name: str, classes: list[str], renaming: str | None = None) -> str | None:
+    """The existing class that ``name`` would be, spelled as it is (names differing only by case are one
+    class: 'Cat' and 'cat' are one folder on macOS and Windows disks), or None."""
+    wanted = name.strip().lower()
+    return next((c for c in classes if c.lower() == wanted and c != renaming), None)
+
+
+def same_name_message(name: str, existing: str) -> str:
+    """Why ``name`` is refused, naming the class that is there as it is spelled (markdown, escaped)."""
+    if name.strip() == existing:
+        return f"There is already a class named '{md(existing)}'."
+    return (f"There is already a class named '{md(existing)}': '{md(name.strip())}' differs from it only by case, "
+            "and names that differ only by case are one class. Add your images to it, or choose another name.")
 
 
 def _flash(kind: str, text: str) -> None:
@@ -56,11 +73,11 @@ def _store(ds: BuiltDataset, cls: str, files: list[tuple[str, bytes]], counter: 
     try:
         result = ds.add_images(cls, files)
     except EngineError as exc:
-        _flash("error", str(exc))
+        _flash("error", md(str(exc)))
     else:
-        _flash("success" if result.added else "info", f"{cls}: {result.summary()}.")
+        _flash("success" if result.added else "info", f"{md(cls)}: {md(result.summary())}.")
         if result.refused:
-            _flash("error", "Not added: " + "; ".join(f"{name}: {why}" for name, why in result.refused))
+            _flash("error", "Not added: " + "; ".join(f"{md(name)}: {md(why)}" for name, why in result.refused))
     _bump(counter)
     st.rerun()
 
@@ -80,16 +97,16 @@ def _new_dataset() -> None:
 
 def _class_panel(ds: BuiltDataset, cls: str, files: list[str]) -> None:
     with st.container(border=True):
-        st.markdown(f"**{cls}** · {len(files)} image{'s' if len(files) != 1 else ''}")
+        st.markdown(f"**{md(cls)}** · {len(files)} image{'s' if len(files) != 1 else ''}")
         upload, camera = st.columns([3, 2])
         counter = f"bu-{ds.name}-{cls}"
-        picked = upload.file_uploader(f"Add images to {cls}", type=_TYPES, accept_multiple_files=True,
-                                      key=_key(counter))
+        picked = upload.file_uploader(f"Add images to {md(cls)}", type=_TYPES, accept_multiple_files=True,
+                                      key=_key(counter), max_upload_size=upload_limit_mb(), help=upload_help())
         if picked:
             _store(ds, cls, [(f.name, f.getvalue()) for f in picked], counter)
         shot_counter = f"bc-{ds.name}-{cls}"
         if camera.toggle("Camera", key=f"cam-{ds.name}-{cls}", help="take snapshots with this device's camera"):
-            shot = camera.camera_input(f"Snapshot for {cls}", key=_key(shot_counter))
+            shot = camera.camera_input(f"Snapshot for {md(cls)}", key=_key(shot_counter))
             if shot is not None:
                 _store(ds, cls, [("snapshot.jpg", shot.getvalue())], shot_counter)
         show_all = len(files) > SHOWN and st.toggle(f"Show all {len(files)}", key=f"all-{ds.name}-{cls}")
@@ -101,31 +118,35 @@ def _class_panel(ds: BuiltDataset, cls: str, files: list[str]) -> None:
                 cell.image(_thumb(str(path), path.stat().st_mtime_ns), width=72)
             except (EngineError, OSError):
                 cell.caption("(unreadable)")
-            if cell.button("Remove", key=f"rm-{ds.name}-{cls}-{f}", help=f"remove {f} from {cls}"):
+            if cell.button("Remove", key=f"rm-{ds.name}-{cls}-{f}", help=f"remove {md(f)} from {md(cls)}"):
                 try:
                     ds.remove_image(cls, f)
                 except EngineError as exc:
-                    _flash("error", str(exc))
+                    _flash("error", md(str(exc)))
                 st.rerun()
         if len(files) > SHOWN and not show_all:
             st.caption(f"... and {len(files) - SHOWN} more")
         with st.popover("Rename or delete"):
             new = st.text_input("New name", cls, key=f"rn-{ds.name}-{cls}")
             if st.button("Rename", key=f"rnb-{ds.name}-{cls}"):
-                try:
-                    ds.rename_class(cls, new)
-                except EngineError as exc:
-                    show_error(exc)
+                clash = same_name_as(new, list(ds.classes()), renaming=cls)
+                if clash is not None:
+                    st.error(same_name_message(new, clash))
                 else:
-                    st.rerun()
-            sure = st.checkbox(f"Yes, delete '{cls}' and its {len(files)} images", key=f"delok-{ds.name}-{cls}")
+                    try:
+                        ds.rename_class(cls, new)
+                    except EngineError as exc:
+                        show_error(exc)
+                    else:
+                        st.rerun()
+            sure = st.checkbox(f"Yes, delete '{md(cls)}' and its {len(files)} images", key=f"delok-{ds.name}-{cls}")
             if st.button("Delete class", key=f"del-{ds.name}-{cls}", disabled=not sure):
                 try:
                     n = ds.delete_class(cls)
                 except EngineError as exc:
                     show_error(exc)
                 else:
-                    _flash("info", f"Deleted class '{cls}' and its {n} images.")
+                    _flash("info", f"Deleted class '{md(cls)}' and its {n} images.")
                     st.rerun()
 
 
@@ -150,10 +171,14 @@ def dataset_builder() -> str | None:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         name = left.text_input("Add a class", placeholder="class name, e.g. healthy")
         if right.form_submit_button("Add class"):
-            try:
-                ds.add_class(name)
-            except EngineError as exc:
-                _flash("error", str(exc))
+            clash = same_name_as(name, list(ds.classes()))
+            if clash is not None:
+                _flash("error", same_name_message(name, clash))
+            else:
+                try:
+                    ds.add_class(name)
+                except EngineError as exc:
+                    _flash("error", md(str(exc)))
             st.rerun()
     classes = ds.classes()
     if not classes:

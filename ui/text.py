@@ -101,3 +101,14 @@ def short_run_names(runs: list[tuple[str, str | None]]) -> dict[str, str]:
             name = f"{arch} · {run_id}"
         names[run_id] = name
     return names
+
+
+def imbalance_line(ratio: dict) -> str:
+    """The data report's one line on class balance (engine.data.balance.class_imbalance's dict), in
+    markdown with the class names escaped. A tie is said as such: "'cat' 8 / 'cat' 8 = 1.0:1" read as a
+    comparison of a class with itself."""
+    largest, smallest = ratio.get("largest_images"), ratio.get("smallest_images")
+    if largest == smallest:
+        return f"Balanced: every class has {largest} image{'s' if largest != 1 else ''}."
+    return (f"Largest / smallest class: '{md(ratio['largest'])}' {largest} / '{md(ratio['smallest'])}' {smallest} "
+            f"= {ratio['ratio']:.1f}:1 (a warning from {ratio['threshold']:g}:1).")

@@ -27,3 +27,21 @@ def save_upload(data: bytes, name: str, folder: str) -> Path:
             Path(tmp).unlink(missing_ok=True)
             raise
     return target
+
+
+def upload_limit_mb() -> int:
+    """The builder's per-image limit in MB (engine.data.builder.BuilderLimits), for ``st.file_uploader``'s
+    ``max_upload_size``: the uploader then says "Limit 25MB per file", the limit that holds, where it said
+    the server's 100MB (.streamlit/config.toml) and a 30 MB photo was refused only after its upload."""
+    from engine.data.builder import BuilderLimits
+
+    return max(1, BuilderLimits().max_file_bytes // 1024**2)
+
+
+def upload_help() -> str:
+    """What the builder's uploader accepts, said in its tooltip."""
+    from engine.data.builder import BuilderLimits
+
+    limits = BuilderLimits()
+    return (f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {upload_limit_mb()} MB each; a dataset holds at most "
+            f"{limits.max_images:,} images and {limits.max_total_bytes / 1024**3:.0f} GB.")

@@ -15,13 +15,14 @@ def pick_trained_run(label: str = "Run"):
     runs are named with their reason beneath it. Stops the page with a hint when there is none."""
     from engine.core.paths import runs_root
     from engine.runs.store import list_runs, usable_runs
+    from ui.text import code, md
 
     runs = usable_runs(runs_root())
     damaged = [(r, r.problems()) for r in list_runs(runs_root()) if r.checkpoint("best").is_file() and r.problems()]
     if damaged:
         with st.expander(f"{len(damaged)} damaged run(s) cannot be used"):
-            for r, problems in damaged:
-                st.markdown(f"`{r.run_id}`: {'; '.join(problems)}")
+            for r, problems in damaged:  # a run's id and problems come from its files: escaped
+                st.markdown(f"{code(r.run_id)}: {md('; '.join(problems))}")
     if not runs:
         st.info("No trained run yet: train one on the Training or Compare page.")
         st.stop()

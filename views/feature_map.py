@@ -30,6 +30,7 @@ from engine.data.stamp import source_stamp
 from ui.cache import load_model, model_feature_map, run_feature_maps, umap_problem, val_image
 from ui.errors import public_message, show_error
 from ui.state import active, weights_label
+from ui.text import md, plot, plot_labels
 from ui.widgets import pick_data_source, pick_trained_run
 
 THUMBS = 24  # images shown for a selection
@@ -63,7 +64,7 @@ def _figure(fmap, heading: str) -> tuple[go.Figure, list[list[int]]]:
     colours = _palette(len(fmap.class_names))
     fig = go.Figure()
     positions: list[list[int]] = []
-    for c, name in enumerate(fmap.class_names):
+    for c, name in enumerate(plot_labels(fmap.class_names)):  # legend and hover draw HTML: names escaped
         mine = [i for i, y in enumerate(fmap.labels) if y == c]
         if not mine:
             continue
@@ -71,11 +72,11 @@ def _figure(fmap, heading: str) -> tuple[go.Figure, list[list[int]]]:
         fig.add_trace(go.Scatter(
             x=[fmap.points[i][0] for i in mine], y=[fmap.points[i][1] for i in mine], mode="markers", name=name,
             marker={"size": 7, "color": colours[c], "opacity": 0.8}, customdata=mine,
-            hovertext=[f"{name}: {_shown(fmap.sources[i])}" for i in mine], hoverinfo="text"))
+            hovertext=[f"{name}: {plot(_shown(fmap.sources[i]))}" for i in mine], hoverinfo="text"))
     axis = "PC" if fmap.method == "pca" else "UMAP "
     labels = [f"{axis}{a + 1}" + (f" ({fmap.explained[a]:.0%} of variance)" if len(fmap.explained) > a else "")
               for a in range(2)]
-    fig.update_layout(title={"text": f"{heading}: {_score(fmap)}", "font": {"size": 15}}, height=460,
+    fig.update_layout(title={"text": f"{plot(heading)}: {_score(fmap)}", "font": {"size": 15}}, height=460,
                       xaxis_title=labels[0], yaxis_title=labels[1], legend_title_text="class",
                       margin={"t": 60, "b": 40})
     return fig, positions
@@ -112,13 +113,27 @@ def _plot(fmap, heading: str, data: str, key: str, where, work_dir: str | None =
         st.caption(f"{len(picked)} selected" + (f", the first {THUMBS} shown" if len(picked) > THUMBS else ""))
         cols = st.columns(6)
         for slot, i in enumerate(picked[:THUMBS]):
-            caption = f"{fmap.class_names[fmap.labels[i]]}: {_shown(fmap.sources[i])}"
+            caption = f"{fmap.class_names[fmap.labels[i]]}: {_shown(fmap.sources[i])}"  # plain text on an image
             try:
                 image = val_image(data, fmap.indices[i], THUMB_PX, thumb=THUMB_PX, work_dir=work_dir, stamp=stamp)
             except EngineError as exc:  # unreadable since it was embedded: the reason in its place
-                cols[slot % 6].caption(f"{caption}: {public_message(str(exc))}")
+                cols[slot % 6].caption(md(f"{caption}: {public_message(str(exc))}"))
             else:
                 cols[slot % 6].image(image, width=THUMB_PX, caption=caption)
+
+
+def votes_line(used: int, asked: int, labels: list[int]) -> str:
+    """Which k the score used, and why when it is below the k asked for: a leave-one-out vote can use at
+    most one neighbour fewer than the smallest class has images ("1 neighbours vote" under k = 5 read
+    as a bug)."""
+    said = f"{used} neighbour{'s' if used != 1 else ''} vote{'s' if used == 1 else ''}"
+    if used >= asked:
+        return f"{said}."
+    smallest = min(Counter(labels).values(), default=0)
+    own = max(smallest - 1, 0)
+    return (f"{said}, not the {asked} asked for: the smallest class has {smallest} image"
+            f"{'s' if smallest != 1 else ''} here, so an image has at most {own} neighbour{'s' if own != 1 else ''} "
+            "of its own class (with more voters, a well-separated small class would be outvoted).")
 
 
 def _gain(fmap) -> float:
@@ -213,6 +228,7 @@ if mode == "a pretrained model":
         st.stop()
     left, right = st.columns([3, 2])
     _plot(fmap, "pretrained", data, "fm_plot_model", left, stamp=stamp)
+    right.caption(votes_line(fmap.k, k, fmap.labels))
     right.markdown(_reading_pretrained(fmap, weights))
 else:
     run = pick_trained_run()
@@ -223,8 +239,8 @@ else:
     except Exception as exc:  # noqa: BLE001 - data gone or unreadable since training: a message
         show_error(exc)
         st.stop()
-    st.caption(f"{before.model} beside {after.model}, on the same {len(after.labels)} validation images; "
-               f"{after.k} neighbours vote.")
+    st.caption(f"{md(before.model)} beside {md(after.model)}, on the same {len(after.labels)} validation images; "
+               f"{votes_line(after.k, k, after.labels)}")
     left, right = st.columns(2)
     _plot(before, "pretrained", data, "fm_plot_before", left, str(run.path))
     _plot(after, "after fine-tune", data, "fm_plot_after", right, str(run.path))

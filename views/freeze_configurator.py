@@ -17,15 +17,54 @@ from ui.cache import dataset_sample, freeze_preview, load_model
 from ui.errors import show_error
 from ui.state import PLAN, active
 
+
+def lr_text(value: object) -> str:
+    """A stage's learning rate as the table shows it: a frozen stage has none ("frozen", never "nan")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value > 0:
+        return f"{value:.2e}"
+    return "frozen"
+
+
+def data_classes() -> int | None:
+    """How many classes the user's own data has, when this session knows it: the dataset being built on
+    the Training page. None when it does not (then the counts say which head they are for)."""
+    from engine.data.builder import BuiltDataset
+    from ui.dataset_builder import PICKED
+
+    picked = st.session_state.get(PICKED)
+    if not picked:
+        return None
+    try:
+        n = sum(1 for files in BuiltDataset.open(picked).classes().values() if files)
+    except (EngineError, OSError):
+        return None
+    return n if n >= 2 else None
+
+
+def head_for(counted: int | None, own: int | None, pretrained: int) -> str:
+    """Which classifier the counts below include, in words."""
+    if counted is None:
+        return (f"the pretrained {pretrained}-class head: a training replaces it with one sized to your data's "
+                "classes, so set the number of classes to count with that head")
+    where = " (your dataset's)" if counted == own else ""
+    return f"a new {counted}-class head{where}, as a training on {counted} classes builds"
+
+
 st.title("Freeze Configurator")
 name, weights, classes = active()
+own_classes = data_classes()
+counted = int(st.number_input(
+    "Classes the head is counted for (0: the pretrained head)", 0, 100_000, classes or own_classes or 0,
+    key="fc_counted_classes", help="Training replaces the pretrained head (ImageNet's: 1000 classes) with one "
+    "for your classes, so the trainable count depends on it; the counts follow this number.")) or None
 try:
     handle = load_model(name, weights, classes)
+    pretrained_classes = load_model(name, weights, None).spec.num_classes
 except EngineError as exc:
     show_error(exc)
     st.stop()
 current = FreezePlan.from_dict(st.session_state[PLAN])
-stage_names = [s["name"] for s in freeze_preview(name, weights, classes, json.dumps(FreezePlan.default().to_dict()))["stages"]]
+stage_names = [s["name"] for s in freeze_preview(name, weights, counted, json.dumps(FreezePlan.default().to_dict()))["stages"]]
 backbone = [s for s in stage_names if s != "head"]
 
 LABELS = {"feature-extraction": "Feature extraction (head only)", "full": "Full fine-tune",
@@ -64,7 +103,7 @@ try:
     plan = FreezePlan(strategy=strategy, last_n=last_n, stages=tuple(chosen),
                       patterns=tuple(p.strip() for p in patterns.split(",") if p.strip()), bn_policy=bn,
                       head_lr=head_lr, backbone_lr_ratio=ratio, stage_lr_decay=decay, unfreeze_schedule=pairs)
-    report = freeze_preview(name, weights, classes, json.dumps(plan.to_dict()))
+    report = freeze_preview(name, weights, counted, json.dumps(plan.to_dict()))
 except (EngineError, ValueError) as exc:
     show_error(exc if isinstance(exc, EngineError) else EngineError(f"Unreadable unfreezing schedule: {exc}"))
     st.stop()
@@ -75,12 +114,13 @@ with right:
     m1.metric("Trainable", f"{report['trainable_params']:,}", f"{report['trainable_pct']:.1f}%", delta_color="off")
     m2.metric("Frozen", f"{report['frozen_params']:,}")
     m3.metric("BN layers held fixed", report["frozen_bn_count"])
+    st.caption(f"Counted with {head_for(counted, own_classes, pretrained_classes)}.")
     rows = pd.DataFrame(report["stages"])
     fig = go.Figure([go.Bar(name="trainable", x=rows["name"], y=rows["trainable"], marker_color="#2f6fde"),
                      go.Bar(name="frozen", x=rows["name"], y=rows["frozen"], marker_color="#b8c2cc")])
     fig.update_layout(barmode="stack", title="Parameters per stage", yaxis_title="parameters", height=360)
     st.plotly_chart(fig)
-    rows["lr"] = rows["lr"].map(lambda v: f"{v:.2e}" if v else "frozen")
+    rows["lr"] = rows["lr"].map(lr_text)
     rows["BN fixed"] = rows["bn_fixed"].astype(str) + "/" + rows["bn_layers"].astype(str)
     st.dataframe(rows[["name", "params", "trainable", "lr", "BN fixed"]], hide_index=True)
 

@@ -12,6 +12,7 @@ from engine.freeze.plan import FreezePlan
 from ui.cache import catalog_rows, freeze_preview, load_model, model_summary
 from ui.errors import show_error
 from ui.state import ACTIVE_CLASSES, ACTIVE_MODEL, ACTIVE_WEIGHTS, active, weights_label
+from ui.text import code, md
 from ui.uploads import save_upload
 
 st.title("Model Explorer")
@@ -55,7 +56,7 @@ except EngineError as exc:
     st.stop()
 
 spec = handle.spec
-st.subheader(f"{spec.name} · weights `{weights_label(weights)}`")
+st.subheader(f"{md(spec.name)} · weights {code(weights_label(weights))}")
 size = st.number_input("Input size (pixels)", 32, 1024, int(spec.input_size[-1]), step=16)
 try:
     summary = model_summary(name, weights, classes, int(size))
@@ -68,6 +69,9 @@ c1.metric("Parameters", f"{summary['total_params']:,}")
 c2.metric("Trainable", f"{summary['trainable_params']:,}")
 c3.metric("Buffer elements", f"{summary['total_buffers']:,}", help="e.g. BatchNorm running mean/var")
 c4.metric("Classes", spec.num_classes)
+st.caption(f"Counted with {'the pretrained' if classes is None else 'a new'} {spec.num_classes}-class head"
+           + (": a training replaces it with one for your data's classes (set Classes above to count with "
+              "that head)." if classes is None else "."))
 
 st.markdown("#### Call `model(x)`")
 st.code(f"x = torch.zeros({', '.join(map(str, summary['input_shape']))})\n"

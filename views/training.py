@@ -26,6 +26,7 @@ from ui.errors import show_error
 from ui.lr_finder import lr_finder
 from ui.run_panel import live_panel
 from ui.state import PLAN, SELECTED_RUN, active
+from ui.text import imbalance_line, md, plot_labels
 from ui.uploads import save_upload
 
 st.title("Training")
@@ -62,29 +63,27 @@ except EngineError as exc:
     show_error(exc)
     overview = None
 
-if overview:
+if overview:  # every name below comes from the user's files: escaped (ui.text) wherever markdown or Plotly draws it
     if overview.get("layout"):
-        st.caption(f"Layout: {overview['layout']}")
+        st.caption(f"Layout: {md(overview['layout'])}")
     if overview.get("split_counts"):  # the split the data names: images per class in each part
         st.dataframe(pd.DataFrame(overview["split_counts"]).rename_axis("class").reset_index(), hide_index=True)
-    counts = pd.DataFrame({"class": list(overview["counts"]), "images": list(overview["counts"].values())})
+    counts = pd.DataFrame({"class": plot_labels(list(overview["counts"])), "images": list(overview["counts"].values())})
     left, right = st.columns([2, 3])
     balance = px.bar(counts, x="class", y="images", title=f"{overview['n_images']} images")
     balance.update_xaxes(type="category")
     left.plotly_chart(balance)
     ratio = overview.get("imbalance") or {}
     if ratio:
-        left.caption(f"Largest / smallest class: '{ratio['largest']}' {ratio['largest_images']} / "
-                     f"'{ratio['smallest']}' {ratio['smallest_images']} = {ratio['ratio']:.1f}:1 (a warning from "
-                     f"{ratio['threshold']:g}:1).")
+        left.caption(imbalance_line(ratio))
     with right:
         for cls, thumbs in list(overview["thumbs"].items())[:10]:
             if thumbs:
-                st.image(thumbs, caption=[cls] * len(thumbs), width=56)
+                st.image(thumbs, caption=[cls] * len(thumbs), width=56)  # image captions are plain text
     for problem in overview["problems"]:
-        st.error(problem)
+        st.error(md(problem))
     for warning in overview["warnings"]:
-        st.warning(warning)
+        st.warning(md(warning))
     if overview["skipped"]:
         with st.expander(f"{len(overview['skipped'])} skipped files"):
             st.dataframe(pd.DataFrame(overview["skipped"], columns=["file", "reason"]), hide_index=True)

@@ -149,7 +149,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("WEIGHTS", weights),
         ("PACKAGED_WEIGHTS", packaged),
         ("HEAD", handle.spec.head),
-        ("DATA", config.data),
+        ("DATA", portable_data(config.data)[0]),
         ("CLASS_NAMES", list(class_names)),
         ("MAX_PER_CLASS", config.max_per_class),
         ("VAL_FRACTION", config.val_fraction),
@@ -191,6 +191,29 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
     ]
 
 
+def portable_data(data: str) -> tuple[str, str | None]:
+    """What the script's DATA says, and a note for whoever runs it (None: nothing to add).
+
+    A folder inside the app's data folder is written relative to it ('my-plants', 'uploads/...'): the
+    script runs on another machine, and the server's absolute path (/srv/app/data/my-plants) told its
+    readers where the server keeps its files while pointing nowhere on theirs. Built-in sets and paths
+    given from elsewhere (a CLI user's own folder) are written as they are.
+    """
+    from engine.core.paths import data_root
+
+    try:
+        inside = Path(data).resolve().relative_to(Path(data_root()).resolve())
+    except (ValueError, OSError):
+        return data, None
+    if not inside.parts:
+        return data, None
+    relative = inside.as_posix()
+    if "/" not in relative and relative in ("digits", "lfw", "cifar10"):  # a folder, not the built-in set
+        relative = f"./{relative}"
+    return relative, (f"the run's data is the folder '{relative}' of the workbench's data folder: copy it beside "
+                      "this script (or download it from the app), or set DATA to where it is on your machine")
+
+
 def _stage_lrs(stages: list[Stage], plan) -> dict[str, float]:
     from engine.freeze.plan import stage_learning_rates
 
@@ -202,11 +225,14 @@ def _slice(micro_batch: int | None, batch_size: int) -> int | None:
     return micro_batch if micro_batch and micro_batch < batch_size else None
 
 
-def render_settings(settings: list[tuple[str, Any]], header: str) -> str:
+def render_settings(settings: list[tuple[str, Any]], header: str, notes: dict[str, str] | None = None) -> str:
+    """The settings block; ``notes`` adds a run-specific comment line above a setting."""
     lines = [BEGIN, f"# {header}"]
     for name, value in settings:
         if name in NOTES:
             lines.append(f"# {NOTES[name]}")
+        if notes and notes.get(name):
+            lines.append(f"# {_one_line(notes[name])}")
         lines.append(f"{name} = {pprint.pformat(value, width=110, sort_dicts=False)}")
     lines.append(END)
     return "\n".join(lines)
@@ -233,11 +259,16 @@ def generate_script(config: TrainConfig, class_names: list[str], run_id: str = "
     if names != template_setting_names():  # a setting the template reads must never keep its demo value
         raise RuntimeError(f"the settings do not match {TEMPLATE_PATH.name}: {names} vs {template_setting_names()}")
     plan = config.freeze_plan()
-    header = (f"Run {run_id or '(unsaved)'}: {config.model} ({config.weights} weights) on {config.data}, "
+    data, note = portable_data(config.data)
+    header = (f"Run {run_id or '(unsaved)'}: {config.model} ({config.weights} weights) on {data}, "
               f"plan '{plan.strategy}', {config.epochs} epoch(s)")
     before, _block, after = _template_parts()
-    header = "".join(ch if ch.isprintable() else " " for ch in header)  # one comment line, whatever a path holds
-    return before + render_settings(settings, header) + after
+    return before + render_settings(settings, _one_line(header), {"DATA": note} if note else None) + after
+
+
+def _one_line(text: str) -> str:
+    """One comment line, whatever a path or a name holds."""
+    return "".join(ch if ch.isprintable() else " " for ch in text)
 
 
 def script_unsupported(config: TrainConfig, work_dir: str | None = None) -> str | None:
