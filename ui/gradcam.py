@@ -36,6 +36,20 @@ def validation_images(run_path: str, mtime: float) -> list[dict[str, Any]]:
             for i in val]
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def upload_refusal(data: bytes, name: str) -> str | None:
+    """Why an uploaded image cannot be explained (the engine's message), or None; checked when it is
+    uploaded, decoded bounded and reduced as the engine decodes every upload (a tiny thumbnail target)."""
+    from engine.core.errors import EngineError
+    from engine.data.images import open_image
+
+    try:
+        open_image(data, name=name, target=32)
+    except EngineError as exc:
+        return str(exc)
+    return None
+
+
 @st.cache_data(show_spinner="Computing Grad-CAM...", max_entries=32)
 def explained(run_path: str, mtime: float, data: str, index: int | None, upload: bytes | None,
               upload_name: str, class_index: int | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from engine.core.errors import EngineError
 from ui import overrides as overrides_ui
 from ui.cache import mislabeled_for, report_for, val_image
 from ui.errors import public_message, show_error
-from ui.gradcam import explained, validation_images
+from ui.gradcam import explained, upload_refusal, validation_images
 from ui.text import md, plot_labels
 from ui.widgets import pick_trained_run
 
@@ -158,6 +158,9 @@ source = st.radio("Image", ["a validation image", "upload"], horizontal=True)
 index, upload = None, None
 if source == "upload":
     upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"])
+    if upload is not None and (refusal := upload_refusal(upload.getvalue(), upload.name)) is not None:
+        show_error(EngineError(refusal))  # said at once, not after a click on "Explain"
+        upload = None
 else:
     try:
         order, said = cam_choices(validation_images(str(run.path), mtime), report.misclassified)
