@@ -38,3 +38,20 @@ def report_unexpected(exc: BaseException, where=None) -> str:
     (where or st).error(f"Something went wrong here (error id {error_id}). The details are in the server log; "
                         "your runs and data are untouched.")
     return error_id
+
+
+def guarded(body):
+    """The app's error boundary around a fragment: a fragment that reruns alone runs outside the
+    router's try/except (streamlit_app.py), so without this a bug in it shows Streamlit's own error box.
+    Streamlit's rerun and stop are BaseExceptions and pass through."""
+    import functools
+
+    @functools.wraps(body)
+    def wrapper(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the boundary, as in streamlit_app.py
+            show_error(exc)
+            return None
+
+    return wrapper

@@ -74,3 +74,26 @@ def live_panel(run: RunDir) -> None:
     """Redraw every second while the run is active; a static panel once it is done."""
     active = run.status().active
     st.fragment(_panel, run_every=1.0 if active else None)(run)
+
+
+def run_progress(run: RunDir) -> tuple[str, str]:
+    """One line of a run's progress, for beside the button that started it: queued (and where in line),
+    a progress bar with the ETA while it trains, or how it ended. Returns (run id, state): what the page
+    around it depends on."""
+    status = run.status()
+    state = status.state
+    if state == "queued":
+        place = f" (number {status.queue_position} in line)" if status.queue_position else ""
+        st.caption(f"Run `{run.run_id}` is queued{place}: it starts by itself when the device is free.")
+    elif status.active:
+        config = read_json(run.config_path, {})
+        epochs = int(status.epochs or (config.get("epochs") if isinstance(config, dict) else 1) or 1)
+        progress = status.progress
+        st.progress(progress.fraction(epochs) if progress else 0.0,
+                    text=f"Run `{run.run_id}`: " + (progress.describe(epochs) if progress
+                                                     else "preparing data and model..."))
+    elif state == "finished":
+        st.caption(f"Run `{run.run_id}` finished: best validation accuracy {status.best_val_acc or 0:.1%}.")
+    else:
+        st.caption(f"Run `{run.run_id}`: {state}.")
+    return run.run_id, state
