@@ -101,7 +101,9 @@ def test_freeze_configurator_advisor_and_bn_gap():
     assert not at.exception
     assert int(by_label(at.metric, "BatchNorm layers").value) > 10
     by_label(at.selectbox, "Similar to ImageNet photos?").set_value("estimate from data").run()
-    by_label(at.selectbox, "Data for estimates").set_value("lfw").run()
+    by_label(at.radio, "Data").set_value("lfw faces (built-in)").run()  # the one data picker, the session's pick
+    assert at.session_state["data_ref"] == "lfw"
+    assert by_label(at.number_input, "Classes").value == 2  # the advisor counts the data picked
     by_label(at.button, "Estimate similarity (linear probe on frozen features)").click().run()
     assert not at.exception
     assert any("Feature extraction" in s.value for s in at.success)

@@ -13,9 +13,10 @@ from engine.data.stamp import source_stamp
 from engine.data.transforms import eval_transform
 from engine.freeze.plan import FreezePlan
 from engine.lab.advisor import batchnorm_train_eval_gap, estimate_similarity, recommend
-from ui.cache import dataset_sample, freeze_preview, load_model
+from ui.cache import dataset_overview, dataset_sample, freeze_preview, load_model
 from ui.errors import show_error
 from ui.state import PLAN, active
+from ui.widgets import pick_data_source
 
 st.title("Freeze Configurator")
 name, weights, classes = active()
@@ -86,18 +87,30 @@ with right:
 
 st.divider()
 st.subheader("Advisor: how much data, how similar a task?")
+try:
+    sample_source = pick_data_source(key="advisor_data")  # the session's data, as on every page
+    overview = dataset_overview(sample_source, stamp=source_stamp(sample_source)) if sample_source else None
+except EngineError as exc:
+    show_error(exc)
+    sample_source, overview = None, None
+if overview and overview.get("counts") and st.session_state.get("adv_counts_of") != sample_source:
+    counts = list(overview["counts"].values())  # the data picked, not a made-up example (the user may edit)
+    st.session_state["adv_counts_of"] = sample_source
+    st.session_state["adv_per_class"] = max(1, min(counts))
+    st.session_state["adv_classes"] = max(2, len(counts))
 a1, a2, a3 = st.columns(3)
-per_class = a1.number_input("Images per class", 1, 1_000_000, 180)
-n_classes = a2.number_input("Classes", 2, 100_000, 10)
+per_class = a1.number_input("Images per class", 1, 1_000_000, 180, key="adv_per_class",
+                            help="The smallest class of the data picked above.")
+n_classes = a2.number_input("Classes", 2, 100_000, 10, key="adv_classes")
 similarity = a3.selectbox("Similar to ImageNet photos?", ["estimate from data", "similar", "in between", "different"])
-sample_source = st.selectbox("Data for estimates", ["digits", "lfw"], help="A small labelled sample is used.")
 if similarity == "estimate from data":
-    if st.button("Estimate similarity (linear probe on frozen features)"):
+    if st.button("Estimate similarity (linear probe on frozen features)", disabled=sample_source is None):
         images, labels = dataset_sample(sample_source, stamp=source_stamp(sample_source))
         with st.spinner("Extracting features..."):
-            st.session_state["similarity_evidence"] = estimate_similarity(handle, images, labels, image_size=96).to_dict()
+            evidence = estimate_similarity(handle, images, labels, image_size=96).to_dict()
+        st.session_state["similarity_evidence"] = {**evidence, "data": sample_source}
     saved = st.session_state.get("similarity_evidence")
-    if saved:
+    if saved and saved.get("data") == sample_source:  # measured on this data, never on another
         st.caption(f"Probe accuracy {saved['probe_accuracy']:.1%} (chance {saved['chance']:.0%}) -> "
                    f"score {saved['score']:.2f}: **{saved['verdict']}**. {saved['method']}.")
         similarity_value = saved["score"]
@@ -117,7 +130,7 @@ if similarity_value is not None:
 st.subheader("The BatchNorm pitfall, measured")
 st.markdown("A frozen backbone left in `train()` mode normalises with batch statistics: its features are "
             "not the pretrained ones. Below: the same batch through the backbone in train vs eval mode.")
-if st.button("Measure train-vs-eval feature difference"):
+if st.button("Measure train-vs-eval feature difference", disabled=sample_source is None):
     images, _ = dataset_sample(sample_source, per_class=2, stamp=source_stamp(sample_source))
     x = torch.stack([eval_transform(handle.spec, 96)(im) for im in images[:16]])
     gap = batchnorm_train_eval_gap(handle, x)
