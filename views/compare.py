@@ -104,11 +104,12 @@ with right:
         except EngineError as exc:
             show_error(exc)
             data = None
-        epochs = st.number_input("Epochs each", 1, 100, 2)
-        size = st.number_input("Image size", 16, 512, 96, step=16)
+        kept = {"persist_state": "session"}  # as the user left them, after a visit to another page
+        epochs = st.number_input("Epochs each", 1, 100, 2, key="cmp_epochs", **kept)
+        size = st.number_input("Image size", 16, 512, 96, step=16, key="cmp_size", **kept)
         choices = st.multiselect("Strategies", ["feature extraction", "full fine-tune", "last 2 stages",
                                                 "my plan (Freeze Configurator)"],
-                                 default=["feature extraction", "full fine-tune"])
+                                 default=["feature extraction", "full fine-tune"], key="cmp_plans", **kept)
         if st.button("Start comparison", disabled=len(choices) < 2 or data is None):
             presets = {**demo_plans(), "last 2 stages": FreezePlan.last(2, head_lr=2e-3, backbone_lr_ratio=1.0),
                        "my plan (Freeze Configurator)": FreezePlan.from_dict(st.session_state[PLAN])}

@@ -98,10 +98,12 @@ if overview and overview.get("counts") and st.session_state.get("adv_counts_of")
     st.session_state["adv_counts_of"] = sample_source
     st.session_state["adv_per_class"] = max(1, min(counts))
     st.session_state["adv_classes"] = max(2, len(counts))
+st.session_state.setdefault("adv_per_class", 180)
+st.session_state.setdefault("adv_classes", 10)
 a1, a2, a3 = st.columns(3)
-per_class = a1.number_input("Images per class", 1, 1_000_000, 180, key="adv_per_class",
+per_class = a1.number_input("Images per class", 1, 1_000_000, key="adv_per_class",
                             help="The smallest class of the data picked above.")
-n_classes = a2.number_input("Classes", 2, 100_000, 10, key="adv_classes")
+n_classes = a2.number_input("Classes", 2, 100_000, key="adv_classes")
 similarity = a3.selectbox("Similar to ImageNet photos?", ["estimate from data", "similar", "in between", "different"])
 if similarity == "estimate from data":
     if st.button("Estimate similarity (linear probe on frozen features)", disabled=sample_source is None):
