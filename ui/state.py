@@ -41,6 +41,7 @@ def init_state() -> None:
     st.session_state.setdefault(DATA, "digits")
     if not st.session_state.get(_URL_READ):
         st.session_state[_URL_READ] = True
+        drop_unreadable_numbers()
         read_setup_from_url()
 
 
@@ -57,6 +58,30 @@ def weights_label(weights: str) -> str:
 def _url_value(name: str) -> str | None:
     value = st.query_params.get(name)
     return value if isinstance(value, str) and 0 < len(value) <= MAX_URL_VALUE else None
+
+
+NUMERIC_FIELDS = ("epochs", "batch", "size", "val", "patience", "per_class", "seed", "micro")  # the Training page's
+
+
+def drop_unreadable_numbers() -> None:
+    """A number field bound to the URL reads its parameter itself, and Streamlit's reader fails on
+    '1e999' (int(inf): the page would show an error box): such a value is removed before any widget
+    reads it, so the field starts from its default."""
+    import math
+
+    for name in NUMERIC_FIELDS:
+        value = st.query_params.get(name)
+        if value is None:
+            continue
+        try:
+            ok = len(value) <= 20 and math.isfinite(float(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            try:
+                del st.query_params[name]
+            except Exception:  # noqa: BLE001 - already bound to its widget: that widget read it fine
+                pass
 
 
 def read_setup_from_url() -> None:

@@ -90,6 +90,10 @@ def _pick_listed(ref: str, key: str) -> str | None:
     labels = {e.ref: e.label for e in entries}
     folder_key = f"{key}_folder"
     if st.session_state.get(folder_key) not in refs:
+        if ref not in refs and ref not in ("digits", "lfw"):  # from a link, or deleted since: said, never read
+            from engine.data.library import dataset_label
+
+            st.warning(f"The dataset {dataset_label(ref)!r} is not in this app's data folder (any more): pick one.")
         st.session_state[folder_key] = ref if ref in refs else refs[0]
     return st.selectbox("Dataset", refs, format_func=labels.get, key=folder_key,
                         help="The app's data folder: datasets built here, folders copied there, zips uploaded.")
