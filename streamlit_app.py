@@ -27,7 +27,11 @@ init_state()
 set_app_threads()  # one thread while a training holds the CPU: see ui/threads.py
 navigation = st.navigation(PAGES)
 try:
-    render_sidebar()
     navigation.run()
 except Exception as exc:  # noqa: BLE001 - the boundary: no traceback or server path ever reaches a browser
     report_unexpected(exc)
+finally:  # after the page, also one that stopped early: the sidebar shows what this rerun's click changed
+    try:
+        render_sidebar()
+    except Exception as exc:  # noqa: BLE001 - the same boundary
+        report_unexpected(exc)

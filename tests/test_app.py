@@ -101,7 +101,9 @@ def test_freeze_configurator_advisor_and_bn_gap():
     assert not at.exception
     assert int(by_label(at.metric, "BatchNorm layers").value) > 10
     by_label(at.selectbox, "Similar to ImageNet photos?").set_value("estimate from data").run()
-    by_label(at.selectbox, "Data for estimates").set_value("lfw").run()
+    by_label(at.radio, "Data").set_value("lfw faces (built-in)").run()  # the one data picker, the session's pick
+    assert at.session_state["data_ref"] == "lfw"
+    assert by_label(at.number_input, "Classes").value == 2  # the advisor counts the data picked
     by_label(at.button, "Estimate similarity (linear probe on frozen features)").click().run()
     assert not at.exception
     assert any("Feature extraction" in s.value for s in at.success)
@@ -117,12 +119,13 @@ def test_training_page_runs_a_tiny_training_to_completion(isolated_dirs):
     by_label(at.number_input, "Image size").set_value(32)
     by_label(at.number_input, "Max images per class (0: all)").set_value(10)
     by_label(at.number_input, "Epochs").set_value(2)
-    by_label(at.text_input, "Memory budget").set_value("lots")
-    by_label(at.button, "Start training").click().run()  # refused beside the settings: nothing created
+    by_label(at.text_input, "Memory budget").set_value("lots").run()
+    # refused beside the setting as soon as it is typed, and Start cannot be pressed: nothing created
     assert not at.exception and any("memory size 'lots'" in e.value for e in at.error)
+    assert by_label(at.button, "Start training").disabled
     assert not (isolated_dirs / "runs").is_dir() or not any((isolated_dirs / "runs").iterdir())
     by_label(at.text_input, "Memory budget").set_value("2GB")
-    by_label(at.number_input, "Micro-batch (0: automatic)").set_value(4)
+    by_label(at.number_input, "Micro-batch (0: automatic)").set_value(4).run()  # a browser reruns on each change
     by_label(at.button, "Start training").click().run()
     assert not at.exception
     run_id = at.session_state["selected_run"]
@@ -261,6 +264,6 @@ def test_training_page_lists_folders_of_the_data_directory(isolated_dirs):
     at.run()
     by_label(at.radio, "Data").set_value("folder in the data directory").run()
     assert not at.exception
-    assert by_label(at.selectbox, "Folder").value == "shapes"
+    assert by_label(at.selectbox, "Dataset").value == "folder:shapes"
     assert any("8 images" in str(c.proto.spec) for c in at.get("plotly_chart"))
     assert not by_label(at.button, "Start training").disabled

@@ -35,6 +35,13 @@ def counted(monkeypatch, name: str) -> list:
     return calls
 
 
+def draw(at: AppTest) -> AppTest:
+    """Press "Draw the map": a first visit computes nothing until asked."""
+    assert not charts(at), "a map was computed before anyone asked"
+    by_label(at.button, "Draw the map").click().run()
+    return at
+
+
 def charts(at: AppTest) -> list[str]:
     return [str(c.proto.spec) for c in at.get("plotly_chart")]
 
@@ -42,9 +49,10 @@ def charts(at: AppTest) -> list[str]:
 def test_pretrained_mode_maps_lfw_with_its_score_and_a_rerun_does_not_embed_again(monkeypatch):
     calls = counted(monkeypatch, "model_map")
     at = page("feature_map.py")
-    at.session_state["fm_data"] = "lfw"
+    at.session_state["data_ref"] = "lfw"
     at.session_state["fm_size"] = 32
     at.run()
+    draw(at)
     assert not at.exception, at.exception
     (chart,) = charts(at)
     assert "pretrained: k-NN accuracy" in chart and "-D features" in chart
@@ -57,11 +65,13 @@ def test_pretrained_mode_maps_lfw_with_its_score_and_a_rerun_does_not_embed_agai
     assert not at.exception and len(charts(at)) == 1
     assert len(calls) == 1, "a rerun recomputed the map"
     by_label(at.number_input, "k (neighbours that vote)").set_value(3).run()
+    draw(at)  # another map: asked for again
     assert not at.exception and len(calls) == 2  # a new option is a new key
     from engine.data.decisions import relabel
 
     relabel("lfw", "lfw[150]", "face")  # a decision about one image (the Evaluate page, or the CLI)
     at.run()
+    draw(at)
     assert not at.exception and len(calls) == 3, "a relabelled image kept the map from before the decision"
     at.run()
     assert len(calls) == 3
@@ -69,7 +79,7 @@ def test_pretrained_mode_maps_lfw_with_its_score_and_a_rerun_does_not_embed_agai
 
 def test_projection_offers_umap_only_when_it_imports():
     at = page("feature_map.py")
-    at.session_state["fm_data"] = "lfw"
+    at.session_state["data_ref"] = "lfw"
     at.session_state["fm_size"] = 32
     at.run()
     projection = by_label(at.radio, "Projection")
@@ -92,6 +102,7 @@ def test_run_mode_shows_pretrained_beside_fine_tuned_with_both_scores(tiny_run, 
     at = page("feature_map.py")
     at.session_state["fm_mode"] = "a run"
     at.run()
+    draw(at)
     assert not at.exception, at.exception
     before, after = charts(at)
     assert "pretrained: k-NN accuracy" in before and "after fine-tune: k-NN accuracy" in after
@@ -105,8 +116,9 @@ def test_unreadable_data_is_a_message_not_a_traceback(isolated_dirs):
     (isolated_dirs / "data" / "notes" / "only").mkdir(parents=True)
     (isolated_dirs / "data" / "notes" / "only" / "a.jpg").write_bytes(b"not a jpeg")
     at = page("feature_map.py")
-    at.session_state["fm_data"] = "folder"
+    at.session_state["data_ref"] = "folder:notes"
     at.run()
+    draw(at)
     assert not at.exception, at.exception
     assert at.error and not charts(at)
 
@@ -123,11 +135,12 @@ def test_the_entry_point_lists_the_page():
     at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=180)
     at.session_state["active_model"] = TINY
     at.session_state["active_weights"] = "none"
-    at.session_state["fm_data"] = "lfw"
+    at.session_state["data_ref"] = "lfw"
     at.session_state["fm_size"] = 32
     at.run()
     at.switch_page("views/feature_map.py")
     at.run()
+    draw(at)
     assert not at.exception, at.exception
     assert at.title[-1].value == "Feature space"
     assert any("k-NN accuracy" in c for c in charts(at))
@@ -138,9 +151,10 @@ def test_selecting_points_shows_their_images():
     import json
 
     at = page("feature_map.py")
-    at.session_state["fm_data"] = "lfw"
+    at.session_state["data_ref"] = "lfw"
     at.session_state["fm_size"] = 32
     at.run()
+    draw(at)
     assert not at.get("image")
     chart = at.get("plotly_chart")[0].proto
     states = at._tree.get_widget_states()
@@ -161,7 +175,7 @@ def test_selecting_points_shows_their_images():
 
 def test_another_active_model_starts_from_its_own_image_size():
     at = page("feature_map.py")
-    at.session_state["fm_data"] = "lfw"
+    at.session_state["data_ref"] = "lfw"
     at.session_state["fm_size"] = 32
     at.run()
     assert by_label(at.number_input, "Image size (px)").value == 32

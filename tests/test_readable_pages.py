@@ -241,7 +241,7 @@ def test_a_tie_is_said_as_balanced(dirs):
     at = page("training.py")
     at.run()
     by_label(at.radio, "Data").set_value("folder in the data directory").run()
-    by_label(at.selectbox, "Folder").set_value("shapes").run()
+    by_label(at.selectbox, "Dataset").set_value("folder:shapes").run()
     assert not at.exception, at.exception
     captions = [c.value for c in at.caption]
     assert "Balanced: every class has 8 images." in captions and not any("1.0:1" in c for c in captions)
@@ -291,11 +291,16 @@ def test_frozen_stages_say_frozen_and_counts_name_their_head(dirs):
     assert not at.exception, at.exception
     table = at.dataframe[0].value
     assert "nan" not in " ".join(map(str, table["lr"])) and (table["lr"] == "frozen").sum() >= 1
+    counted = "Classes the head is counted for (0: the pretrained head)"
+    assert by_label(at.number_input, counted).value == 10, "the session's data (digits) has 10 classes"
+    assert any("a new 10-class head (your data's, digits)" in c.value for c in at.caption)
+    assert int(by_label(at.metric, "Trainable").value.replace(",", "")) == 96 * 10 + 10
+    by_label(at.number_input, counted).set_value(0).run()
     assert any("the pretrained 1000-class head" in c.value for c in at.caption)
-    pretrained_head = int(by_label(at.metric, "Trainable").value.replace(",", ""))
-    by_label(at.number_input, "Classes the head is counted for (0: the pretrained head)").set_value(3).run()
+    assert int(by_label(at.metric, "Trainable").value.replace(",", "")) == 96 * 1000 + 1000
+    by_label(at.number_input, counted).set_value(3).run()
     assert not at.exception, at.exception
-    assert int(by_label(at.metric, "Trainable").value.replace(",", "")) == 96 * 3 + 3 < pretrained_head
+    assert int(by_label(at.metric, "Trainable").value.replace(",", "")) == 96 * 3 + 3
     assert any("a new 3-class head" in c.value for c in at.caption)
 
 

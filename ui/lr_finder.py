@@ -38,14 +38,30 @@ def _plot(points: list, suggestion: float | None, head_lr: float) -> None:
 ACTIVE = ("queued", "running")
 
 
-def _show(job: SweepJob, live: bool = False) -> None:
+def _progress(job: SweepJob, data: dict) -> None:
+    """Where the sweep is: steps done of all, and the time left at the pace this page has seen."""
+    import time
+
+    steps = int(data.get("steps") or 0) or 1
+    done = len(data.get("points") or [])
+    first = st.session_state.setdefault(f"_lr_pace_{job.path.name}", {})  # when this page first saw steps
+    if done and not first:
+        first.update(t=time.time(), n=done)
+    left = ""
+    if first and done > first["n"]:
+        pace = (time.time() - first["t"]) / (done - first["n"])
+        left = f", about {max(1, round(pace * (steps - done)))} s left"
+    text = (f"Sweep running: step {done} of {steps}{left}" if data.get("state") == "running" and done
+            else f"Sweep {data.get('state', 'queued')}: {data.get('reason') or 'waiting for the device'}")
+    st.progress(min(1.0, done / steps), text=text)
+
+
+def _show(job: SweepJob, live: bool = False) -> tuple:
     data = job.status()
     state = data.get("state", "queued")
-    if live and state not in ACTIVE:
-        st.rerun()  # the whole page: the panel stops polling and shows the result
     plan = FreezePlan.from_dict(st.session_state[PLAN])
     if state in ACTIVE:
-        st.info(f"Sweep {state}: {data.get('reason', '')}.")
+        _progress(job, data)
         if st.button("Cancel the sweep", key="lr-find-cancel"):
             job.cancel()
     if data.get("points"):
@@ -60,35 +76,49 @@ def _show(job: SweepJob, live: bool = False) -> None:
             st.warning("No suggestion: the loss never fell in this range. Try other settings or a longer sweep.")
         elif st.button(f"Use {suggestion:.1e} as the head LR", type="primary", key="lr-find-apply"):
             st.session_state[PLAN] = FreezePlan.from_dict({**st.session_state[PLAN], "head_lr": float(f"{suggestion:.2e}")}).to_dict()
-            st.rerun()  # the whole page: the settings show the new plan
+            st.rerun()  # the whole page: the settings, the sidebar and the URL show the new plan
     elif state in ("cancelled", "failed", "interrupted"):
         st.warning(f"Sweep {state}: {data.get('reason', '')}")
+    return (state,)
 
 
-@st.fragment(run_every=1.0)
-def _live(job: SweepJob) -> None:
-    """Only this panel reruns each second while the sweep is queued or running."""
-    _show(job, live=True)
+def _estimate(make_config: Callable[[], TrainConfig], steps: int) -> str:
+    """Before the sweep: how long it should take, from a run of this model and size on this machine."""
+    from engine.core.paths import runs_root
+    from engine.runs.estimate import measured_speed
+
+    try:
+        config = make_config()
+    except EngineError:
+        return ""
+    speed = measured_speed(runs_root(), config.model, config.image_size, config.freeze_plan().strategy)
+    if speed is None:
+        return " No run of this model at this size has trained here yet, so there is no estimate of its time."
+    return f" Estimate: {speed.describe(steps * config.batch_size)} after the set-up."
 
 
 def lr_finder(make_config: Callable[[], TrainConfig], enabled: bool) -> None:
-    """A sweep of the head LR for the config the page would train now (``make_config``)."""
-    with st.expander("Find a learning rate", expanded=JOB in st.session_state):
-        st.caption("An exponential sweep of the head learning rate over a few hundred steps on a fresh copy of the "
-                   "model, with your freeze plan (every stage keeps its LR ratio to the head). Nothing is saved to a "
-                   "run; it waits for the device like a training.")
-        steps = st.number_input("Sweep steps", 20, 1000, 100, step=20)
+    """A sweep of the head LR for the config the page would train now (``make_config``). Not in an
+    expander: one collapsed when the sweep started, and nothing moved on screen for its 30 s."""
+    from ui.live import live
+
+    with st.container(border=True):
+        st.markdown("**Find a learning rate**")
+        left, right = st.columns([1, 3], vertical_alignment="bottom")
+        steps = int(left.number_input("Sweep steps", 20, 1000, 100, step=20, key="lr_find_steps"))
+        right.caption(f"An exponential sweep of the head learning rate over {steps} steps (one batch each) on a "
+                      "fresh copy of the model, with your freeze plan (every stage keeps its LR ratio to the head). "
+                      "Nothing is saved to a run; it waits for the device like a training."
+                      + _estimate(make_config, steps))
         box = st.container()
         if st.button("Start the sweep", disabled=not enabled):
             try:
-                job = start_sweep(make_config(), steps=int(steps))
+                job = start_sweep(make_config(), steps=steps)
             except EngineError as exc:
                 show_error(exc, box)
             else:
                 st.session_state[JOB] = str(job.path)
         if JOB in st.session_state:
             job = SweepJob(st.session_state[JOB])
-            if job.status().get("state", "queued") in ACTIVE:
-                _live(job)
-            else:
-                _show(job)
+            running = job.status().get("state", "queued") in ACTIVE
+            live("lr_find", lambda: _show(job), active=running) if running else _show(job)

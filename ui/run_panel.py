@@ -13,7 +13,7 @@ from engine.core.files import read_json
 from engine.runs.background import request_cancel
 from engine.runs.store import RunDir
 from ui.errors import safe_fragment
-from ui.text import md
+from ui.text import code, md
 
 LOSS_CURVES = ("train_loss", "val_loss")
 ACCURACY_CURVES = ("train_acc", "val_acc", "val_balanced_acc", "val_macro_f1")
@@ -109,3 +109,25 @@ def live_panel(run: RunDir) -> None:
     """Redraw every second while the run is active; a static panel once it is done."""
     active = run.status().active
     safe_fragment(_panel, run_every=1.0 if active else None)(run)
+
+
+def run_progress(run: RunDir) -> tuple[str, str]:
+    """One line of a run's progress, for beside the button that started it: queued (and where in line),
+    a progress bar with the ETA while it trains, or how it ended. Returns (run id, state): what the page
+    around it depends on."""
+    status = run.status()
+    state = status.state
+    if state == "queued":
+        place = f" (number {status.queue_position} in line)" if status.queue_position else ""
+        st.caption(f"Run {code(run.run_id)} is queued{place}: it starts by itself when the device is free.")
+    elif status.active:
+        epochs = _epochs(status.epochs, read_json(run.config_path, {}))
+        progress = status.progress
+        st.progress(progress.fraction(epochs) if progress else 0.0,
+                    text=f"Run {code(run.run_id)}: " + md(progress.describe(epochs) if progress
+                                                          else "preparing data and model..."))
+    elif state == "finished":
+        st.caption(f"Run {code(run.run_id)} finished: best validation accuracy {status.best_val_acc or 0:.1%}.")
+    else:
+        st.caption(f"Run {code(run.run_id)}: {md(state)}.")
+    return run.run_id, state

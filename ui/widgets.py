@@ -7,7 +7,7 @@ import streamlit as st
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from ui.cache import load_model
-from ui.state import PLAN, SELECTED_RUN, active, weights_label
+from ui.state import DATA, DATA_MODE, PLAN, SELECTED_RUN, active, weights_label
 
 
 def pick_trained_run(label: str = "Run"):
@@ -34,25 +34,106 @@ def pick_trained_run(label: str = "Run"):
     return runs[ids.index(pick)]
 
 
-DATA_CHOICES = {"digits": "digits (built-in)", "lfw": "lfw faces (built-in)", "folder": "folder in the data directory"}
+MODES = {"digits": "digits (built-in)", "lfw": "lfw faces (built-in)", "build": "build a dataset here",
+         "upload": "upload a zip", "folder": "folder in the data directory"}
+CREATING = ("build", "upload")  # the Training page's ways to make a dataset; elsewhere a made one is a folder
 
 
-def pick_data_source(key: str = "data_source") -> str | None:
-    """Built-in digits, LFW faces or a folder inside the data directory (the Training page's choices
-    less the zip upload); returns what ``load_source`` reads, or None (with a hint) when no folder is
-    there to pick. Raises EngineError for a folder name that leads outside the data directory."""
-    from engine.core.paths import data_root, resolve_data_path
+def _mode_of(ref: str) -> str:
+    return ref if ref in ("digits", "lfw") else "folder"
 
-    choice = st.radio("Data", list(DATA_CHOICES), format_func=DATA_CHOICES.get, horizontal=True, key=key)
-    if choice != "folder":
-        return choice
-    root = data_root()
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "uploads") if root.is_dir() else []
-    if not folders:
-        st.info("No folders in the data folder yet: copy a dataset there (one sub-folder per class, train/ val/ "
-                "folders of class folders, or images with a labels.csv), or upload a zip on the Training page.")
+
+def pick_data_source(key: str = "data", *, create: bool = False) -> str | None:
+    """The one data picker: built-ins, the builder's datasets, folders in the data directory and uploaded
+    zips, on every page that reads data (Training, the race, comparisons, the advisor, the feature map,
+    the LR finder through Training). The pick is the session's (``DATA``): what is chosen on one page
+    is what every other page starts from, and the Training page puts it in the URL. ``create``: also
+    build a dataset here or upload a zip (the Training page). Returns what ``load_source`` reads, or
+    None (with a hint) when nothing is picked yet; raises EngineError for a dataset that is gone."""
+    from engine.data.library import resolve_dataset
+
+    ref = st.session_state.get(DATA) or "digits"
+    modes = [m for m in MODES if create or m not in CREATING]
+    stored_mode = st.session_state.get(DATA_MODE)
+    mode_key = f"{key}_mode"
+    labels = [MODES[m] for m in modes]
+    if st.session_state.get(mode_key) not in labels:  # a page switch dropped the widget: seed it from the pick
+        seed = stored_mode if stored_mode in modes and (stored_mode in CREATING or stored_mode == _mode_of(ref)) \
+            else _mode_of(ref)
+        st.session_state[mode_key] = MODES[seed]
+    mode = modes[labels.index(st.radio("Data", labels, horizontal=True, key=mode_key))]
+    st.session_state[DATA_MODE] = mode
+    if mode in ("digits", "lfw"):
+        st.session_state[DATA] = mode
+        return mode
+    if mode == "build":
+        return _built_here(ref)
+    if mode == "upload":
+        return _uploaded_zip(ref, key)
+    picked = _pick_listed(ref, key)
+    if picked is None:
         return None
-    return str(resolve_data_path(st.selectbox("Folder", folders, key=f"{key}_folder")))
+    st.session_state[DATA] = picked
+    return resolve_dataset(picked)
+
+
+def _pick_listed(ref: str, key: str) -> str | None:
+    """A dataset of the data folder (builder datasets, copied folders, uploaded zips), by its ref."""
+    from engine.data.library import list_datasets
+
+    entries = [e for e in list_datasets() if e.kind != "builtin"]
+    if not entries:
+        st.info("No datasets in the data folder yet: build one or upload a zip on the Training page, or copy a "
+                "folder there (one sub-folder per class, train/ val/ folders of class folders, or images with a "
+                "labels.csv).")
+        return None
+    refs = [e.ref for e in entries]
+    labels = {e.ref: e.label for e in entries}
+    folder_key = f"{key}_folder"
+    if st.session_state.get(folder_key) not in refs:
+        if ref not in refs and ref not in ("digits", "lfw"):  # from a link, or deleted since: said, never read
+            from engine.data.library import dataset_label
+
+            st.warning(f"The dataset {dataset_label(ref)!r} is not in this app's data folder (any more): pick one.")
+        st.session_state[folder_key] = ref if ref in refs else refs[0]
+    return st.selectbox("Dataset", refs, format_func=labels.get, key=folder_key,
+                        help="The app's data folder: datasets built here, folders copied there, zips uploaded.")
+
+
+def _built_here(ref: str) -> str | None:
+    from ui.dataset_builder import PICKED, dataset_builder
+
+    kind, _, name = ref.partition(":")
+    if kind == "built" and PICKED not in st.session_state:
+        st.session_state[PICKED] = name  # back on the page: the dataset being built before
+    source = dataset_builder()
+    if st.session_state.get(PICKED):
+        st.session_state[DATA] = f"built:{st.session_state[PICKED]}"
+    return source
+
+
+def _uploaded_zip(ref: str, key: str) -> str | None:
+    from engine.data.archive import extract_upload
+    from engine.data.library import dataset_label, resolve_dataset, zip_ref
+    from ui.uploads import save_upload
+
+    upload = st.file_uploader("A .zip of one folder per class, of train/ val/ (test/) folders of class folders, "
+                              "or of images with a labels.csv (path,label[,split])", type=["zip"], key=f"{key}_zip")
+    if upload is not None:
+        stored = save_upload(upload.getvalue(), upload.name, "datasets")  # <sha12>_<name>.zip
+        st.session_state[DATA] = zip_ref(stored)
+        return str(extract_upload(stored, display_name=upload.name))  # messages name the user's file
+    if ref.startswith("zip:"):
+        st.caption(f"Using **{dataset_label(ref)}**, uploaded before. Upload another zip to use that instead.")
+        return resolve_dataset(ref)
+    return None
+
+
+def data_label() -> str:
+    """The session's dataset as a person reads it (the sidebar)."""
+    from engine.data.library import dataset_label
+
+    return dataset_label(st.session_state.get(DATA) or "digits")
 
 
 HOSTED_BANNER = ("**Hosted mode** (a shared server): runs vanish when this server restarts unless you export them "
@@ -67,11 +148,22 @@ def hosted_banner(where=st) -> None:
 
 
 def render_sidebar() -> None:
+    """The session's model, plan, data and run. Drawn after the page (streamlit_app.py), so it shows the
+    choices of the click that caused this rerun, not the one before."""
     name, weights, classes = active()
     with st.sidebar:
         hosted_banner()
         st.caption("Active model")
         st.markdown(f"**{name}**  \nweights: `{weights_label(weights)}`")
+        plan = st.session_state[PLAN]
+        st.caption("Freeze plan")
+        st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
+                    + f" · BN {plan['bn_policy']} · head LR {plan['head_lr']:g}")
+        st.caption("Data")
+        st.text(data_label())
+        if st.session_state[SELECTED_RUN]:
+            st.caption("Selected run")
+            st.markdown(f"`{st.session_state[SELECTED_RUN]}`")
         try:
             handle = load_model(name, weights, classes)
         except EngineError as exc:
@@ -80,10 +172,3 @@ def render_sidebar() -> None:
         total = sum(p.numel() for p in handle.module.parameters())
         st.markdown(f"{total:,} parameters  \n{handle.spec.num_classes} classes · "
                     f"input {handle.spec.input_size[-1]} px")
-        plan = st.session_state[PLAN]
-        st.caption("Freeze plan")
-        st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
-                    + f" · BN {plan['bn_policy']}")
-        if st.session_state[SELECTED_RUN]:
-            st.caption("Selected run")
-            st.markdown(f"`{st.session_state[SELECTED_RUN]}`")

@@ -24,9 +24,11 @@ from engine.lab.compare import (
 from engine.lab.race import list_races
 from engine.runs.background import request_cancel, start_group_background
 from engine.runs.store import active_runs
-from ui.errors import show_error
+from ui.errors import guarded, show_error
+from ui.live import live
 from ui.race_panel import race_launcher, race_view
 from ui.state import PLAN, active
+from ui.widgets import pick_data_source
 
 st.title("Compare strategies")
 st.markdown(
@@ -46,35 +48,77 @@ def launch(base, plans: dict[str, FreezePlan]) -> None:
     st.rerun()
 
 
-# a comparison or a race is one job however many runs it trains: counted once
-busy = {(read_json(r.config_path, {}) or {}).get("group") or r.run_id for r in active_runs(runs_root())}
-if busy:
-    st.info(f"{len(busy)} training job{'s are' if len(busy) > 1 else ' is'} running or waiting on this machine: a "
-            "comparison you start now joins the queue and starts by itself when the device is free.")
+def demo_estimate(name: str) -> str:
+    """How long the demo should take here, from runs of this model at 96 px (each plan at its own speed)."""
+    from engine.runs.estimate import format_duration, measured_speed
+
+    base = demo_config()
+    images = 1437 * base.epochs  # digits: 80% of 1,797 images train, each epoch (validation adds a little)
+    speeds = [measured_speed(runs_root(), name, base.image_size, plan.strategy) for plan in demo_plans().values()]
+    if any(s is None for s in speeds):
+        return "no estimate yet: its first run here measures this machine"
+    return f"about {format_duration(sum(s.seconds(images) for s in speeds))} of training on this machine"
+
+
+def queue_line() -> tuple:
+    """How many jobs are ahead of a comparison started now, and the current comparison's progress."""
+    active = active_runs(runs_root())
+    busy = {(read_json(r.config_path, {}) or {}).get("group") or r.run_id for r in active}  # a group is one job
+    if busy:
+        st.info(f"{len(busy)} training job{'s are' if len(busy) > 1 else ' is'} running or waiting on this machine: a "
+                "comparison you start now joins the queue and starts by itself when the device is free.")
+    current = st.session_state.get(GROUP)
+    shown = ()
+    if current:
+        runs = group_runs(runs_root(), current)
+        running = next((r for r in runs if r.status().active), None)
+        if running is not None:
+            status = running.status()
+            order = runs.index(running) + 1
+            text = f"Comparison: '{running.config().get('label')}' ({order} of {len(runs)})"
+            if status.state == "queued":
+                st.caption(f"{text} waits for the device{f' (number {status.queue_position} in line)' if status.queue_position else ''}.")
+            else:
+                epochs = status.epochs or 1
+                st.progress(status.progress.fraction(epochs) if status.progress else 0.0,
+                            text=f"{text}: " + (status.progress.describe(epochs) if status.progress else "preparing"))
+        shown = tuple((r.run_id, r.status().state) for r in runs)
+    return tuple(sorted(busy)), shown
+
 
 left, right = st.columns(2)
 with left:
-    if st.button("Run the default demo (digits, 96 px, 2 epochs each)", type="primary"):
-        name, weights, _ = active()
+    name, weights, _ = active()
+    if st.button("Run the default demo (digits, 96 px, 2 epochs each)", type="primary",
+                 help=f"Feature extraction against full fine-tuning: {demo_estimate(name)}."):
         base = demo_config()
-        launch(replace(base, model=name, weights=weights), demo_plans())
+        try:
+            launch(replace(base, model=name, weights=weights), demo_plans())
+        except EngineError as exc:
+            show_error(exc)
+    st.caption(f"Estimate: {demo_estimate(name)}.")
 with right:
     with st.popover("Custom comparison"):
-        data = st.selectbox("Data", ["digits", "lfw"])
-        epochs = st.number_input("Epochs each", 1, 100, 2)
-        size = st.number_input("Image size", 16, 512, 96, step=16)
+        try:
+            data = pick_data_source(key="cmp_data")
+        except EngineError as exc:
+            show_error(exc)
+            data = None
+        kept = {"persist_state": "session"}  # as the user left them, after a visit to another page
+        epochs = st.number_input("Epochs each", 1, 100, 2, key="cmp_epochs", **kept)
+        size = st.number_input("Image size", 16, 512, 96, step=16, key="cmp_size", **kept)
         choices = st.multiselect("Strategies", ["feature extraction", "full fine-tune", "last 2 stages",
                                                 "my plan (Freeze Configurator)"],
-                                 default=["feature extraction", "full fine-tune"])
-        if st.button("Start comparison", disabled=len(choices) < 2):
+                                 default=["feature extraction", "full fine-tune"], key="cmp_plans", **kept)
+        if st.button("Start comparison", disabled=len(choices) < 2 or data is None):
             presets = {**demo_plans(), "last 2 stages": FreezePlan.last(2, head_lr=2e-3, backbone_lr_ratio=1.0),
                        "my plan (Freeze Configurator)": FreezePlan.from_dict(st.session_state[PLAN])}
-            name, weights, _ = active()
             base = replace(demo_config(), model=name, weights=weights, data=data, epochs=int(epochs), image_size=int(size))
             try:
                 launch(base, {c: presets[c] for c in choices})
             except EngineError as exc:
                 show_error(exc)
+live("compare_queue", queue_line, active=bool(active_runs(runs_root())))
 
 race_launcher()
 race_view()
@@ -104,11 +148,12 @@ def panel() -> None:
     points = pd.DataFrame(curves(runs))
     if not points.empty:
         c1, c2 = st.columns(2)
-        c1.plotly_chart(px.line(points, x="epoch", y="val_acc", color="strategy", markers=True,
-                                title="Validation accuracy per epoch"), key="by_epoch")
-        c2.plotly_chart(px.line(points, x="elapsed_s", y="val_acc", color="strategy", markers=True,
-                                title="Validation accuracy per second of training",
-                                labels={"elapsed_s": "wall-clock seconds"}), key="by_time")
+        by_epoch = px.line(points, x="epoch", y="val_acc", color="strategy", markers=True,
+                           title="Validation accuracy per epoch", range_y=[0, 1])
+        by_time = px.line(points, x="elapsed_s", y="val_acc", color="strategy", markers=True, range_y=[0, 1],
+                          title="Validation accuracy per second of training", labels={"elapsed_s": "wall-clock seconds"})
+        c1.plotly_chart(by_epoch, key="by_epoch")
+        c2.plotly_chart(by_time, key="by_time")
     st.dataframe(table, hide_index=True)
     done = table.dropna(subset=["best_val_acc"]) if not table.empty else table
     if len(done) >= 2 and not running:
@@ -120,4 +165,4 @@ def panel() -> None:
 
 
 active_now = any(r.status().active for r in group_runs(runs_root(), group))
-st.fragment(panel, run_every=1.0 if active_now else None)()
+st.fragment(guarded(panel), run_every=1.0 if active_now else None)()

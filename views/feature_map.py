@@ -177,6 +177,45 @@ def _reading_run(before, after) -> str:
                    "ImageNet: unfreeze more stages, train longer or add data.")
 
 
+DRAWN = "fm_drawn"  # what the user last asked to map: a first visit computes nothing
+PACE = "fm_pace"  # seconds per image of the last map drawn here, for the next estimate
+
+
+def asked_for(request: tuple, images: int) -> None:
+    """Stop the page with a button (and an estimate) until the user asks for this map; a map already
+    asked for shows again at once (its result is cached)."""
+    if st.session_state.get(DRAWN) == request:
+        return
+    pace = st.session_state.get(PACE)
+    estimate = (f"about {max(1, round(pace * images))} s at the pace of the last map" if pace
+                else "the first map also loads the model")
+    if st.button("Draw the map", type="primary", help=f"Reads up to {images} validation images through the model."):
+        st.session_state[DRAWN] = request
+        return
+    st.caption(f"Nothing is computed until you ask: drawing reads up to {images} images through the model "
+               f"({estimate}).")
+    st.stop()
+
+
+class timed:
+    """Records the pace of a map that was really computed (a cached one takes no time and is not counted)."""
+
+    def __init__(self, images: int):
+        self.images = images
+
+    def __enter__(self):
+        import time
+
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        took = time.perf_counter() - self.start
+        if exc[0] is None and took > 1.0:
+            st.session_state[PACE] = took / max(1, self.images)
+
+
 st.title("Feature space")
 st.caption("The features that enter the classifier, for validation images, projected to 2-D (one colour per class). "
            "The score is how well the classes separate in the full feature space: the leave-one-out k-nearest-"
@@ -222,7 +261,9 @@ if mode == "a pretrained model":
     st.caption(f"Active model **{name}** · weights `{weights_label(weights)}` (change it on the Model Explorer)")
     try:
         stamp = source_stamp(data)  # the data as it stands: a relabel or an exclusion maps again
-        fmap = model_feature_map(name, weights, data, size, method, k, max_images, stamp)
+        asked_for(("model", name, weights, data, size, method, k, max_images, stamp), max_images)
+        with timed(max_images):
+            fmap = model_feature_map(name, weights, data, size, method, k, max_images, stamp)
     except Exception as exc:  # noqa: BLE001 - no data, unreadable data, a model that cannot run: a message
         show_error(exc)
         st.stop()
@@ -234,8 +275,10 @@ else:
     run = pick_trained_run()
     mtime = run.checkpoint("best").stat().st_mtime
     data = TrainConfig.from_dict(run.config()).data
+    asked_for(("run", run.run_id, mtime, method, k, max_images), 2 * max_images)
     try:
-        before, after = run_feature_maps(str(run.path), mtime, method, k, max_images)
+        with timed(2 * max_images):
+            before, after = run_feature_maps(str(run.path), mtime, method, k, max_images)
     except Exception as exc:  # noqa: BLE001 - data gone or unreadable since training: a message
         show_error(exc)
         st.stop()

@@ -13,9 +13,11 @@ from engine.data.stamp import source_stamp
 from engine.data.transforms import eval_transform
 from engine.freeze.plan import FreezePlan
 from engine.lab.advisor import batchnorm_train_eval_gap, estimate_similarity, recommend
-from ui.cache import dataset_sample, freeze_preview, load_model
+from ui.cache import dataset_overview, dataset_sample, freeze_preview, load_model
 from ui.errors import show_error
 from ui.state import PLAN, active
+from ui.text import md
+from ui.widgets import pick_data_source
 
 
 def lr_text(value: object) -> str:
@@ -25,37 +27,41 @@ def lr_text(value: object) -> str:
     return "frozen"
 
 
-def data_classes() -> int | None:
-    """How many classes the user's own data has, when this session knows it: the dataset being built on
-    the Training page. None when it does not (then the counts say which head they are for)."""
-    from engine.data.builder import BuiltDataset
-    from ui.dataset_builder import PICKED
+def data_classes() -> tuple[int | None, str | None]:
+    """How many classes the session's data has (the data picked on the Training page, which a training
+    would use), and its name; (None, None) when it cannot be read. Its overview is the cached one every
+    page shares (the advisor below reads the same)."""
+    from engine.data.library import resolve_dataset
+    from ui.state import DATA
 
-    picked = st.session_state.get(PICKED)
-    if not picked:
-        return None
+    ref = st.session_state.get(DATA)
+    if not ref:
+        return None, None
     try:
-        n = sum(1 for files in BuiltDataset.open(picked).classes().values() if files)
+        source = resolve_dataset(ref)
+        counts = dataset_overview(source, stamp=source_stamp(source)).get("counts") or {}
     except (EngineError, OSError):
-        return None
-    return n if n >= 2 else None
+        return None, None
+    return (len(counts), str(ref)) if len(counts) >= 2 else (None, None)
 
 
-def head_for(counted: int | None, own: int | None, pretrained: int) -> str:
-    """Which classifier the counts below include, in words."""
+def head_for(counted: int | None, own: int | None, data: str | None, pretrained: int) -> str:
+    """Which classifier the counts below include, in words (markdown, the data's name escaped)."""
     if counted is None:
         return (f"the pretrained {pretrained}-class head: a training replaces it with one sized to your data's "
                 "classes, so set the number of classes to count with that head")
-    where = " (your dataset's)" if counted == own else ""
+    where = f" (your data's, {md(data)})" if counted == own and data else ""
     return f"a new {counted}-class head{where}, as a training on {counted} classes builds"
 
 
 st.title("Freeze Configurator")
 name, weights, classes = active()
-own_classes = data_classes()
+own_classes, own_data = data_classes()
+if st.session_state.get("fc_counted_of") != (classes, own_classes):  # the data or model changed: follow it
+    st.session_state["fc_counted_of"] = (classes, own_classes)
+    st.session_state["fc_counted_classes"] = classes or own_classes or 0
 counted = int(st.number_input(
-    "Classes the head is counted for (0: the pretrained head)", 0, 100_000, classes or own_classes or 0,
-    key="fc_counted_classes", help="Training replaces the pretrained head (ImageNet's: 1000 classes) with one "
+    "Classes the head is counted for (0: the pretrained head)", 0, 100_000, key="fc_counted_classes", help="Training replaces the pretrained head (ImageNet's: 1000 classes) with one "
     "for your classes, so the trainable count depends on it; the counts follow this number.")) or None
 try:
     handle = load_model(name, weights, classes)
@@ -114,7 +120,7 @@ with right:
     m1.metric("Trainable", f"{report['trainable_params']:,}", f"{report['trainable_pct']:.1f}%", delta_color="off")
     m2.metric("Frozen", f"{report['frozen_params']:,}")
     m3.metric("BN layers held fixed", report["frozen_bn_count"])
-    st.caption(f"Counted with {head_for(counted, own_classes, pretrained_classes)}.")
+    st.caption(f"Counted with {head_for(counted, own_classes, own_data, pretrained_classes)}.")
     rows = pd.DataFrame(report["stages"])
     fig = go.Figure([go.Bar(name="trainable", x=rows["name"], y=rows["trainable"], marker_color="#2f6fde"),
                      go.Bar(name="frozen", x=rows["name"], y=rows["frozen"], marker_color="#b8c2cc")])
@@ -126,18 +132,32 @@ with right:
 
 st.divider()
 st.subheader("Advisor: how much data, how similar a task?")
+try:
+    sample_source = pick_data_source(key="advisor_data")  # the session's data, as on every page
+    overview = dataset_overview(sample_source, stamp=source_stamp(sample_source)) if sample_source else None
+except EngineError as exc:
+    show_error(exc)
+    sample_source, overview = None, None
+if overview and overview.get("counts") and st.session_state.get("adv_counts_of") != sample_source:
+    counts = list(overview["counts"].values())  # the data picked, not a made-up example (the user may edit)
+    st.session_state["adv_counts_of"] = sample_source
+    st.session_state["adv_per_class"] = max(1, min(counts))
+    st.session_state["adv_classes"] = max(2, len(counts))
+st.session_state.setdefault("adv_per_class", 180)
+st.session_state.setdefault("adv_classes", 10)
 a1, a2, a3 = st.columns(3)
-per_class = a1.number_input("Images per class", 1, 1_000_000, 180)
-n_classes = a2.number_input("Classes", 2, 100_000, 10)
+per_class = a1.number_input("Images per class", 1, 1_000_000, key="adv_per_class",
+                            help="The smallest class of the data picked above.")
+n_classes = a2.number_input("Classes", 2, 100_000, key="adv_classes")
 similarity = a3.selectbox("Similar to ImageNet photos?", ["estimate from data", "similar", "in between", "different"])
-sample_source = st.selectbox("Data for estimates", ["digits", "lfw"], help="A small labelled sample is used.")
 if similarity == "estimate from data":
-    if st.button("Estimate similarity (linear probe on frozen features)"):
+    if st.button("Estimate similarity (linear probe on frozen features)", disabled=sample_source is None):
         images, labels = dataset_sample(sample_source, stamp=source_stamp(sample_source))
         with st.spinner("Extracting features..."):
-            st.session_state["similarity_evidence"] = estimate_similarity(handle, images, labels, image_size=96).to_dict()
+            evidence = estimate_similarity(handle, images, labels, image_size=96).to_dict()
+        st.session_state["similarity_evidence"] = {**evidence, "data": sample_source}
     saved = st.session_state.get("similarity_evidence")
-    if saved:
+    if saved and saved.get("data") == sample_source:  # measured on this data, never on another
         st.caption(f"Probe accuracy {saved['probe_accuracy']:.1%} (chance {saved['chance']:.0%}) -> "
                    f"score {saved['score']:.2f}: **{saved['verdict']}**. {saved['method']}.")
         similarity_value = saved["score"]
@@ -157,7 +177,7 @@ if similarity_value is not None:
 st.subheader("The BatchNorm pitfall, measured")
 st.markdown("A frozen backbone left in `train()` mode normalises with batch statistics: its features are "
             "not the pretrained ones. Below: the same batch through the backbone in train vs eval mode.")
-if st.button("Measure train-vs-eval feature difference"):
+if st.button("Measure train-vs-eval feature difference", disabled=sample_source is None):
     images, _ = dataset_sample(sample_source, per_class=2, stamp=source_stamp(sample_source))
     x = torch.stack([eval_transform(handle.spec, 96)(im) for im in images[:16]])
     gap = batchnorm_train_eval_gap(handle, x)

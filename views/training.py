@@ -1,4 +1,11 @@
-"""Training: choose data, check it, start a background run, and watch it learn."""
+"""Training: choose data, check it, start a background run, and watch it learn.
+
+Every choice here outlives a page switch and a refresh: the fields are widgets bound to the URL
+(``bind="query-params"``) that keep their value while the user is on other pages
+(``persist_state="session"``); the data, model and plan go to the URL through ui.state. Nothing is
+checked by the frontend alone: fields take any number, and what the engine refuses is said beside
+the field and blocks Start, so a red field can never train with another value.
+"""
 from __future__ import annotations
 
 import pandas as pd
@@ -6,12 +13,11 @@ import plotly.express as px
 import streamlit as st
 import torch
 
-from engine.config import TrainConfig
+from engine.config import ConfigError, TrainConfig
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import detect_budget, format_size
-from engine.core.paths import data_root, resolve_data_path, runs_root
-from engine.data.archive import extract_upload
+from engine.core.paths import runs_root
 from engine.data.balance import BALANCE_CHOICES
 from engine.data.stamp import source_stamp
 from engine.freeze.plan import FreezePlan
@@ -19,45 +25,24 @@ from engine.runs.background import start_background
 from engine.runs.locks import device_lock
 from engine.runs.queue import device_queue
 from engine.runs.store import active_runs, create_run, describe_run, extend_run, list_runs, open_run
+from engine.training.preflight import check_startable
 from engine.training.run import check_resumable
 from ui.cache import dataset_overview
-from ui.dataset_builder import dataset_builder
 from ui.errors import show_error
+from ui.live import device_signature, live
 from ui.lr_finder import lr_finder
-from ui.run_panel import live_panel
-from ui.state import PLAN, SELECTED_RUN, active
+from ui.run_panel import live_panel, run_progress
+from ui.state import PLAN, SELECTED_RUN, active, share_setup_in_url
 from ui.text import imbalance_line, md, plot_labels
-from ui.uploads import save_upload
+from ui.widgets import pick_data_source
 
 st.title("Training")
 name, weights, _classes = active()
 
 st.subheader("1. Data")
-choice = st.radio("Data", ["digits (built-in)", "lfw faces (built-in)", "build a dataset here", "upload a zip",
-                          "folder in the data directory"], horizontal=True)
 source = None
 try:
-    if choice.startswith("digits"):
-        source = "digits"
-    elif choice.startswith("lfw"):
-        source = "lfw"
-    elif choice == "build a dataset here":
-        source = dataset_builder()
-    elif choice == "upload a zip":
-        upload = st.file_uploader("A .zip of one folder per class, of train/ val/ (test/) folders of class "
-                                  "folders, or of images with a labels.csv (path,label[,split])", type=["zip"])
-        if upload is not None:
-            stored = save_upload(upload.getvalue(), upload.name, "datasets")  # <sha12>_<name>.zip
-            source = str(extract_upload(stored, display_name=upload.name))  # messages name the user's file
-    else:
-        root = data_root()
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "uploads") if root.is_dir() else []
-        st.caption("Folders inside the app's data folder: one sub-folder per class, train/ val/ (test/) folders of "
-                   "class folders, or images with a labels.csv (path,label[,split]).")
-        if folders:
-            source = str(resolve_data_path(st.selectbox("Folder", folders)))
-        else:
-            st.info("No folders in the data folder yet: copy a dataset there, or upload a zip.")
+    source = pick_data_source(key="train_data", create=True)
     overview = dataset_overview(source, stamp=source_stamp(source)) if source else None
 except EngineError as exc:
     show_error(exc)
@@ -99,28 +84,49 @@ if limits and overview and overview["n_images"] > limits.images:
     fits = per_class_that_fits(groups or list(overview["counts"].values()), limits.images)
     st.info(f"Hosted mode: a run uses at most {limits.images:,} images, so at most {fits} per class of these "
             f"{overview['n_images']:,} are used (set below).")
+
+KEEP = {"bind": "query-params", "persist_state": "session"}  # in the URL, and kept across page switches
+# (low, high) of each numeric field: the app's range, said beside the field when a typed value leaves it
+RANGES = {"epochs": (1, limits.epochs if limits else 500), "batch": (1, 1024),
+          "size": (16, limits.image_size if limits else 1024), "val": (0.05, 0.5), "patience": (0, 100),
+          "per_class": (0, 1_000_000), "seed": (0, 10_000), "micro": (0, 1024)}
+FIELD_OF = {"epochs": "epochs", "batch_size": "batch", "image_size": "size", "val_fraction": "val",
+            "patience": "patience", "max_per_class": "per_class", "seed": "seed", "split_seed": "seed",
+            "memory_budget": "budget", "micro_batch": "micro", "balance": "balance", "nproc": "batch"}
+slots: dict[str, object] = {}
+
+
+def field(column, key: str, widget, *args, **kwargs):
+    """A setting kept across pages and in the URL, with a slot beneath it for what is wrong with it."""
+    with column:
+        value = widget(*args, key=key, **KEEP, **kwargs)
+        slots[key] = st.empty()
+    return value
+
+
 c1, c2, c3, c4 = st.columns(4)
-epochs = c1.number_input("Epochs", 1, limits.epochs if limits else 500, 1)
-batch = c2.number_input("Batch size", 1, 1024, 32)
-size = c3.number_input("Image size", 16, limits.image_size if limits else 1024, 96, step=16)
-val_fraction = c4.number_input("Validation share", 0.05, 0.5, 0.2, step=0.05,
-                               help="Used for a random split; data that names its validation images (a val/ "
-                                    "folder, val rows in a labels CSV) is validated on those instead.")
+epochs = field(c1, "epochs", st.number_input, "Epochs", value=1, step=1)
+batch = field(c2, "batch", st.number_input, "Batch size", value=32, step=1)
+size = field(c3, "size", st.number_input, "Image size", value=96, step=16,
+             help=f"{RANGES['size'][0]}-{RANGES['size'][1]} px; each image is resized to this square.")
+val_fraction = field(c4, "val", st.number_input, "Validation share", value=0.2, step=0.05,
+                     help="Used for a random split; data that names its validation images (a val/ folder, val rows "
+                          "in a labels CSV) is validated on those instead.")
 c5, c6, c7, c8 = st.columns(4)
-augment = c5.toggle("Augment", False, help="random crops while training (helps longer runs)")
-patience = c6.number_input("Early stop patience (0: off)", 0, 100, 0)
-per_class = c7.number_input("Max images per class (0: all)", 0, fits or 1_000_000, fits)
-seed = c8.number_input("Seed", 0, 10_000, 0)
+augment = field(c5, "augment", st.toggle, "Augment", value=False, help="random crops while training (helps longer runs)")
+patience = field(c6, "patience", st.number_input, "Early stop patience (0: off)", value=0, step=1)
+per_class = field(c7, "per_class", st.number_input, "Max images per class (0: all)", value=fits, step=1)
+seed = field(c8, "seed", st.number_input, "Seed", value=0, step=1)
 c9, c10, c11 = st.columns(3)
 detected = detect_budget(None)
-budget = c9.text_input("Memory budget", "", placeholder=f"auto: {format_size(detected.bytes)}",
-                       help=f"Peak memory the training may use, e.g. 1.5GB. Empty: {detected}. The batch is then "
-                            "computed in micro-batches that fit, and their gradients add up to the batch size.")
-micro = c10.number_input("Micro-batch (0: automatic)", 0, 1024, 0,
-                         help="Images per forward/backward pass; 0 picks the largest that fits the budget and is fast.")
+budget = field(c9, "budget", st.text_input, "Memory budget", value="", placeholder=f"auto: {format_size(detected.bytes)}",
+               help=f"Peak memory the training may use, e.g. 1.5GB. Empty: {detected}. The batch is then computed "
+                    "in micro-batches that fit, and their gradients add up to the batch size.")
+micro = field(c10, "micro", st.number_input, "Micro-batch (0: automatic)", value=0, step=1,
+              help="Images per forward/backward pass; 0 picks the largest that fits the budget and is fast.")
 imbalanced = bool(overview and (overview.get("imbalance") or {}).get("imbalanced"))
-balance_choice = c11.selectbox(
-    "Class balance", list(BALANCE_CHOICES), index=0,
+balance_choice = field(
+    c11, "balance", st.selectbox, "Class balance", list(BALANCE_CHOICES), index=0,
     help="none: every image counts once. weights: the training loss weighs each class by its inverse frequency "
          "in the training split (mean weight 1; the validation loss stays the plain mean). sampler: batches "
          "draw each class equally often (with replacement, as many images per epoch as the split has)."
@@ -131,42 +137,90 @@ gpus = torch.cuda.device_count()
 procs = st.number_input("Processes (one per GPU)", 1, gpus, gpus, help=(
     "DistributedDataParallel: each process trains on its own GPU with its share of the batch size (which must "
     "divide evenly); only the first writes the run.")) if gpus > 1 else 1
+share_setup_in_url()
+
+
+def _in_range(key: str, value, label: str) -> None:
+    low, high = RANGES[key]
+    if value is None:
+        raise ConfigError(key, f"{label} needs a value ({low}-{high}).")
+    if not low <= value <= high:
+        raise ConfigError(key, f"{label} must be between {low:g} and {high:g} (got {value:g}).")
 
 
 def current_config() -> TrainConfig:
-    """What Start would train now (also what the LR finder sweeps); refused settings raise."""
+    """What Start would train now (also what the LR finder sweeps); refused settings raise ConfigError
+    naming the field."""
+    for key, value, label in (("epochs", epochs, "Epochs"), ("batch", batch, "Batch size"), ("size", size, "Image size"),
+                              ("val", val_fraction, "Validation share"), ("patience", patience, "Patience"),
+                              ("per_class", per_class, "Max images per class"), ("seed", seed, "Seed"),
+                              ("micro", micro, "Micro-batch")):
+        _in_range(key, value, label)
     config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
                          batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
-                         augment=augment, patience=int(patience) or None, max_per_class=int(per_class) or None,
-                         seed=int(seed), split_seed=int(seed), memory_budget=budget.strip() or None,
+                         augment=bool(augment), patience=int(patience) or None, max_per_class=int(per_class) or None,
+                         seed=int(seed), split_seed=int(seed), memory_budget=(budget or "").strip() or None,
                          micro_batch=int(micro) or None, balance=balance_choice, nproc=int(procs))
     config.check_hosted()
     return config
 
 
-can_start = bool(overview) and not overview["problems"]
+def refuse(exc: EngineError, fallback) -> None:
+    """A refusal beside the field it names, else at ``fallback``."""
+    where = slots.get(FIELD_OF.get(getattr(exc, "field", ""), ""))
+    show_error(exc, where or fallback)
+
+
+settings_ok = True
+try:
+    current_config()
+except ConfigError as exc:
+    refuse(exc, st)
+    settings_ok = False
+except EngineError as exc:
+    show_error(exc)
+    settings_ok = False
+
+can_start = bool(overview) and not overview["problems"] and settings_ok
 lr_finder(current_config, enabled=can_start)
 
-busy = active_runs(runs_root())
-device_free = device_lock("auto").is_free()
-waiting = len(device_queue("auto").line())
-if busy or not device_free:
-    running = [r for r in busy if r.status().state == "running"]
-    who = f"Run {running[0].run_id} is training" if running else "Another training is using this machine's device"
-    line = f"; {waiting} more wait{'s' if waiting == 1 else ''} in line" if waiting else ""
-    st.info(f"{who}{line}. One training runs at a time on this machine: a run you start now waits in the "
-            f"queue (number {waiting + 1}) and starts by itself when the device is free.")
+
+def device_status() -> tuple:
+    """The queue line and the selected run's progress, beside Start; redrawn while anything runs."""
+    busy = active_runs(runs_root())
+    device_free = device_lock("auto").is_free()
+    waiting = len(device_queue("auto").line())
+    if busy or not device_free:
+        running = [r for r in busy if r.status().state == "running"]
+        who = f"Run {running[0].run_id} is training" if running else "Another job (a training, a sweep or a race) is using this machine's device"
+        line = f"; {waiting} more wait{'s' if waiting == 1 else ''} in line" if waiting else ""
+        st.info(f"{who}{line}. One training runs at a time on this machine: a run you start now waits in the "
+                f"queue (number {waiting + 1}) and starts by itself when the device is free.")
+    selected = st.session_state.get(SELECTED_RUN)
+    shown = None
+    if selected:
+        try:
+            shown = run_progress(open_run(runs_root(), selected))
+        except EngineError:
+            shown = None
+    return device_signature(busy, device_free, waiting), shown
+
+
 start_box = st.container()
-if st.button("Start training", type="primary", disabled=not can_start):
+if st.button("Start training", type="primary", disabled=not can_start,
+             help=None if can_start else "Pick data that can be trained on and fix the settings marked above."):
     try:
         config = current_config()
+        with st.spinner("Checking the data and the plan..."):
+            check_startable(config)  # a refusal here writes nothing: no failed run in everyone's list
     except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
-        show_error(exc, start_box)
+        refuse(exc, start_box)
     else:
         run = create_run(runs_root(), config.to_dict())
         start_background(run, ["--out", str(runs_root())])
         st.session_state[SELECTED_RUN] = run.run_id
         st.rerun()
+live("training_device", device_status, active=bool(active_runs(runs_root())))
 
 st.subheader("3. Runs")
 runs = list_runs(runs_root())

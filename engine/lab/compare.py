@@ -52,27 +52,9 @@ def check_plans(base: TrainConfig, plans: dict[str, FreezePlan]) -> None:
     """What the runs would be refused for when they start, checked before any is written: the data
     (listed, not decoded: every image is checked when a run starts) and every plan against the model.
     Otherwise a bad later plan was found after the first had trained, and unknown data left runs behind."""
-    from engine.anatomy.stages import model_stages
-    from engine.core.errors import DataError
-    from engine.data.datasets import load_source, validate
-    from engine.freeze.plan import apply_plan, build_optimizer
-    from engine.models.factory import create_model
+    from engine.training.preflight import check_startable
 
-    ds = load_source(base.data, verify=False)
-    report = validate(ds)
-    if not report.ok:
-        raise DataError("The data cannot be trained on: " + " ".join(report.problems))
-    handle = create_model(base.model, weights="none", class_names=list(ds.class_names))
-    stages = model_stages(handle.module, handle.spec.head)
-    size = base.image_size or handle.spec.input_size[-1]
-    for label, plan in plans.items():
-        config = replace(base, plan=plan.to_dict())
-        try:
-            config.validate_for_model(handle.module, stages, size)
-            apply_plan(handle.module, stages, plan, epoch=config.epochs - 1)
-            build_optimizer(handle.module, stages, plan)  # refuses a plan that freezes every parameter
-        except EngineError as exc:
-            raise EngineError(f"strategy {label}: {exc}") from exc
+    check_startable(base, plans)
 
 
 def _config(run: RunDir) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from engine.training.epoch import Diverged, evaluate, evaluate_scores, train_one
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, refuse_uncached, uses_feature_cache
 from engine.training.micro import BatchPlan, plan_batches
 from engine.training.prefix_cache import cache_fits, prefix_cut, prefix_view
+from engine.training.preflight import check_split
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -94,11 +95,7 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
         raise DataError("The data cannot be trained on: " + " ".join(report.problems))
     config.check_hosted()
     train_idx, val_idx, test_idx = split_all(ds, config)
-    if not val_idx:  # every score, the early stop and a race's ranking read validation images
-        cap = f" (at most {config.max_per_class} per class)" if config.max_per_class else ""
-        raise DataError(f"No validation images: split for training, the {len(train_idx) + len(test_idx)} "
-                        f"images{cap} left none to measure the run with, since each class keeps one to train on. "
-                        "Use at least 2 images per class" + (" (raise --max-per-class)." if cap else "."))
+    check_split(train_idx, val_idx, test_idx, config.max_per_class)
     # a given split caps each (split, class) group: the per-class cap that fits is computed over those
     groups = list(zip(ds.splits, ds.labels)) if ds.splits is not None else ds.labels
     check_hosted_images(groups, len(train_idx) + len(val_idx) + len(test_idx), config)

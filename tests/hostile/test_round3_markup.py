@@ -222,7 +222,7 @@ def test_training_page_says_the_reason_and_the_labels_as_text(pages):
     at = _page("training.py")
     at.run()
     next(r for r in at.radio if r.label == "Data").set_value("folder in the data directory").run()
-    next(s for s in at.selectbox if s.label == "Folder").set_value("markup").run()
+    next(s for s in at.selectbox if s.label == "Dataset").set_value("folder:markup").run()
     _assert_no_live_markup(at)
     finished = next(s.value for s in at.success if s.value.startswith("Finished: "))
     assert md("\n".join(CORPUS)) in finished and live(finished.split(". Best val acc")[0]) == ""
