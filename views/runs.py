@@ -209,6 +209,22 @@ def _details(run: RunDir) -> None:
     _export_and_code(run, tab_export, tab_code)
 
 
+PICK = "runs_pick"  # the picker's own key
+PICKED_HERE = "runs_picked_here"  # the selection as this page left it: a different one was made on another page
+
+
+def _seed_pick(ids: list[str]) -> str:
+    """The picker's key, its value following a run selected on another page (or the newest at first).
+    Without a key the picker's identity changed with its ``index`` whenever the selection did, and every
+    other choice was lost (the widget came back new, at its old default)."""
+    selected = st.session_state.get(SELECTED_RUN)
+    if selected in ids and selected != st.session_state.get(PICKED_HERE):
+        st.session_state[PICK] = selected  # chosen elsewhere (another page, an import): follow it
+    elif st.session_state.get(PICK) not in ids:
+        st.session_state[PICK] = ids[0]
+    return PICK
+
+
 DELETED = "runs_deleted"  # the run id just deleted: said once after the rerun the deletion causes
 
 
@@ -244,9 +260,8 @@ overlay = st.multiselect("Overlay curves of", ids, default=ids[: min(3, len(ids)
 contained(_overlay, runs, overlay)
 
 st.divider()
-selected = st.session_state.get(SELECTED_RUN)
-pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0)
-st.session_state[SELECTED_RUN] = pick
+pick = st.selectbox("Run", ids, key=_seed_pick(ids))
+st.session_state[SELECTED_RUN] = st.session_state[PICKED_HERE] = pick
 run = open_run(runs_root(), pick)
 contained(_details, run)
 _delete(run)
