@@ -309,6 +309,7 @@ def test_the_feature_map_says_the_k_it_used_and_why(dirs, healthy):
     at = page("feature_map.py")
     at.run()
     by_label(at.radio, "Map").set_value("a run").run()
+    by_label(at.button, "Draw the map").click().run()
     assert not at.exception, at.exception
     line = next(c.value for c in at.caption if " vote" in c.value)
     used = int(re.search(r"(\d+) neighbours? votes?", line).group(1))

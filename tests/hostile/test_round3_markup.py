@@ -265,6 +265,7 @@ def test_feature_map_hover_legend_and_captions_are_text(pages):
     at = _page("feature_map.py")
     at.run()
     next(r for r in at.radio if r.label == "Map").set_value("a run").run()
+    next(b for b in at.button if b.label == "Draw the map").click().run()
     _assert_no_live_markup(at)
     _assert_plots_escaped(at, CLASSES)
 
