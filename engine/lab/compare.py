@@ -37,6 +37,7 @@ def create_comparison(runs_root: str | Path, base: TrainConfig, plans: dict[str,
     """One queued run per plan; everything but the plan is identical (data, split, seed, epochs)."""
     if len(plans) < 2:
         raise EngineError("A comparison needs at least two strategies.")
+    base.check_hosted()  # a shared server's caps, before any run exists (a refusal left two runs behind)
     check_plans(base, plans)
     group = f"cmp-{secrets.token_hex(3)}"
     runs = []
@@ -65,6 +66,7 @@ def check_plans(base: TrainConfig, plans: dict[str, FreezePlan]) -> None:
     handle = create_model(base.model, weights="none", class_names=list(ds.class_names))
     stages = model_stages(handle.module, handle.spec.head)
     size = base.image_size or handle.spec.input_size[-1]
+    base.check_hosted(image_size=size)  # the model's own size, when the config leaves it to the model
     for label, plan in plans.items():
         config = replace(base, plan=plan.to_dict())
         try:
