@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import stat
 import sys
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +35,7 @@ TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 
              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
              8: Image.Transpose.ROTATE_90}
 MAX_PIXELS = 50_000_000  # decoded pixels, after JPEG DCT scaling
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what the workbench reads (engine/data/images.py)
 MAX_ASPECT = 20
 
 
@@ -79,9 +85,42 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def open_regular(path: str | Path) -> BinaryIO:
+    """A regular file opened for reading, else ValueError. A FIFO named like an image blocked the
+    script forever (an open waits for a writer): pipes, devices, sockets and folders are refused from
+    ``os.stat`` before any open, the open does not block, and ``fstat`` re-checks what was opened."""
+    try:
+        info = os.stat(path)  # follows links: a link to a pipe is a pipe here
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file (a folder, pipe, device or socket)")
+    if info.st_size == 0:
+        raise ValueError("empty file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file (a folder, pipe, device or socket)")
+    return os.fdopen(fd, "rb")
+
+
+def _open_header(fh: BinaryIO) -> Image.Image:
+    """Pillow's lazy open (the header only); its own bomb limit (~179 MP) and warning (89-179 MP) give
+    way to MAX_PIXELS, checked before anything is decoded, with one clear message."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fh, formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ValueError(f"too large: {size} (limit {MAX_PIXELS // 1_000_000} MP)") from None
+
+
 def load_image(path: str | Path, target: int) -> Image.Image:
-    """An upright RGB image whose shortest side is at least ``target`` (decoded no larger than needed)."""
-    with Image.open(path) as img:
+    """An upright RGB image whose shortest side is at least ``target`` (decoded no larger than needed):
+    a regular file only, its pixel count checked from the header before anything is decoded."""
+    with open_regular(path) as fh, _open_header(fh) as img:
         w, h = img.size
         if min(w, h) <= 0 or max(w, h) / min(w, h) > MAX_ASPECT:
             raise ValueError(f"unusable size {w}x{h}")
@@ -89,7 +128,7 @@ def load_image(path: str | Path, target: int) -> Image.Image:
             scale = max(1.0, min(w, h) / target)
             img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
         if img.size[0] * img.size[1] > MAX_PIXELS:
-            raise ValueError(f"too large: {w}x{h} pixels")
+            raise ValueError(f"too large: {w}x{h} pixels (limit {MAX_PIXELS // 1_000_000} MP)")
         img.load()
         try:
             orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1) or 1)
@@ -198,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else _default_model()
+    try:
+        open_regular(model).close()  # a pipe named model.onnx would block onnxruntime's read forever
+    except ValueError as exc:
+        raise SystemExit(f"error: {model}: {exc}") from None
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     results = predict(session, args.images, top_k=args.top_k)
     if args.json:
