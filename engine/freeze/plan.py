@@ -72,6 +72,8 @@ class FreezePlan:
             raise EngineError(f"Unknown freeze strategy '{self.strategy}'. Use one of {', '.join(STRATEGIES)}.")
         if self.bn_policy not in BN_POLICIES:
             raise EngineError(f"Unknown BN policy '{self.bn_policy}'. Use one of {', '.join(BN_POLICIES)}.")
+        if isinstance(self.last_n, (int, float)) and not isinstance(self.last_n, bool) and self.last_n < 0:
+            raise EngineError("last_n must be 0 or more.")
         _whole_number(self.last_n, "last_n (backbone stages that train)", 0, MAX_STAGES)
         if isinstance(self.unfreeze_schedule, (str, bytes)) or not isinstance(self.unfreeze_schedule, (list, tuple)):
             raise EngineError("The unfreeze schedule must be a list of [epoch, stages] pairs.")

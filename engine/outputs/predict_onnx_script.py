@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import stat
 import sys
-import warnings
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -85,42 +80,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_regular(path: str | Path) -> BinaryIO:
-    """A regular file opened for reading, else ValueError. A FIFO named like an image blocked the
-    script forever (an open waits for a writer): pipes, devices, sockets and folders are refused from
-    ``os.stat`` before any open, the open does not block, and ``fstat`` re-checks what was opened."""
+FILE_TYPE_BITS, REGULAR_FILE = 0o170000, 0o100000  # st_mode's file type, and a regular file's (stat.S_IFREG)
+
+
+def check_regular(path: str | Path) -> None:
+    """ValueError unless ``path`` is a non-empty regular file. A FIFO named like an image blocked the
+    script forever (opening one waits for a writer): pipes, devices, sockets and folders are refused
+    from their status alone, before any open. Links are followed: a link to a pipe is a pipe here."""
     try:
-        info = os.stat(path)  # follows links: a link to a pipe is a pipe here
-    except OSError as exc:
-        raise ValueError(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
-    if not stat.S_ISREG(info.st_mode):
+        info = Path(path).stat()
+    except (OSError, ValueError) as exc:  # missing, not allowed, a NUL in the name
+        raise ValueError(f"cannot be read ({getattr(exc, 'strerror', None) or 'invalid name'})") from None
+    if info.st_mode & FILE_TYPE_BITS != REGULAR_FILE:
         raise ValueError("not a regular file (a folder, pipe, device or socket)")
     if info.st_size == 0:
         raise ValueError("empty file")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError("not a regular file (a folder, pipe, device or socket)")
-    return os.fdopen(fd, "rb")
 
 
-def _open_header(fh: BinaryIO) -> Image.Image:
-    """Pillow's lazy open (the header only); its own bomb limit (~179 MP) and warning (89-179 MP) give
-    way to MAX_PIXELS, checked before anything is decoded, with one clear message."""
+def _open_header(path: str | Path) -> Image.Image:
+    """Pillow's lazy open of a regular file (the header only). Pillow's own bomb limit (~179 MP) is
+    reported like MAX_PIXELS, which is checked before anything is decoded."""
+    check_regular(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(fh, formats=FORMATS)
+        return Image.open(path, formats=FORMATS)
     except Image.DecompressionBombError as exc:
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        pixels = str(exc).partition("(")[2].partition(" pixels")[0]
+        size = f"{int(pixels):,} pixels" if pixels.isdigit() else "too many pixels"
         raise ValueError(f"too large: {size} (limit {MAX_PIXELS // 1_000_000} MP)") from None
 
 
 def load_image(path: str | Path, target: int) -> Image.Image:
     """An upright RGB image whose shortest side is at least ``target`` (decoded no larger than needed):
     a regular file only, its pixel count checked from the header before anything is decoded."""
-    with open_regular(path) as fh, _open_header(fh) as img:
+    with _open_header(path) as img:
         w, h = img.size
         if min(w, h) <= 0 or max(w, h) / min(w, h) > MAX_ASPECT:
             raise ValueError(f"unusable size {w}x{h}")
@@ -238,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else _default_model()
     try:
-        open_regular(model).close()  # a pipe named model.onnx would block onnxruntime's read forever
+        check_regular(model)  # a pipe named model.onnx would block onnxruntime's read forever
     except ValueError as exc:
         raise SystemExit(f"error: {model}: {exc}") from None
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

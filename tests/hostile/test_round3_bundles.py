@@ -28,7 +28,7 @@ from engine.runs.load import load_run_model
 from engine.runs.store import delete_run, describe_run, list_runs, open_run
 from tests.conftest import ROOT, tiny_lfw_run
 from tests.hostile._cli import Ran, engine
-from tests.test_bundle import _best_json, _members, _rebuild, _weights
+from tests.test_bundle import _best_json, _members, _rebuild, _replace_manifest, _weights
 
 EVIL = "evil.zip"
 HUGE = "timm:vit_7b_patch16_dinov3"  # 6.7 billion parameters: 27 GB of float32
@@ -52,7 +52,8 @@ def _refused(exc: BaseException, phrase: str) -> None:
 
 
 def _nothing_imported(root: Path) -> None:
-    assert not root.exists() or sorted(p.name for p in root.iterdir()) == [], list(root.iterdir())
+    """A refused import writes nothing: not a run, not a temp folder, not even the runs folder it named."""
+    assert not root.exists(), sorted(p.name for p in root.iterdir())
 
 
 class PeakRss:
@@ -240,6 +241,65 @@ def test_a_bundle_whose_metrics_rows_are_of_another_shape_is_refused(bundle, tmp
     _nothing_imported(tmp_path / "runs")
 
 
+# ------------------------------------------------------------------ 5. bounded parsing inside a bundle
+NINES = "9" * 400
+
+
+def _raw_config(placeholder_value: str, **fields):
+    """config.json with ``fields`` set, then the text "__X__" (quotes included) replaced by raw JSON."""
+    def build(data: bytes) -> bytes:
+        config = json.loads(dict((i.filename, d) for i, d in _members(data))["config.json"])
+        for key, value in fields.items():
+            if key == "unfreeze_schedule":
+                config["plan"]["unfreeze_schedule"] = value
+            else:
+                config[key] = value
+        text = json.dumps(config).replace('"__X__"', placeholder_value)
+        return _rebuild(data, {"config.json": text.encode()})
+    return build
+
+
+def _deep_weights_meta(data: bytes) -> bytes:
+    raw = dict((i.filename, d) for i, d in _members(data))["best.safetensors"]
+    tensors = {k: v for k, v in load_safetensors_bytes(raw).items()}
+    from safetensors.torch import save
+
+    weights = save(tensors, metadata={"workbench_meta": "[" * 100_000 + "]" * 100_000})
+    return _rebuild(data, {"best.safetensors": weights})
+
+
+def load_safetensors_bytes(raw: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(raw)
+
+
+def _manifest_raw(data: bytes, key: str, raw: str) -> bytes:
+    manifest = json.loads(dict((i.filename, d) for i, d in _members(data))["bundle.json"])
+    manifest[key] = "__X__"
+    return _replace_manifest(data, json.dumps(manifest).replace('"__X__"', raw).encode())
+
+
+BOUNDED = {
+    "config-memory-budget-1e999": (_raw_config("1e999", memory_budget="__X__"), "config.json' is not valid json"),
+    "config-memory-budget-400-nines-text": (_raw_config(f'"{NINES}"', memory_budget="__X__"),
+                                            "beyond any machine"),
+    "config-unfreeze-1e999": (_raw_config("1e999", unfreeze_schedule=[["__X__", 1]]), "out of range"),
+    "config-unfreeze-400-nines": (_raw_config(NINES, unfreeze_schedule=[["__X__", 1]]), "out of range"),
+    "weights-meta-100000-deep": (_deep_weights_meta, "not a safetensors file"),
+    "manifest-exported-at-1e999": (lambda d: _manifest_raw(d, "exported_at", "1e999"), "bundle.json' is not valid json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDED), ids=list(BOUNDED))
+def test_hostile_json_or_numbers_in_a_bundle_are_one_line(bundle, tmp_path, case):
+    build, phrase = BOUNDED[case]
+    with pytest.raises(EngineError) as caught:
+        import_bundle(build(bundle), tmp_path / "runs", display_name=EVIL)
+    _refused(caught.value, phrase)
+    _nothing_imported(tmp_path / "runs")
+
+
 # ------------------------------------------------------------------ 2. a damaged run already on disk
 DAMAGED_METRICS = {
     "epoch-only": '{"epoch": 1}\n{"epoch": 2}\n',
@@ -274,11 +334,17 @@ def test_every_reader_survives_a_run_with_damaged_metrics_and_it_can_be_deleted(
 def test_a_run_whose_files_hold_values_of_the_wrong_type_is_still_listed(good_run, tmp_path):
     run = _copy(good_run, tmp_path)
     config = json.loads(run.config_path.read_text())
-    run.config_path.write_text(json.dumps({**config, "model": {"a": 1}, "data": ["x"], "epochs": "many"}))
+    run.config_path.write_text(json.dumps({**config, "model": {"a": 1}, "data": ["x"], "epochs": "many",
+                                           "plan": [1], "label": {"b": 2}, "group": "cmp-x"}))
     _edit_best(run, meta_edit=lambda m: m.update(val_acc="excellent"))
     summary = describe_run(run)
     assert summary.state == "damaged" and "config.json" in summary.reason
     assert summary.model is None and summary.data is None and summary.best_val_acc is None
+    from engine.lab.compare import comparison_table, curves, group_runs
+
+    assert [r.run_id for r in group_runs(tmp_path / "runs", "cmp-x")] == [run.run_id]
+    assert comparison_table([run])[0]["strategy"] is None
+    assert {row["strategy"] for row in curves([run])} == {run.run_id}
     ran = engine("runs", "--out", str(tmp_path / "runs"))
     assert ran.rc == 0 and "Traceback" not in ran.err and "damaged" in ran.out, ran.err
     delete_run(run)
