@@ -243,7 +243,6 @@ def import_bundle(source: str | Path | bytes, runs_root: str | Path, *, display_
     root = Path(runs_root)
     if root.exists() and not root.is_dir():
         raise BundleError(f"The runs folder {root.name} is a file, not a folder.")
-    made_root = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         _sweep_dead_imports(root)
@@ -259,20 +258,7 @@ def import_bundle(source: str | Path | bytes, runs_root: str | Path, *, display_
         finally:
             shutil.rmtree(work, ignore_errors=True)  # empty once published
     except OSError as exc:  # the disk, not the bundle: still one line, without server paths
-        _remove_if_made(root, made_root)
         raise BundleError(f"{shown}: could not be imported ({exc.strerror or type(exc).__name__}).") from exc
-    except EngineError:
-        _remove_if_made(root, made_root)  # a refused import writes nothing, not even the runs folder
-        raise
-
-
-def _remove_if_made(root: Path, made: bool) -> None:
-    """The runs folder this import created, removed again when nothing else is in it."""
-    if made:
-        try:
-            root.rmdir()
-        except OSError:
-            pass
 
 
 def _shown(source: str | Path | bytes, display_name: str | None) -> str:
