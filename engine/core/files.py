@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import re
 import secrets
 import stat
 import time
@@ -88,12 +90,85 @@ def is_plain_file(path: Path) -> bool:
         return False
 
 
+# What any JSON read from a file, an upload or a run may hold. Python's parser recurses once per
+# nesting level (100,000 levels: RecursionError) and reads 1e999 as inf and 400 nines as a 400-digit
+# int (OverflowError wherever either becomes a float or an int of fixed size). No file the workbench
+# writes nests beyond a dozen levels or holds a number outside a 64-bit integer.
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT = 2**63
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
+class JsonBoundsError(ValueError):
+    """JSON too deep, or a number out of range: refused before (or while) it is parsed."""
+
+
+def _depth_exceeds(text: str, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than ``limit``: counted, not parsed (cheap: most
+    files have fewer brackets than the limit; the rest are summed by numpy, not a Python loop)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    import numpy as np
+
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub('""', text)).encode("ascii")
+    steps = np.where(np.frombuffer(brackets, dtype=np.uint8) <= ord("["), 1, -1)  # '[' 91, '{' 123: only '[' <= 91
+    steps[np.frombuffer(brackets, dtype=np.uint8) == ord("{")] = 1
+    return bool(steps.size) and int(np.cumsum(steps).max()) > limit
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19 or abs(value := int(text)) >= MAX_JSON_INT:
+        raise JsonBoundsError(f"the number {text[:12]}{'...' if len(text) > 12 else ''} is out of range "
+                              f"(at most {MAX_JSON_INT:.2g} in size)")
+    return value
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonBoundsError(f"the number {text[:12]}{'...' if len(text) > 12 else ''} is out of range "
+                              "(too large to be a finite number)")
+    return value
+
+
+def loads_bounded(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for untrusted text: nesting deeper than ``max_depth`` or a number outside a 64-bit
+    integer / a finite float raises JsonBoundsError (a ValueError, as malformed JSON does), never
+    RecursionError or a later OverflowError. NaN and Infinity written as such stay readable: the
+    workbench's own files use them for a diverged loss."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")
+    if _depth_exceeds(text, max_depth):
+        raise JsonBoundsError(f"it nests deeper than {max_depth} levels")
+    try:
+        return json.loads(text, parse_int=_bounded_int, parse_float=_bounded_float)
+    except RecursionError:  # a bracket hidden from the pre-check (it cannot be, but never a traceback)
+        raise JsonBoundsError(f"it nests deeper than {max_depth} levels") from None
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """JSON from an untrusted source as one line a person can act on: ``what`` names the file or the
+    setting (e.g. "the overrides file faces.json")."""
+    from engine.core.errors import EngineError
+
+    try:
+        return loads_bounded(text)
+    except JsonBoundsError as exc:
+        raise EngineError(f"{what} is refused: {exc}.") from None
+    except UnicodeDecodeError:
+        raise EngineError(f"{what} is not UTF-8 text.") from None
+    except ValueError as exc:
+        raise EngineError(f"{what} is not valid JSON ({getattr(exc, 'msg', exc)}).") from None
+
+
 def read_json(path: Path, default: Any = None) -> Any:
-    """The JSON in a plain file, else ``default`` (missing, unreadable, not JSON, or not a plain file)."""
+    """The JSON in a plain file, else ``default`` (missing, unreadable, not JSON, too deep, a number out of
+    range, or not a plain file)."""
     if not is_plain_file(path):
         return default
     try:
-        return json.loads(path.read_text())
+        return loads_bounded(path.read_text())
     except (OSError, ValueError):
         return default
 

@@ -8,6 +8,7 @@ left after it.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -25,23 +26,34 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 # a cgroup v1 "no limit" is a page-rounded 2**63; anything beyond a petabyte is no limit either
 _NO_LIMIT = 2**50
+MAX_SIZE = 10**18  # an exabyte: a bound, so no figure overflows on its way to bytes
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def parse_size(text: str | int | float) -> int:
     """'1.5GB', '1500MB', '1.4GiB', '2g' or a plain number of bytes -> bytes (decimal units unless 'i')."""
+    shown = _shown_size(text)
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
+        value, unit = (float(text) if abs(text) < MAX_SIZE else math.inf), ""  # float(10**400): OverflowError
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text)[:200])
         if not match or match.group(2).lower() not in _UNITS:
-            raise EngineError(f"memory size '{text}' is not understood; write it like 1.5GB, 1500MB or 1.4GiB")
-        value, unit = float(match.group(1)), match.group(2).lower()
+            raise EngineError(f"memory size '{shown}' is not understood; write it like 1.5GB, 1500MB or 1.4GiB")
+        value, unit = float(match.group(1)), match.group(2).lower()  # 400 nines: inf, never an error here
+    if not math.isfinite(value) or value * _UNITS[unit] > MAX_SIZE:
+        raise EngineError(f"memory size '{shown}' is beyond any machine (at most {MAX_SIZE // 10**15} PB); write "
+                          "it like 1.5GB")
     size = int(value * _UNITS[unit])
     if size <= 0:
-        raise EngineError(f"memory size '{text}' must be more than zero")
+        raise EngineError(f"memory size '{shown}' must be more than zero")
     return size
+
+
+def _shown_size(text: object) -> str:
+    """A size as a message may echo it: a 400-digit number is cut, not printed whole."""
+    shown = str(text) if not isinstance(text, float) or math.isfinite(text) else repr(text)
+    return shown if len(shown) <= 24 else f"{shown[:12]}...({len(shown)} characters)"
 
 
 def format_size(size: int | float) -> str:

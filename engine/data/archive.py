@@ -29,6 +29,7 @@ from typing import Iterator
 
 from engine.core.errors import DataError
 from engine.core.faults import fault_point
+from engine.core.files import loads_bounded
 
 try:
     import fcntl
@@ -287,7 +288,7 @@ def _sha256(archive: Path) -> str:
 def _is_complete(dest: Path, archive: Path, stamp: dict[str, int]) -> bool:
     """A published extraction of this very archive (same size and same mtime, or same sha256)."""
     try:
-        mark = json.loads((dest / MARKER).read_text())
+        mark = loads_bounded((dest / MARKER).read_text())
     except (OSError, ValueError):
         return False
     if not isinstance(mark, dict) or mark.get("size") != stamp["size"]:

@@ -26,14 +26,13 @@ record and trained on the data as delivered, so it reads it with none.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import DataError
-from engine.core.files import atomic_write_json, file_lock, is_plain_file
+from engine.core.files import JsonBoundsError, atomic_write_json, file_lock, is_plain_file, loads_bounded
 from engine.core.paths import data_root, lock_dir
 from engine.data.layouts import BUILTIN, OVERRIDES_FILE, TORCHVISION_SETS  # layouts know the file's name
 
@@ -163,7 +162,10 @@ def read_file(path: Path, shown: str | None = None) -> Overrides:
     except UnicodeDecodeError:
         raise DataError(f"{shown} is not UTF-8 text; fix it, or delete it to start over.") from None
     try:
-        data = json.loads(text)
+        data = loads_bounded(text)
+    except JsonBoundsError as exc:
+        raise DataError(f"{shown} is refused: {exc}; fix it, or delete it to start over (the image files are "
+                        "untouched).") from None
     except ValueError as exc:
         raise DataError(f"{shown} is not valid JSON ({exc.msg}, line {getattr(exc, 'lineno', '?')}); fix it, "
                         "or delete it to start over (the image files are untouched).") from None

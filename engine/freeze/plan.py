@@ -33,6 +33,21 @@ BN_POLICIES = ("freeze", "adapt", "train")
 _FROZEN_EVAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+MAX_EPOCHS = 100_000  # as TrainConfig.epochs
+MAX_STAGES = 10_000  # far beyond any model's stages; a bound so 1e999 or 400 nines is refused, not overflowed
+
+
+def _shown_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 30 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _whole_number(value: Any, what: str, low: int, high: int) -> None:
+    """A whole number in [low, high] (1e999, 400 nines, 2.5 or text: one line naming ``what``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise EngineError(f"{what} must be a whole number from {low} to {high:,} (got {_shown_value(value)}).")
+
+
 @dataclass(frozen=True)
 class FreezePlan:
     """What trains, what BatchNorm does in frozen parts, and the learning rates."""
@@ -57,8 +72,17 @@ class FreezePlan:
             raise EngineError(f"Unknown freeze strategy '{self.strategy}'. Use one of {', '.join(STRATEGIES)}.")
         if self.bn_policy not in BN_POLICIES:
             raise EngineError(f"Unknown BN policy '{self.bn_policy}'. Use one of {', '.join(BN_POLICIES)}.")
-        if self.last_n < 0:
+        if isinstance(self.last_n, (int, float)) and not isinstance(self.last_n, bool) and self.last_n < 0:
             raise EngineError("last_n must be 0 or more.")
+        _whole_number(self.last_n, "last_n (backbone stages that train)", 0, MAX_STAGES)
+        if isinstance(self.unfreeze_schedule, (str, bytes)) or not isinstance(self.unfreeze_schedule, (list, tuple)):
+            raise EngineError("The unfreeze schedule must be a list of [epoch, stages] pairs.")
+        for pair in self.unfreeze_schedule:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise EngineError(f"The unfreeze schedule holds {_shown_value(pair)}; each entry is an [epoch, "
+                                  "stages] pair like [2, 1].")
+            _whole_number(pair[0], "an unfreeze epoch", 0, MAX_EPOCHS)
+            _whole_number(pair[1], "an unfreeze stage count", 0, MAX_STAGES)
         rates = {"head lr": self.head_lr, "backbone lr ratio": self.backbone_lr_ratio,
                  "stage lr decay": self.stage_lr_decay}
         for what, r in rates.items():
@@ -94,6 +118,8 @@ class FreezePlan:
                 if not sep:
                     raise ValueError(item)
                 pairs.append((int(epoch), int(n)))
+                _whole_number(pairs[-1][0], "an unfreeze epoch", 0, MAX_EPOCHS)
+                _whole_number(pairs[-1][1], "an unfreeze stage count", 0, MAX_STAGES)
             except ValueError as exc:
                 raise EngineError(f"Gradual unfreezing expects EPOCH:STAGES pairs like 2:1,4:3 (got '{item}').") from exc
         return tuple(pairs)

@@ -37,6 +37,7 @@ def create_comparison(runs_root: str | Path, base: TrainConfig, plans: dict[str,
     """One queued run per plan; everything but the plan is identical (data, split, seed, epochs)."""
     if len(plans) < 2:
         raise EngineError("A comparison needs at least two strategies.")
+    base.check_hosted()  # a shared server's caps, before any run exists (a refusal left two runs behind)
     check_plans(base, plans)
     group = f"cmp-{secrets.token_hex(3)}"
     runs = []
@@ -63,6 +64,20 @@ def _config(run: RunDir) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _label(config: dict[str, Any]) -> str | None:
+    """A run's name in its comparison, when its config holds one as text."""
+    return _text(config.get("label"))
+
+
+def _plan(config: dict[str, Any]) -> dict[str, Any]:
+    plan = config.get("plan")
+    return plan if isinstance(plan, dict) else {}
+
+
 def group_runs(runs_root: str | Path, group: str) -> list[RunDir]:
     runs = [r for r in list_runs(runs_root) if _config(r).get("group") == group]
     return sorted(runs, key=lambda r: o if isinstance(o := _config(r).get("order", 0), int) else 0)
@@ -85,7 +100,7 @@ def comparison_table(runs: list[RunDir]) -> list[dict[str, Any]]:
         metrics = run.metrics()
         best = max((m["val_acc"] for m in metrics), default=None)
         rows.append({
-            "strategy": config.get("label") or config.get("plan", {}).get("strategy"),
+            "strategy": _label(config) or _text(_plan(config).get("strategy")),
             "run_id": run.run_id,
             "state": run.status().state,
             "epochs": len(metrics),
@@ -103,7 +118,7 @@ def curves(runs: list[RunDir]) -> list[dict[str, Any]]:
     """Long-format rows (strategy, epoch, wall-clock seconds, metric values) for overlay plots."""
     rows = []
     for run in runs:
-        label = _config(run).get("label") or run.run_id
+        label = _label(_config(run)) or run.run_id
         for m in run.metrics():
             rows.append({"strategy": label, "epoch": m["epoch"], "elapsed_s": m["elapsed_s"],
                          "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"]})

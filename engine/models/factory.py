@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.core.errors import EngineError, HubUnavailableError, WeightsError
+from engine.core.files import loads_bounded
 from engine.core.hosting import hosted_limits
 from engine.core.modes import evaluating
 from engine.models.registry import DEFAULT_MODEL, ModelId, resolve
@@ -267,6 +268,31 @@ def output_shape(model: nn.Module, input_size: tuple[int, int, int], batch: int 
     return tuple(out.shape)
 
 
+def probe_outputs(model: nn.Module, input_size: tuple[int, int, int]) -> torch.Tensor:
+    """The model's logits for one fixed probe image (seeded noise at ``input_size``), in eval mode."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    probe = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    with evaluating(model), torch.inference_mode():
+        out = model(probe)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def check_finite_outputs(handle: ModelHandle, what: str) -> None:
+    """Refuse a model whose outputs on a probe image are not finite: finite-looking weights can still
+    give NaN (a BatchNorm running variance below zero), and a prediction with probability NaN is
+    worse than none. ``what`` names the file or run, e.g. "Weights file model.safetensors"."""
+    out = probe_outputs(handle.module, handle.spec.input_size)
+    if not bool(torch.isfinite(out).all()):
+        bad = "NaN or infinite weights" if _has_nonfinite(handle.module) else \
+            "e.g. a BatchNorm running variance below zero"
+        raise WeightsError(f"{what}: the model's outputs on a probe image are not finite (NaN or infinite); its "
+                           f"weights are damaged ({bad}) and are refused. Train or export them again.")
+
+
+def _has_nonfinite(module: nn.Module) -> bool:
+    return any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in module.state_dict().values())
+
+
 # ---------------------------------------------------------------- factory
 def check_hosted_size(mid: ModelId) -> None:
     """On a shared server, a model above the size cap is refused before any memory is spent on it."""
@@ -337,7 +363,11 @@ def create_model(
         if shape[-1] != spec.num_classes:
             raise WeightsError(f"{mid}: output has {shape[-1]} classes, expected {spec.num_classes}.")
     module.eval()
-    return ModelHandle(module=module, spec=spec, notes=notes)
+    handle = ModelHandle(module=module, spec=spec, notes=notes)
+    if kind == "file":  # a user's file: NaN weights predicted a class with probability null
+        assert path is not None
+        check_finite_outputs(handle, f"Weights file {path.name}")
+    return handle
 
 
 def _load_file_weights(
@@ -416,7 +446,7 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     if not candidate.is_file():
         return None
     try:
-        data = json.loads(candidate.read_text())
+        data = loads_bounded(candidate.read_text())
     except (OSError, ValueError):
         return None
     if isinstance(data, dict) and isinstance(data.get("spec"), dict):

@@ -30,6 +30,7 @@ TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 
              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
              8: Image.Transpose.ROTATE_90}
 MAX_PIXELS = 50_000_000  # decoded pixels, after JPEG DCT scaling
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what the workbench reads (engine/data/images.py)
 MAX_ASPECT = 20
 
 
@@ -79,9 +80,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+FILE_TYPE_BITS, REGULAR_FILE = 0o170000, 0o100000  # st_mode's file type, and a regular file's (stat.S_IFREG)
+
+
+def check_regular(path: str | Path) -> None:
+    """ValueError unless ``path`` is a non-empty regular file. A FIFO named like an image blocked the
+    script forever (opening one waits for a writer): pipes, devices, sockets and folders are refused
+    from their status alone, before any open. Links are followed: a link to a pipe is a pipe here."""
+    try:
+        info = Path(path).stat()
+    except (OSError, ValueError) as exc:  # missing, not allowed, a NUL in the name
+        raise ValueError(f"cannot be read ({getattr(exc, 'strerror', None) or 'invalid name'})") from None
+    if info.st_mode & FILE_TYPE_BITS != REGULAR_FILE:
+        raise ValueError("not a regular file (a folder, pipe, device or socket)")
+    if info.st_size == 0:
+        raise ValueError("empty file")
+
+
+def _open_header(path: str | Path) -> Image.Image:
+    """Pillow's lazy open of a regular file (the header only). Pillow's own bomb limit (~179 MP) is
+    reported like MAX_PIXELS, which is checked before anything is decoded."""
+    check_regular(path)
+    try:
+        return Image.open(path, formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        pixels = str(exc).partition("(")[2].partition(" pixels")[0]
+        size = f"{int(pixels):,} pixels" if pixels.isdigit() else "too many pixels"
+        raise ValueError(f"too large: {size} (limit {MAX_PIXELS // 1_000_000} MP)") from None
+
+
 def load_image(path: str | Path, target: int) -> Image.Image:
-    """An upright RGB image whose shortest side is at least ``target`` (decoded no larger than needed)."""
-    with Image.open(path) as img:
+    """An upright RGB image whose shortest side is at least ``target`` (decoded no larger than needed):
+    a regular file only, its pixel count checked from the header before anything is decoded."""
+    with _open_header(path) as img:
         w, h = img.size
         if min(w, h) <= 0 or max(w, h) / min(w, h) > MAX_ASPECT:
             raise ValueError(f"unusable size {w}x{h}")
@@ -89,7 +120,7 @@ def load_image(path: str | Path, target: int) -> Image.Image:
             scale = max(1.0, min(w, h) / target)
             img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
         if img.size[0] * img.size[1] > MAX_PIXELS:
-            raise ValueError(f"too large: {w}x{h} pixels")
+            raise ValueError(f"too large: {w}x{h} pixels (limit {MAX_PIXELS // 1_000_000} MP)")
         img.load()
         try:
             orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1) or 1)
@@ -198,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else _default_model()
+    try:
+        check_regular(model)  # a pipe named model.onnx would block onnxruntime's read forever
+    except ValueError as exc:
+        raise SystemExit(f"error: {model}: {exc}") from None
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     results = predict(session, args.images, top_k=args.top_k)
     if args.json:

@@ -41,6 +41,33 @@ def output_path(run: RunDir, fmt: str, output: str | None) -> Path:
     return target
 
 
+def planned_files(target: Path, fmt: str, quantize: str | None = None) -> list[Path]:
+    """Every file an export of ``fmt`` to ``target`` writes, in the order it writes them."""
+    if fmt == "safetensors":
+        return [target, target.with_suffix(".json")]
+    files = [target, *([int8_path(target)] if fmt == "onnx" and quantize else [])]
+    if fmt == "onnx":
+        from engine.outputs.onnx_export import PREDICT_SCRIPT_NAME
+
+        files.append(target.with_name(PREDICT_SCRIPT_NAME))
+    return files
+
+
+def check_files_apart(run: RunDir, fmt: str, files: list[Path]) -> None:
+    """An export's files never overwrite each other (``-o model.json`` was overwritten by the JSON card,
+    ``-o predict_onnx.py`` by the script) nor a run: refused before anything is written. Names are
+    compared ignoring case too, as a case-insensitive disk (macOS, Windows) would."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        check_output_file(path, run.path.parent)
+        key = os.path.realpath(path).casefold()
+        if key in seen:
+            suffix = SUFFIX[fmt]
+            raise EngineError(f"-o {files[0]}: a {fmt} export also writes {path.name} beside it, the same file as "
+                              f"{seen[key].name}; name the output so they differ, e.g. -o {run.run_id}{suffix}.")
+        seen[key] = path
+
+
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically, readable as an ordinary file would be (the temp file is private)."""
     atomic_write_bytes(path, data)
@@ -65,6 +92,7 @@ def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str |
     if quantize not in (None, *QUANTIZE):
         raise EngineError(f"unknown quantisation '{quantize}'; use {' or '.join(QUANTIZE)}.")
     target = output_path(run, fmt, output)
+    check_files_apart(run, fmt, planned_files(target, fmt, quantize))
     extra = {"run_id": run.run_id}
     handle = load_run_model(run.path)  # best weights; a damaged run or one without them is refused here
     report: dict[str, Any] = {"run_id": run.run_id, "format": fmt, "model": handle.spec.name,

@@ -35,10 +35,13 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Iterator
 
 from engine.core.errors import EngineError, RunError, printable
-from engine.core.files import atomic_write_json, check_output_file, file_lock
+from engine.core.files import JsonBoundsError, atomic_write_json, check_output_file, file_lock, loads_bounded
 from engine.core.paths import lock_dir
 from engine.data.layouts import MAX_LABEL, usable_class_name
-from engine.runs.checkpoint_file import head_classes, weights_meta
+from engine.runs.checkpoint_file import head_classes, load_weights, weights_meta
+from engine.runs.metrics_file import FILLED as METRICS_FILLED
+from engine.runs.metrics_file import REQUIRED as METRICS_REQUIRED
+from engine.runs.metrics_file import text_problem
 from engine.runs.status import RunStatus
 from engine.runs.store import RunDir
 
@@ -55,6 +58,7 @@ IDENTITY = ("config.json", WEIGHTS, "metrics.jsonl")  # what makes two copies of
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")
 STALE_AFTER_S = 15 * 60  # an import folder this old belongs to a dead importer
 _PART_PREFIX = ".bundle-import-"
+METRIC_KEYS = (*METRICS_REQUIRED, *METRICS_FILLED)
 
 
 class BundleError(RunError):
@@ -440,8 +444,10 @@ def _reading(shown: str, name: str) -> Iterator[None]:
 
 def _parse_json(data: bytes, name: str, shown: str) -> Any:
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return loads_bounded(data)
+    except JsonBoundsError as exc:
+        raise BundleError(f"{shown}: '{name}' is not valid JSON for a run bundle ({exc}); refused.") from None
+    except (UnicodeDecodeError, ValueError):
         raise BundleError(f"{shown}: '{name}' is not valid JSON; refused.") from None
 
 
@@ -462,6 +468,9 @@ def _check_contents(staged: Path, manifest: dict[str, Any], shown: str) -> None:
     if not isinstance(best, dict):
         raise BundleError(f"{shown}: 'best.json' is not a JSON object; refused.")
     _check_weights(staged / WEIGHTS, best, shown, config.get("model"))
+    metrics = text_problem((staged / "metrics.jsonl").read_bytes().decode("utf-8"))
+    if metrics:  # every page reads these rows: one of another shape broke the Runs page for everyone
+        raise BundleError(f"{shown}: {metrics}; a run's metrics rows hold {', '.join(METRIC_KEYS)}; refused.")
     epochs = len(RunDir(staged).metrics())  # every run list reads them: no more than the run trained
     if epochs > int(config.get("epochs") or 0):
         raise BundleError(f"{shown}: metrics.jsonl has {epochs} epochs, more than the {config.get('epochs')} its "
@@ -527,13 +536,18 @@ def _check_weights(path: Path, sidecar: dict[str, Any], shown: str, config_model
 
 
 def _check_tensors(path: Path, spec: Any, shown: str) -> None:
-    """The header's tensor names and shapes are exactly the model's (no tensor data is read here)."""
+    """The model is sized from metadata first (catalog count, meta build: engine.models.sizing) against
+    the memory budget and the hosted caps; then the header's tensor names and shapes must be exactly
+    the model's (no tensor data is read, no real model built); then the weights, loaded, must give
+    finite outputs on a probe image."""
     from safetensors import safe_open
 
-    from engine.models.factory import model_from_spec
+    from engine.models.factory import check_finite_outputs, model_from_spec
+    from engine.models.sizing import check_fits, meta_state_shapes
 
     try:
-        expected = {k: tuple(v.shape) for k, v in model_from_spec(spec).module.state_dict().items()}
+        meta = check_fits(spec)
+        expected = meta_state_shapes(meta if meta is not None else model_from_spec(spec).module)
     except (EngineError, TypeError, ValueError, AttributeError) as exc:  # a name that is not text, ...
         raise BundleError(f"{shown}: its model cannot be built here: {_one_line(exc)}") from None
     try:
@@ -544,7 +558,11 @@ def _check_tensors(path: Path, spec: Any, shown: str) -> None:
     wrong = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
     if wrong:
         raise BundleError(f"{shown}: '{WEIGHTS}' does not fit {spec.name} ({len(wrong)} tensors differ, e.g. "
-                          f"'{wrong[0][:60]}'); refused.")
+                          f"'{_printable(wrong[0], 60)}'); refused.")
+    try:
+        check_finite_outputs(model_from_spec(spec, load_weights(path)), f"'{WEIGHTS}'")
+    except EngineError as exc:
+        raise BundleError(f"{shown}: {_one_line(exc)}") from None
 
 
 def _write_imported_status(staged: Path, manifest: dict[str, Any], shown: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from engine.core.errors import RunError
-from engine.core.files import atomic_write_bytes, atomic_write_json
+from engine.core.files import atomic_write_bytes, atomic_write_json, loads_bounded
 
 META_KEY = "workbench_meta"  # the JSON meta inside the safetensors header: weights and meta are one file
 
@@ -59,9 +59,9 @@ def weights_meta(path: Path) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise RunError(f"{path.name} carries unreadable meta.") from exc
+        meta = loads_bounded(raw)
+    except ValueError as exc:  # not JSON, too deep, or a number out of range
+        raise RunError(f"{path.name} carries unreadable meta ({exc}).") from None
     return meta if isinstance(meta, dict) else None
 
 

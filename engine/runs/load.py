@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.core.errors import RunError
-from engine.models.factory import ModelSpec, model_from_spec
+from engine.core.errors import RunError, WeightsError
+from engine.models.factory import ModelSpec, check_finite_outputs, model_from_spec
 from engine.runs.checkpoint_file import load_weights
 from engine.runs.store import RunDir
 
@@ -35,7 +35,12 @@ def load_run_model(run_dir: str | Path, kind: str = "best") -> ModelHandle:
     weights = load_weights(path)
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in weights.values()):
         raise RunError(f"The run {run.run_id}: its '{kind}' weights hold NaN or infinite values.")
-    return model_from_spec(spec, weights)
+    handle = model_from_spec(spec, weights)
+    try:
+        check_finite_outputs(handle, f"The run {run.run_id}'s '{kind}' checkpoint")
+    except WeightsError as exc:
+        raise RunError(str(exc)) from None
+    return handle
 
 
 def check_same_classes(run: RunDir, checkpoint_classes: list[str], data_classes: list[str], purpose: str) -> None:

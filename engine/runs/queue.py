@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import RunError
+from engine.core.files import loads_bounded
 from engine.runs.locks import DeviceLock
 from engine.runs.process import process_start
 
@@ -86,7 +87,7 @@ class DeviceQueue:
 
 def _read_ticket(path: Path) -> Ticket | None:
     try:
-        data = json.loads(path.read_text())
+        data = loads_bounded(path.read_text())
         return Ticket(path, int(data["pid"]), data.get("pid_start"), str(data.get("run", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # being written, or not ours: ignored

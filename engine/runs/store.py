@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.core.errors import RunError
+from engine.core.errors import EngineError, RunError, printable
 from engine.core.faults import fault_point
 from engine.core.files import atomic_write_bytes, atomic_write_json, file_lock, read_json
 from engine.runs.checkpoint_file import weights_meta
 from engine.runs.events import EpochEnded
 from engine.runs.health import run_problems
+from engine.runs.metrics_file import read_rows
 from engine.runs.process import owner_gone, process_start
 from engine.runs.status import ACTIVE_STATES, RunStatus
 
@@ -132,21 +133,9 @@ class RunDir:
         return status
 
     def metrics(self) -> list[dict[str, Any]]:
-        rows = []
-        try:
-            with self.metrics_path.open() as fh:
-                for line in fh:
-                    line = line.strip()
-                    if line:
-                        try:
-                            row = json.loads(line)
-                        except ValueError:
-                            continue  # a torn line after a kill, or garbage: that line only
-                        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-                            rows.append(row)
-        except OSError:
-            pass
-        return rows
+        """One row per finished epoch, each of the shape every reader expects (engine.runs.metrics_file):
+        a torn line, garbage or a row lacking its numbers is skipped, never a reader's crash."""
+        return read_rows(self.metrics_path)
 
     def checkpoint_meta(self, kind: str) -> dict[str, Any] | None:
         """The checkpoint's meta: from inside the weights file (the truth), else the JSON beside it."""
@@ -238,8 +227,13 @@ def list_runs(runs_root: str | Path) -> list[RunDir]:
 
 
 def delete_run(run: RunDir) -> None:
+    """Remove a run folder, damaged or not (a damaged run must stay removable); an active run is refused.
+    A link listed as a run is removed as a link: what it points to is not the runs folder's to delete."""
     if run.status().state in ACTIVE_STATES:
         raise RunError(f"Run {run.run_id} is still running; cancel it first.")
+    if run.path.is_symlink():
+        run.path.unlink()
+        return
     shutil.rmtree(run.path)
 
 
@@ -275,6 +269,21 @@ class RunSummary:
 
 
 def describe_run(run: RunDir) -> RunSummary:
+    """The run's row in a list. Any folder gets one: a value of the wrong type in a file is left out,
+    and a run that cannot be read at all is listed as damaged with why (it can still be deleted)."""
+    try:
+        return _describe(run)
+    except (EngineError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        return RunSummary(run_id=run.run_id, model=None, weights=None, data=None, strategy=None, state="damaged",
+                          epochs="?", best_val_acc=None, has_best=False,
+                          reason=f"the run cannot be read ({printable(str(exc))[:200]})")
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _describe(run: RunDir) -> RunSummary:
     config = read_json(run.config_path, {})
     config = config if isinstance(config, dict) else {}
     status = run.status()
@@ -283,17 +292,20 @@ def describe_run(run: RunDir) -> RunSummary:
     problems = run.problems()
     if problems:
         status = replace(status, state="damaged", reason="; ".join(problems))
+    epochs = config.get("epochs")
+    acc = best.get("val_acc")
+    data = _text_or_none(config.get("data"))
     return RunSummary(
         run_id=run.run_id,
-        model=config.get("model"),
-        weights=config.get("weights"),
-        data=Path(str(config.get("data", ""))).name or config.get("data"),
-        strategy=plan.get("strategy"),
+        model=_text_or_none(config.get("model")),
+        weights=_text_or_none(config.get("weights")),
+        data=(Path(data).name or data) if data is not None else None,
+        strategy=_text_or_none(plan.get("strategy")),
         state=status.state,
-        epochs=f"{len(run.metrics())}/{config.get('epochs', '?')}",
-        best_val_acc=best.get("val_acc"),
+        epochs=f"{len(run.metrics())}/{epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else '?'}",
+        best_val_acc=acc if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None,
         has_best=run.checkpoint("best").is_file() and not problems,
-        reason=status.reason,
+        reason=status.reason if isinstance(status.reason, str) else "",
     )
 
 
