@@ -165,7 +165,7 @@ def _overlay(runs: list[RunDir], chosen: list[str]) -> None:
             continue
         acc, loss = dict(_numbers(rows, "val_acc")), dict(_numbers(rows, "val_loss"))
         if not acc and not loss:
-            if rows:  # a run that has not finished an epoch yet has nothing to draw: no complaint
+            if rows or _has_written_metrics(r):  # not yet an epoch finished: nothing to draw, no complaint
                 skipped.append(f"{code(r.run_id)} (its metrics hold no validation accuracy or loss)")
             continue
         points += [{"run": plot(names[r.run_id]), "run id": plot(r.run_id), "epoch": e, "val_acc": acc.get(e),
@@ -184,6 +184,15 @@ def _overlay(runs: list[RunDir], chosen: list[str]) -> None:
                           **extra)
             fig.update_layout(legend={"title": {"text": "run"}})
             where.plotly_chart(fig, key=f"ov_{key}")
+
+
+def _has_written_metrics(run: RunDir) -> bool:
+    """Whether the run's metrics file holds anything: the engine's reader drops rows it cannot use, so an
+    empty reading of a written file means its rows were unusable, not that no epoch has finished yet."""
+    try:
+        return run.metrics_path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _model_of(run: RunDir) -> str | None:
