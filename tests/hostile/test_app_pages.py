@@ -110,7 +110,7 @@ def test_training_page_says_when_the_device_is_busy_and_that_a_start_joins_the_q
         at = _page("training.py")
         at.run()
         text = _assert_clean(at, runs_dir)
-    assert "Another training is using this machine's device" in text
+    assert "is using this machine's device" in text
     assert "waits in the queue (number 1)" in text
     assert not next(b for b in at.button if b.label == "Start training").disabled
 
