@@ -8,6 +8,7 @@ from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from ui.cache import load_model
 from ui.state import DATA, DATA_MODE, PLAN, SELECTED_RUN, active, weights_label
+from ui.text import code, md
 
 
 def pick_trained_run(label: str = "Run"):
@@ -94,7 +95,7 @@ def _pick_listed(ref: str, key: str) -> str | None:
         if ref not in refs and ref not in ("digits", "lfw"):  # from a link, or deleted since: said, never read
             from engine.data.library import dataset_label
 
-            st.warning(f"The dataset {dataset_label(ref)!r} is not in this app's data folder (any more): pick one.")
+            st.warning(f"The dataset {md(dataset_label(ref))} is not in this app's data folder (any more): pick one.")
         st.session_state[folder_key] = ref if ref in refs else refs[0]
     return st.selectbox("Dataset", refs, format_func=labels.get, key=folder_key,
                         help="The app's data folder: datasets built here, folders copied there, zips uploaded.")
@@ -124,7 +125,7 @@ def _uploaded_zip(ref: str, key: str) -> str | None:
         st.session_state[DATA] = zip_ref(stored)
         return str(extract_upload(stored, display_name=upload.name))  # messages name the user's file
     if ref.startswith("zip:"):
-        st.caption(f"Using **{dataset_label(ref)}**, uploaded before. Upload another zip to use that instead.")
+        st.caption(f"Using **{md(dataset_label(ref))}**, uploaded before. Upload another zip to use that instead.")
         return resolve_dataset(ref)
     return None
 
@@ -154,7 +155,7 @@ def render_sidebar() -> None:
     with st.sidebar:
         hosted_banner()
         st.caption("Active model")
-        st.markdown(f"**{name}**  \nweights: `{weights_label(weights)}`")
+        st.markdown(f"**{name}**  \nweights: {code(weights_label(weights))}")  # a catalog name: plain
         plan = st.session_state[PLAN]
         st.caption("Freeze plan")
         st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
@@ -163,7 +164,7 @@ def render_sidebar() -> None:
         st.text(data_label())
         if st.session_state[SELECTED_RUN]:
             st.caption("Selected run")
-            st.markdown(f"`{st.session_state[SELECTED_RUN]}`")
+            st.markdown(code(st.session_state[SELECTED_RUN]))
         try:
             handle = load_model(name, weights, classes)
         except EngineError as exc:
