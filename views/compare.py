@@ -28,6 +28,7 @@ from ui.errors import guarded, show_error
 from ui.live import live
 from ui.race_panel import race_launcher, race_view
 from ui.state import PLAN, active
+from ui.text import md, plot
 from ui.widgets import pick_data_source
 
 st.title("Compare strategies")
@@ -75,7 +76,7 @@ def queue_line() -> tuple:
         if running is not None:
             status = running.status()
             order = runs.index(running) + 1
-            text = f"Comparison: '{running.config().get('label')}' ({order} of {len(runs)})"
+            text = f"Comparison: '{md(running.config().get('label'))}' ({order} of {len(runs)})"
             if status.state == "queued":
                 st.caption(f"{text} waits for the device{f' (number {status.queue_position} in line)' if status.queue_position else ''}.")
             else:
@@ -146,6 +147,8 @@ def panel() -> None:
             for run in runs:
                 request_cancel(run)
     points = pd.DataFrame(curves(runs))
+    if not points.empty:  # labels come from run folders, which bundles can bring: text, never markup
+        points["strategy"] = points["strategy"].map(plot)
     if not points.empty:
         c1, c2 = st.columns(2)
         by_epoch = px.line(points, x="epoch", y="val_acc", color="strategy", markers=True,
@@ -159,7 +162,7 @@ def panel() -> None:
     if len(done) >= 2 and not running:
         best = done.sort_values("best_val_acc", ascending=False).iloc[0]
         advice = matrix_advice(runs[0].config())
-        st.success(f"**{best['strategy']}** reached the best validation accuracy ({best['best_val_acc']:.1%}).")
+        st.success(f"**{md(best['strategy'])}** reached the best validation accuracy ({best['best_val_acc']:.1%}).")
         if advice:
             st.markdown(f"Why, by the matrix: {advice.explanation}")
 
