@@ -14,7 +14,6 @@ import streamlit as st
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
-from engine.core.files import read_json
 from engine.core.hosting import hosted_limits
 from engine.core.paths import runs_root
 from engine.lab.race import (
@@ -25,6 +24,7 @@ from engine.lab.race import (
     leaderboard,
     list_races,
     race_curves,
+    race_record,
     race_runs,
     race_spec,
     race_winner,
@@ -34,15 +34,19 @@ from engine.lab.race import (
 from engine.runs.background import request_cancel
 from ui.errors import show_error
 from ui.state import SELECTED_RUN, active
+from ui.widgets import pick_data_source
 
 RACE = "race_group"
 
 
 def race_launcher() -> None:
-    """Pick plans and a budget; the race starts in its own process (queued when the device is busy)."""
+    """Pick plans, data and a budget; the race starts in its own process (queued when the device is
+    busy). A budget the plans' set-up and one slice each do not fit is refused here, beside the
+    button, with the least that would do; nothing is written then."""
     with st.popover("Race plans under a time budget"):
         st.markdown("Successive halving: every plan gets a slice of the budget, the better half goes on, "
-                    "until one is left. Same data, split and seed; the winner is a normal run.")
+                    "until one is left. Same data, split and seed; the winner is a normal run. Setting the "
+                    "plans up (data, models, feature passes) comes out of the budget first.")
         plans = st.multiselect("Plans", list(PLANS), default=list(PLANS), format_func=LABELS.__getitem__,
                                key="race_plans")
         limits = hosted_limits()
@@ -50,22 +54,38 @@ def race_launcher() -> None:
                                  value=120, step=10, key="race_budget")
         eta = st.selectbox("Each rung keeps", [2, 3], key="race_eta",
                            format_func=lambda e: f"the best 1/{e} (5 plans: {' -> '.join(map(str, rung_sizes(5, e)))})")
-        data = st.selectbox("Data", ["digits", "lfw"], key="race_data")
+        data = _pick_data()
         size = st.number_input("Image size", 16, limits.image_size if limits else 512, 96, step=16, key="race_size")
-        if st.button("Start race", disabled=len(plans) < 2, key="race_start",
-                     help=None if len(plans) >= 2 else "A race needs at least two plans."):
-            name, weights, _ = active()
-            base = TrainConfig(model=name, weights=weights, data=data, image_size=int(size), batch_size=32)
-            try:
-                base.check_hosted()  # a shared server's caps, refused here rather than in the background
-                check_budget(float(budget), len(plans), int(eta))
-                runs = create_race(runs_root(), base, tuple(plans), float(budget), eta=int(eta))
-            except EngineError as exc:
-                show_error(exc)
-                return
-            start_race_background(runs, runs_root())
-            st.session_state[RACE] = runs[0].config()["group"]
-            st.rerun()
+        why_not = "A race needs at least two plans." if len(plans) < 2 else (
+            "Pick the data to race on." if data is None else None)
+        refusal = st.container()
+        if st.button("Start race", disabled=why_not is not None, key="race_start", help=why_not):
+            _start(tuple(plans), float(budget), int(eta), str(data), int(size), refusal)
+
+
+def _pick_data() -> str | None:
+    """The Training page's data picker; None (Start disabled) when nothing can be picked."""
+    try:
+        return pick_data_source(key="race_data")
+    except EngineError as exc:
+        show_error(exc)
+        return None
+
+
+def _start(plans: tuple[str, ...], budget: float, eta: int, data: str, size: int, where) -> None:
+    name, weights, _ = active()
+    base = TrainConfig(model=name, weights=weights, data=data, image_size=size, batch_size=32)
+    try:
+        base.check_hosted()  # a shared server's caps, refused here rather than in the background
+        check_budget(budget, len(plans), eta)
+        with st.spinner("Timing the set-up of the plans on a few images..."):
+            runs = create_race(runs_root(), base, plans, budget, eta=eta)
+    except EngineError as exc:
+        show_error(exc, where)
+        return
+    start_race_background(runs, runs_root())
+    st.session_state[RACE] = runs[0].config()["group"]
+    st.rerun()
 
 
 def race_view() -> None:
@@ -81,6 +101,21 @@ def race_view() -> None:
     st.fragment(lambda: _race_panel(group), run_every=1.0 if running else None)()
 
 
+def race_progress(runs: list, budget: float) -> str:
+    """Where a race stands, in words: waiting for the device, setting up, racing (with its set-up)."""
+    states = [r.status() for r in runs]
+    queued = next((s for s in states if s.state == "queued"), None)
+    if queued is not None:
+        return f"waiting for the device: {queued.reason}" if queued.reason else "starting the race's process"
+    record = race_record(runs)
+    started = record.get("started_at")
+    elapsed = time.time() - started if isinstance(started, (int, float)) else 0.0
+    setup = record.get("setup_s")
+    if not isinstance(setup, (int, float)):
+        return f"setting up the plans (data, models, feature passes): {elapsed:.0f} s of the {budget:g} s budget"
+    return f"racing: {elapsed:.0f} s of {budget:g} s (the set-up took {setup:.1f} s of it)"
+
+
 def _race_panel(group: str) -> None:
     runs = race_runs(runs_root(), group)
     if not runs:
@@ -89,33 +124,52 @@ def _race_panel(group: str) -> None:
     spec = race_spec(runs)
     budget = float(spec["budget_s"])
     rungs = len(rung_sizes(len(runs), int(spec.get("eta", 2))))
-    states = [r.status() for r in runs]
-    if any(s.active for s in states):
-        queued = next((s for s in states if s.state == "queued" and s.reason), None)
-        status = read_json(runs[0].status_path, {})
-        race = status.get("race") if isinstance(status, dict) and isinstance(status.get("race"), dict) else {}
-        elapsed = time.time() - race["started_at"] if not queued and race.get("started_at") else 0.0
-        st.progress(min(1.0, elapsed / budget),
-                    text=queued.reason if queued else f"racing: {elapsed:.0f} s of {budget:g} s")
+    record = race_record(runs)
+    if any(r.status().active for r in runs):
+        started = record.get("started_at")
+        elapsed = time.time() - started if isinstance(started, (int, float)) else 0.0
+        st.progress(min(1.0, elapsed / budget), text=race_progress(runs, budget))
         if st.button("Cancel race", key="race_cancel"):
             for run in runs:
                 request_cancel(run)
+    elif isinstance(record.get("setup_s"), (int, float)):
+        st.caption(f"Set-up (data, models, feature passes): {record['setup_s']:.1f} s of the {budget:g} s budget; "
+                   "the rest was split between the rungs.")
     points = pd.DataFrame(race_curves(runs))
     if not points.empty:
         fig = px.line(points, x="race_s", y="val_acc", color="strategy", markers=True,
                       title=f"Validation accuracy per second of the race ({budget:g} s, {rungs} rungs)",
                       labels={"race_s": "seconds since the race started", "val_acc": "validation accuracy"})
         fig.add_vline(x=budget, line_dash="dot", line_color="gray", annotation_text="budget")
+        fig.update_yaxes(range=[0, 1])
         st.plotly_chart(fig, key="race_curves")
-    st.dataframe(pd.DataFrame(leaderboard(runs)), hide_index=True)
+    st.dataframe(board_frame(leaderboard(runs)), hide_index=True)
+    _outcome(runs, record)
+
+
+def board_frame(rows: list[dict]) -> pd.DataFrame:
+    """The leaderboard as the page shows it: no "None" anywhere (a plan without a place or a score
+    shows an empty cell), and each plan's reason beside it."""
+    frame = pd.DataFrame(rows)
+    return frame.astype(object).where(frame.notna(), "") if not frame.empty else frame
+
+
+def _outcome(runs: list, record: dict) -> None:
+    """The winner, one click from the Evaluate page; or, for a race that ended without one, why."""
     winner = race_winner(runs)
-    if winner is not None:
-        best = (winner.checkpoint_meta("best") or {}).get("val_acc")
-        st.success(f"Winner: **{winner.config().get('label')}** ({best:.1%} validation accuracy), "
-                   f"run `{winner.run_id}`." if best is not None else f"Winner: run `{winner.run_id}`.")
-        if st.button("Open the winner on the Evaluate page", key="race_open_winner"):
-            st.session_state[SELECTED_RUN] = winner.run_id
-            try:
-                st.switch_page("views/evaluate.py")
-            except Exception:  # this page runs alone (not inside the app's navigation)
-                st.info(f"Run {winner.run_id} is selected: open the Evaluate page.")
+    if winner is None:
+        if record.get("outcome") and not any(r.status().active for r in runs):
+            st.warning(record["outcome"])
+        return
+    best = (winner.checkpoint_meta("best") or {}).get("val_acc")
+    untrained = sum(1 for r in runs if not r.metrics())
+    note = (f" {untrained} of {len(runs)} plans finished no slice (their reason is in the table)."
+            if untrained else "")
+    st.success((f"Winner: **{winner.config().get('label')}** ({best:.1%} validation accuracy), "
+                f"run `{winner.run_id}`." if best is not None else f"Winner: run `{winner.run_id}`.") + note)
+    if st.button("Open the winner on the Evaluate page", key="race_open_winner"):
+        st.session_state[SELECTED_RUN] = winner.run_id
+        try:
+            st.switch_page("views/evaluate.py")
+        except Exception:  # this page runs alone (not inside the app's navigation)
+            st.info(f"Run {winner.run_id} is selected: open the Evaluate page.")
