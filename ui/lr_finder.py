@@ -74,8 +74,7 @@ def _live(job: SweepJob) -> None:
 def lr_finder(make_config: Callable[[], TrainConfig], enabled: bool) -> None:
     """A sweep of the head LR for the config the page would train now (``make_config``)."""
     with st.expander("Find a learning rate", expanded=JOB in st.session_state):
-        st.caption("An exponential sweep of the head learning rate over *Sweep steps* optimizer steps (100 unless "
-                   "set below; it ends early once the loss blows up) on a fresh copy of the "
+        st.caption("An exponential sweep of the head learning rate over a few hundred steps on a fresh copy of the "
                    "model, with your freeze plan (every stage keeps its LR ratio to the head). Nothing is saved to a "
                    "run; it waits for the device like a training.")
         steps = st.number_input("Sweep steps", 20, 1000, 100, step=20)
