@@ -772,6 +772,7 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
             break
     winner = alive[0] if alive else None  # a plan that finished no slice left ``alive`` above
     if winner is None:
+        _write_places(order)
         return _end_without_winner(runs, lanes, t0, budget, setup_s, _why_no_winner(lanes, budget), rungs=ended,
                                    rungs_planned=len(sizes), out_of_time=spent)
     how = f"when the budget ran out in rung {ended}" if spent else f"after {len(sizes)} rungs"
@@ -835,9 +836,11 @@ def _short_of_slices(lanes: list[Lane], spec: dict[str, Any], budget: float, set
 
 
 def _why_no_winner(lanes: list[Lane], budget: float) -> str:
-    if all(lane.status == "diverged" for lane in lanes):
-        return "every plan diverged (see each plan's reason); lower the learning rate"
-    return f"no plan finished a slice within the {budget:g} s budget; give the race more time"
+    """Why rungs that ran named nobody: no plan closed a slice, or the ones still racing diverged."""
+    if not any(lane.last is not None for lane in lanes):
+        return f"no plan finished a slice within the {budget:g} s budget; give the race more time"
+    return ("the plans still racing diverged (each plan's reason says when); lower the learning rate or race "
+            "the other plans again")
 
 
 def _end_without_winner(runs: list[RunDir], lanes: list[Lane], t0: float, budget: float, setup_s: float,
