@@ -372,10 +372,23 @@ def _no_winner_anywhere(runs, result):
     assert race_record(runs)["outcome"] == result.reason and race_record(runs)["setup_s"] == result.setup_s
 
 
-def test_a_budget_the_set_up_took_whole_ends_without_a_winner_saying_why(tmp_path):
-    runs, result = _raced_without_the_check(tmp_path, ("fe", "last-1", "full"), 0.05)
+def test_a_budget_the_set_up_took_whole_ends_without_a_winner_saying_why(tmp_path, monkeypatch):
+    runs, result = _raced_without_the_check(tmp_path / "runs", ("fe", "last-1", "full"), 0.05)
     _no_winner_anywhere(runs, result)
     assert "not set up" in result.reason and re.search(r"at least \d+ s", result.reason)
+
+    from tests.test_app import page  # the Compare page says the same, and each plan's reason
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    at = page("compare.py")
+    at.run()
+    assert not at.exception and not at.success  # no "Winner:"
+    assert any(w.value == result.reason for w in at.warning)
+    board = at.dataframe[0].value
+    assert set(board["reason"]) == {r.status().reason for r in runs} and all(board["reason"])
+    assert "None" not in " ".join(map(str, board.to_numpy().ravel()))
+    assert any(f"{result.setup_s:.1f} s of the 0.05 s budget" in c.value for c in at.caption)
 
 
 def test_a_race_whose_set_up_leaves_too_little_for_a_slice_each_trains_nothing(tmp_path):
