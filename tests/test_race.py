@@ -418,3 +418,23 @@ def test_a_plan_that_finished_no_slice_is_never_the_winner(raced):
     finally:
         untrained.metrics_path.write_bytes(saved)
         untrained.write_status(race_winner=False)
+
+
+def test_a_race_takes_the_idle_cores_at_most_what_its_caller_runs_with(raced):
+    """Two threads on a busy 2-core box stall at every barrier (set-up 66 s against 16 s on one): a race
+    takes the cores idle when its turn comes, never more than its caller's count, and records it."""
+    import os
+
+    from engine.lab.race import idle_cores, race_record, race_threads
+
+    idle = idle_cores(0.1)
+    assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 0.01
+    assert 1 <= race_threads() <= torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert race_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    _root, runs, _result = raced
+    assert race_record(runs)["threads"] == 1  # the fixture raced on one thread

@@ -133,8 +133,11 @@ def _race_panel(group: str) -> None:
             for run in runs:
                 request_cancel(run)
     elif isinstance(record.get("setup_s"), (int, float)):
+        threads = record.get("threads")
+        on = f", on {threads} thread{'s' if threads != 1 else ''} (the cores idle when it started)" \
+            if isinstance(threads, int) else ""
         st.caption(f"Set-up (data, models, feature passes): {record['setup_s']:.1f} s of the {budget:g} s budget; "
-                   "the rest was split between the rungs.")
+                   f"the rest was split between the rungs{on}.")
     points = pd.DataFrame(race_curves(runs))
     if not points.empty:
         fig = px.line(points, x="race_s", y="val_acc", color="strategy", markers=True,

@@ -78,6 +78,7 @@ from engine.core.files import read_json
 from engine.core.hosting import hosted_limits
 from engine.core.memory import reuse_freed_memory
 from engine.core.modes import evaluating
+from engine.data.datasets import BUILTIN_FACTS
 from engine.freeze.plan import FreezePlan, set_train_mode
 from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 from engine.runs.recorder import RunRecorder
@@ -145,10 +146,11 @@ def _too_small(budget_s: float, estimate: RaceEstimate, eta: int) -> str:
     slowest = max(estimate.plans, key=lambda name: estimate.plans[name].slice_s)
     each = "the plan" if len(estimate.plans) == 1 else f"each of the {len(estimate.plans)} plans"
     return (f"A budget of {budget_s:g} s cannot give {each} one slice: setting up takes about "
-            f"{estimate.setup_s:.0f} s here ({estimate.train_images + estimate.val_images} images, the feature "
-            f"passes included), and the first of {rungs} rung{'s' if rungs > 1 else ''} then needs one training "
-            f"step and one evaluation of the {estimate.val_images} validation images per plan (about "
-            f"{estimate.plans[slowest].slice_s:.1f} s for {LABELS[slowest]}). Set the budget (--budget, *Budget "
+            f"{ESTIMATE_MARGIN * estimate.setup_s:.0f} s here ({estimate.train_images + estimate.val_images} "
+            f"images, the feature passes included), and the first of {rungs} rung{'s' if rungs > 1 else ''} then "
+            f"needs one training step and one evaluation of the {estimate.val_images} validation images per plan "
+            f"(about {ESTIMATE_MARGIN * estimate.plans[slowest].slice_s:.1f} s for {LABELS[slowest]}). Set the "
+            "budget (--budget, *Budget "
             f"(seconds)* on the Compare page) to at least {math.ceil(estimate.least_budget(eta))} s, or race "
             "fewer plans or a smaller image size.")
 
@@ -187,6 +189,9 @@ def _backbone_stages(model: str) -> int:
 
 # ------------------------------------------------------------------ what a race costs before its first slice
 PROBE_IMAGES = 8  # validation images decoded and passed through the model to time one image
+# the probe's parts, summed, came to 0.7-0.8x of a race's set-up and slices (digits, 96 px, three plans,
+# busy or idle 2 cores): a set-up also sizes micro-batches, checks the cut and times its close
+ESTIMATE_MARGIN = 1.4
 
 
 @dataclass(frozen=True)
@@ -219,10 +224,12 @@ class RaceEstimate:
 
     def least_budget(self, eta: int = ETA) -> float:
         """The smallest budget whose first rung, as the race splits it, gives every plan one slice after
-        the set-ups: set-up + rungs x the plans' slices (each at least MIN_SLICE_S). Less would end the
-        race in its first rung, or before it (a race that ran out in rung 1 ranks plans on one step)."""
+        the set-ups: set-up + rungs x the plans' slices (each at least MIN_SLICE_S), the probe's seconds
+        times ESTIMATE_MARGIN (what it does not time). Less would end the race in its first rung, or
+        before it (a race that ran out in rung 1 ranks plans on one step)."""
         rungs = len(rung_sizes(len(self.plans), eta))
-        return self.setup_s + rungs * sum(max(MIN_SLICE_S, cost.slice_s) for cost in self.plans.values())
+        slices = sum(max(MIN_SLICE_S, ESTIMATE_MARGIN * cost.slice_s) for cost in self.plans.values())
+        return ESTIMATE_MARGIN * self.setup_s + rungs * slices
 
     def to_dict(self) -> dict[str, Any]:
         return {"setup_s": round(self.setup_s, 3), "train_images": self.train_images, "val_images": self.val_images,
@@ -253,11 +260,10 @@ def estimate_race(base: TrainConfig, plans: tuple[str, ...]) -> RaceEstimate:
     is one pass of every image through its frozen part (feature extraction, last stages: the feature
     cache), and its slice a step and an evaluation of its trainable top; a plan that trains on images
     (full fine-tune, gradual unfreezing) decodes and runs the whole model in each step and evaluation.
-    The probe runs on one thread. On a busy 2-core machine two threads stall at every barrier of a forward
-    pass (ui/threads.py: 10-30x slower, and as noisy), while one thread times the work steadily; on an
-    idle machine the race's own threads make it up to ~2x faster than the probe, which is the margin
-    this estimate keeps for its error. The race itself checks again after its set-ups, with the seconds
-    it measured (``run_race``)."""
+    The probe runs on one thread: the thread count the race takes on a busy machine (``race_threads``),
+    and steady there, where two threads' timings swing 10x between calls. On an idle machine the race
+    takes every core and runs faster than estimated. The race itself checks again after its set-ups,
+    with the seconds it measured (``run_race``): the machine can be busier when its turn comes."""
     from engine.anatomy.stages import model_stages
     from engine.data.datasets import TransformDataset, load_source, validate
     from engine.data.splits import split_all
@@ -271,32 +277,78 @@ def estimate_race(base: TrainConfig, plans: tuple[str, ...]) -> RaceEstimate:
 
         raise DataError("The data cannot be trained on: " + " ".join(report.problems))
     train_idx, val_idx, _test = split_all(ds, base)
-    begun = time.perf_counter()
-    handle = create_model(base.model, weights="none", class_names=list(ds.class_names))
-    build_s = time.perf_counter() - begun
+    builds = []
+    for _ in range(2):  # the first build pays the model code's one-time costs (imports), the race's first plan too
+        begun = time.perf_counter()
+        handle = create_model(base.model, weights="none", class_names=list(ds.class_names))
+        builds.append(time.perf_counter() - begun)
     size = base.image_size or handle.spec.input_size[-1]
     spec = replace(handle.spec, input_size=(3, size, size))
     probe = TransformDataset(ds, (val_idx or train_idx)[:PROBE_IMAGES], eval_transform(spec, size))
     stages = model_stages(handle.module, handle.spec.head)
-    with _one_thread():
+    module = _as_the_race_runs_it(handle.module, base)
+    with _threads(1):
         decode_s, images = _timed_decode(probe)
-        forward_s, ends = _timed_forward(handle.module, stages, images)
-        commit_s = _timed_commit(handle.module)
-    costs = {name: _plan_cost(name, base, handle.module, stages, ends, build_s, decode_s, forward_s,
+        forward_s, ends = _timed_forward(module, stages, _as_batch(images, base.batch_size))
+        commit_s = _timed_commit(module)
+    costs = {name: _plan_cost(name, base, module, stages, ends, builds[1], decode_s, forward_s,
                               len(train_idx), len(val_idx)) for name in plans}
     costs = {name: replace(cost, close_s=cost.close_s + commit_s) for name, cost in costs.items()}
+    first = plans[0]
+    costs[first] = replace(costs[first], setup_s=costs[first].setup_s + max(0.0, builds[0] - builds[1]))
     return RaceEstimate(costs, len(train_idx), len(val_idx), 1000 * (decode_s + forward_s))
 
 
+def _as_the_race_runs_it(module: torch.nn.Module, base: TrainConfig) -> torch.nn.Module:
+    """The memory format set_up gives a model (channels-last for convolutions, unless the config says):
+    on a CPU it changes a depthwise network's pass by up to 2x."""
+    last = base.channels_last if base.channels_last is not None else any(
+        isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    return module.to(memory_format=torch.channels_last) if last else module
+
+
 @contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch on one thread for the probe, the caller's count restored after."""
+def _threads(count: int) -> Iterator[None]:
+    """torch on ``count`` threads inside, the caller's count restored after."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def idle_cores(sample_s: float = 0.25) -> float | None:
+    """How many CPU cores no process is using now: /proc/stat's idle time over ``sample_s`` seconds
+    (the load average would still count the training that ended a minute ago). None off Linux."""
+    def times() -> list[int]:
+        with open("/proc/stat") as fh:
+            return [int(x) for x in fh.readline().split()[1:]]
+
+    try:
+        before = times()
+        time.sleep(sample_s)
+        after = times()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    if total <= 0 or len(delta) < 5:
+        return None
+    idle = delta[3] + delta[4]  # idle + iowait
+    return (os.cpu_count() or 1) * idle / total
+
+
+def race_threads() -> int:
+    """torch threads for a race (and for its estimate): the idle cores, at least one, at most what the
+    caller runs with. Why: on a busy 2-core machine two threads stall at every barrier of a pass
+    (ui/threads.py); measured, digits at 96 px, three plans, load ~2.6: set-up 66 s on two threads,
+    16 s on one, and the one-thread race ran all its rungs within its 70 s. On an idle machine the
+    race keeps every core."""
+    idle = idle_cores()
+    if idle is None:
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), math.floor(idle + 0.5)))
 
 
 def _timed_decode(probe: Any) -> tuple[float, torch.Tensor]:
@@ -308,6 +360,14 @@ def _timed_decode(probe: Any) -> tuple[float, torch.Tensor]:
         images = torch.stack([probe[i][0] for i in range(len(probe))])
         best = min(best, (time.perf_counter() - begun) / max(1, len(images)))
     return best, images
+
+
+def _as_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The probe's few images repeated to a training batch, in the memory format set_up uses: a pass
+    over 8 images costs more per image than the race's passes over whole batches."""
+    repeats = max(1, math.ceil(size / max(1, len(images))))
+    batch = images.repeat(repeats, 1, 1, 1)[:max(size, len(images))]
+    return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
 
 
 def _timed_forward(module: torch.nn.Module, stages: list, images: torch.Tensor) -> tuple[float, list[float]]:
@@ -365,6 +425,8 @@ def _plan_cost(name: str, base: TrainConfig, module: torch.nn.Module, stages: li
     top_s = forward_s * (1.0 - frozen)
     batch = min(base.batch_size, max(1, train_images))
     probe_close = 2 * min(batch, val_images) * (decode_s + forward_s)  # the race times two validation batches
+    if str(base.data) not in BUILTIN_FACTS:  # each plan's set-up checks every image of a folder or zip
+        build_s += (train_images + val_images) * decode_s
     if uses_feature_cache(plan, config) or prefix_cut(plan, config, stages, module) is not None:
         cache_s = (train_images + val_images) * (decode_s + forward_s * frozen)
         return PlanCost(build_s + cache_s + probe_close, batch * 3 * top_s, val_images * top_s)
@@ -712,7 +774,8 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
     for lane in lanes:
         lane.run.write_status(state="running", reason="", queue_position=None,
                               race={"started_at": wall0, "budget_s": budget, "rungs_planned": len(sizes),
-                                    "rung": 0, "out_after": None, "winner": False})
+                                    "rung": 0, "out_after": None, "winner": False,
+                                    "threads": torch.get_num_threads()})
     for lane in lanes:  # setup first, on the race's clock but in no plan's slice: rung 1 is training time
         if time.perf_counter() >= t0 + budget:
             break
@@ -964,8 +1027,10 @@ def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
                               seconds=0.0, budget_s=float(race_spec(runs)["budget_s"]), leaderboard=leaderboard(runs))
     elif lock is None:
         held.acquire()
+    threads = race_threads()  # decided when its turn comes: the machine may have changed while it waited
+    say(f"racing on {threads} thread{'s' if threads > 1 else ''} ({torch.get_num_threads()} available)")
     try:
-        with _sigterm_as_interrupt(), Heartbeat(write_all):
+        with _sigterm_as_interrupt(), Heartbeat(write_all), _threads(threads):
             return run_race(runs, say=say)
     except KeyboardInterrupt:
         _end_all(runs, "cancelled", "stopped by Ctrl-C or a termination signal")
