@@ -201,17 +201,22 @@ def test_compare_page_shows_the_race_and_starts_one(raced, tmp_path, monkeypatch
     by_label(at.button, "Open the winner on the Evaluate page").click().run()
     assert at.session_state["selected_run"] == result.winner
 
+    assert not at.error and "race_estimate" not in at.session_state  # a visit probes nothing
     by_label(at.multiselect, "Plans").set_value(["fe", "full"])
     by_label(at.number_input, "Budget (seconds)").set_value(2)  # 2 rungs x 2 plans x 0.5 s, and no set-up
     by_label(at.number_input, "Image size").set_value(32)
-    by_label(at.button, "Start race").click().run()
+    at.run()
     assert not at.exception
-    refusal = " ".join(e.value for e in at.error)
+    refusal = " ".join(e.value for e in at.error)  # beside the button, before any click
     assert "cannot give each of the 2 plans one slice" in refusal and "Budget (seconds)" in refusal, refusal
     least = int(re.search(r"at least (\d+) s", refusal).group(1))
-    assert least > 2 and at.session_state["race_group"] == result.group
+    assert least > 2 and by_label(at.button, "Start race").disabled
+    assert any(f"the least budget that gives each a slice in the first rung is {least} s" in c.value
+               for c in at.caption)
+    assert at.session_state["race_group"] == result.group
     assert sorted(r.run_id for r in list_runs(copy)) == sorted(r.run_id for r in runs)  # nothing written
-    by_label(at.number_input, "Budget (seconds)").set_value(2 * least + 5)  # the probe again, on a busy box
+    by_label(at.number_input, "Budget (seconds)").set_value(least).run()
+    assert not at.error and not by_label(at.button, "Start race").disabled  # the least named is accepted
     by_label(at.button, "Start race").click().run()
     assert not at.exception and not at.error
     group = at.session_state["race_group"]

@@ -6,6 +6,7 @@ the Evaluate page.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import pandas as pd
@@ -17,10 +18,13 @@ from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from engine.core.paths import runs_root
 from engine.lab.race import (
+    ESTIMATE_MARGIN,
     LABELS,
     PLANS,
+    RaceEstimate,
     check_budget,
     create_race,
+    estimate_race,
     leaderboard,
     list_races,
     race_curves,
@@ -39,28 +43,76 @@ from ui.widgets import pick_data_source
 RACE = "race_group"
 
 
+ESTIMATE = "race_estimate"  # the last probe: {"key": its settings, "estimate": RaceEstimate.to_dict()}
+ASKED = "race_asked"  # the user touched the race's settings: the probe may run (never on a mere visit)
+
+
 def race_launcher() -> None:
     """Pick plans, data and a budget; the race starts in its own process (queued when the device is
-    busy). A budget the plans' set-up and one slice each do not fit is refused here, beside the
-    button, with the least that would do; nothing is written then."""
+    busy). A budget the plans' set-up and one slice each do not fit blocks Start, with the least that
+    would do beside it. The estimate behind it (a probe of about a second, estimate_race) runs once the
+    user changes a race setting or clicks Start, never on a visit, and again only when the model, data,
+    image size or plans change; Start uses the estimate shown, so what the page said is what is checked."""
     with st.popover("Race plans under a time budget"):
         st.markdown("Successive halving: every plan gets a slice of the budget, the better half goes on, "
                     "until one is left. Same data, split and seed; the winner is a normal run. Setting the "
                     "plans up (data, models, feature passes) comes out of the budget first.")
         plans = st.multiselect("Plans", list(PLANS), default=list(PLANS), format_func=LABELS.__getitem__,
-                               key="race_plans")
+                               key="race_plans", on_change=_asked)
         limits = hosted_limits()
         budget = st.number_input("Budget (seconds)", min_value=1, max_value=limits.race_s if limits else 86_400,
-                                 value=120, step=10, key="race_budget")
-        eta = st.selectbox("Each rung keeps", [2, 3], key="race_eta",
+                                 value=120, step=10, key="race_budget", on_change=_asked)
+        eta = st.selectbox("Each rung keeps", [2, 3], key="race_eta", on_change=_asked,
                            format_func=lambda e: f"the best 1/{e} (5 plans: {' -> '.join(map(str, rung_sizes(5, e)))})")
         data = _pick_data()
-        size = st.number_input("Image size", 16, limits.image_size if limits else 512, 96, step=16, key="race_size")
+        size = st.number_input("Image size", 16, limits.image_size if limits else 512, 96, step=16, key="race_size",
+                               on_change=_asked)
+        name, weights, _ = active()
+        base = TrainConfig(model=name, weights=weights, data=str(data), image_size=int(size), batch_size=32)
+        refusal = st.container()
         why_not = "A race needs at least two plans." if len(plans) < 2 else (
             "Pick the data to race on." if data is None else None)
-        refusal = st.container()
+        if why_not is None:
+            why_not = _budget_refusal(base, tuple(plans), float(budget), int(eta), refusal)
         if st.button("Start race", disabled=why_not is not None, key="race_start", help=why_not):
-            _start(tuple(plans), float(budget), int(eta), str(data), int(size), refusal)
+            st.session_state[ASKED] = True
+            _start(base, tuple(plans), float(budget), int(eta), refusal)
+
+
+def _asked() -> None:
+    st.session_state[ASKED] = True
+
+
+def _budget_refusal(base: TrainConfig, plans: tuple[str, ...], budget: float, eta: int, where) -> str | None:
+    """Why Start is blocked by the budget, said beside it (None: it is not). The cheap checks always; the
+    estimate's once the user has touched the race's settings."""
+    try:
+        base.check_hosted()
+        check_budget(budget, len(plans), eta)
+        estimate = _estimate(base, plans) if st.session_state.get(ASKED) else None
+        if estimate is not None:
+            where.caption(f"Estimated here: setting the {len(plans)} plans up takes about "
+                          f"{ESTIMATE_MARGIN * estimate.setup_s:.0f} s of the budget; the least budget that gives "
+                          f"each a slice in the first rung is {math.ceil(estimate.least_budget(eta))} s.")
+            check_budget(budget, len(plans), eta, estimate)
+    except EngineError as exc:
+        show_error(exc, where)
+        return "The budget is too small (see above)."
+    return None
+
+
+def _estimate(base: TrainConfig, plans: tuple[str, ...]) -> RaceEstimate:
+    """The probe for these settings, kept in the session until the model, data, size or plans change."""
+    key = [base.model, str(base.weights), base.data, base.image_size, list(plans)]
+    kept = st.session_state.get(ESTIMATE)
+    if isinstance(kept, dict) and kept.get("key") == key:
+        estimate = RaceEstimate.from_dict(kept.get("estimate"))
+        if estimate is not None:
+            return estimate
+    with st.spinner("Timing the set-up of the plans on a few images..."):
+        estimate = estimate_race(base, plans)
+    st.session_state[ESTIMATE] = {"key": key, "estimate": estimate.to_dict()}
+    return estimate
 
 
 def _pick_data() -> str | None:
@@ -72,14 +124,9 @@ def _pick_data() -> str | None:
         return None
 
 
-def _start(plans: tuple[str, ...], budget: float, eta: int, data: str, size: int, where) -> None:
-    name, weights, _ = active()
-    base = TrainConfig(model=name, weights=weights, data=data, image_size=size, batch_size=32)
+def _start(base: TrainConfig, plans: tuple[str, ...], budget: float, eta: int, where) -> None:
     try:
-        base.check_hosted()  # a shared server's caps, refused here rather than in the background
-        check_budget(budget, len(plans), eta)
-        with st.spinner("Timing the set-up of the plans on a few images..."):
-            runs = create_race(runs_root(), base, plans, budget, eta=eta)
+        runs = create_race(runs_root(), base, plans, budget, eta=eta, estimate=_estimate(base, plans))
     except EngineError as exc:
         show_error(exc, where)
         return
