@@ -420,6 +420,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_race(args: argparse.Namespace) -> int:
     """Race freeze plans under a wall-clock budget (engine/lab/race.py); prints the leaderboard."""
     from engine.lab.race import (
+        budget_value,
         check_budget,
         create_race,
         estimate_race,
@@ -437,7 +438,7 @@ def cmd_race(args: argparse.Namespace) -> int:
             raise EngineError(f"No race '{args.group}' in {args.out}.")
     else:
         plans = parse_plans(args.plans)
-        check_budget(args.budget, len(plans), args.eta)
+        budget_value(args.budget)  # a budget that is no number of seconds, before the probe of the set-up
         from engine.config import TrainConfig
 
         base = TrainConfig(model=args.model, weights=args.weights, data=args.data, image_size=args.image_size,

@@ -149,7 +149,7 @@ def test_refusals_are_one_clear_sentence():
 @pytest.mark.parametrize("args, message", [
     (["--budget", "nan"], "finite number of seconds"),
     (["--budget", "0"], "more than 0 seconds"),
-    (["--budget", "2"], "too small to race 5 plans"),
+    (["--budget", "2"], "cannot give each of the 5 plans one slice"),  # the probe names the least
     (["--plans", "full"], "at least two plans"),
     (["--eta", "1"], "must be between 2 and 10"),
     (["--plans", "fe,sideways"], "Unknown plan"),

@@ -22,6 +22,7 @@ from engine.lab.race import (
     LABELS,
     PLANS,
     RaceEstimate,
+    budget_value,
     check_budget,
     create_race,
     estimate_race,
@@ -88,13 +89,13 @@ def _budget_refusal(base: TrainConfig, plans: tuple[str, ...], budget: float, et
     estimate's once the user has touched the race's settings."""
     try:
         base.check_hosted()
-        check_budget(budget, len(plans), eta)
+        budget_value(budget)
         estimate = _estimate(base, plans) if st.session_state.get(ASKED) else None
         if estimate is not None:
             where.caption(f"Estimated here: setting the {len(plans)} plans up takes about "
                           f"{ESTIMATE_MARGIN * estimate.setup_s:.0f} s of the budget; the least budget that gives "
                           f"each a slice in the first rung is {math.ceil(estimate.least_budget(eta))} s.")
-            check_budget(budget, len(plans), eta, estimate)
+        check_budget(budget, len(plans), eta, estimate)  # without the estimate: the floor of 0.5 s a slice
     except EngineError as exc:
         show_error(exc, where)
         return "The budget is too small (see above)."

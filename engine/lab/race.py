@@ -114,10 +114,28 @@ def parse_plans(text: str | None) -> tuple[str, ...]:
 
 
 def check_budget(budget_s: Any, plans: int, eta: int = ETA, estimate: RaceEstimate | None = None) -> float:
-    """The budget in seconds, refused when it is not a number, not positive, or too small to give
-    every plan one slice in the first rung: MIN_SLICE_S each without an ``estimate``; with one, the
-    set-up of every plan first and then the least slice of each (``RaceEstimate.least_budget``). A
-    budget the set-up eats ended as "Winner: feature extraction" over plans that never trained."""
+    """The budget in seconds, refused when it is not a usable number (``budget_value``) or too small to
+    give every plan one slice in the first rung. With an ``estimate``: the set-up of every plan first,
+    then the least slice of each (``RaceEstimate.least_budget``, which is above the floor below); a
+    budget the set-up ate ended as "Winner: feature extraction" over plans that never trained. Without
+    one: MIN_SLICE_S per plan and rung, the floor no model beats."""
+    budget = budget_value(budget_s)
+    if estimate is not None:
+        if budget < estimate.least_budget(eta):
+            raise EngineError(_too_small(budget, estimate, eta))
+        return budget
+    rungs = len(rung_sizes(plans, eta))
+    least = MIN_SLICE_S * plans * rungs
+    if budget < least:
+        raise EngineError(f"A budget of {budget:g} s is too small to race {plans} plans: the first of {rungs} "
+                          f"rungs would give each plan under {MIN_SLICE_S:g} s (not even one step of most "
+                          f"models). Give at least {math.ceil(least)} s.")
+    return budget
+
+
+def budget_value(budget_s: Any) -> float:
+    """The budget as seconds, refused when it is not a finite number, not positive, over 24 hours, or
+    over a shared server's cap: what is checked before any probe of the set-up."""
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s):
         raise EngineError(f"The race budget must be a finite number of seconds (got {budget_s!r}).")
     if budget_s <= 0:
@@ -129,14 +147,6 @@ def check_budget(budget_s: Any, plans: int, eta: int = ETA, estimate: RaceEstima
         raise EngineError(f"This app runs on a shared server (hosted mode), where a race's budget is at most "
                           f"{limits.race_s} s ({limits.race_s // 60} minutes; got {budget_s:g}): the race holds the "
                           "device for all of it, and every training queued behind it waits.")
-    rungs = len(rung_sizes(plans, eta))
-    least = MIN_SLICE_S * plans * rungs
-    if budget_s < least:
-        raise EngineError(f"A budget of {budget_s:g} s is too small to race {plans} plans: the first of {rungs} "
-                          f"rungs would give each plan under {MIN_SLICE_S:g} s (not even one step of most "
-                          f"models). Give at least {math.ceil(least)} s.")
-    if estimate is not None and budget_s < estimate.least_budget(eta):
-        raise EngineError(_too_small(budget_s, estimate, eta))
     return float(budget_s)
 
 
@@ -444,7 +454,7 @@ def create_race(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...]
     if isinstance(eta, bool) or not isinstance(eta, int) or not 2 <= eta <= 10:
         raise EngineError(f"A race keeps the best 1/eta of the plans at each rung: eta is a whole number from 2 to 10 "
                           f"(got {eta!r}).")
-    check_budget(budget_s, len(plans), eta)  # the cheap refusals before the probe
+    budget_value(budget_s)  # the cheap refusals before the probe
     estimate = estimate or estimate_race(base, plans)
     return _create(runs_root, base, plans, check_budget(budget_s, len(plans), eta, estimate), eta, owner, "race",
                    estimate)
@@ -454,7 +464,7 @@ def create_solo(runs_root: str | Path, base: TrainConfig, plan: str, budget_s: f
     """One plan given the whole budget alone, trained exactly as a race trains (the same slicing, data,
     seed and LR; its one rung is the last, so annealed by the clock): the baseline a race's winner is
     measured against (bench/race.py)."""
-    check_budget(budget_s, 1)
+    budget_value(budget_s)
     estimate = estimate_race(base, (plan,))
     return _create(runs_root, base, (plan,), check_budget(budget_s, 1, ETA, estimate), ETA, None, "solo", estimate)
 
