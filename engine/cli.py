@@ -420,8 +420,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_race(args: argparse.Namespace) -> int:
     """Race freeze plans under a wall-clock budget (engine/lab/race.py); prints the leaderboard."""
     from engine.lab.race import (
+        budget_value,
         check_budget,
         create_race,
+        estimate_race,
         parse_plans,
         race_runs,
         start_race_background,
@@ -436,7 +438,7 @@ def cmd_race(args: argparse.Namespace) -> int:
             raise EngineError(f"No race '{args.group}' in {args.out}.")
     else:
         plans = parse_plans(args.plans)
-        check_budget(args.budget, len(plans), args.eta)
+        budget_value(args.budget)  # a budget that is no number of seconds, before the probe of the set-up
         from engine.config import TrainConfig
 
         base = TrainConfig(model=args.model, weights=args.weights, data=args.data, image_size=args.image_size,
@@ -444,11 +446,13 @@ def cmd_race(args: argparse.Namespace) -> int:
                            split_seed=args.seed, memory_budget=args.memory_budget, micro_batch=args.micro_batch,
                            device=args.device)
         base.check_hosted()
+        estimate = estimate_race(base, plans)  # a budget the set-up eats is refused before anything exists
+        check_budget(args.budget, len(plans), args.eta, estimate)
         if not args.background:
             # a busy device refuses before any run folder exists
             lock = _take_device_lock(base.device, holder="a race started from the command line")
         runs = create_race(args.out, base, plans, args.budget, eta=args.eta,
-                           owner=None if args.background else os.getpid())
+                           owner=None if args.background else os.getpid(), estimate=estimate)
         if args.background:
             pid = start_race_background(runs, args.out)
             group = runs[0].config()["group"]
@@ -467,13 +471,18 @@ def cmd_race(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.to_dict())
         return 0
-    print(f"race {result.group}: {result.status} in {result.seconds:.1f} s of a {result.budget_s:g} s budget")
+    print(f"race {result.group}: {result.status} in {result.seconds:.1f} s of a {result.budget_s:g} s budget "
+          f"(set-up {result.setup_s:.1f} s)")
     for row in result.leaderboard:
         acc = f"{row['best_val_acc']:.4f}" if row["best_val_acc"] is not None else "-"
         out = "winner" if row["winner"] else (f"out after rung {row['out_after_rung']}" if row["out_after_rung"]
                                               else row["state"])
         print(f"{row['place'] or '-':>2}. {row['strategy']:<20} best val acc {acc}  {row['epochs']} epochs  "
               f"{row['train_s'] or 0:.1f} s  {out:<18} {row['run_id']}")
+        if not row["winner"] and row["state"] != "finished" and row["reason"]:
+            print(f"    {row['reason']}")
+    if result.reason:
+        print(result.reason)
     return 0
 
 

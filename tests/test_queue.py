@@ -90,3 +90,42 @@ def test_cancel_before_the_turn_raises_and_leaves_no_ticket(tmp_path):
     with DeviceLock(tmp_path, "cpu"), pytest.raises(CancelledInQueue, match="waiting in the queue"):
         wait_for_device(DeviceLock(tmp_path, "cpu"), queue, "x", cancelled=lambda: True, report=lambda *_: None)
     assert queue.line() == []
+
+
+def test_a_waiter_that_exited_unreaped_holds_nobody_up_and_its_lock_is_free(tmp_path):
+    """A process that took a ticket and the lock, then exited without leaving either, and was never
+    waited on (a zombie, as an app that forgot to reap its child keeps it): the line skips it, the
+    lock is free, and a run it was training reads as interrupted, not running."""
+    import os
+
+    from engine.runs.process import pid_alive, process_start
+    from engine.runs.store import create_run
+
+    code = (f"import time; from engine.runs.queue import DeviceQueue; from engine.runs.locks import DeviceLock; "
+            f"DeviceQueue('cpu', {str(tmp_path)!r}).join('exited'); DeviceLock({str(tmp_path)!r}, 'cpu').acquire(); "
+            f"print('holding', flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        started = process_start(proc.pid)
+        deadline = time.monotonic() + 30
+        while _state(proc.pid) != "Z" and time.monotonic() < deadline:  # exited, not waited on
+            time.sleep(0.05)
+        assert _state(proc.pid) == "Z"
+        assert not pid_alive(proc.pid)  # os.kill(pid, 0) alone would say alive
+        assert DeviceQueue("cpu", tmp_path).line() == []
+        assert DeviceLock(tmp_path, "cpu").is_free()  # the kernel dropped its flock when it exited
+        run = create_run(tmp_path / "runs", {"model": "timm:test_resnet", "data": "digits"})
+        run.write_status(state="running", pid=proc.pid, pid_start=started, heartbeat=time.time())
+        assert run.status().state == "interrupted"
+        assert os.path.exists(f"/proc/{proc.pid}")  # still a zombie all along
+    finally:
+        proc.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(") ", 1)[1][:1]
+    except OSError:
+        return ""

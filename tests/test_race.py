@@ -1,6 +1,10 @@
 """The budgeted race of freeze plans (engine/lab/race.py): a real tiny race, its refusals, its page."""
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import pytest
 import torch
 
@@ -21,7 +25,7 @@ from engine.lab.race import (
 )
 from engine.runs.store import list_runs
 
-BUDGET = 5.0
+BUDGET = 8.0  # 3 plans x 3 rungs x MIN_SLICE_S (4.5 s) and the tiny set-up (0.5-2 s on a busy box) with room
 PLANS = ("fe", "last-1", "full")
 
 
@@ -31,10 +35,10 @@ def raced(tmp_path_factory):
     root = tmp_path_factory.mktemp("race-runs")
     base = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=10,
                        num_workers=0, batch_size=16)
-    runs = create_race(root, base, PLANS, BUDGET)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model gains nothing from two; on a busy box a second thread stalls each step
     try:
+        runs = create_race(root, base, PLANS, BUDGET)  # its budget checked on a probe with the race's one thread
         return root, runs, train_race(runs)
     finally:
         torch.set_num_threads(threads)
@@ -145,7 +149,7 @@ def test_refusals_are_one_clear_sentence():
 @pytest.mark.parametrize("args, message", [
     (["--budget", "nan"], "finite number of seconds"),
     (["--budget", "0"], "more than 0 seconds"),
-    (["--budget", "2"], "too small to race 5 plans"),
+    (["--budget", "2"], "cannot give each of the 5 plans one slice"),  # the probe names the least
     (["--plans", "full"], "at least two plans"),
     (["--eta", "1"], "must be between 2 and 10"),
     (["--plans", "fe,sideways"], "Unknown plan"),
@@ -189,14 +193,32 @@ def test_compare_page_shows_the_race_and_starts_one(raced, tmp_path, monkeypatch
     assert list(board["place"]) == [1, 2, 3] and board["winner"].tolist() == [True, False, False]
     chart = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
     assert "seconds since the race started" in chart
+    assert json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["yaxis"]["range"] == [0, 1]  # accuracy: 0..1
+    assert "reason" in board.columns and not board.isna().any().any()  # no "None" on screen
+    assert "None" not in " ".join(map(str, board.to_numpy().ravel()))
+    assert any(f"Set-up (data, models, feature passes): {result.setup_s:.1f} s of the {BUDGET:g} s budget" in c.value
+               for c in at.caption)
     by_label(at.button, "Open the winner on the Evaluate page").click().run()
     assert at.session_state["selected_run"] == result.winner
 
+    assert not at.error and "race_estimate" not in at.session_state  # a visit probes nothing
     by_label(at.multiselect, "Plans").set_value(["fe", "full"])
-    by_label(at.number_input, "Budget (seconds)").set_value(5)
+    by_label(at.number_input, "Budget (seconds)").set_value(2)  # 2 rungs x 2 plans x 0.5 s, and no set-up
     by_label(at.number_input, "Image size").set_value(32)
-    by_label(at.button, "Start race").click().run()
+    at.run()
     assert not at.exception
+    refusal = " ".join(e.value for e in at.error)  # beside the button, before any click
+    assert "cannot give each of the 2 plans one slice" in refusal and "Budget (seconds)" in refusal, refusal
+    least = int(re.search(r"at least (\d+) s", refusal).group(1))
+    assert least > 2 and by_label(at.button, "Start race").disabled
+    assert any(f"the least budget that gives each a slice in the first rung is {least} s" in c.value
+               for c in at.caption)
+    assert at.session_state["race_group"] == result.group
+    assert sorted(r.run_id for r in list_runs(copy)) == sorted(r.run_id for r in runs)  # nothing written
+    by_label(at.number_input, "Budget (seconds)").set_value(least).run()
+    assert not at.error and not by_label(at.button, "Start race").disabled  # the least named is accepted
+    by_label(at.button, "Start race").click().run()
+    assert not at.exception and not at.error
     group = at.session_state["race_group"]
     assert group != result.group
     started = race_runs(copy, group)
@@ -258,7 +280,7 @@ def test_each_plan_is_sized_with_the_others_in_memory(tmp_path, monkeypatch):
                        num_workers=0, batch_size=32, memory_budget=str(int(budget)))
     alone = Lane(create_solo(tmp_path / "solo", base, "full", 5.0)[0], time.perf_counter())
     assert alone.set_up(lambda: False) and alone.runner.batches.micro_batch == 30
-    runs = create_race(tmp_path / "race", base, ("full", "last-1", "fe"), 5.0)
+    runs = create_race(tmp_path / "race", base, ("full", "last-1", "fe"), 8.0)  # never raced: only set up
     first = Lane(runs[0], time.perf_counter(), before=0, after=2)
     assert first.set_up(lambda: False)
     expected = int((budget - process - 3 * weights - 8 * weights) // (HEADROOM * cost.per_image))
@@ -273,7 +295,7 @@ def test_a_race_started_again_follows_its_new_process(tmp_path):
 
     base = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=10,
                        num_workers=0, batch_size=16)
-    runs = create_race(tmp_path, base, ("fe", "full"), 3.0)
+    runs = create_race(tmp_path, base, ("fe", "full"), 5.0)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for run in runs:  # what an earlier race process cancelled in its setup leaves
@@ -287,3 +309,137 @@ def test_a_race_started_again_follows_its_new_process(tmp_path):
         torch.set_num_threads(threads)
     assert result.status == "finished" and seen[0] == [True, True]
     assert sorted(r.status().state for r in runs) == ["finished", "finished"]
+
+
+TINY = dict(model="timm:test_resnet", weights="none", data="digits", num_workers=0)
+
+
+def test_the_estimate_names_the_least_budget_and_check_budget_keeps_to_it():
+    """The probe's set-up and slices give one least budget: the refusal names it, and it is accepted."""
+    from engine.lab.race import estimate_race
+
+    base = TrainConfig(**TINY, image_size=32, max_per_class=10, batch_size=16)
+    estimate = estimate_race(base, PLANS)
+    assert (estimate.train_images, estimate.val_images) == (80, 20)
+    assert set(estimate.plans) == set(PLANS) and estimate.setup_s > 0
+    # feature extraction and the last stage pass every image through their frozen part at set-up; full does not
+    assert estimate.plans["fe"].setup_s > estimate.plans["full"].setup_s
+    assert estimate.plans["full"].slice_s > estimate.plans["fe"].slice_s  # it trains and evaluates on images
+    least = estimate.least_budget()
+    assert least >= estimate.setup_s + 3 * 3 * 0.5  # 3 rungs, every plan at least MIN_SLICE_S in each
+    between = (3 * 3 * 0.5 + least) / 2  # enough for the rungs alone, not with the set-up
+    named = int(re.search(r"at least (\d+) s", _refusal(between, estimate)).group(1))
+    assert named == math.ceil(least) and check_budget(named, 3, estimate=estimate) == named
+
+
+def _refusal(budget, estimate):
+    with pytest.raises(EngineError, match="cannot give each of the 3 plans one slice") as caught:
+        check_budget(budget, 3, estimate=estimate)
+    return str(caught.value)
+
+
+def test_cli_refuses_a_budget_the_set_up_eats_before_anything_is_written(tmp_path, capsys):
+    """1,797 digits at 96 px: feature extraction and the last stage each pass every image once at set-up,
+    which 5 s (above the 4.5 s the rungs alone need) cannot hold with a slice per plan."""
+    from engine.cli import main
+
+    out = tmp_path / "runs"
+    code = main(["race", "--model", "timm:test_resnet", "--weights", "none", "--image-size", "96", "--plans",
+                 "fe,last-1,full", "--budget", "5", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "cannot give each of the 3 plans one slice" in err and "--budget" in err
+    assert int(re.search(r"at least (\d+) s", err).group(1)) > 5
+    assert not out.exists() or not any(out.iterdir())
+
+
+def _raced_without_the_check(root, plans, budget, estimate=None):
+    """A race whose budget was never checked (the estimate can be wrong: the machine got busier), raced."""
+    from engine.lab.race import _create
+
+    base = TrainConfig(**TINY, image_size=32, max_per_class=10, batch_size=16)
+    runs = _create(root, base, plans, budget, 2, None, "race", estimate)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return runs, train_race(runs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _no_winner_anywhere(runs, result):
+    from engine.lab.race import race_record
+
+    assert result.winner is None and race_winner(runs) is None and result.reason.startswith("No winner: ")
+    board = leaderboard(runs)
+    assert not any(row["winner"] for row in board) and all(row["place"] is None for row in board)
+    assert all(row["state"] == "cancelled" and row["reason"] for row in board)  # each says why, on the board
+    assert not any(r.metrics() for r in runs)  # nothing trained
+    assert race_record(runs)["outcome"] == result.reason and race_record(runs)["setup_s"] == result.setup_s
+
+
+def test_a_budget_the_set_up_took_whole_ends_without_a_winner_saying_why(tmp_path, monkeypatch):
+    runs, result = _raced_without_the_check(tmp_path / "runs", ("fe", "last-1", "full"), 0.05)
+    _no_winner_anywhere(runs, result)
+    assert "not set up" in result.reason and re.search(r"at least \d+ s", result.reason)
+
+    from tests.test_app import page  # the Compare page says the same, and each plan's reason
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    at = page("compare.py")
+    at.run()
+    assert not at.exception and not at.success  # no "Winner:"
+    assert any(w.value == result.reason for w in at.warning)
+    board = at.dataframe[0].value
+    assert set(board["reason"]) == {r.status().reason for r in runs} and all(board["reason"])
+    assert "None" not in " ".join(map(str, board.to_numpy().ravel()))
+    assert any(f"{result.setup_s:.1f} s of the 0.05 s budget" in c.value for c in at.caption)
+
+
+def test_a_race_whose_set_up_leaves_too_little_for_a_slice_each_trains_nothing(tmp_path):
+    """Every plan set up, but what is left cannot hold one step and one evaluation of each (here the
+    estimate recorded says full fine-tuning's step takes 100 s): no plan trains, none wins."""
+    from engine.lab.race import PlanCost, RaceEstimate
+
+    slow = RaceEstimate({"fe": PlanCost(0.01, 0.001, 0.01), "full": PlanCost(0.01, 100.0, 0.01)}, 80, 20, 1.0)
+    runs, result = _raced_without_the_check(tmp_path, ("fe", "full"), 4.0, slow)
+    _no_winner_anywhere(runs, result)
+    assert "one slice of each needs about" in result.reason
+    least = int(re.search(r"at least (\d+) s", result.reason).group(1))
+    assert least >= result.setup_s + 2 * 100  # 2 rungs, each with a 100 s step of full fine-tuning in it
+
+
+def test_a_plan_that_finished_no_slice_is_never_the_winner(raced):
+    _root, runs, result = raced
+    untrained = next(r for r in runs if r.run_id != result.winner)
+    saved = untrained.metrics_path.read_bytes()
+    try:
+        untrained.metrics_path.write_text("")  # as if it never closed a slice, though marked winner
+        untrained.write_status(race_winner=True)
+        assert race_winner(runs).run_id == result.winner
+        row = next(r for r in leaderboard(runs) if r["run_id"] == untrained.run_id)
+        assert row["winner"] is False and row["place"] is None
+    finally:
+        untrained.metrics_path.write_bytes(saved)
+        untrained.write_status(race_winner=False)
+
+
+def test_a_race_takes_the_idle_cores_at_most_what_its_caller_runs_with(raced):
+    """Two threads on a busy 2-core box stall at every barrier (set-up 66 s against 16 s on one): a race
+    takes the cores idle when its turn comes, never more than its caller's count, and records it."""
+    import os
+
+    from engine.lab.race import idle_cores, race_record, race_threads
+
+    idle = idle_cores(0.1)
+    assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 0.01
+    assert 1 <= race_threads() <= torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert race_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    _root, runs, _result = raced
+    assert race_record(runs)["threads"] == 1  # the fixture raced on one thread

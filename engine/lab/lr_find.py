@@ -191,12 +191,15 @@ class SweepJob:
         return data if isinstance(data, dict) else {}
 
     def status(self) -> dict[str, Any]:
-        """``read()``, with a sweep whose process died (killed, out of memory) said as interrupted."""
-        from engine.runs.process import pid_alive
+        """``read()``, with a sweep whose process died (killed, out of memory) said as interrupted.
+        Gone means: no such process, a zombie, or its pid now another process's (the start time the
+        sweep recorded differs): the app reaps its children at once, so a pid can soon be reused."""
+        from engine.runs.process import pid_alive, process_start
 
         data = self.read()
-        pid = data.get("pid")
-        if data.get("state") in ("queued", "running") and isinstance(pid, int) and not pid_alive(pid):
+        pid, started = data.get("pid"), data.get("pid_start")
+        if data.get("state") in ("queued", "running") and isinstance(pid, int) and (
+                not pid_alive(pid) or (started and process_start(pid) not in (None, started))):
             data = {**data, "state": "interrupted", "reason": "the sweep's process ended without a result"}
         return data
 
@@ -229,7 +232,9 @@ def start_sweep(config: TrainConfig, *, steps: int = 100, start_lr: float = 1e-7
     job.write(state="queued", points=[], steps=steps, reason="starting")
     pid = spawn_engine(["lr-find", "--config", str(job.config_path), "--save", str(job.path), "--steps", str(steps),
                         "--start-lr", repr(start_lr), "--end-lr", repr(end_lr)], job.path.with_suffix(".log"))
-    job.write(pid=pid)
+    from engine.runs.process import process_start
+
+    job.write(pid=pid, pid_start=process_start(pid))
     return job
 
 

@@ -7,7 +7,12 @@ by one process that holds the device for the whole race.
 
 Every plan is set up first (data, model, loaders, optimizer, and the one pass that fills the cache of
 feature extraction and of the last-stages plans, training/prefix_cache.py): that time counts against
-the budget but against no plan's slice, so the first rung compares plans on equal training time.
+the budget but against no plan's slice, so the first rung compares plans on equal training time. The
+set-up is measured (``setup_s`` in every run's ``race`` record) and shown. Before anything is written, a
+budget that set-up and one slice per plan in the first rung do not fit is refused, naming the least
+that would (``estimate_race``: a probe of this data, model and image size on this machine); after the
+set-up the race checks again with what it measured and, when the rest cannot give every plan a slice,
+ends without a winner, saying why. A plan that finished no slice never wins and has no place.
 Then successive halving: the rest of the budget is split equally between the rungs (5 plans -> 3 ->
 2 -> 1 is four rungs; each rung splits what is left between itself and the rungs after it, so a rung
 that ran late shortens all later ones alike rather than starving the next), and rung r gives every
@@ -25,10 +30,10 @@ before each step, earlier by what the lane's last evaluation + commit took (befo
 one validation batch timed at setup, times their number); a slice overshoots by at most one step
 plus the error of that estimate. Every slice trains at least one step and is
 evaluated, and the later lanes of a rung share what is left of it. The budget is a hard stop: no
-slice starts after it (once some plan has a score). When it runs out before the last rung (setups
-and evaluations took longer than planned: a busy machine, a slow model), the plans still in the
-race are ranked as they stand and the best is the winner; a plan that never got a slice ends
-"cancelled". So a race ends at most one slice's overshoot after its budget.
+slice starts after it. When it runs out before the last rung (setups and evaluations took longer
+than planned: a busy machine, a slow model), the plans still in the race are ranked as they stand
+and the best one with a finished slice is the winner; a plan that never got a slice ends
+"cancelled" with that reason. So a race ends at most one slice's overshoot after its budget.
 
 Gradual unfreezing counts its epochs in passes over the training data (the images it has trained
 on, across slices), as ``fit`` does: when a pass completes, inside a slice or not, the stages its
@@ -59,9 +64,10 @@ import math
 import os
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -72,6 +78,7 @@ from engine.core.files import read_json
 from engine.core.hosting import hosted_limits
 from engine.core.memory import reuse_freed_memory
 from engine.core.modes import evaluating
+from engine.data.datasets import BUILTIN_FACTS
 from engine.freeze.plan import FreezePlan, set_train_mode
 from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 from engine.runs.recorder import RunRecorder
@@ -106,9 +113,29 @@ def parse_plans(text: str | None) -> tuple[str, ...]:
     return names
 
 
-def check_budget(budget_s: Any, plans: int, eta: int = ETA) -> float:
-    """The budget in seconds, refused when it is not a number, not positive, or too small for a
-    first-rung slice of MIN_SLICE_S per plan."""
+def check_budget(budget_s: Any, plans: int, eta: int = ETA, estimate: RaceEstimate | None = None) -> float:
+    """The budget in seconds, refused when it is not a usable number (``budget_value``) or too small to
+    give every plan one slice in the first rung. With an ``estimate``: the set-up of every plan first,
+    then the least slice of each (``RaceEstimate.least_budget``, which is above the floor below); a
+    budget the set-up ate ended as "Winner: feature extraction" over plans that never trained. Without
+    one: MIN_SLICE_S per plan and rung, the floor no model beats."""
+    budget = budget_value(budget_s)
+    if estimate is not None:
+        if budget < estimate.least_budget(eta):
+            raise EngineError(_too_small(budget, estimate, eta))
+        return budget
+    rungs = len(rung_sizes(plans, eta))
+    least = MIN_SLICE_S * plans * rungs
+    if budget < least:
+        raise EngineError(f"A budget of {budget:g} s is too small to race {plans} plans: the first of {rungs} "
+                          f"rungs would give each plan under {MIN_SLICE_S:g} s (not even one step of most "
+                          f"models). Give at least {math.ceil(least)} s.")
+    return budget
+
+
+def budget_value(budget_s: Any) -> float:
+    """The budget as seconds, refused when it is not a finite number, not positive, over 24 hours, or
+    over a shared server's cap: what is checked before any probe of the set-up."""
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s):
         raise EngineError(f"The race budget must be a finite number of seconds (got {budget_s!r}).")
     if budget_s <= 0:
@@ -120,13 +147,22 @@ def check_budget(budget_s: Any, plans: int, eta: int = ETA) -> float:
         raise EngineError(f"This app runs on a shared server (hosted mode), where a race's budget is at most "
                           f"{limits.race_s} s ({limits.race_s // 60} minutes; got {budget_s:g}): the race holds the "
                           "device for all of it, and every training queued behind it waits.")
-    rungs = len(rung_sizes(plans, eta))
-    least = MIN_SLICE_S * plans * rungs
-    if budget_s < least:
-        raise EngineError(f"A budget of {budget_s:g} s is too small to race {plans} plans: the first of {rungs} "
-                          f"rungs would give each plan under {MIN_SLICE_S:g} s (not even one step of most "
-                          f"models). Give at least {math.ceil(least)} s.")
     return float(budget_s)
+
+
+def _too_small(budget_s: float, estimate: RaceEstimate, eta: int) -> str:
+    """The refusal of a budget the set-up and the first slices do not fit, with the numbers behind it."""
+    rungs = len(rung_sizes(len(estimate.plans), eta))
+    slowest = max(estimate.plans, key=lambda name: estimate.plans[name].slice_s)
+    each = "the plan" if len(estimate.plans) == 1 else f"each of the {len(estimate.plans)} plans"
+    return (f"A budget of {budget_s:g} s cannot give {each} one slice: setting up takes about "
+            f"{ESTIMATE_MARGIN * estimate.setup_s:.0f} s here ({estimate.train_images + estimate.val_images} "
+            f"images, the feature passes included), and the first of {rungs} rung{'s' if rungs > 1 else ''} then "
+            f"needs one training step and one evaluation of the {estimate.val_images} validation images per plan "
+            f"(about {ESTIMATE_MARGIN * estimate.plans[slowest].slice_s:.1f} s for {LABELS[slowest]}). Set the "
+            "budget (--budget, *Budget "
+            f"(seconds)* on the Compare page) to at least {math.ceil(estimate.least_budget(eta))} s, or race "
+            "fewer plans or a smaller image size.")
 
 
 def rung_sizes(plans: int, eta: int = ETA) -> list[int]:
@@ -161,29 +197,284 @@ def _backbone_stages(model: str) -> int:
     return sum(1 for s in model_stages(handle.module, handle.spec.head) if not s.is_head)
 
 
+# ------------------------------------------------------------------ what a race costs before its first slice
+PROBE_IMAGES = 8  # validation images decoded and passed through the model to time one image
+# the probe's parts, summed, came to 0.7-0.8x of a race's set-up and slices (digits, 96 px, three plans,
+# busy or idle 2 cores): a set-up also sizes micro-batches, checks the cut and times its close
+ESTIMATE_MARGIN = 1.4
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """One plan's fixed cost in a race (seconds): its set-up, and the least one slice takes (one
+    training step, then its close: one evaluation of the validation set and the commit)."""
+
+    setup_s: float
+    step_s: float
+    close_s: float
+
+    @property
+    def slice_s(self) -> float:
+        return self.step_s + self.close_s
+
+
+@dataclass(frozen=True)
+class RaceEstimate:
+    """What a race spends before and besides training, estimated from a probe of this data, model and
+    image size on this machine now (``estimate_race``)."""
+
+    plans: dict[str, PlanCost]
+    train_images: int
+    val_images: int
+    image_ms: float  # decoding one image and one forward pass of the whole model over it, in milliseconds
+
+    @property
+    def setup_s(self) -> float:
+        return sum(cost.setup_s for cost in self.plans.values())
+
+    def least_budget(self, eta: int = ETA) -> float:
+        """The smallest budget whose first rung, as the race splits it, gives every plan one slice after
+        the set-ups: set-up + rungs x the plans' slices (each at least MIN_SLICE_S), the probe's seconds
+        times ESTIMATE_MARGIN (what it does not time). Less would end the race in its first rung, or
+        before it (a race that ran out in rung 1 ranks plans on one step)."""
+        rungs = len(rung_sizes(len(self.plans), eta))
+        slices = sum(max(MIN_SLICE_S, ESTIMATE_MARGIN * cost.slice_s) for cost in self.plans.values())
+        return ESTIMATE_MARGIN * self.setup_s + rungs * slices
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"setup_s": round(self.setup_s, 3), "train_images": self.train_images, "val_images": self.val_images,
+                "image_ms": round(self.image_ms, 3),
+                "plans": {name: {k: round(v, 4) for k, v in asdict(cost).items()} for name, cost in self.plans.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RaceEstimate | None:
+        """The estimate a race's config recorded; None when absent or unreadable (an older race)."""
+        try:
+            plans = {str(name): PlanCost(**{k: float(v) for k, v in cost.items()})
+                     for name, cost in data["plans"].items()}
+            return cls(plans, int(data["train_images"]), int(data["val_images"]), float(data["image_ms"]))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+def estimate_race(base: TrainConfig, plans: tuple[str, ...]) -> RaceEstimate:
+    """The set-up and least slice of each plan, before anything is written or trained.
+
+    Why a probe and not the race's own set-up: a refusal must come before the runs exist and before the
+    race waits its turn for the device (the app's launcher answers at the click, and the CLI before any
+    folder is created), and measuring a real set-up costs what the set-up costs (10 s for feature
+    extraction on digits at 96 px on 2 cores, more on bigger data). So the data is listed (not
+    decoded), its split counted, the model built once (random weights: loading them is small beside the
+    rest), a few validation images decoded and passed through it twice at the race's image size, with
+    the time of each stage recorded, on this machine as loaded now. From those: a cached plan's set-up
+    is one pass of every image through its frozen part (feature extraction, last stages: the feature
+    cache), and its slice a step and an evaluation of its trainable top; a plan that trains on images
+    (full fine-tune, gradual unfreezing) decodes and runs the whole model in each step and evaluation.
+    The probe runs on one thread: the thread count the race takes on a busy machine (``race_threads``),
+    and steady there, where two threads' timings swing 10x between calls. On an idle machine the race
+    takes every core and runs faster than estimated. The race itself checks again after its set-ups,
+    with the seconds it measured (``run_race``): the machine can be busier when its turn comes."""
+    from engine.anatomy.stages import model_stages
+    from engine.data.datasets import TransformDataset, load_source, validate
+    from engine.data.splits import split_all
+    from engine.data.transforms import eval_transform
+    from engine.models.factory import create_model
+
+    ds = load_source(base.data, verify=False)
+    report = validate(ds)
+    if not report.ok:
+        from engine.core.errors import DataError
+
+        raise DataError("The data cannot be trained on: " + " ".join(report.problems))
+    train_idx, val_idx, _test = split_all(ds, base)
+    builds = []
+    for _ in range(2):  # the first build pays the model code's one-time costs (imports), the race's first plan too
+        begun = time.perf_counter()
+        handle = create_model(base.model, weights="none", class_names=list(ds.class_names))
+        builds.append(time.perf_counter() - begun)
+    size = base.image_size or handle.spec.input_size[-1]
+    spec = replace(handle.spec, input_size=(3, size, size))
+    probe = TransformDataset(ds, (val_idx or train_idx)[:PROBE_IMAGES], eval_transform(spec, size))
+    stages = model_stages(handle.module, handle.spec.head)
+    module = _as_the_race_runs_it(handle.module, base)
+    with _threads(1):
+        decode_s, images = _timed_decode(probe)
+        forward_s, ends = _timed_forward(module, stages, _as_batch(images, base.batch_size))
+        commit_s = _timed_commit(module)
+    costs = {name: _plan_cost(name, base, module, stages, ends, builds[1], decode_s, forward_s,
+                              len(train_idx), len(val_idx)) for name in plans}
+    costs = {name: replace(cost, close_s=cost.close_s + commit_s) for name, cost in costs.items()}
+    first = plans[0]
+    costs[first] = replace(costs[first], setup_s=costs[first].setup_s + max(0.0, builds[0] - builds[1]))
+    return RaceEstimate(costs, len(train_idx), len(val_idx), 1000 * (decode_s + forward_s))
+
+
+def _as_the_race_runs_it(module: torch.nn.Module, base: TrainConfig) -> torch.nn.Module:
+    """The memory format set_up gives a model (channels-last for convolutions, unless the config says):
+    on a CPU it changes a depthwise network's pass by up to 2x."""
+    last = base.channels_last if base.channels_last is not None else any(
+        isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    return module.to(memory_format=torch.channels_last) if last else module
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch on ``count`` threads inside, the caller's count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def idle_cores(sample_s: float = 0.25) -> float | None:
+    """How many CPU cores no process is using now: /proc/stat's idle time over ``sample_s`` seconds
+    (the load average would still count the training that ended a minute ago). None off Linux."""
+    def times() -> list[int]:
+        with open("/proc/stat") as fh:
+            return [int(x) for x in fh.readline().split()[1:]]
+
+    try:
+        before = times()
+        time.sleep(sample_s)
+        after = times()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    if total <= 0 or len(delta) < 5:
+        return None
+    idle = delta[3] + delta[4]  # idle + iowait
+    return (os.cpu_count() or 1) * idle / total
+
+
+def race_threads() -> int:
+    """torch threads for a race (and for its estimate): the idle cores, at least one, at most what the
+    caller runs with. Why: on a busy 2-core machine two threads stall at every barrier of a pass
+    (ui/threads.py); measured, digits at 96 px, three plans, load ~2.6: set-up 66 s on two threads,
+    16 s on one, and the one-thread race ran all its rungs within its 70 s. On an idle machine the
+    race keeps every core."""
+    idle = idle_cores()
+    if idle is None:
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), math.floor(idle + 0.5)))
+
+
+def _timed_decode(probe: Any) -> tuple[float, torch.Tensor]:
+    """Seconds to read and transform one image (the faster of two reads of the probe: a busy machine
+    pauses a process now and then), and the probe's images as one batch."""
+    best, images = math.inf, None
+    for _ in range(2):
+        begun = time.perf_counter()
+        images = torch.stack([probe[i][0] for i in range(len(probe))])
+        best = min(best, (time.perf_counter() - begun) / max(1, len(images)))
+    return best, images
+
+
+def _as_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The probe's few images repeated to a training batch, in the memory format set_up uses: a pass
+    over 8 images costs more per image than the race's passes over whole batches."""
+    repeats = max(1, math.ceil(size / max(1, len(images))))
+    batch = images.repeat(repeats, 1, 1, 1)[:max(size, len(images))]
+    return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
+
+
+def _timed_forward(module: torch.nn.Module, stages: list, images: torch.Tensor) -> tuple[float, list[float]]:
+    """Seconds of one forward pass per image (eval mode, the fastest of three), and for each stage the
+    share of that pass done when the stage has run (hooks on its modules; 1.0 where none fired)."""
+    marks: dict[int, float] = {}
+    hooks = []
+    for index, stage in enumerate(stages):
+        for path in stage.modules:
+            try:
+                sub = module.get_submodule(path)
+            except AttributeError:
+                continue
+            hooks.append(sub.register_forward_hook(
+                lambda *_args, i=index: marks.__setitem__(i, max(marks.get(i, 0.0), time.perf_counter()))))
+    best, shares = math.inf, [1.0] * len(stages)
+    try:
+        with evaluating(module), torch.inference_mode():
+            for _ in range(3):  # the first may pay one-time set-up of the kernels, a busy machine a pause
+                marks.clear()
+                begun = time.perf_counter()
+                module(images)
+                took = time.perf_counter() - begun
+                if took < best:
+                    best = took
+                    shares = [min(1.0, (marks[i] - begun) / took) if i in marks and took > 0 else 1.0
+                              for i in range(len(stages))]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return best / max(1, len(images)), shares
+
+
+def _timed_commit(module: torch.nn.Module) -> float:
+    """Seconds an epoch's commit takes, about: the weights serialised three times (the last and best
+    checkpoints, and the resumable state, whose AdamW moments are twice the weights it trains)."""
+    import io
+
+    begun = time.perf_counter()
+    torch.save(module.state_dict(), io.BytesIO())
+    return 3 * (time.perf_counter() - begun)
+
+
+def _plan_cost(name: str, base: TrainConfig, module: torch.nn.Module, stages: list, ends: list[float],
+               build_s: float, decode_s: float, forward_s: float, train_images: int, val_images: int) -> PlanCost:
+    """One plan's set-up, step and evaluation, from the probe's per-image seconds (see estimate_race)."""
+    from engine.training.feature_cache import uses_feature_cache
+    from engine.training.prefix_cache import prefix_cut
+
+    plan = race_plan(name, sum(1 for s in stages if not s.is_head))
+    config = replace(base, plan=plan.to_dict())
+    trains = set(plan.trainable_stage_names(stages, 0))
+    first = next((i for i, stage in enumerate(stages) if stage.name in trains), len(stages) - 1)
+    frozen = ends[first - 1] if first > 0 else 0.0  # the share of a forward pass below what trains
+    top_s = forward_s * (1.0 - frozen)
+    batch = min(base.batch_size, max(1, train_images))
+    probe_close = 2 * min(batch, val_images) * (decode_s + forward_s)  # the race times two validation batches
+    if str(base.data) not in BUILTIN_FACTS:  # each plan's set-up checks every image of a folder or zip
+        build_s += (train_images + val_images) * decode_s
+    if uses_feature_cache(plan, config) or prefix_cut(plan, config, stages, module) is not None:
+        cache_s = (train_images + val_images) * (decode_s + forward_s * frozen)
+        return PlanCost(build_s + cache_s + probe_close, batch * 3 * top_s, val_images * top_s)
+    step = batch * (decode_s + forward_s + 2 * top_s)  # the whole forward; backward (about 2x) through what trains
+    return PlanCost(build_s + probe_close, step, val_images * (decode_s + forward_s))
+
+
 def create_race(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...], budget_s: float, *,
-                eta: int = ETA, owner: int | None = None) -> list[RunDir]:
+                eta: int = ETA, owner: int | None = None, estimate: RaceEstimate | None = None) -> list[RunDir]:
     """One queued run per plan, everything but the plan identical (data, split, seed, batch); the
-    race itself (budget, eta, plan order) is written into each run's config."""
+    race itself (budget, eta, plan order, the estimate its budget was checked against) is written into
+    each run's config. A budget the set-up and one slice per plan do not fit is refused first
+    (``estimate``: one the caller made for these settings; else it is made here)."""
     plans = parse_plans(",".join(plans))
     if isinstance(eta, bool) or not isinstance(eta, int) or not 2 <= eta <= 10:
         raise EngineError(f"A race keeps the best 1/eta of the plans at each rung: eta is a whole number from 2 to 10 "
                           f"(got {eta!r}).")
-    return _create(runs_root, base, plans, check_budget(budget_s, len(plans), eta), eta, owner, "race")
+    budget_value(budget_s)  # the cheap refusals before the probe
+    estimate = estimate or estimate_race(base, plans)
+    return _create(runs_root, base, plans, check_budget(budget_s, len(plans), eta, estimate), eta, owner, "race",
+                   estimate)
 
 
 def create_solo(runs_root: str | Path, base: TrainConfig, plan: str, budget_s: float) -> list[RunDir]:
     """One plan given the whole budget alone, trained exactly as a race trains (the same slicing, data,
     seed and LR; its one rung is the last, so annealed by the clock): the baseline a race's winner is
     measured against (bench/race.py)."""
-    return _create(runs_root, base, (plan,), check_budget(budget_s, 1), ETA, None, "solo")
+    budget_value(budget_s)
+    estimate = estimate_race(base, (plan,))
+    return _create(runs_root, base, (plan,), check_budget(budget_s, 1, ETA, estimate), ETA, None, "solo", estimate)
 
 
 def _create(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...], budget_s: float, eta: int,
-            owner: int | None, kind: str) -> list[RunDir]:
+            owner: int | None, kind: str, estimate: RaceEstimate | None = None) -> list[RunDir]:
     stages = _backbone_stages(base.model)
     group = f"{kind}-{secrets.token_hex(3)}"
-    spec = {"budget_s": budget_s, "eta": eta, "plans": list(plans)}
+    spec = {"budget_s": budget_s, "eta": eta, "plans": list(plans),
+            "estimate": estimate.to_dict() if estimate is not None else None}
     configs = [replace(base, plan=race_plan(name, stages).to_dict(), group=group, label=LABELS[name],
                        schedule="constant", epochs=1, patience=None) for name in plans]
     runs = []
@@ -266,6 +557,12 @@ class Lane:
         self._step_s = 0.0
         self.setup_s = 0.0
         self.setup: list[float] | None = None  # [start, end] of its setup, seconds since the race started
+
+    @property
+    def plan_name(self) -> str:
+        """The race's name for this lane's plan ("fe", "full", ...)."""
+        race = _config(self.run).get("race")
+        return str(race.get("plan", "")) if isinstance(race, dict) else ""
 
     @property
     def label(self) -> str:
@@ -455,6 +752,8 @@ class RaceResult:
     rungs: int = 0  # the rung it ended in
     rungs_planned: int = 0
     out_of_time: bool = False  # the budget ran out before the last rung's slices were all trained
+    setup_s: float = 0.0  # seconds from the race's start until every plan was set up
+    reason: str = ""  # why the race named no winner ("" when it did)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -485,7 +784,8 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
     for lane in lanes:
         lane.run.write_status(state="running", reason="", queue_position=None,
                               race={"started_at": wall0, "budget_s": budget, "rungs_planned": len(sizes),
-                                    "rung": 0, "out_after": None, "winner": False})
+                                    "rung": 0, "out_after": None, "winner": False,
+                                    "threads": torch.get_num_threads()})
     for lane in lanes:  # setup first, on the race's clock but in no plan's slice: rung 1 is training time
         if time.perf_counter() >= t0 + budget:
             break
@@ -494,6 +794,13 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
                 return _cancel(runs, lanes, 0, t0, budget)
         finally:
             lane.write_race()
+    setup_s = time.perf_counter() - t0
+    for lane in lanes:
+        lane.write_race(setup_s=round(setup_s, 2))
+    say(f"set-up of {len(lanes)} plans: {setup_s:.1f} s of the {budget:g} s budget")
+    short = _short_of_slices(lanes, spec, budget, setup_s, len(sizes))
+    if short:
+        return _end_without_winner(runs, lanes, t0, budget, setup_s, short, status="cancelled")
     alive = list(lanes)
     order: list[Lane] = []  # eliminated, worst first
     ended, spent = len(sizes), False  # the rung the race ended in; whether the budget ran out first
@@ -503,7 +810,7 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
         turn = list(alive)
         for i, lane in enumerate(turn):
             now = time.perf_counter()
-            if now >= t0 + budget and any(other.last for other in lanes):  # a hard stop, once a plan has a score
+            if now >= t0 + budget:  # a hard stop: no slice starts after the budget
                 spent = True
                 break
             until = now + max(0.0, (rung_end - now) / (len(turn) - i))  # what is left of the rung, shared
@@ -522,32 +829,104 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
         keep = 1 if spent or r + 1 == len(sizes) else sizes[r + 1]
         for place, lane in enumerate(alive):
             lane.write_race(rung=r + 1)
-            if place < keep:
+            if place < keep and lane.last is not None:
                 continue
             if lane.last is None:  # the budget ran out before its first slice: nothing was trained
-                lane.finish("cancelled", f"race: the {budget:g} s budget ran out before its first slice",
-                            out_after=r + 1)
+                lane.finish("cancelled", f"race: the {budget:g} s budget ran out before its first slice "
+                                         f"(set-up took {setup_s:.0f} s)", out_after=r + 1)
             else:
                 why = "the budget ran out in" if spent else "out after"
                 lane.finish("finished", f"race: {why} rung {r + 1} of {len(sizes)} (place {place + 1} of "
                                         f"{len(alive)})", out_after=r + 1)
-        order.extend(reversed(alive[keep:]))
-        alive = alive[:keep]
+        order.extend(reversed([lane for lane in alive if lane.status != "running"]))
+        alive = [lane for lane in alive if lane.status == "running"]
         if spent or not alive:
             ended = r + 1
             break
-    winner = alive[0] if alive else None
-    if winner is not None:
-        how = f"when the budget ran out in rung {ended}" if spent else f"after {len(sizes)} rungs"
-        winner.finish("finished", f"race winner {how} ({budget:g} s budget)", winner=True)
-        winner.run.write_status(race_winner=True)
-        order.append(winner)
-    for place, lane in enumerate(reversed(order)):
-        lane.write_race(place=place + 1)
+    winner = alive[0] if alive else None  # a plan that finished no slice left ``alive`` above
+    if winner is None:
+        _write_places(order)
+        return _end_without_winner(runs, lanes, t0, budget, setup_s, _why_no_winner(lanes, budget), rungs=ended,
+                                   rungs_planned=len(sizes), out_of_time=spent)
+    how = f"when the budget ran out in rung {ended}" if spent else f"after {len(sizes)} rungs"
+    winner.finish("finished", f"race winner {how} ({budget:g} s budget)", winner=True)
+    winner.run.write_status(race_winner=True)
+    order.append(winner)
+    _write_places(order)
     return RaceResult(group=str(_config(runs[0]).get("group")), status="finished",
-                      winner=winner.run.run_id if winner else None, seconds=round(time.perf_counter() - t0, 2),
+                      winner=winner.run.run_id, seconds=round(time.perf_counter() - t0, 2),
                       budget_s=budget, leaderboard=leaderboard(runs), rungs=ended, rungs_planned=len(sizes),
-                      out_of_time=spent)
+                      out_of_time=spent, setup_s=round(setup_s, 2))
+
+
+def _write_places(order: list[Lane]) -> None:
+    """Places, best first, for the plans that finished a slice; one that never trained has none."""
+    ranked = [lane for lane in reversed(order) if lane.last is not None]
+    for place, lane in enumerate(ranked):
+        lane.write_race(place=place + 1)
+
+
+def _short_of_slices(lanes: list[Lane], spec: dict[str, Any], budget: float, setup_s: float, rungs: int) -> str:
+    """Why what the set-up left of the budget cannot give every plan one slice, or "" when it can.
+
+    The check before the race (``check_budget`` with ``estimate_race``) used a probe; here the set-up
+    has been measured. A plan's slice is its measured close (one evaluation, timed at its set-up) and
+    one training step as the probe estimated it, scaled by how much slower than the probe's estimate
+    the set-ups ran (a machine that got busier). A plan the budget left no time to set up has no slice:
+    its set-up is the estimate's, scaled the same way. The budget named is the race's own rule, as
+    ``RaceEstimate.least_budget`` states it, with these numbers."""
+    estimate = RaceEstimate.from_dict(spec.get("estimate"))
+    guess = {lane.plan_name: estimate.plans[lane.plan_name] for lane in lanes
+             if estimate is not None and lane.plan_name in estimate.plans}
+    done = [lane for lane in lanes if lane.runner is not None]
+    planned = sum(guess[lane.plan_name].setup_s for lane in done if lane.plan_name in guess)
+    slowdown = max(1.0, sum(lane.setup_s for lane in done) / planned) if planned > 0 else 1.0
+    typical = sum(lane.setup_s for lane in done) / len(done) if done else budget
+
+    def set_up(lane: Lane) -> float:
+        if lane.runner is not None:
+            return lane.setup_s
+        return guess[lane.plan_name].setup_s * slowdown if lane.plan_name in guess else typical
+
+    def one_slice(lane: Lane) -> float:
+        step = guess[lane.plan_name].step_s * slowdown if lane.plan_name in guess else 0.0
+        if lane.runner is not None:
+            return lane.close_s + step
+        return step + (guess[lane.plan_name].close_s * slowdown if lane.plan_name in guess else 0.0)
+
+    needs = [one_slice(lane) for lane in lanes]
+    left = budget - setup_s
+    if len(done) == len(lanes) and left >= sum(needs):
+        return ""
+    least = math.ceil(sum(set_up(lane) for lane in lanes) + rungs * sum(max(MIN_SLICE_S, n) for n in needs))
+    if len(done) < len(lanes):
+        missing = ", ".join(lane.label for lane in lanes if lane.runner is None)
+        return (f"setting up the plans took the whole {budget:g} s budget ({missing} not set up), so no plan "
+                f"trained; start a new race with a budget of at least {least} s, or race fewer plans")
+    return (f"setting up the {len(lanes)} plans took {setup_s:.0f} s of the {budget:g} s budget, leaving "
+            f"{max(0.0, left):.1f} s; one slice of each needs about {sum(needs):.1f} s, so the plans could not "
+            f"all be compared; start a new race with a budget of at least {least} s")
+
+
+def _why_no_winner(lanes: list[Lane], budget: float) -> str:
+    """Why rungs that ran named nobody: no plan closed a slice, or the ones still racing diverged."""
+    if not any(lane.last is not None for lane in lanes):
+        return f"no plan finished a slice within the {budget:g} s budget; give the race more time"
+    return ("the plans still racing diverged (each plan's reason says when); lower the learning rate or race "
+            "the other plans again")
+
+
+def _end_without_winner(runs: list[RunDir], lanes: list[Lane], t0: float, budget: float, setup_s: float,
+                        why: str, *, status: str = "finished", **result: Any) -> RaceResult:
+    """A race that names no winner: every plan still racing ends cancelled with ``why``, which every
+    run's race record keeps (``outcome``) for the page and the CLI to show."""
+    for lane in lanes:
+        if lane.status == "running":
+            lane.finish("cancelled", f"race: {why}")
+        lane.write_race(outcome=f"No winner: {why}.")
+    return RaceResult(group=str(_config(runs[0]).get("group")), status=status, winner=None,
+                      seconds=round(time.perf_counter() - t0, 2), budget_s=budget, leaderboard=leaderboard(runs),
+                      setup_s=round(setup_s, 2), reason=f"No winner: {why}.", **result)
 
 
 def _cancel(runs: list[RunDir], lanes: list[Lane], rung: int, t0: float, budget: float) -> RaceResult:
@@ -557,22 +936,25 @@ def _cancel(runs: list[RunDir], lanes: list[Lane], rung: int, t0: float, budget:
     for run in runs:
         run.cancel_path.unlink(missing_ok=True)
     return RaceResult(group=str(_config(runs[0]).get("group")), status="cancelled", winner=None,
-                      seconds=round(time.perf_counter() - t0, 2), budget_s=budget, leaderboard=leaderboard(runs))
+                      seconds=round(time.perf_counter() - t0, 2), budget_s=budget, leaderboard=leaderboard(runs),
+                      reason="cancelled")
 
 
 def leaderboard(runs: list[RunDir]) -> list[dict[str, Any]]:
-    """One row per plan, best place first: how far it got, its accuracy, its time."""
+    """One row per plan, best place first: how far it got, its accuracy, its time, and in words why it
+    ended where it did (a cancelled or refused plan's reason belongs beside it, not in a log). A plan
+    that finished no slice has no place and is never the winner."""
     rows = []
     for run in runs:
-        status = read_json(run.status_path, {})
-        status = status if isinstance(status, dict) else {}
+        status = _race_status(run)
         race = status.get("race") if isinstance(status.get("race"), dict) else {}
         metrics = run.metrics()
         last = metrics[-1] if metrics else {}
+        state = run.status()
         rows.append({
-            "place": race.get("place"),
+            "place": race.get("place") if metrics else None,
             "strategy": _config(run).get("label"),
-            "winner": bool(race.get("winner")),
+            "winner": bool(race.get("winner")) and bool(metrics),
             "rungs": race.get("rungs", 0),
             "out_after_rung": race.get("out_after"),
             "val_acc": last.get("val_acc"),
@@ -581,11 +963,25 @@ def leaderboard(runs: list[RunDir]) -> list[dict[str, Any]]:
             "epochs": len(metrics),
             "images": sum(round(m.get("images_per_s", 0) * m.get("epoch_s", 0)) for m in metrics),
             "train_s": race.get("train_s"),
-            "state": run.status().state,
+            "state": state.state,
+            "reason": state.reason,
             "run_id": run.run_id,
         })
     return sorted(rows, key=lambda row: (row["place"] is None, row["place"] or 0,
                                          -(row["val_acc"] or 0.0)))
+
+
+def _race_status(run: RunDir) -> dict[str, Any]:
+    status = read_json(run.status_path, {})
+    return status if isinstance(status, dict) else {}
+
+
+def race_record(runs: list[RunDir]) -> dict[str, Any]:
+    """What the race as a whole recorded (in its first run's status ``race``): when it started, its
+    set-up seconds (``setup_s``, once every plan is set up) and, when it named no winner, why
+    (``outcome``)."""
+    race = _race_status(runs[0]).get("race") if runs else None
+    return race if isinstance(race, dict) else {}
 
 
 def race_curves(runs: list[RunDir]) -> list[dict[str, Any]]:
@@ -600,9 +996,9 @@ def race_curves(runs: list[RunDir]) -> list[dict[str, Any]]:
 
 
 def race_winner(runs: list[RunDir]) -> RunDir | None:
+    """The run the race named winner; never one without a finished slice (no epoch, no score)."""
     for run in runs:
-        status = read_json(run.status_path, {})
-        if isinstance(status, dict) and status.get("race_winner"):
+        if _race_status(run).get("race_winner") and run.metrics():
             return run
     return None
 
@@ -641,8 +1037,10 @@ def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
                               seconds=0.0, budget_s=float(race_spec(runs)["budget_s"]), leaderboard=leaderboard(runs))
     elif lock is None:
         held.acquire()
+    threads = race_threads()  # decided when its turn comes: the machine may have changed while it waited
+    say(f"racing on {threads} thread{'s' if threads > 1 else ''} ({torch.get_num_threads()} available)")
     try:
-        with _sigterm_as_interrupt(), Heartbeat(write_all):
+        with _sigterm_as_interrupt(), Heartbeat(write_all), _threads(threads):
             return run_race(runs, say=say)
     except KeyboardInterrupt:
         _end_all(runs, "cancelled", "stopped by Ctrl-C or a termination signal")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,9 @@ def spawn_engine(args: list[str], log_path: Path) -> int:
     """``python -m engine ARGS`` in its own process session, at lower CPU priority; returns the pid.
 
     Its own session: closing a browser tab or restarting a page never kills it; status and
-    progress are read back from run directories.
+    progress are read back from run directories. The child is reaped the moment it exits
+    (``reap_when_done``): never waited on, an ended sweep, race or comparison stayed a zombie under the
+    app's server until the next spawn.
     """
     project_root = PROJECT_ROOT
     env = {**os.environ, "WORKBENCH_NICE": str(BACKGROUND_NICE), "PYTHONPATH": os.pathsep.join(
@@ -40,7 +43,20 @@ def spawn_engine(args: list[str], log_path: Path) -> int:
             [sys.executable, "-m", "engine", *args], cwd=project_root, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, env=env,
         )
+    reap_when_done(proc)
     return proc.pid
+
+
+def reap_when_done(proc: subprocess.Popen) -> threading.Thread:
+    """Wait on ``proc`` from a daemon thread, so the kernel's record of it goes as soon as it exits.
+
+    Why a thread per child and not a SIGCHLD handler: a handler can only be installed from the main
+    thread, which belongs to the app's server (Streamlit), and reaping every child there would steal
+    the exit status of processes other code waits on. The thread holds nothing else: a server that
+    stops does not wait for it (daemon), and the child, in its own session, trains on."""
+    thread = threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True)
+    thread.start()
+    return thread
 
 
 def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
