@@ -18,9 +18,10 @@ from engine.outputs.code import generate_script, script_for_run
 from engine.outputs.export import export_to_bytes, weights_bundle
 from engine.outputs.onnx_export import onnx_package
 from engine.runs.bundle import export_bundle, import_bundle
-from engine.runs.store import RunDir, delete_run, describe_run, list_runs, open_run
+from engine.runs.store import RunDir, delete_run, list_runs, open_run
 from ui.cache import load_trained, script_problem
 from ui.errors import contained, public_message, show_error
+from ui.run_table import run_table
 from ui.state import SELECTED_RUN
 from ui.text import code, md, plot, short_run_names
 from ui.widgets import hosted_banner
@@ -120,26 +121,6 @@ def _export_and_code(run, tab_export, tab_code) -> None:
             script = generate_script(config, names, run.run_id, run.status().micro_batch)
             st.download_button("Download reproduce.py", script, file_name=f"reproduce_{run.run_id}.py")
             st.code(script, language="python")
-
-
-def _run_rows(runs: list[RunDir]) -> pd.DataFrame:
-    """One row per run; a run whose files cannot even be described is listed with why, not dropped."""
-    rows = []
-    for r in runs:
-        try:
-            rows.append(describe_run(r).to_dict())
-        except Exception as exc:  # noqa: BLE001 - any run folder: the list must still render
-            rows.append({"run_id": r.run_id, "state": "unreadable", "reason": public_message(str(exc))})
-    return pd.DataFrame(rows).drop(columns=["has_best"], errors="ignore")
-
-
-RUN_COLUMNS = {  # the table fits: ids and reasons get room, numbers a format (best_val_acc was cut)
-    "run_id": st.column_config.TextColumn("run", width="medium", help="the run's folder name"),
-    "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.4f", width="small"),
-    "epochs": st.column_config.TextColumn("epochs", width="small", help="done / planned"),
-    "state": st.column_config.TextColumn("state", width="small"),
-    "reason": st.column_config.TextColumn("reason", width="large"),
-}
 
 
 def _numbers(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -262,7 +243,7 @@ runs = list_runs(runs_root())
 if not runs:
     st.info("No runs yet: train one on the Training or Compare page.")
     st.stop()
-st.dataframe(_run_rows(runs), hide_index=True, height=260, column_config=RUN_COLUMNS)
+run_table(runs)
 
 ids = [r.run_id for r in runs]
 overlay = st.multiselect("Overlay curves of", ids, default=ids[: min(3, len(ids))])

@@ -24,7 +24,7 @@ from engine.freeze.plan import FreezePlan
 from engine.runs.background import start_background
 from engine.runs.locks import device_lock
 from engine.runs.queue import device_queue
-from engine.runs.store import active_runs, create_run, describe_run, extend_run, list_runs, open_run
+from engine.runs.store import active_runs, create_run, extend_run, list_runs, open_run
 from engine.training.preflight import check_startable
 from engine.training.run import check_resumable
 from ui.cache import dataset_overview
@@ -32,6 +32,7 @@ from ui.errors import show_error
 from ui.live import device_signature, live
 from ui.lr_finder import lr_finder
 from ui.run_panel import live_panel, run_progress
+from ui.run_table import run_table
 from ui.state import PLAN, SELECTED_RUN, active, share_setup_in_url
 from ui.text import imbalance_line, md, plot_labels
 from ui.widgets import pick_data_source
@@ -225,8 +226,7 @@ live("training_device", device_status, active=bool(active_runs(runs_root())))
 st.subheader("3. Runs")
 runs = list_runs(runs_root())
 if runs:
-    table = pd.DataFrame([describe_run(r).to_dict() for r in runs])
-    st.dataframe(table.drop(columns=["has_best", "reason"]), hide_index=True, height=200)
+    run_table(runs, height=200, reasons=False)
     ids = [r.run_id for r in runs]
     selected = st.session_state[SELECTED_RUN]
     pick = st.selectbox("Run", ids, index=ids.index(selected) if selected in ids else 0)
