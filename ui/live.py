@@ -14,7 +14,7 @@ from typing import Callable, Hashable
 
 import streamlit as st
 
-from ui.errors import guarded
+from ui.errors import safe_fragment
 
 ACTIVE_EVERY = 1.0  # seconds between polls while something runs
 IDLE_EVERY = 3.0  # ... while nothing does: another user's start is still seen within a few seconds
@@ -25,7 +25,6 @@ def live(name: str, draw: Callable[[], Hashable], active: bool) -> None:
     seconds; ``draw`` shows its part of the page and returns the signature of what it read."""
     seen = f"_live_{name}"
 
-    @guarded
     def part() -> None:
         signature = draw()
         before = st.session_state.get(seen, signature)
@@ -33,7 +32,7 @@ def live(name: str, draw: Callable[[], Hashable], active: bool) -> None:
         if before != signature:
             st.rerun()  # the whole page: everything around this part reflects the change too
 
-    st.fragment(part, run_every=ACTIVE_EVERY if active else IDLE_EVERY)()
+    safe_fragment(part, run_every=ACTIVE_EVERY if active else IDLE_EVERY)()
 
 
 def device_signature(runs: list, lock_free: bool, waiting: int) -> tuple:

@@ -37,7 +37,7 @@ from engine.lab.race import (
     start_race_background,
 )
 from engine.runs.background import request_cancel
-from ui.errors import show_error
+from ui.errors import safe_fragment, show_error
 from ui.state import SELECTED_RUN, active
 from ui.widgets import pick_data_source
 
@@ -59,14 +59,14 @@ def race_launcher() -> None:
                     "until one is left. Same data, split and seed; the winner is a normal run. Setting the "
                     "plans up (data, models, feature passes) comes out of the budget first.")
         plans = st.multiselect("Plans", list(PLANS), default=list(PLANS), format_func=LABELS.__getitem__,
-                               key="race_plans", on_change=_asked)
+                               key="race_plans", persist_state="session", on_change=_asked)
         limits = hosted_limits()
         budget = st.number_input("Budget (seconds)", min_value=1, max_value=limits.race_s if limits else 86_400,
-                                 value=120, step=10, key="race_budget", on_change=_asked)
-        eta = st.selectbox("Each rung keeps", [2, 3], key="race_eta", on_change=_asked,
+                                 value=120, step=10, key="race_budget", persist_state="session", on_change=_asked)
+        eta = st.selectbox("Each rung keeps", [2, 3], key="race_eta", persist_state="session", on_change=_asked,
                            format_func=lambda e: f"the best 1/{e} (5 plans: {' -> '.join(map(str, rung_sizes(5, e)))})")
         data = _pick_data()
-        size = st.number_input("Image size", 16, limits.image_size if limits else 512, 96, step=16, key="race_size",
+        size = st.number_input("Image size", 16, limits.image_size if limits else 512, 96, step=16, key="race_size", persist_state="session",
                                on_change=_asked)
         name, weights, _ = active()
         base = TrainConfig(model=name, weights=weights, data=str(data), image_size=int(size), batch_size=32)
@@ -146,7 +146,7 @@ def race_view() -> None:
     group = st.selectbox("Race", races, index=races.index(current) if current in races else 0)
     st.session_state[RACE] = group
     running = any(r.status().active for r in race_runs(runs_root(), group))
-    st.fragment(lambda: _race_panel(group), run_every=1.0 if running else None)()
+    safe_fragment(lambda: _race_panel(group), run_every=1.0 if running else None)()
 
 
 def race_progress(runs: list, budget: float) -> str:

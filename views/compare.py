@@ -24,7 +24,7 @@ from engine.lab.compare import (
 from engine.lab.race import list_races
 from engine.runs.background import request_cancel, start_group_background
 from engine.runs.store import active_runs
-from ui.errors import guarded, show_error
+from ui.errors import safe_fragment, show_error
 from ui.live import live
 from ui.race_panel import race_launcher, race_view
 from ui.state import PLAN, active
@@ -168,4 +168,4 @@ def panel() -> None:
 
 
 active_now = any(r.status().active for r in group_runs(runs_root(), group))
-st.fragment(guarded(panel), run_every=1.0 if active_now else None)()
+safe_fragment(panel, run_every=1.0 if active_now else None)()
