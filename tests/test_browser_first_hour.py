@@ -166,7 +166,7 @@ def test_a_first_hour_with_own_photos(fresh_app, tmp_path):
                 assert _value(page, "Epochs") == "4", where
                 assert _value(page, "Image size") == str(SIZE), where
                 assert _value(page, "Batch size") == "8", where
-                assert "things" in page.locator("[data-testid='stMain']").inner_text(), where
+                assert "cat · 7 images" in page.locator("[data-testid='stMain']").inner_text(), where  # the dataset
                 assert f"head LR {head_lr}" in page.locator("[data-testid='stMain']").inner_text(), where
                 page.reload()
                 _wait_ready(page)

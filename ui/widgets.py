@@ -44,6 +44,15 @@ def _mode_of(ref: str) -> str:
     return ref if ref in ("digits", "lfw") else "folder"
 
 
+def _seed_mode(ref: str, stored_mode: str | None, modes: list[str]) -> str:
+    """The mode a picker shows on arrival: the Training page's builder or upload when the session's
+    dataset is still the one made there, else the mode of the dataset itself."""
+    made_here = {"build": "built:", "upload": "zip:"}
+    if stored_mode in made_here and stored_mode in modes and ref.startswith(made_here[stored_mode]):
+        return stored_mode
+    return _mode_of(ref)
+
+
 def pick_data_source(key: str = "data", *, create: bool = False) -> str | None:
     """The one data picker: built-ins, the builder's datasets, folders in the data directory and uploaded
     zips, on every page that reads data (Training, the race, comparisons, the advisor, the feature map,
@@ -59,11 +68,10 @@ def pick_data_source(key: str = "data", *, create: bool = False) -> str | None:
     mode_key = f"{key}_mode"
     labels = [MODES[m] for m in modes]
     if st.session_state.get(mode_key) not in labels:  # a page switch dropped the widget: seed it from the pick
-        seed = stored_mode if stored_mode in modes and (stored_mode in CREATING or stored_mode == _mode_of(ref)) \
-            else _mode_of(ref)
-        st.session_state[mode_key] = MODES[seed]
+        st.session_state[mode_key] = MODES[_seed_mode(ref, stored_mode, modes)]
     mode = modes[labels.index(st.radio("Data", labels, horizontal=True, key=mode_key))]
-    st.session_state[DATA_MODE] = mode
+    if create:  # the Training page's way in (building, uploading) is its own; elsewhere a made one is a folder
+        st.session_state[DATA_MODE] = mode
     if mode in ("digits", "lfw"):
         st.session_state[DATA] = mode
         return mode
@@ -105,8 +113,8 @@ def _built_here(ref: str) -> str | None:
     from ui.dataset_builder import PICKED, dataset_builder
 
     kind, _, name = ref.partition(":")
-    if kind == "built" and PICKED not in st.session_state:
-        st.session_state[PICKED] = name  # back on the page: the dataset being built before
+    if kind == "built":
+        st.session_state[PICKED] = name  # the session's dataset, also when it was picked on another page
     source = dataset_builder()
     if st.session_state.get(PICKED):
         st.session_state[DATA] = f"built:{st.session_state[PICKED]}"

@@ -90,10 +90,12 @@ def _export_and_code(run, tab_export, tab_code) -> None:
             fmt = st.radio("Also export as", ["onnx", "torchscript"], horizontal=True)
             if st.button(f"Export to {fmt} and check parity"):
                 try:
-                    if fmt == "onnx":  # model.onnx (classes + preprocessing in its metadata) + predict_onnx.py
-                        data, result = onnx_package(handle, {"run_id": run.run_id})
-                    else:
-                        data, result = export_to_bytes(handle, fmt)
+                    with st.spinner(f"Exporting to {fmt}, then comparing its outputs with PyTorch's "
+                                    "(a few seconds for a small model, up to a minute for a large one)..."):
+                        if fmt == "onnx":  # model.onnx (classes + preprocessing in its metadata) + predict_onnx.py
+                            data, result = onnx_package(handle, {"run_id": run.run_id})
+                        else:
+                            data, result = export_to_bytes(handle, fmt)
                 except EngineError as exc:
                     show_error(exc)
                 else:

@@ -207,7 +207,21 @@ def device_status() -> tuple:
     return device_signature(busy, device_free, waiting), shown
 
 
+def training_estimate() -> str:
+    """Before Start: how long the epochs should take, from a run of this model, size and plan here."""
+    from engine.runs.estimate import measured_speed
+
+    speed = measured_speed(runs_root(), name, int(size), plan.strategy) if can_start else None
+    if speed is None:
+        return "No run of this model, image size and plan has trained here yet: the first epoch's time shows " \
+               "once it is done." if can_start else ""
+    used = overview["n_images"] if not per_class else min(overview["n_images"], int(per_class) * len(overview["counts"]))
+    return f"Estimate: {speed.describe(int(used * (1 - float(val_fraction))) * int(epochs))} of training, " \
+           "after a few seconds of set-up."
+
+
 start_box = st.container()
+start_box.caption(training_estimate())
 if st.button("Start training", type="primary", disabled=not can_start,
              help=None if can_start else "Pick data that can be trained on and fix the settings marked above."):
     try:
