@@ -48,6 +48,8 @@ def _seed_mode(ref: str, stored_mode: str | None, modes: list[str]) -> str:
     """The mode a picker shows on arrival: the Training page's builder or upload when the session's
     dataset is still the one made there, else the mode of the dataset itself."""
     made_here = {"build": "built:", "upload": "zip:"}
+    if stored_mode is None:  # a new session (a refresh, a link): a dataset made here opens where it was made
+        stored_mode = next((m for m, prefix in made_here.items() if ref.startswith(prefix)), None)
     if stored_mode in made_here and stored_mode in modes and ref.startswith(made_here[stored_mode]):
         return stored_mode
     return _mode_of(ref)

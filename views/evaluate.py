@@ -108,8 +108,9 @@ else:
     for key in ("ev_true", "ev_pred"):
         if st.session_state.get(key) not in ["any"] + names:
             st.session_state[key] = "any"
-    true_filter = f1.selectbox("True class (a confusion-matrix row)", ["any"] + names, key="ev_true")
-    pred_filter = f2.selectbox("Predicted class (a column)", ["any"] + names, key="ev_pred")
+    kept = {"persist_state": "session"}  # the filters stay as left after a visit to another page
+    true_filter = f1.selectbox("True class (a confusion-matrix row)", ["any"] + names, key="ev_true", **kept)
+    pred_filter = f2.selectbox("Predicted class (a column)", ["any"] + names, key="ev_pred", **kept)
     view = wrong[((wrong["true"] == true_filter) | (true_filter == "any"))
                  & ((wrong["predicted"] == pred_filter) | (pred_filter == "any"))]
     st.download_button("Download as CSV", view.to_csv(index=False), file_name=f"{run.run_id}-misclassified.csv")
