@@ -27,11 +27,14 @@ init_state()
 set_app_threads()  # one thread while a training holds the CPU: see ui/threads.py
 navigation = st.navigation(PAGES)
 try:
-    navigation.run()
+    refresh_sidebar = render_sidebar()
 except Exception as exc:  # noqa: BLE001 - the boundary: no traceback or server path ever reaches a browser
     report_unexpected(exc)
-finally:  # after the page, also one that stopped early: the sidebar shows what this rerun's click changed
-    try:
-        render_sidebar()
-    except Exception as exc:  # noqa: BLE001 - the same boundary
-        report_unexpected(exc)
+    refresh_sidebar = None
+try:
+    navigation.run()
+except Exception as exc:  # noqa: BLE001 - the same boundary
+    report_unexpected(exc)
+else:
+    if refresh_sidebar is not None:  # what this rerun's click changed (a page that stopped early changed nothing)
+        refresh_sidebar()

@@ -115,6 +115,7 @@ def test_a_race_from_the_compare_page_then_its_winner_on_the_feature_map(served_
     page.get_by_text("Feature space").first.wait_for()
     settle(page)
     page.get_by_text("a run", exact=True).click()
+    page.get_by_role("button", name="Draw the map").click()  # nothing is computed before it is asked for
     page.get_by_text("after fine-tune", exact=False).first.wait_for(timeout=180_000)
     settle(page)
     _no_exception(page)
@@ -129,6 +130,8 @@ def test_a_race_from_the_compare_page_then_its_winner_on_the_feature_map(served_
     size = page.get_by_label("Image size (px)", exact=True)
     size.fill("64")
     size.press("Tab")
+    settle(page)
+    page.get_by_role("button", name="Draw the map").click()
     page.get_by_text("pretrained: k-NN accuracy").first.wait_for(timeout=180_000)
     settle(page)
     _no_exception(page)

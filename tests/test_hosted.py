@@ -110,9 +110,13 @@ def test_the_app_says_hosted_mode_and_caps_its_widgets(hosted, tmp_path, monkeyp
     assert "runs vanish when this server restarts unless you export them" in banner and "at most 30 epochs" in banner
     at.switch_page("views/training.py").run()
     assert not at.exception
-    epochs = next(n for n in at.number_input if n.label == "Epochs")
-    size = next(n for n in at.number_input if n.label == "Image size")
-    assert epochs.max == LIMITS.epochs and size.max == LIMITS.image_size
+    # the caps are the fields' ranges, said beside a field that leaves them (and Start is blocked)
+    next(n for n in at.number_input if n.label == "Epochs").set_value(LIMITS.epochs + 1).run()
+    assert any(f"Epochs must be between 1 and {LIMITS.epochs}" in e.value for e in at.error)
+    next(n for n in at.number_input if n.label == "Epochs").set_value(LIMITS.epochs)
+    next(n for n in at.number_input if n.label == "Image size").set_value(LIMITS.image_size + 16).run()
+    assert any(f"Image size must be between 16 and {LIMITS.image_size}" in e.value for e in at.error)
+    assert next(b for b in at.button if b.label == "Start training").disabled
     at.switch_page("views/compare.py").run()
     assert not at.exception
     race_budget = next(n for n in at.number_input if n.label == "Budget (seconds)")

@@ -119,3 +119,16 @@ def test_a_refused_setting_is_said_beside_it_and_nothing_is_written(tmp_path, mo
     assert not at.exception
     assert any("No validation images" in e.value for e in at.error)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no failed run left
+
+
+def test_the_sidebar_shows_the_plan_of_the_click_that_changed_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    at = app()
+    at.run()
+    at.switch_page("views/freeze_configurator.py").run()
+    assert "`full`" in " ".join(m.value for m in at.sidebar.markdown)
+    by_label(at.radio, "Strategy").set_value("feature-extraction").run()  # one click, one rerun
+    assert not at.exception
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "`feature-extraction`" in sidebar and "`full`" not in sidebar

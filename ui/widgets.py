@@ -158,28 +158,38 @@ def hosted_banner(where=st) -> None:
         where.warning(HOSTED_BANNER.format(limits="; ".join(limits.lines())), icon=":material/cloud:")
 
 
-def render_sidebar() -> None:
-    """The session's model, plan, data and run. Drawn after the page (streamlit_app.py), so it shows the
-    choices of the click that caused this rerun, not the one before."""
+def render_sidebar():
+    """The session's model, plan, data and run, drawn before the page. Returns ``refresh``: the page may
+    change the plan, the data or the run (the Freeze Configurator sets the plan as its widgets move), so
+    the router calls it after the page and the sidebar shows this rerun's choices, not the last one's.
+    (Drawing the whole sidebar after the page fails for a page that ends with st.stop: after a stop,
+    nothing more is drawn.)"""
     name, weights, classes = active()
     with st.sidebar:
         hosted_banner()
         st.caption("Active model")
         st.markdown(f"**{name}**  \nweights: {code(weights_label(weights))}")  # a catalog name: plain
-        plan = st.session_state[PLAN]
-        st.caption("Freeze plan")
-        st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
-                    + f" · BN {plan['bn_policy']} · head LR {plan['head_lr']:g}")
-        st.caption("Data")
-        st.text(data_label())
-        if st.session_state[SELECTED_RUN]:
-            st.caption("Selected run")
-            st.markdown(code(st.session_state[SELECTED_RUN]))
+        choices = st.empty()
         try:
             handle = load_model(name, weights, classes)
         except EngineError as exc:
             st.error(str(exc))
-            return
-        total = sum(p.numel() for p in handle.module.parameters())
-        st.markdown(f"{total:,} parameters  \n{handle.spec.num_classes} classes · "
-                    f"input {handle.spec.input_size[-1]} px")
+        else:
+            total = sum(p.numel() for p in handle.module.parameters())
+            st.markdown(f"{total:,} parameters  \n{handle.spec.num_classes} classes · "
+                        f"input {handle.spec.input_size[-1]} px")
+
+    def refresh() -> None:
+        with choices.container():
+            plan = st.session_state[PLAN]
+            st.caption("Freeze plan")
+            st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
+                        + f" · BN {plan['bn_policy']} · head LR {plan['head_lr']:g}")
+            st.caption("Data")
+            st.text(data_label())
+            if st.session_state[SELECTED_RUN]:
+                st.caption("Selected run")
+                st.markdown(code(st.session_state[SELECTED_RUN]))
+
+    refresh()
+    return refresh

@@ -8,11 +8,13 @@ as listing the folder.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.config import TrainConfig
 from engine.core.errors import DataError, EngineError
+from engine.core.hosting import hosted_limits, per_class_that_fits
 
 if TYPE_CHECKING:
     from engine.data.imageset import ImageSet
@@ -30,12 +32,24 @@ def check_split(train: list[int], val: list[int], test: list[int], max_per_class
                     "class" + (" (raise --max-per-class)." if cap else "."))
 
 
+def check_hosted_images(labels: list, used: int, config: TrainConfig) -> None:
+    """On a shared server a run uses at most ``HostedLimits.images`` images: say which per-class cap fits."""
+    limits = hosted_limits()
+    if limits is None or used <= limits.images:
+        return
+    counts = list(Counter(labels).values())
+    fits = per_class_that_fits(counts, limits.images)
+    if config.max_per_class:
+        fits = min(fits, config.max_per_class)
+    raise DataError(f"This app runs on a shared server (hosted mode), where a run uses at most {limits.images:,} "
+                    f"images; this one would use {used:,}. Set max images per class to {fits} "
+                    f"(--max-per-class {fits}) or use a smaller dataset.")
+
+
 def check_data(config: TrainConfig) -> ImageSet:
     """The data listed and checked as a run would read it, split included; returns the listing."""
     from engine.data.datasets import load_source, validate
     from engine.data.splits import split_all
-    from engine.training.setup import check_hosted_images
-
     ds = load_source(config.data, verify=False)
     report = validate(ds)
     if not report.ok:

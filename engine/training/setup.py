@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -21,7 +20,6 @@ from engine.anatomy.stages import model_stages
 from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
 from engine.core.faults import fault_point
-from engine.core.hosting import hosted_limits, per_class_that_fits
 from engine.core.memory import MemoryBudget, current_rss, detect_budget, format_size, inference_batch
 from engine.data.balance import balanced_sampler, class_weights
 from engine.data.datasets import TransformDataset, load_source, validate
@@ -46,7 +44,7 @@ from engine.training.epoch import Diverged, evaluate, evaluate_scores, train_one
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, refuse_uncached, uses_feature_cache
 from engine.training.micro import BatchPlan, plan_batches
 from engine.training.prefix_cache import cache_fits, prefix_cut, prefix_view
-from engine.training.preflight import check_split
+from engine.training.preflight import check_hosted_images, check_split
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -56,20 +54,6 @@ if TYPE_CHECKING:
     from engine.runs.events import Emit
     from engine.runs.store import RunDir
     from engine.training.state import TrainState
-
-
-def check_hosted_images(labels: list, used: int, config: TrainConfig) -> None:
-    """On a shared server a run uses at most ``HostedLimits.images`` images: say which per-class cap fits."""
-    limits = hosted_limits()
-    if limits is None or used <= limits.images:
-        return
-    counts = list(Counter(labels).values())
-    fits = per_class_that_fits(counts, limits.images)
-    if config.max_per_class:
-        fits = min(fits, config.max_per_class)
-    raise DataError(f"This app runs on a shared server (hosted mode), where a run uses at most {limits.images:,} "
-                    f"images; this one would use {used:,}. Set max images per class to {fits} "
-                    f"(--max-per-class {fits}) or use a smaller dataset.")
 
 
 @dataclass
