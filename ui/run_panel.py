@@ -9,7 +9,6 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine.core.files import read_json
 from engine.runs.background import request_cancel
 from engine.runs.store import RunDir
 from ui.errors import safe_fragment
@@ -51,9 +50,9 @@ def _curves(metrics: list[dict]) -> None:
                         key="lr")
 
 
-def _epochs(from_status: object, config: object) -> int:
+def _epochs(from_status: object, config: dict) -> int:
     """The epochs the run is to train: its status, else its config, else 1 (either file may be damaged)."""
-    wanted = config.get("epochs") if isinstance(config, dict) else None
+    wanted = config.get("epochs")
     for value in (from_status, wanted):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
@@ -65,7 +64,7 @@ def _panel(run: RunDir) -> None:
     state = status.state
     metrics = run.metrics()
     progress = status.progress
-    epochs = _epochs(status.epochs, read_json(run.config_path, {}))
+    epochs = _epochs(status.epochs, run.config_or_empty())
     if state == "queued" and status.queue_position:
         st.info(f"Queued: {md(status.reason)}. It starts by itself when the device is free.")
         if st.button("Cancel (leave the queue)", key=f"cancel-{run.run_id}"):
@@ -121,7 +120,7 @@ def run_progress(run: RunDir) -> tuple[str, str]:
         place = f" (number {status.queue_position} in line)" if status.queue_position else ""
         st.caption(f"Run {code(run.run_id)} is queued{place}: it starts by itself when the device is free.")
     elif status.active:
-        epochs = _epochs(status.epochs, read_json(run.config_path, {}))
+        epochs = _epochs(status.epochs, run.config_or_empty())
         progress = status.progress
         st.progress(progress.fraction(epochs) if progress else 0.0,
                     text=f"Run {code(run.run_id)}: " + md(progress.describe(epochs) if progress

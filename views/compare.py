@@ -8,7 +8,6 @@ import plotly.express as px
 import streamlit as st
 
 from engine.core.errors import EngineError
-from engine.core.files import read_json
 from engine.core.paths import runs_root
 from engine.freeze.plan import FreezePlan
 from engine.lab.compare import (
@@ -64,7 +63,7 @@ def demo_estimate(name: str) -> str:
 def queue_line() -> tuple:
     """How many jobs are ahead of a comparison started now, and the current comparison's progress."""
     active = active_runs(runs_root())
-    busy = {(read_json(r.config_path, {}) or {}).get("group") or r.run_id for r in active}  # a group is one job
+    busy = {r.config_or_empty().get("group") or r.run_id for r in active}  # a group is one job
     if busy:
         st.info(f"{len(busy)} training job{'s are' if len(busy) > 1 else ' is'} running or waiting on this machine: a "
                 "comparison you start now joins the queue and starts by itself when the device is free.")

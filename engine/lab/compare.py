@@ -12,7 +12,6 @@ from typing import Any
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
-from engine.core.files import read_json
 from engine.data.datasets import BUILTIN_FACTS
 from engine.freeze.plan import FreezePlan
 from engine.lab.advisor import Advice, recommend
@@ -58,12 +57,6 @@ def check_plans(base: TrainConfig, plans: dict[str, FreezePlan]) -> None:
     check_startable(base, plans)
 
 
-def _config(run: RunDir) -> dict[str, Any]:
-    """A run's config, or {} when config.json is unreadable (that run is listed as damaged elsewhere)."""
-    data = read_json(run.config_path, {})
-    return data if isinstance(data, dict) else {}
-
-
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -79,14 +72,14 @@ def _plan(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def group_runs(runs_root: str | Path, group: str) -> list[RunDir]:
-    runs = [r for r in list_runs(runs_root) if _config(r).get("group") == group]
-    return sorted(runs, key=lambda r: o if isinstance(o := _config(r).get("order", 0), int) else 0)
+    runs = [r for r in list_runs(runs_root) if r.config_or_empty().get("group") == group]
+    return sorted(runs, key=lambda r: o if isinstance(o := r.config_or_empty().get("order", 0), int) else 0)
 
 
 def list_groups(runs_root: str | Path) -> list[str]:
     seen: list[str] = []
     for run in list_runs(runs_root):
-        group = _config(run).get("group")
+        group = run.config_or_empty().get("group")
         if group and group not in seen:
             seen.append(group)
     return seen
@@ -96,7 +89,7 @@ def comparison_table(runs: list[RunDir]) -> list[dict[str, Any]]:
     """Final numbers per strategy: accuracy, time, trainable parameters, throughput."""
     rows = []
     for run in runs:
-        config = _config(run)
+        config = run.config_or_empty()
         metrics = run.metrics()
         best = max((m["val_acc"] for m in metrics), default=None)
         rows.append({
@@ -118,7 +111,7 @@ def curves(runs: list[RunDir]) -> list[dict[str, Any]]:
     """Long-format rows (strategy, epoch, wall-clock seconds, metric values) for overlay plots."""
     rows = []
     for run in runs:
-        label = _label(_config(run)) or run.run_id
+        label = _label(run.config_or_empty()) or run.run_id
         for m in run.metrics():
             rows.append({"strategy": label, "epoch": m["epoch"], "elapsed_s": m["elapsed_s"],
                          "val_acc": m["val_acc"], "val_loss": m["val_loss"], "train_loss": m["train_loss"]})

@@ -484,26 +484,21 @@ def _create(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...], bu
     return runs
 
 
-def _config(run: RunDir) -> dict[str, Any]:
-    data = read_json(run.config_path, {})
-    return data if isinstance(data, dict) else {}
-
-
 def is_race(run: RunDir) -> bool:
-    return isinstance(_config(run).get("race"), dict)
+    return isinstance(run.config_or_empty().get("race"), dict)
 
 
 def race_runs(runs_root: str | Path, group: str) -> list[RunDir]:
     """The runs of a race, in plan order."""
-    runs = [r for r in list_runs(runs_root) if _config(r).get("group") == group and is_race(r)]
-    return sorted(runs, key=lambda r: o if isinstance(o := _config(r).get("order", 0), int) else 0)
+    runs = [r for r in list_runs(runs_root) if r.config_or_empty().get("group") == group and is_race(r)]
+    return sorted(runs, key=lambda r: o if isinstance(o := r.config_or_empty().get("order", 0), int) else 0)
 
 
 def list_races(runs_root: str | Path) -> list[str]:
     """Race groups, newest first."""
     seen: list[str] = []
     for run in list_runs(runs_root):
-        group = _config(run).get("group")
+        group = run.config_or_empty().get("group")
         if group and group not in seen and is_race(run):
             seen.append(group)
     return seen
@@ -561,7 +556,7 @@ class Lane:
     @property
     def plan_name(self) -> str:
         """The race's name for this lane's plan ("fe", "full", ...)."""
-        race = _config(self.run).get("race")
+        race = self.run.config_or_empty().get("race")
         return str(race.get("plan", "")) if isinstance(race, dict) else ""
 
     @property
@@ -760,7 +755,7 @@ class RaceResult:
 
 
 def race_spec(runs: list[RunDir]) -> dict[str, Any]:
-    spec = _config(runs[0]).get("race") if runs else None
+    spec = runs[0].config_or_empty().get("race") if runs else None
     if not isinstance(spec, dict):
         raise EngineError("These runs are not a race.")
     return spec
@@ -772,7 +767,7 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
     budget in their config. ``say``: one line per slice, for a terminal."""
     spec = race_spec(runs)
     if any(r.metrics() or r.train_state_path.is_file() for r in runs):
-        raise EngineError(f"Race {_config(runs[0]).get('group')} has already run (its runs have epochs); "
+        raise EngineError(f"Race {runs[0].config_or_empty().get('group')} has already run (its runs have epochs); "
                           "start a new race.")
     budget, eta = float(spec["budget_s"]), int(spec.get("eta", ETA))
     sizes = rung_sizes(len(runs), eta)
@@ -853,7 +848,7 @@ def run_race(runs: list[RunDir], *, stop: Callable[[], bool] | None = None,
     winner.run.write_status(race_winner=True)
     order.append(winner)
     _write_places(order)
-    return RaceResult(group=str(_config(runs[0]).get("group")), status="finished",
+    return RaceResult(group=str(runs[0].config_or_empty().get("group")), status="finished",
                       winner=winner.run.run_id, seconds=round(time.perf_counter() - t0, 2),
                       budget_s=budget, leaderboard=leaderboard(runs), rungs=ended, rungs_planned=len(sizes),
                       out_of_time=spent, setup_s=round(setup_s, 2))
@@ -924,7 +919,7 @@ def _end_without_winner(runs: list[RunDir], lanes: list[Lane], t0: float, budget
         if lane.status == "running":
             lane.finish("cancelled", f"race: {why}")
         lane.write_race(outcome=f"No winner: {why}.")
-    return RaceResult(group=str(_config(runs[0]).get("group")), status=status, winner=None,
+    return RaceResult(group=str(runs[0].config_or_empty().get("group")), status=status, winner=None,
                       seconds=round(time.perf_counter() - t0, 2), budget_s=budget, leaderboard=leaderboard(runs),
                       setup_s=round(setup_s, 2), reason=f"No winner: {why}.", **result)
 
@@ -935,7 +930,7 @@ def _cancel(runs: list[RunDir], lanes: list[Lane], rung: int, t0: float, budget:
             lane.finish("cancelled", f"race cancelled during rung {rung + 1}")
     for run in runs:
         run.cancel_path.unlink(missing_ok=True)
-    return RaceResult(group=str(_config(runs[0]).get("group")), status="cancelled", winner=None,
+    return RaceResult(group=str(runs[0].config_or_empty().get("group")), status="cancelled", winner=None,
                       seconds=round(time.perf_counter() - t0, 2), budget_s=budget, leaderboard=leaderboard(runs),
                       reason="cancelled")
 
@@ -953,7 +948,7 @@ def leaderboard(runs: list[RunDir]) -> list[dict[str, Any]]:
         state = run.status()
         rows.append({
             "place": race.get("place") if metrics else None,
-            "strategy": _config(run).get("label"),
+            "strategy": run.config_or_empty().get("label"),
             "winner": bool(race.get("winner")) and bool(metrics),
             "rungs": race.get("rungs", 0),
             "out_after_rung": race.get("out_after"),
@@ -988,7 +983,7 @@ def race_curves(runs: list[RunDir]) -> list[dict[str, Any]]:
     """(plan, wall-clock seconds since the race started, validation accuracy) per closed epoch."""
     rows = []
     for run in runs:
-        label = _config(run).get("label") or run.run_id
+        label = run.config_or_empty().get("label") or run.run_id
         for m in run.metrics():
             rows.append({"strategy": label, "epoch": m["epoch"], "race_s": m["elapsed_s"], "val_acc": m["val_acc"],
                          "val_loss": m["val_loss"]})
@@ -1015,7 +1010,7 @@ def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
     from engine.training.run import _sigterm_as_interrupt
 
     device = TrainConfig.from_dict(runs[0].config()).device
-    held = lock or device_lock(device, holder=f"race {_config(runs[0]).get('group')}")
+    held = lock or device_lock(device, holder=f"race {runs[0].config_or_empty().get('group')}")
     for run in runs:  # this process races them (started again with --group, an earlier pid is dead): a
         run.write_status(pid=os.getpid(), pid_start=process_start(os.getpid()))  # status follows the live one
 
@@ -1033,7 +1028,7 @@ def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
                             cancelled=lambda: any(r.cancel_requested() for r in runs), report=report)
         except CancelledInQueue as exc:
             _end_all(runs, "cancelled", str(exc))
-            return RaceResult(group=str(_config(runs[0]).get("group")), status="cancelled", winner=None,
+            return RaceResult(group=str(runs[0].config_or_empty().get("group")), status="cancelled", winner=None,
                               seconds=0.0, budget_s=float(race_spec(runs)["budget_s"]), leaderboard=leaderboard(runs))
     elif lock is None:
         held.acquire()
@@ -1071,7 +1066,7 @@ def start_race_background(runs: list[RunDir], runs_root: str | Path) -> int:
     from engine.runs.background import spawn_engine
     from engine.runs.process import process_start
 
-    group = _config(runs[0])["group"]
+    group = runs[0].config_or_empty()["group"]
     for run in runs:
         run.cancel_path.unlink(missing_ok=True)
         run.write_status(state="queued", pid=None, reason="", queue_position=None)

@@ -38,23 +38,12 @@ def measured_speed(runs_root: str | Path, model: str, image_size: int | None, st
     """The training speed of the newest run (of the ``newest`` runs) with this model, image size and
     kind of plan, as its last epoch measured it; None when no such run trained here."""
     for run in list_runs(runs_root)[:newest]:
-        config = _config(run)
+        config = run.config_or_empty()
         plan = config.get("plan") if isinstance(config.get("plan"), dict) else {}
         if config.get("model") != model or config.get("image_size") != image_size or plan.get("strategy") != strategy:
             continue
-        try:
-            rows = run.metrics()
-        except (OSError, ValueError):  # a damaged metrics file: that run tells nothing
-            continue
-        for row in reversed(rows):
-            speed = row.get("images_per_s") if isinstance(row, dict) else None
-            if isinstance(speed, (int, float)) and speed > 0:
+        for row in reversed(run.metrics()):  # well-formed rows only (engine.runs.metrics_file), never raises
+            speed = row["images_per_s"]
+            if speed > 0:
                 return Speed(float(speed), run.run_id)
     return None
-
-
-def _config(run) -> dict:
-    from engine.core.files import read_json
-
-    data = read_json(run.config_path, {})
-    return data if isinstance(data, dict) else {}

@@ -107,6 +107,12 @@ class RunDir:
             raise RunError(f"Run {self.run_id} has no readable config.json.")
         return data
 
+    def config_or_empty(self) -> dict[str, Any]:
+        """The config, or {} when config.json is unreadable: for lists and tables, where such a run is
+        shown as damaged (``problems``) instead of failing the whole list."""
+        data = read_json(self.config_path, {})
+        return data if isinstance(data, dict) else {}
+
     def status(self) -> RunStatus:
         """Status with crash detection: an active run whose process is gone reads as 'interrupted'.
 
@@ -284,8 +290,7 @@ def _text_or_none(value: Any) -> str | None:
 
 
 def _describe(run: RunDir) -> RunSummary:
-    config = read_json(run.config_path, {})
-    config = config if isinstance(config, dict) else {}
+    config = run.config_or_empty()
     status = run.status()
     plan = config.get("plan") if isinstance(config.get("plan"), dict) else {}
     best = run.checkpoint_meta("best") or {}
