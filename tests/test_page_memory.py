@@ -132,3 +132,17 @@ def test_the_sidebar_shows_the_plan_of_the_click_that_changed_it(tmp_path, monke
     assert not at.exception
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
     assert "`feature-extraction`" in sidebar and "`full`" not in sidebar
+
+
+def test_every_number_field_of_the_url_is_guarded_before_streamlit_reads_it(tmp_path, monkeypatch):
+    """ui.state drops unreadable numbers (1e999) from the URL for the fields it lists; a new number field
+    on the Training page must be listed there too, or such a link breaks the page again."""
+    from ui.state import NUMERIC_FIELDS
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    at = app()
+    at.run()
+    at.switch_page("views/training.py").run()
+    bound = {n.key for n in at.number_input} - {"lr_find_steps"}  # the sweep's field is not in the URL
+    assert bound == set(NUMERIC_FIELDS)

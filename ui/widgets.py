@@ -41,7 +41,9 @@ CREATING = ("build", "upload")  # the Training page's ways to make a dataset; el
 
 
 def _mode_of(ref: str) -> str:
-    return ref if ref in ("digits", "lfw") else "folder"
+    from engine.data.library import BUILT_INS
+
+    return ref if ref in BUILT_INS else "folder"
 
 
 def _seed_mode(ref: str, stored_mode: str | None, modes: list[str]) -> str:
@@ -62,7 +64,7 @@ def pick_data_source(key: str = "data", *, create: bool = False) -> str | None:
     is what every other page starts from, and the Training page puts it in the URL. ``create``: also
     build a dataset here or upload a zip (the Training page). Returns what ``load_source`` reads, or
     None (with a hint) when nothing is picked yet; raises EngineError for a dataset that is gone."""
-    from engine.data.library import resolve_dataset
+    from engine.data.library import BUILT_INS, resolve_dataset
 
     ref = st.session_state.get(DATA) or "digits"
     modes = [m for m in MODES if create or m not in CREATING]
@@ -74,7 +76,7 @@ def pick_data_source(key: str = "data", *, create: bool = False) -> str | None:
     mode = modes[labels.index(st.radio("Data", labels, horizontal=True, key=mode_key))]
     if create:  # the Training page's way in (building, uploading) is its own; elsewhere a made one is a folder
         st.session_state[DATA_MODE] = mode
-    if mode in ("digits", "lfw"):
+    if mode in BUILT_INS:  # a built-in set: the mode is the dataset
         st.session_state[DATA] = mode
         return mode
     if mode == "build":
@@ -102,7 +104,7 @@ def _pick_listed(ref: str, key: str) -> str | None:
     labels = {e.ref: e.label for e in entries}
     folder_key = f"{key}_folder"
     if st.session_state.get(folder_key) not in refs:
-        if ref not in refs and ref not in ("digits", "lfw"):  # from a link, or deleted since: said, never read
+        if ref not in refs and _mode_of(ref) == "folder":  # from a link, or deleted since: said, never read
             from engine.data.library import dataset_label
 
             st.warning(f"The dataset {md(dataset_label(ref))} is not in this app's data folder (any more): pick one.")

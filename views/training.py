@@ -95,13 +95,15 @@ FIELD_OF = {"epochs": "epochs", "batch_size": "batch", "image_size": "size", "va
             "patience": "patience", "max_per_class": "per_class", "seed": "seed", "split_seed": "seed",
             "memory_budget": "budget", "micro_batch": "micro", "balance": "balance", "nproc": "batch"}
 slots: dict[str, object] = {}
+given: dict[str, tuple[str, object]] = {}  # key -> (label, value): what the range checks read
 
 
-def field(column, key: str, widget, *args, **kwargs):
+def field(column, key: str, widget, label: str, *args, **kwargs):
     """A setting kept across pages and in the URL, with a slot beneath it for what is wrong with it."""
     with column:
-        value = widget(*args, key=key, **KEEP, **kwargs)
+        value = widget(label, *args, key=key, **KEEP, **kwargs)
         slots[key] = st.empty()
+    given[key] = (label, value)
     return value
 
 
@@ -152,10 +154,8 @@ def _in_range(key: str, value, label: str) -> None:
 def current_config() -> TrainConfig:
     """What Start would train now (also what the LR finder sweeps); refused settings raise ConfigError
     naming the field."""
-    for key, value, label in (("epochs", epochs, "Epochs"), ("batch", batch, "Batch size"), ("size", size, "Image size"),
-                              ("val", val_fraction, "Validation share"), ("patience", patience, "Patience"),
-                              ("per_class", per_class, "Max images per class"), ("seed", seed, "Seed"),
-                              ("micro", micro, "Micro-batch")):
+    for key in RANGES:
+        label, value = given[key]
         _in_range(key, value, label)
     config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
                          batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),

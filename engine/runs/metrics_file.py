@@ -26,6 +26,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_epoch(value: Any) -> bool:
+    """An epoch number: a whole number from 1, never a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def row_problem(row: Any) -> str | None:
     """Why ``row`` is not a complete metrics row (missing keys named, wrong types), or None."""
     if not isinstance(row, dict):
@@ -33,8 +38,7 @@ def row_problem(row: Any) -> str | None:
     missing = [k for k in (*REQUIRED, *FILLED) if k not in row]
     if missing:
         return f"lacks {', '.join(missing)}"
-    epoch = row["epoch"]
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1):
+    if not _is_epoch(row["epoch"]):
         return "has an epoch that is not a whole number from 1"
     wrong = [k for k in (*REQUIRED[1:], *FILLED) if not _is_number(row[k])]
     if wrong:
@@ -50,8 +54,7 @@ def usable_row(row: Any) -> dict[str, Any] | None:
     OPTIONAL a number or None), or None when a required key is missing or of the wrong type."""
     if not isinstance(row, dict):
         return None
-    epoch = row.get("epoch")
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1):
+    if not _is_epoch(row.get("epoch")):
         return None
     if not all(_is_number(row.get(k)) for k in REQUIRED[1:]):
         return None
