@@ -127,14 +127,13 @@ def share_setup_in_url() -> None:
     restores it and a copied link hands it on. Only what differs from the defaults, so a plain URL
     stays plain; each parameter is sent only when it changes."""
     name, weights, _ = active()
+    changes = _plan_changes(st.session_state[PLAN])
     wanted = {
         "model": name if name != DEFAULT_MODEL else None,
         "weights": weights if weights in URL_WEIGHTS and weights != "packaged" else None,
-        "plan": json.dumps(_plan_changes(st.session_state[PLAN]), separators=(",", ":")) or None,
+        "plan": json.dumps(changes, separators=(",", ":")) if changes else None,
         "data": st.session_state[DATA] if st.session_state[DATA] != "digits" else None,
     }
-    if wanted["plan"] == "{}":
-        wanted["plan"] = None
     for key, value in wanted.items():
         if value is None:
             if key in st.query_params:

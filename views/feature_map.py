@@ -16,8 +16,11 @@ files, only for what was selected.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import plotly.express as px
 import plotly.graph_objects as go
@@ -197,23 +200,14 @@ def asked_for(request: tuple, images: int) -> None:
     st.stop()
 
 
-class timed:
+@contextmanager
+def timed(images: int) -> Iterator[None]:
     """Records the pace of a map that was really computed (a cached one takes no time and is not counted)."""
-
-    def __init__(self, images: int):
-        self.images = images
-
-    def __enter__(self):
-        import time
-
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        import time
-
-        took = time.perf_counter() - self.start
-        if exc[0] is None and took > 1.0:
-            st.session_state[PACE] = took / max(1, self.images)
+    start = time.perf_counter()
+    yield
+    took = time.perf_counter() - start  # not reached when the map failed: its time says nothing
+    if took > 1.0:
+        st.session_state[PACE] = took / max(1, images)
 
 
 st.title("Feature space")
