@@ -18,6 +18,7 @@ from engine.freeze.plan import FreezePlan
 from engine.lab.lr_find import SweepJob, start_sweep
 from ui.errors import show_error
 from ui.state import PLAN
+from ui.text import md
 
 JOB = "lr_find_job"  # this session's sweep: the path of its JSON file
 
@@ -52,11 +53,12 @@ def _progress(job: SweepJob, data: dict) -> None:
         pace = (time.time() - first["t"]) / (done - first["n"])
         left = f", about {max(1, round(pace * (steps - done)))} s left"
     text = (f"Sweep running: step {done} of {steps}{left}" if data.get("state") == "running" and done
-            else f"Sweep {data.get('state', 'queued')}: {data.get('reason') or 'waiting for the device'}")
+            else f"Sweep {md(data.get('state', 'queued'))}: {md(data.get('reason') or 'waiting for the device')}")
     st.progress(min(1.0, done / steps), text=text)
 
 
-def _show(job: SweepJob, live: bool = False) -> tuple:
+def _show(job: SweepJob) -> tuple:
+    """The sweep's progress, plot and result; returns its state (what the page around it depends on)."""
     data = job.status()
     state = data.get("state", "queued")
     plan = FreezePlan.from_dict(st.session_state[PLAN])
@@ -70,7 +72,7 @@ def _show(job: SweepJob, live: bool = False) -> tuple:
     if state == "finished":
         sweep = data.get("sweep") or {}
         suggestion = sweep.get("suggestion")
-        st.caption(f"{data.get('reason', '')}. Rule: {sweep.get('rule', '')}; the minimum's LR / 10 is "
+        st.caption(f"{md(data.get('reason', ''))}. Rule: {sweep.get('rule', '')}; the minimum's LR / 10 is "
                    f"{sweep.get('min_over_10') or 0:.1e}.")
         if suggestion is None:
             st.warning("No suggestion: the loss never fell in this range. Try other settings or a longer sweep.")
@@ -78,7 +80,7 @@ def _show(job: SweepJob, live: bool = False) -> tuple:
             st.session_state[PLAN] = FreezePlan.from_dict({**st.session_state[PLAN], "head_lr": float(f"{suggestion:.2e}")}).to_dict()
             st.rerun()  # the whole page: the settings, the sidebar and the URL show the new plan
     elif state in ("cancelled", "failed", "interrupted"):
-        st.warning(f"Sweep {state}: {data.get('reason', '')}")
+        st.warning(f"Sweep {md(state)}: {md(data.get('reason', ''))}")  # the reason may name the user's files
     return (state,)
 
 
@@ -121,4 +123,7 @@ def lr_finder(make_config: Callable[[], TrainConfig], enabled: bool) -> None:
         if JOB in st.session_state:
             job = SweepJob(st.session_state[JOB])
             running = job.status().get("state", "queued") in ACTIVE
-            live("lr_find", lambda: _show(job), active=running) if running else _show(job)
+            if running:
+                live("lr_find", lambda: _show(job), active=True)
+            else:
+                _show(job)
