@@ -35,6 +35,7 @@ def live(name: str, draw: Callable[[], Hashable], active: bool) -> None:
     safe_fragment(part, run_every=ACTIVE_EVERY if active else IDLE_EVERY)()
 
 
-def device_signature(runs: list, lock_free: bool, waiting: int) -> tuple:
-    """What the queue line of a page depends on: the active runs' states and places, the lock, the line."""
-    return (tuple((r.run_id, s.state, s.queue_position) for r in runs for s in [r.status()]), lock_free, waiting)
+def device_signature(statuses: dict, lock_free: bool, waiting: int) -> tuple:
+    """What the queue line of a page depends on: the active runs' states and places (``statuses``: run id
+    -> RunStatus, read once by the caller), the lock, the line."""
+    return (tuple((run_id, s.state, s.queue_position) for run_id, s in statuses.items()), lock_free, waiting)

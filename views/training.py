@@ -188,12 +188,12 @@ lr_finder(current_config, enabled=can_start)
 
 def device_status() -> tuple:
     """The queue line and the selected run's progress, beside Start; redrawn while anything runs."""
-    busy = active_runs(runs_root())
+    statuses = {r.run_id: r.status() for r in active_runs(runs_root())}  # read once: the line and the signature
     device_free = device_lock("auto").is_free()
     waiting = len(device_queue("auto").line())
-    if busy or not device_free:
-        running = [r for r in busy if r.status().state == "running"]
-        who = f"Run {running[0].run_id} is training" if running else "Another job (a training, a sweep or a race) is using this machine's device"
+    if statuses or not device_free:
+        running = [run_id for run_id, s in statuses.items() if s.state == "running"]
+        who = f"Run {running[0]} is training" if running else "Another job (a training, a sweep or a race) is using this machine's device"
         line = f"; {waiting} more wait{'s' if waiting == 1 else ''} in line" if waiting else ""
         st.info(f"{who}{line}. One training runs at a time on this machine: a run you start now waits in the "
                 f"queue (number {waiting + 1}) and starts by itself when the device is free.")
@@ -204,7 +204,7 @@ def device_status() -> tuple:
             shown = run_progress(open_run(runs_root(), selected))
         except EngineError:
             shown = None
-    return device_signature(busy, device_free, waiting), shown
+    return device_signature(statuses, device_free, waiting), shown
 
 
 def training_estimate() -> str:
