@@ -107,7 +107,7 @@ def lr_finder(make_config: Callable[[], TrainConfig], enabled: bool) -> None:
     with st.container(border=True):
         st.markdown("**Find a learning rate**")
         left, right = st.columns([1, 3], vertical_alignment="bottom")
-        steps = int(left.number_input("Sweep steps", 20, 1000, 100, step=20, key="lr_find_steps"))
+        steps = int(left.number_input("Sweep steps", 20, 1000, 100, step=20, key="lr_find_steps", persist_state="session"))
         right.caption(f"An exponential sweep of the head learning rate over {steps} steps (one batch each) on a "
                       "fresh copy of the model, with your freeze plan (every stage keeps its LR ratio to the head). "
                       "Nothing is saved to a run; it waits for the device like a training."

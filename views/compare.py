@@ -56,8 +56,8 @@ def demo_estimate(name: str) -> str:
     images = 1437 * base.epochs  # digits: 80% of 1,797 images train, each epoch (validation adds a little)
     speeds = [measured_speed(runs_root(), name, base.image_size, plan.strategy) for plan in demo_plans().values()]
     if any(s is None for s in speeds):
-        return "no estimate yet: its first run here measures this machine"
-    return f"about {format_duration(sum(s.seconds(images) for s in speeds))} of training on this machine"
+        return "No estimate yet: the demo's first run here measures this machine."
+    return f"Estimate: about {format_duration(sum(s.seconds(images) for s in speeds))} of training on this machine."
 
 
 def queue_line() -> tuple:
@@ -89,14 +89,15 @@ def queue_line() -> tuple:
 left, right = st.columns(2)
 with left:
     name, weights, _ = active()
+    estimate = demo_estimate(name)  # read once: it lists the runs and their metrics
     if st.button("Run the default demo (digits, 96 px, 2 epochs each)", type="primary",
-                 help=f"Feature extraction against full fine-tuning: {demo_estimate(name)}."):
+                 help=f"Feature extraction against full fine-tuning. {estimate}"):
         base = demo_config()
         try:
             launch(replace(base, model=name, weights=weights), demo_plans())
         except EngineError as exc:
             show_error(exc)
-    st.caption(f"Estimate: {demo_estimate(name)}.")
+    st.caption(estimate)
 with right:
     with st.popover("Custom comparison"):
         try:
