@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import ROOT
 from tests.test_app import TINY, by_label
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    """Runs and data of these tests go to a temp folder, never the project's."""
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
 
 
 def app(query: dict[str, str] | None = None) -> AppTest:
@@ -28,9 +36,7 @@ def _shapes(root) -> None:
             Image.new("RGB", (16, 16), colour).save(root / "shapes" / cls / f"{i}.png")
 
 
-def test_the_training_setup_survives_another_page_and_the_shared_data_follows(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+def test_the_training_setup_survives_another_page_and_the_shared_data_follows(tmp_path):
     _shapes(tmp_path / "data")
     at = app()
     at.run()
@@ -57,9 +63,7 @@ def test_the_training_setup_survives_another_page_and_the_shared_data_follows(tm
     assert "shapes (folder)" in sidebar
 
 
-def test_a_refresh_restores_the_plan_model_and_data_from_the_url(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+def test_a_refresh_restores_the_plan_model_and_data_from_the_url(tmp_path):
     _shapes(tmp_path / "data")
     at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=180)  # a new session: nothing set
     for key, value in {"model": TINY, "weights": "none", "data": "folder:shapes", "epochs": "3",
@@ -77,9 +81,7 @@ def test_a_refresh_restores_the_plan_model_and_data_from_the_url(tmp_path, monke
     assert "head LR 0.00148" in sidebar
 
 
-def test_a_hostile_url_is_ignored_not_an_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+def test_a_hostile_url_is_ignored_not_an_error(tmp_path):
     _shapes(tmp_path / "data")
     at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=180)
     for key, value in {"model": "timm:no_such_model", "weights": "/etc/passwd", "plan": "[" * 1999,
@@ -102,9 +104,7 @@ def test_a_hostile_url_is_ignored_not_an_error(tmp_path, monkeypatch):
     assert by_label(at.button, "Start training").disabled
 
 
-def test_a_refused_setting_is_said_beside_it_and_nothing_is_written(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+def test_a_refused_setting_is_said_beside_it_and_nothing_is_written(tmp_path):
     _shapes(tmp_path / "data")
     at = app({"data": "folder:shapes"})
     at.run()
@@ -121,9 +121,7 @@ def test_a_refused_setting_is_said_beside_it_and_nothing_is_written(tmp_path, mo
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no failed run left
 
 
-def test_the_sidebar_shows_the_plan_of_the_click_that_changed_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+def test_the_sidebar_shows_the_plan_of_the_click_that_changed_it(tmp_path):
     at = app()
     at.run()
     at.switch_page("views/freeze_configurator.py").run()
@@ -134,13 +132,11 @@ def test_the_sidebar_shows_the_plan_of_the_click_that_changed_it(tmp_path, monke
     assert "`feature-extraction`" in sidebar and "`full`" not in sidebar
 
 
-def test_every_number_field_of_the_url_is_guarded_before_streamlit_reads_it(tmp_path, monkeypatch):
+def test_every_number_field_of_the_url_is_guarded_before_streamlit_reads_it(tmp_path):
     """ui.state drops unreadable numbers (1e999) from the URL for the fields it lists; a new number field
     on the Training page must be listed there too, or such a link breaks the page again."""
     from ui.state import NUMERIC_FIELDS
 
-    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
     at = app()
     at.run()
     at.switch_page("views/training.py").run()
