@@ -4,6 +4,7 @@ The pages live in views/ (a folder Streamlit does not auto-discover); this file 
 """
 import streamlit as st
 
+from ui.charts import charts_after_controls
 from ui.errors import report_unexpected
 from ui.state import init_state
 from ui.threads import set_app_threads
@@ -31,10 +32,11 @@ try:
 except Exception as exc:  # noqa: BLE001 - the boundary: no traceback or server path ever reaches a browser
     report_unexpected(exc)
     refresh_sidebar = None
-try:
-    navigation.run()
-except Exception as exc:  # noqa: BLE001 - the same boundary
-    report_unexpected(exc)
-else:
-    if refresh_sidebar is not None:  # what this rerun's click changed (a page that stopped early changed nothing)
-        refresh_sidebar()
+with charts_after_controls():  # a tab's first charts come after the page's controls (ui/charts.py)
+    try:
+        navigation.run()
+    except Exception as exc:  # noqa: BLE001 - the same boundary
+        report_unexpected(exc)
+    else:
+        if refresh_sidebar is not None:  # what this rerun's click changed (a page that stopped early changed nothing)
+            refresh_sidebar()

@@ -60,6 +60,7 @@ def start_app(tmp: Path, env: dict[str, str] | None = None) -> ServedApp:
     port = _free_port()
     runs, log = tmp / "runs", tmp / "streamlit.log"
     env = {**os.environ, "WORKBENCH_RUNS": str(runs), "WORKBENCH_DATA": str(tmp / "data"), **(env or {})}
+    env.pop("WORKBENCH_FIRST_CHART_PAUSE_S", None)  # a browser draws this app: the pause as users get it
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
@@ -145,6 +146,45 @@ def browser_page():
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         yield page
         browser.close()
+
+
+# when a text (or the first Plotly chart, "chart") is first painted, on the page's own clock (0: the
+# navigation's start): a MutationObserver sees it enter the page and the next animation frame is when
+# the browser paints it. A playwright wait reads later than the screen: its checks run on the page's main
+# thread, which may be busy evaluating code just after the paint.
+_PAINT_WATCH = """
+window.__painted = {};
+const watch = new MutationObserver(() => {
+  const text = document.body ? document.body.innerText : "";
+  const seen = (key) => {
+    window.__painted[key] = -1;
+    requestAnimationFrame(() => { window.__painted[key] = performance.now(); });
+  };
+  for (const marker of MARKERS) if (!(marker in window.__painted) && text.includes(marker)) seen(marker);
+  if (!("chart" in window.__painted) && document.querySelector(".js-plotly-plot")) seen("chart");
+});
+document.addEventListener("DOMContentLoaded", () =>
+  watch.observe(document.body, {childList: true, subtree: true, characterData: true}));
+"""
+
+
+def watch_paints(context, markers: list[str]):
+    """A new tab that records when each of ``markers`` (and the first chart) is painted: see painted_at."""
+    import json
+
+    page = context.new_page()
+    page.add_init_script(_PAINT_WATCH.replace("MARKERS", json.dumps(markers)))
+    return page
+
+
+def painted_at(page, marker: str) -> float:
+    """Milliseconds on the page's clock when ``marker`` (a watched text, or "chart") was first painted."""
+    if marker == "chart":
+        page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+    else:
+        page.get_by_text(marker).first.wait_for(timeout=120_000)
+    page.wait_for_function("m => window.__painted[m] > 0", arg=marker, timeout=30_000)
+    return page.evaluate("m => window.__painted[m]", marker)
 
 
 IDLE = ("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"

@@ -10,6 +10,8 @@ import pytest
 # Tests never reach a hub: make that explicit so nothing waits on network retries.
 os.environ.setdefault("WORKBENCH_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# AppTest runs pages without a browser: no pause before a session's first charts (ui/charts.py)
+os.environ.setdefault("WORKBENCH_FIRST_CHART_PAUSE_S", "0")
 # The device lock is machine-wide: tests take it in a folder of their own, not a developer's app's.
 os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp(prefix="workbench-test-locks-"))
 

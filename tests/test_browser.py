@@ -136,3 +136,25 @@ def test_a_race_from_the_compare_page_then_its_winner_on_the_feature_map(served_
     settle(page)
     _no_exception(page)
     assert "1280-D features" in page.inner_text("body")
+
+
+def test_a_new_tab_paints_the_controls_before_its_first_chart(served_app, browser_page):
+    """Opening a page with charts in a new tab: its controls are painted before the tab's first Plotly
+    chart, whose code (4.7 MB of JavaScript) would otherwise hold the whole page back for about a second
+    (ui/charts.py; bench/first_visit.py times it)."""
+    from tests.browser_support import painted_at, watch_paints
+
+    context = browser_page.context.browser.new_context(viewport={"width": 1400, "height": 1000})
+    for path, control in [("training", "Start training"), ("runs", "Delete run")]:
+        page = watch_paints(context, [control])
+        try:
+            page.goto(f"{served_app}/{path}")
+            controls, first_chart = painted_at(page, control), painted_at(page, "chart")
+            _wait_ready(page)
+            _no_exception(page)
+        finally:
+            page.close()
+        # measured: controls 1.0-1.6 s before the chart; each page drew its chart first, or with them, before
+        assert controls + 200 < first_chart, f"{path}: the chart was painted at {first_chart:.0f} ms, with or " \
+                                             f"before its controls at {controls:.0f} ms"
+    context.close()

@@ -16,6 +16,7 @@ from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.freeze.plan import FreezePlan
 from engine.lab.lr_find import SweepJob, start_sweep
+from ui.charts import chart
 from ui.errors import show_error
 from ui.state import PLAN
 from ui.text import md
@@ -33,7 +34,7 @@ def _plot(points: list, suggestion: float | None, head_lr: float) -> None:
                   annotation_position="bottom right")
     upper = frame["loss"].iloc[: max(3, len(frame) // 10)].max() * 1.5  # a blown-up tail would flatten the rest
     fig.update_yaxes(range=[frame["loss"].min() * 0.95, upper])
-    st.plotly_chart(fig, key="lr-find-plot")
+    chart(st, fig, key="lr-find-plot")
 
 
 ACTIVE = ("queued", "running")

@@ -37,6 +37,7 @@ from engine.lab.race import (
     start_race_background,
 )
 from engine.runs.background import request_cancel
+from ui.charts import chart
 from ui.errors import safe_fragment, show_error
 from ui.state import SELECTED_RUN, active
 from ui.widgets import pick_data_source
@@ -193,7 +194,7 @@ def _race_panel(group: str) -> None:
                       labels={"race_s": "seconds since the race started", "val_acc": "validation accuracy"})
         fig.add_vline(x=budget, line_dash="dot", line_color="gray", annotation_text="budget")
         fig.update_yaxes(range=[0, 1])
-        st.plotly_chart(fig, key="race_curves")
+        chart(st, fig, key="race_curves")
     st.dataframe(board_frame(leaderboard(runs)), hide_index=True)
     _outcome(runs, record)
 

@@ -11,6 +11,7 @@ import streamlit as st
 
 from engine.runs.background import request_cancel
 from engine.runs.store import RunDir
+from ui.charts import chart
 from ui.errors import safe_fragment
 from ui.text import code, md
 
@@ -40,14 +41,14 @@ def _curves(metrics: list[dict]) -> None:
         present = _plotted(frame, curves)
         if present:
             long = frame.melt(id_vars="epoch", value_vars=present, var_name="curve", value_name=value)
-            where.plotly_chart(px.line(long, x="epoch", y=value, color="curve", markers=True, title=title),
-                               key=value if value == "loss" else "acc")
+            chart(where, px.line(long, x="epoch", y=value, color="curve", markers=True, title=title),
+                     key=value if value == "loss" else "acc")
     lrs = pd.DataFrame([{"epoch": m.get("epoch"), "group": str(g), "lr": v} for m in metrics
                         if isinstance(m, dict) and isinstance(m.get("lr"), dict) for g, v in m["lr"].items()
                         if str(g).endswith("/decay") or "/" not in str(g)])
     if not lrs.empty:
-        c3.plotly_chart(px.line(lrs, x="epoch", y="lr", color="group", markers=True, title="Learning rate (per group)"),
-                        key="lr")
+        chart(c3, px.line(lrs, x="epoch", y="lr", color="group", markers=True, title="Learning rate (per group)"),
+              key="lr")
 
 
 def _epochs(from_status: object, config: dict) -> int:

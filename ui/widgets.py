@@ -7,6 +7,7 @@ import streamlit as st
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from ui.cache import load_model
+from ui.charts import stop_page
 from ui.state import DATA, DATA_MODE, PLAN, SELECTED_RUN, active, weights_label
 from ui.text import code, md
 
@@ -26,7 +27,7 @@ def pick_trained_run(label: str = "Run"):
                 st.markdown(f"{code(r.run_id)}: {md('; '.join(problems))}")
     if not runs:
         st.info("No trained run yet: train one on the Training or Compare page.")
-        st.stop()
+        stop_page()
     ids = [r.run_id for r in runs]
     selected = st.session_state.get(SELECTED_RUN)
     pick = st.selectbox(label, ids, index=ids.index(selected) if selected in ids else 0,

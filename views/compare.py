@@ -23,6 +23,7 @@ from engine.lab.compare import (
 from engine.lab.race import list_races
 from engine.runs.background import request_cancel, start_group_background
 from engine.runs.store import active_runs
+from ui.charts import chart, stop_page
 from ui.errors import safe_fragment, show_error
 from ui.live import live
 from ui.race_panel import race_launcher, race_view
@@ -127,7 +128,7 @@ races = set(list_races(runs_root()))
 groups = [g for g in list_groups(runs_root()) if g not in races]  # races are shown by race_view
 if not groups:
     st.info("No comparison yet: run the demo.")
-    st.stop()
+    stop_page()
 current = st.session_state.get(GROUP)
 group = st.selectbox("Comparison", groups, index=groups.index(current) if current in groups else 0)
 st.session_state[GROUP] = group
@@ -155,8 +156,8 @@ def panel() -> None:
                            title="Validation accuracy per epoch", range_y=[0, 1])
         by_time = px.line(points, x="elapsed_s", y="val_acc", color="strategy", markers=True, range_y=[0, 1],
                           title="Validation accuracy per second of training", labels={"elapsed_s": "wall-clock seconds"})
-        c1.plotly_chart(by_epoch, key="by_epoch")
-        c2.plotly_chart(by_time, key="by_time")
+        chart(c1, by_epoch, key="by_epoch")
+        chart(c2, by_time, key="by_time")
     st.dataframe(table, hide_index=True)
     done = table.dropna(subset=["best_val_acc"]) if not table.empty else table
     if len(done) >= 2 and not running:

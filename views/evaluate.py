@@ -11,6 +11,7 @@ from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from ui import overrides as overrides_ui
 from ui.cache import mislabeled_for, report_for, val_image
+from ui.charts import chart, stop_page
 from ui.errors import public_message, show_error
 from ui.gradcam import explained, upload_refusal, validation_images
 from ui.text import md, plot_labels
@@ -41,7 +42,7 @@ try:
     report = report_for(str(run.path), mtime, tta)
 except EngineError as exc:
     show_error(exc)
-    st.stop()
+    stop_page()
 config = TrainConfig.from_dict(run.config())
 names = report.class_names
 if report.tta:  # without and with TTA side by side, from the same forward passes
@@ -81,7 +82,7 @@ with left:
     fig.update_yaxes(type="category")
     fig.update_layout(title="Confusion matrix (click a cell)", xaxis_title="predicted", yaxis_title="true",
                       yaxis_autorange="reversed", height=460)
-    event = st.plotly_chart(fig, key="confusion", on_select="rerun", selection_mode="points")
+    event = chart(st, fig, key="confusion", on_select="rerun", selection_mode="points")
     picked = [(named.get(str(pt.get("y")), str(pt.get("y"))), named.get(str(pt.get("x")), str(pt.get("x"))))
               for pt in (event.selection.points if event else [])]
     if picked and picked[0] != st.session_state.get("ev_last_cell"):
@@ -91,7 +92,7 @@ with right:
     st.dataframe(pd.DataFrame(report.per_class).round(3), hide_index=True, height=260)
     conf = pd.DataFrame([{"confidence": c, "answer": "correct"} for c in report.confidence["correct"]]
                         + [{"confidence": c, "answer": "wrong"} for c in report.confidence["wrong"]])
-    st.plotly_chart(px.histogram(conf, x="confidence", color="answer", nbins=20, barmode="overlay",
+    chart(st, px.histogram(conf, x="confidence", color="answer", nbins=20, barmode="overlay",
                                  title="Confidence of right and wrong answers (calibration at a glance)"))
 
 st.subheader("Misclassified validation images")

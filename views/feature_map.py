@@ -5,7 +5,7 @@ run's own validation images. The score is the leave-one-out k-NN accuracy in the
 (engine.lab.feature_map); the 2-D picture is only a projection of it.
 
 Images and the hover: the hover names each point's file and class, and a click, box or lasso
-selection (``st.plotly_chart(on_select="rerun")``) shows the selected images below the map, decoded
+selection (Streamlit's ``on_select="rerun"`` on the chart) shows the selected images below the map, decoded
 reduced through the engine (``ImageSet.image(i, target=...)``, at most ``THUMBS`` of ``THUMB_PX`` px).
 Not a picture inside the hover: plotly.js draws hover labels from a short whitelist of tags (b, i,
 br, span, a, sub, sup, em), so an ``<img>`` in a hovertemplate is dropped and a base64 thumbnail in
@@ -31,6 +31,7 @@ from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from engine.data.stamp import source_stamp
 from ui.cache import load_model, model_feature_map, run_feature_maps, umap_problem, val_image
+from ui.charts import chart, stop_page
 from ui.errors import public_message, show_error
 from ui.state import active, weights_label
 from ui.text import md, plot, plot_labels
@@ -108,7 +109,7 @@ def _plot(fmap, heading: str, data: str, key: str, where, work_dir: str | None =
     folder, ``work_dir``, as it trained on it, so the map's indices name the same images)."""
     fig, positions = _figure(fmap, heading)
     with where:
-        event = st.plotly_chart(fig, key=key, on_select="rerun", selection_mode=("points", "box", "lasso"))
+        event = chart(st, fig, key=key, on_select="rerun", selection_mode=("points", "box", "lasso"))
         picked = _selected(event, positions)
         if not picked:
             st.caption("Hover a point for its file; click, box or lasso points to see their images.")
@@ -197,7 +198,7 @@ def asked_for(request: tuple, images: int) -> None:
         return
     st.caption(f"Nothing is computed until you ask: drawing reads up to {images} images through the model "
                f"({estimate}).")
-    st.stop()
+    stop_page()
 
 
 @contextmanager
@@ -234,7 +235,7 @@ if mode == "a pretrained model":
         own = int(load_model(name, weights, classes).spec.input_size[-1])  # the sidebar's model, cached
     except Exception as exc:  # noqa: BLE001 - over the hosted caps, offline hub, bad file: a message
         show_error(exc)
-        st.stop()
+        stop_page()
     limits = hosted_limits()
     top = limits.image_size if limits else 512
     if st.session_state.get("fm_size_model", name) != name:  # another model: start from its own size
@@ -251,7 +252,7 @@ if mode == "a pretrained model":
     size = int(d2.number_input("Image size (px)", 32, top, step=16, key="fm_size",
                                help=f"{name} was built for {own} px; smaller is faster."))
     if data is None:
-        st.stop()
+        stop_page()
     st.caption(f"Active model **{name}** · weights `{weights_label(weights)}` (change it on the Model Explorer)")
     try:
         stamp = source_stamp(data)  # the data as it stands: a relabel or an exclusion maps again
@@ -260,7 +261,7 @@ if mode == "a pretrained model":
             fmap = model_feature_map(name, weights, data, size, method, k, max_images, stamp)
     except Exception as exc:  # noqa: BLE001 - no data, unreadable data, a model that cannot run: a message
         show_error(exc)
-        st.stop()
+        stop_page()
     left, right = st.columns([3, 2])
     _plot(fmap, "pretrained", data, "fm_plot_model", left, stamp=stamp)
     right.caption(votes_line(fmap.k, k, fmap.labels))
@@ -275,7 +276,7 @@ else:
             before, after = run_feature_maps(str(run.path), mtime, method, k, max_images)
     except Exception as exc:  # noqa: BLE001 - data gone or unreadable since training: a message
         show_error(exc)
-        st.stop()
+        stop_page()
     st.caption(f"{md(before.model)} beside {md(after.model)}, on the same {len(after.labels)} validation images; "
                f"{votes_line(after.k, k, after.labels)}")
     left, right = st.columns(2)

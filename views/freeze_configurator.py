@@ -14,6 +14,7 @@ from engine.data.transforms import eval_transform
 from engine.freeze.plan import FreezePlan
 from engine.lab.advisor import batchnorm_train_eval_gap, estimate_similarity, recommend
 from ui.cache import dataset_overview, dataset_sample, freeze_preview, load_model
+from ui.charts import chart, stop_page
 from ui.errors import show_error
 from ui.state import PLAN, active
 from ui.text import md
@@ -68,7 +69,7 @@ try:
     pretrained_classes = load_model(name, weights, None).spec.num_classes
 except EngineError as exc:
     show_error(exc)
-    st.stop()
+    stop_page()
 current = FreezePlan.from_dict(st.session_state[PLAN])
 stage_names = [s["name"] for s in freeze_preview(name, weights, counted, json.dumps(FreezePlan.default().to_dict()))["stages"]]
 backbone = [s for s in stage_names if s != "head"]
@@ -112,7 +113,7 @@ try:
     report = freeze_preview(name, weights, counted, json.dumps(plan.to_dict()))
 except (EngineError, ValueError) as exc:
     show_error(exc if isinstance(exc, EngineError) else EngineError(f"Unreadable unfreezing schedule: {exc}"))
-    st.stop()
+    stop_page()
 st.session_state[PLAN] = plan.to_dict()
 
 with right:
@@ -125,7 +126,7 @@ with right:
     fig = go.Figure([go.Bar(name="trainable", x=rows["name"], y=rows["trainable"], marker_color="#2f6fde"),
                      go.Bar(name="frozen", x=rows["name"], y=rows["frozen"], marker_color="#b8c2cc")])
     fig.update_layout(barmode="stack", title="Parameters per stage", yaxis_title="parameters", height=360)
-    st.plotly_chart(fig)
+    chart(st, fig)
     rows["lr"] = rows["lr"].map(lr_text)
     rows["BN fixed"] = rows["bn_fixed"].astype(str) + "/" + rows["bn_layers"].astype(str)
     st.dataframe(rows[["name", "params", "trainable", "lr", "BN fixed"]], hide_index=True)

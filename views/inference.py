@@ -10,6 +10,7 @@ from engine.core.paths import runs_root
 from engine.outputs.predict import predict_sources
 from engine.runs.store import usable_runs
 from ui.cache import load_model, load_trained
+from ui.charts import chart, stop_page
 from ui.errors import public_message, show_error
 from ui.state import SELECTED_RUN, active
 from ui.text import md, plot_labels
@@ -49,7 +50,7 @@ try:
         handle = load_model(*active())
 except EngineError as exc:
     show_error(exc)
-    st.stop()
+    stop_page()
 st.caption(f"{md(handle.spec.name)} · {handle.spec.num_classes} classes · input {handle.spec.input_size[-1]} px")
 
 files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], accept_multiple_files=True)
@@ -66,7 +67,7 @@ if shot is not None:
     sources.append(("camera.jpg", shot.getvalue()))
 if not sources:
     st.info("Upload one or more images to see predictions.")
-    st.stop()
+    stop_page()
 
 # Every upload is decoded once, bounded and reduced, by the engine (engine.data.images.open_image); the
 # page shows that thumbnail, never the raw bytes (Streamlit would decode a huge file at full size).
@@ -75,7 +76,7 @@ try:
     results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX, tta=tta)
 except EngineError as exc:
     show_error(exc)
-    st.stop()
+    stop_page()
 bad = [r for r in results if r.error]
 if bad:
     st.warning(f"{len(bad)} file(s) could not be read:")
@@ -86,4 +87,4 @@ for slot, result in enumerate(results):
         continue
     left, right = st.columns([1, 3])
     left.image(result.preview, caption=result.file, width="stretch")
-    right.plotly_chart(probability_chart(result.topk, tta), key=f"pred-{slot}")
+    chart(right, probability_chart(result.topk, tta), key=f"pred-{slot}")

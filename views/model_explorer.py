@@ -10,6 +10,7 @@ import streamlit as st
 from engine.core.errors import EngineError
 from engine.freeze.plan import FreezePlan
 from ui.cache import catalog_rows, freeze_preview, load_model, model_summary
+from ui.charts import chart, stop_page
 from ui.errors import show_error
 from ui.state import ACTIVE_CLASSES, ACTIVE_MODEL, ACTIVE_WEIGHTS, active, weights_label
 from ui.text import code, md
@@ -53,7 +54,7 @@ try:
     handle = load_model(name, weights, classes)
 except EngineError as exc:
     show_error(exc)
-    st.stop()
+    stop_page()
 
 spec = handle.spec
 st.subheader(f"{md(spec.name)} · weights {code(weights_label(weights))}")
@@ -62,7 +63,7 @@ try:
     summary = model_summary(name, weights, classes, int(size))
 except Exception as exc:  # some architectures only accept their own input size
     show_error(exc)
-    st.stop()
+    stop_page()
 
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Parameters", f"{summary['total_params']:,}")
@@ -92,7 +93,7 @@ st.dataframe(table, hide_index=True, height=420)
 stages = freeze_preview(name, weights, classes, json.dumps(FreezePlan.default().to_dict()))["stages"]
 fig = px.bar(pd.DataFrame(stages), x="name", y="params", hover_data=["modules"],
              title="Parameters per stage (what freezing acts on)", labels={"name": "stage", "params": "parameters"})
-st.plotly_chart(fig)
+chart(st, fig)
 
 st.markdown("#### Open a module")
 paths = [r["name"] for r in summary["modules"] if r["name"] and r["children"]]

@@ -20,6 +20,7 @@ from engine.outputs.onnx_export import onnx_package
 from engine.runs.bundle import export_bundle, import_bundle
 from engine.runs.store import RunDir, delete_run, list_runs, open_run
 from ui.cache import load_trained, script_problem
+from ui.charts import chart, stop_page
 from ui.errors import contained, public_message, show_error
 from ui.run_table import run_table
 from ui.state import SELECTED_RUN
@@ -166,7 +167,7 @@ def _overlay(runs: list[RunDir], chosen: list[str]) -> None:
             fig = px.line(shown, x="epoch", y=key, color="run", markers=True, title=title, hover_data=["run id"],
                           **extra)
             fig.update_layout(legend={"title": {"text": "run"}})
-            where.plotly_chart(fig, key=f"ov_{key}")
+            chart(where, fig, key=f"ov_{key}")
 
 
 def _has_written_metrics(run: RunDir) -> bool:
@@ -244,7 +245,7 @@ contained(_import_section)
 runs = list_runs(runs_root())
 if not runs:
     st.info("No runs yet: train one on the Training or Compare page.")
-    st.stop()
+    stop_page()
 run_table(runs)
 
 ids = [r.run_id for r in runs]

@@ -28,6 +28,7 @@ from engine.runs.store import active_runs, create_run, extend_run, list_runs, op
 from engine.training.preflight import check_startable
 from engine.training.run import check_resumable
 from ui.cache import dataset_overview
+from ui.charts import chart
 from ui.errors import show_error
 from ui.live import device_signature, live
 from ui.lr_finder import lr_finder
@@ -58,7 +59,7 @@ if overview:  # every name below comes from the user's files: escaped (ui.text) 
     left, right = st.columns([2, 3])
     balance = px.bar(counts, x="class", y="images", title=f"{overview['n_images']} images")
     balance.update_xaxes(type="category")
-    left.plotly_chart(balance)
+    chart(left, balance)
     ratio = overview.get("imbalance") or {}
     if ratio:
         left.caption(imbalance_line(ratio))
