@@ -128,8 +128,8 @@ def test_the_app_says_hosted_mode_and_caps_its_widgets(hosted, tmp_path, monkeyp
 
 def test_the_served_limits_fit_the_box_and_the_readme_states_them(tmp_path):
     """On a 2.7 GB box the app's share and a training's default budget add up to the box, an upload
-    (held in the server's memory while its page has it) stays a small part of it, and the README's
-    deploy section names the values config.toml sets."""
+    (held in the server's memory while its page has it) stays a small part of it, and the docs say
+    so: docs/deploying.md names the values config.toml sets, docs/limits.md the upload limit."""
     import tomllib
 
     from engine.core.memory import APP_SHARE, detect_budget
@@ -142,6 +142,6 @@ def test_the_served_limits_fit_the_box_and_the_readme_states_them(tmp_path):
     assert budget.bytes + APP_SHARE == box and "cgroup memory.max 2.70 GB" in budget.source
     server = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())["server"]
     assert server["maxUploadSize"] * 2**20 <= 0.05 * box and server["maxMessageSize"] * 2**20 <= 0.05 * box
-    readme = (ROOT / "README.md").read_text()
-    assert f"maxUploadSize = {server['maxUploadSize']}" in readme and f"maxMessageSize = {server['maxMessageSize']}" in readme
-    assert f"up to {server['maxUploadSize']} MB per upload" in readme
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
+    assert f"maxUploadSize = {server['maxUploadSize']}" in deploying and f"maxMessageSize = {server['maxMessageSize']}" in deploying
+    assert f"up to {server['maxUploadSize']} MB per upload" in (ROOT / "docs" / "limits.md").read_text()

@@ -9,7 +9,7 @@ would; when a rank dies, torchrun stops the others and the launcher writes why i
 
 Several machines: start torchrun yourself on each (``--nnodes``, ``--rdzv-endpoint``) with the same
 ``python -m engine train ... --_rank-worker`` arguments; rank 0 creates the run folder
-(README: "Scaling out").
+(docs/scaling-out.md).
 """
 from __future__ import annotations
 
