@@ -42,8 +42,8 @@ from engine.models.factory import create_model
 from engine.outputs import script_template as tpl
 from engine.outputs.code import TEMPLATE_PATH, generate_script, script_settings, template_setting_names
 from engine.runs.store import create_run
-from engine.training.epoch import lr_factor
 from engine.training.loop import fit
+from engine.training.policies import lr_factor
 from tests.conftest import ROOT
 
 DIGITS = [str(i) for i in range(10)]

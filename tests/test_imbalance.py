@@ -28,9 +28,10 @@ from engine.lab.advisor import recommend
 from engine.outputs.evaluate import evaluation_report
 from engine.runs.load import load_run_model
 from engine.runs.store import create_run
-from engine.training.epoch import evaluate_scores, train_one_epoch
+from engine.training.epoch import StepContext, evaluate_scores, train_steps
 from engine.training.loop import fit
 from engine.training.metrics import balanced_scores, confusion_matrix
+from engine.training.policies import Scheduled
 from engine.training.setup import prepare, set_up
 from engine.training.state import TrainState
 
@@ -198,10 +199,10 @@ def test_a_weighted_batch_loss_is_the_weighted_mean_also_in_micro_batches():
         want = F.cross_entropy(model(x), y, weight=w, label_smoothing=0.1).item()
     for micro in (None, 3, 5):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves: every pass sees the same model
-        stats = train_one_epoch(model, [(x, y)], optimizer, device=torch.device("cpu"), step0=0, total_steps=1,
-                                config=config, dtype=None, scaler=None, channels_last=False,
-                                on_step=lambda *_: None, should_stop=lambda: False, micro_batch=micro,
-                                class_weight=w)
+        stats = train_steps(StepContext(model=model, optimizer=optimizer, batches=[(x, y)],
+                                        lr=Scheduled(0, 1, config.schedule, config.warmup_frac),
+                                        device=torch.device("cpu"), micro_batch=micro, class_weight=w,
+                                        label_smoothing=config.label_smoothing))
         assert stats.loss == pytest.approx(want, rel=1e-6), micro
 
 

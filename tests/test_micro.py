@@ -11,7 +11,7 @@ from engine.freeze.plan import FreezePlan
 from engine.models.factory import create_model
 from engine.runs.store import create_run
 from engine.training.loop import fit
-from engine.training.micro import HEADROOM, WORKING_FACTOR, plan_batches, saved_bytes_per_image, slice_cost
+from engine.training.micro import HEADROOM, WORKING_FACTOR, Placement, plan_batches, saved_bytes_per_image, slice_cost
 
 TINY = dict(weights="none", data="digits", image_size=32, batch_size=16, max_per_class=12, num_workers=0,
             plan=FreezePlan.full(head_lr=3e-3).to_dict())
@@ -57,7 +57,7 @@ def test_the_budget_sizes_the_slice_and_checkpointing_is_the_last_resort(monkeyp
 
     def plan(room_images: float):
         budget = MemoryBudget(int(fixed + HEADROOM * per_image * room_images), "test")
-        return plan_batches(module, module, shape, batch_size=32, device=cpu, budget=budget), budget
+        return plan_batches(module, module, shape, batch_size=32, place=Placement(cpu), budget=budget), budget
 
     roomy, _ = plan(1000)
     assert roomy.micro_batch == 32 and roomy.slices == 1 and not roomy.grad_checkpointing
@@ -90,10 +90,10 @@ def test_frozen_stages_keep_nothing_yet_their_working_set_sizes_the_slice(monkey
     fixed = process + sum(p.numel() * 4 for p in module.parameters() if p.requires_grad) * 3
     budget = MemoryBudget(int(fixed + HEADROOM * cost.per_image * 5.5), "test")
     assert HEADROOM * cost.saved * 32 < budget.bytes - fixed  # counted by what is kept, 32 would fit
-    plan = plan_batches(module, module, shape, batch_size=32, device=cpu, budget=budget)
+    plan = plan_batches(module, module, shape, batch_size=32, place=Placement(cpu), budget=budget)
     assert plan.per_image == cost.per_image and plan.predicted_peak <= budget.bytes
     assert plan.micro_batch == 5
-    reserved = plan_batches(module, module, shape, batch_size=32, device=cpu, budget=budget,
+    reserved = plan_batches(module, module, shape, batch_size=32, place=Placement(cpu), budget=budget,
                             reserve=int(HEADROOM * cost.per_image * 2))  # what other models will take
     assert reserved.micro_batch == plan.micro_batch - 2
 

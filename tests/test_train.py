@@ -19,8 +19,8 @@ from engine.runs.checkpoint_file import load_weights, save_weights
 from engine.runs.load import load_run_model
 from engine.runs.locks import DeviceLock
 from engine.runs.store import create_run
-from engine.training.epoch import lr_factor
 from engine.training.loop import fit
+from engine.training.policies import lr_factor
 from tests.conftest import ROOT
 
 TINY = dict(model="timm:test_resnet", weights="none", data="digits", image_size=32, batch_size=16,

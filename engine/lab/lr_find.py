@@ -8,8 +8,8 @@ Learning Rates"; fastai's ``lr_find``).
 What it respects: the run's freeze plan (only what trains moves; BatchNorm as the plan says; the
 feature cache when the backbone is frozen), the per-stage LR ratios (every group is scaled by the
 same factor, so the sweep is of the head LR and the backbone keeps its ratio), micro-batches and the
-memory budget. The steps are the training loop's own (``train_one_epoch``), so what is swept is what
-trains. Nothing is saved: the model is built fresh, and no run folder is written.
+memory budget. The steps are the trainer's own (``Trainer.train_pass`` under an ``ExponentialSweep``
+LR policy, engine/training/policies.py), so what is swept is what trains. Nothing is saved: the model is built fresh, and no run folder is written.
 
 The suggestion, stated so a user can check it on the plot: the LR where the smoothed loss falls
 fastest (the steepest downward slope against log LR), looked for before the loss's minimum. The LR at
@@ -18,13 +18,14 @@ the minimum divided by 10 is reported beside it (the older rule of thumb).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.device import seed_everything
 from engine.core.errors import EngineError
-from engine.training.epoch import Diverged, train_one_epoch
+from engine.training.epoch import Diverged
+from engine.training.policies import ExponentialSweep, OnStep, Steps
 from engine.training.setup import prepare, set_up
 from engine.training.state import TrainState
 
@@ -104,24 +105,14 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
     if runner is None:
         sweep.ended = "cancelled while computing features"
         return sweep
-    planned = [group["lr"] for group in runner.optimizer.param_groups]
-    log_step = (math.log(end_lr) - math.log(start_lr)) / (steps - 1)
-
-    def lr_at(k: int) -> float:  # in log space: (end / start) ** (1 / (steps - 1)) overflows for wide ranges
-        return math.exp(math.log(start_lr) + min(k, steps - 1) * log_step)
-
-    def set_head_lr(lr: float) -> None:
-        """Every group scaled alike: the head gets ``lr``, each backbone stage keeps its ratio to it."""
-        for group, base in zip(runner.optimizer.param_groups, planned):
-            group["initial_lr"] = base * lr / sweep.head_lr  # train_one_epoch sets lr = initial_lr x 1
-
+    policy = ExponentialSweep(start_lr, end_lr, steps, sweep.head_lr)
     best = math.inf
     average = 0.0
 
     def on_step(_i: int, loss: float, _seen: int) -> None:
         nonlocal best, average
         k = len(sweep.lrs)
-        lr = lr_at(k)
+        lr = policy.lr_at(k)
         average = SMOOTHING * average + (1 - SMOOTHING) * loss
         smoothed = average / (1 - SMOOTHING ** (k + 1))
         sweep.lrs.append(lr)
@@ -134,22 +125,14 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
             sweep.ended = f"the loss blew up at LR {lr:.2g}"
         elif k + 1 >= steps:
             sweep.ended = f"reached the end LR {end_lr:g}"
-        else:
-            set_head_lr(lr_at(k + 1))
 
-    constant = replace(config, schedule="constant")  # the sweep sets every step's LR itself
-    set_head_lr(start_lr)
-    try:
-        while not sweep.ended:
-            stats = train_one_epoch(runner.model, runner.train_loader, runner.optimizer, device=runner.device,
-                                    step0=0, total_steps=steps, config=constant, dtype=runner.dtype,
-                                    scaler=runner.scaler, channels_last=runner.channels_last, on_step=on_step,
-                                    should_stop=lambda: bool(sweep.ended) or stop_asked(),
-                                    micro_batch=runner.batches.micro_batch, class_weight=runner.class_weight)
-            if stats is None and not sweep.ended:
-                sweep.ended = "cancelled"
+    try:  # the trainer's own steps, pass after pass over the data, under the sweep's LR
+        stats = runner.train_pass(batches=Steps(runner.train_loader, steps), lr=policy, callbacks=[OnStep(on_step)],
+                                  stop=lambda: bool(sweep.ended) or stop_asked())
+        if stats is None and not sweep.ended:
+            sweep.ended = "cancelled"
     except Diverged:
-        sweep.ended = f"the loss became infinite at LR {lr_at(len(sweep.lrs)):.2g}"
+        sweep.ended = f"the loss became infinite at LR {policy.lr_at(len(sweep.lrs)):.2g}"
     sweep.group_lrs = {group["name"]: group["lr"] for group in runner.optimizer.param_groups}
     sweep.suggestion, sweep.min_over_10 = suggest(sweep.lrs, sweep.smoothed)
     return sweep

@@ -84,9 +84,11 @@ from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 from engine.runs.recorder import RunRecorder
 from engine.runs.store import RunDir, create_run, extend_run, list_runs, new_run_id
 from engine.training.checkpoint import Checkpointer
-from engine.training.epoch import Diverged, evaluate_scores, train_one_epoch
-from engine.training.setup import EpochRunner, Prepared, describe_test, prepare, record_split, set_up, test_evaluation
+from engine.training.epoch import Diverged
+from engine.training.policies import ByClock, Deadline, Scheduled
+from engine.training.setup import Prepared, describe_test, prepare, record_split, set_up, test_evaluation
 from engine.training.state import TrainState
+from engine.training.trainer import Trainer
 
 PLANS = ("fe", "last-1", "last-2", "full", "gradual")
 LABELS = {"fe": "feature extraction", "last-1": "last 1 stage", "last-2": "last 2 stages",
@@ -505,22 +507,37 @@ def list_races(runs_root: str | Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ one candidate
-class _Until:
-    """Training batches until a deadline (``deadline()``: it may move as steps are timed), pass after
-    pass over the data (each pass reshuffled): the first batch always, the others while time is left."""
+class _PassCounter:
+    """Gradual unfreezing follows passes over the data (epochs as fit() has them), not slices: once the
+    images a lane trained on complete a pass, the stages it releases join."""
 
-    def __init__(self, loader: Any, deadline: Callable[[], float]):
-        self.loader, self.deadline, self.steps = loader, deadline, 0
+    def __init__(self, lane: Lane, runner: Trainer):
+        self.lane, self.runner = lane, runner
+        self.per_pass, self.before = max(1, len(lane.prep.train_ds)) if lane.prep else 1, lane.images
 
-    def __iter__(self):
-        while True:
-            for batch in self.loader:
-                if self.steps and time.perf_counter() >= self.deadline():
-                    return
-                self.steps += 1
-                yield batch
-            if not self.steps:
-                return  # an empty loader (set_up refuses one; never loop on it)
+    def on_step(self, step: int, loss: float, seen: int) -> None:
+        lane, runner = self.lane, self.runner
+        done = lane.images // self.per_pass
+        lane.images = self.before + seen
+        if runner.plan.unfreeze_schedule and lane.images // self.per_pass > done:
+            runner.unfreeze(lane.images // self.per_pass + 1)
+            set_train_mode(runner.model, True)  # a released stage's BatchNorm as the BN policy wants it
+
+
+class _SliceProgress:
+    """A slice's progress events, and its longest step (what bounds how late a slice may end)."""
+
+    def __init__(self, lane: Lane, epoch: int, until: float):
+        self.lane, self.epoch, self.until = lane, epoch, until
+        self.tick = self.last = time.perf_counter()
+        lane._step_s = 0.0
+
+    def on_step(self, step: int, loss: float, seen: int) -> None:
+        now = time.perf_counter()
+        self.lane._step_s, self.last = max(self.lane._step_s, now - self.last), now
+        steps = self.lane.runner.steps if self.lane.runner else 0
+        self.lane.sink(StepLogged(epoch=self.epoch, step=step, steps=steps, loss=loss,
+                                  images_per_s=seen / max(now - self.tick, 1e-9), eta_s=max(0.0, self.until - now)))
 
 
 class Lane:
@@ -539,7 +556,7 @@ class Lane:
         self.state = TrainState.start(config.monitor, config.min_delta, None)
         self.checkpointer = Checkpointer(run, config.monitor)
         self.prep: Prepared | None = None
-        self.runner: EpochRunner | None = None
+        self.runner: Trainer | None = None
         self.last: EpochEnded | None = None
         self.close_s = 0.0  # the last epoch close (evaluation + commit): kept free at the end of a slice
         self.train_s = 0.0  # wall-clock seconds of its slices (setup included)
@@ -646,60 +663,21 @@ class Lane:
                                 "close_s": round(self.close_s, 3), "step_s": round(self._step_s, 3)})
 
     def _epoch(self, until: float, stop: Callable[[], bool], anneal: bool = False) -> bool:
-        """One slice as one epoch: the steps before ``until`` less the time its close will take (part of a pass over the training
-        data, or several passes), then evaluated and committed."""
-        runner, config, state = self.runner, self.config, self.state
+        """One slice as one epoch: the steps before ``until`` less the time its close will take (part of a
+        pass over the training data, or several passes), then evaluated and committed."""
+        runner, state = self.runner, self.state
         assert runner is not None and self.prep is not None
         epoch = state.epoch + 1
-
-        per_pass, before = max(1, len(self.prep.train_ds)), self.images
-
-        def count(seen: int) -> None:  # gradual unfreezing follows passes over the data (epochs as fit() has
-            # them), not slices: once the images trained on complete a pass, the stages it releases join
-            done = self.images // per_pass
-            self.images = before + seen
-            if runner.plan.unfreeze_schedule and self.images // per_pass > done:
-                runner.unfreeze(self.images // per_pass + 1)
-                set_train_mode(runner.model, True)  # a released stage's BatchNorm as the BN policy wants it
-
-        torch.manual_seed(config.seed * 1000 + epoch)  # the batches and dropout fit() would draw
-        runner.generator.manual_seed(config.seed * 1000 + epoch)
-        tick = last = time.perf_counter()
-        self._step_s = 0.0
-
-        window = _Until(runner.train_loader, lambda: until - self.close_s)  # the close as the last one took
-
-        def by_clock(_i: int) -> float:  # the last rung: a cosine over the seconds left before the close
-            progress = (time.perf_counter() - tick) / max(1e-9, until - self.close_s - tick)
-            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        def on_step(i: int, loss: float, seen: int) -> None:
-            nonlocal last
-            count(seen)
-            now = time.perf_counter()
-            self._step_s, last = max(self._step_s, now - last), now
-            elapsed = now - tick
-            self.sink(StepLogged(epoch=epoch, step=i, steps=runner.steps, loss=loss,
-                                 images_per_s=seen / max(elapsed, 1e-9), eta_s=max(0.0, until - now)))
-
-        stats = train_one_epoch(runner.model, window, runner.optimizer, device=runner.device, step0=state.step,
-                                total_steps=state.step + runner.steps, config=config, dtype=runner.dtype,
-                                scaler=runner.scaler, channels_last=runner.channels_last, on_step=on_step,
-                                should_stop=stop, micro_batch=runner.batches.micro_batch,
-                                class_weight=runner.class_weight, lr_at=by_clock if anneal else None)
+        runner.seed_epoch(epoch)  # the batches and dropout fit() would draw
+        window = Deadline(runner.train_loader, lambda: until - self.close_s)  # the close as the last one took
+        lr = (ByClock(lambda: until - self.close_s) if anneal else  # the last rung: a cosine over the seconds left
+              Scheduled(state.step, state.step + runner.steps, self.config.schedule, self.config.warmup_frac))
+        stats = runner.train_pass(batches=window, lr=lr, stop=stop,
+                                  callbacks=[_PassCounter(self, runner), _SliceProgress(self, epoch, until)])
         if stats is None:
             return False
         begun = time.perf_counter()
-        scores = evaluate_scores(runner.model, runner.val_loader, runner.device, runner.dtype, runner.channels_last)
-        if not (math.isfinite(scores.loss) and math.isfinite(stats.loss)):
-            bad = scores.loss if not math.isfinite(scores.loss) else stats.loss
-            raise Diverged(f"the loss became {bad}; lower the learning rate (the last finite checkpoint is kept)")
-        ended = EpochEnded(
-            epoch=epoch, train_loss=stats.loss, train_acc=stats.acc, val_loss=scores.loss, val_acc=scores.acc,
-            lr={g["name"]: g["lr"] for g in runner.optimizer.param_groups}, epoch_s=stats.seconds,
-            images_per_s=stats.images / max(stats.seconds, 1e-9), trainable_params=runner.report.trainable_params,
-            elapsed_s=time.perf_counter() - self.t0, val_macro_f1=scores.macro_f1,
-            val_balanced_acc=scores.balanced_acc)
+        ended = runner.close_epoch(epoch, stats, self.t0)
         improved = state.finish_epoch(ended, window.steps)
         extend_run(self.run, epoch)  # the run on disk has trained exactly these epochs: resumable as any run
         self.checkpointer.commit(self.prep.handle, runner.optimizer, ended, improved, state, self.sink)

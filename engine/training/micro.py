@@ -164,10 +164,18 @@ def _set_checkpointing(module: nn.Module, on: bool) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the training steps run: the device, autocast's dtype, the memory format."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
 def plan_batches(module: nn.Module, model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int,
-                 device: torch.device, budget: MemoryBudget | None, micro_batch: int | None = None,
-                 optimizer_kind: str = "adamw", channels_last: bool = False,
-                 dtype: torch.dtype | None = None, reserve: int = 0) -> BatchPlan:
+                 place: Placement, budget: MemoryBudget | None, micro_batch: int | None = None,
+                 optimizer_kind: str = "adamw", reserve: int = 0) -> BatchPlan:
     """The micro-batch for ``model`` (what trains: the whole module, or its head on cached
     features) under ``budget``: the given ``micro_batch``, or the largest slice that fits and is
     no slower on this device.
@@ -177,6 +185,7 @@ def plan_batches(module: nn.Module, model: nn.Module, input_shape: tuple[int, ..
     """
     if micro_batch is not None:
         return BatchPlan(batch_size, min(micro_batch, batch_size), False, 0, 0, budget)
+    device, dtype, channels_last = place.device, place.dtype, place.channels_last
     cost = slice_cost(model, input_shape, device, channels_last=channels_last, dtype=dtype)
     if cost.saved == 0:  # nothing kept for backward (all frozen): one pass
         return BatchPlan(batch_size, batch_size, False, 0, 0, budget)
