@@ -87,7 +87,9 @@ import json, os, resource, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp())
 from engine.config import TrainConfig
-from engine.lab.race import PLANS, create_race, train_race
+from engine.lab.race_plans import PLANS
+from engine.lab.race_process import train_race
+from engine.lab.race_registry import create_race
 data, runs, budget, seconds = sys.argv[2:6]
 base = TrainConfig(data=data, image_size=224, crop_pct=0.875, batch_size=32, memory_budget=budget)
 result = train_race(create_race(runs, base, PLANS, float(seconds)))

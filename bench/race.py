@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     from engine.config import TrainConfig
-    from engine.lab.race import create_race, create_solo, parse_plans, train_race
+    from engine.lab.race_plans import parse_plans
+    from engine.lab.race_process import train_race
+    from engine.lab.race_registry import create_race, create_solo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=120.0)

@@ -419,16 +419,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_race(args: argparse.Namespace) -> int:
     """Race freeze plans under a wall-clock budget (engine/lab/race.py); prints the leaderboard."""
-    from engine.lab.race import (
-        budget_value,
-        check_budget,
-        create_race,
-        estimate_race,
-        parse_plans,
-        race_runs,
-        start_race_background,
-        train_race,
-    )
+    from engine.lab.race_estimate import check_budget, estimate_race
+    from engine.lab.race_plans import budget_value, parse_plans
+    from engine.lab.race_process import start_race_background, train_race
+    from engine.lab.race_registry import create_race, race_runs
 
     check_runs_folder(args.out)
     lock = None

@@ -80,7 +80,8 @@ def test_a_finished_background_comparison_frees_the_device_and_leaves_no_zombie(
 
 
 def test_a_finished_background_race_frees_the_device_and_leaves_no_zombie(tmp_path):
-    from engine.lab.race import create_race, race_winner, start_race_background
+    from engine.lab.race_process import start_race_background
+    from engine.lab.race_registry import create_race, race_winner
     from engine.runs.background import wait_for
 
     runs = create_race(tmp_path, TrainConfig(**TINY), ("fe", "full"), 6.0)  # 2 rungs x 2 plans x 0.5 s and the set-up

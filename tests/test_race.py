@@ -10,19 +10,11 @@ import torch
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
-from engine.lab.race import (
-    check_budget,
-    create_race,
-    create_solo,
-    leaderboard,
-    parse_plans,
-    race_curves,
-    race_runs,
-    race_winner,
-    run_race,
-    rung_sizes,
-    train_race,
-)
+from engine.lab.race import run_race
+from engine.lab.race_estimate import check_budget
+from engine.lab.race_plans import parse_plans, rung_sizes
+from engine.lab.race_process import train_race
+from engine.lab.race_registry import create_race, create_solo, leaderboard, race_curves, race_runs, race_winner
 from engine.runs.store import list_runs
 
 BUDGET = 8.0  # 3 plans x 3 rungs x MIN_SLICE_S (4.5 s) and the tiny set-up (0.5-2 s on a busy box) with room
@@ -266,7 +258,7 @@ def test_each_plan_is_sized_with_the_others_in_memory(tmp_path, monkeypatch):
     import time
 
     import engine.training.micro
-    from engine.lab.race import Lane
+    from engine.lab.race_lane import Lane
     from engine.models.factory import create_model
     from engine.training.micro import HEADROOM, slice_cost
 
@@ -316,7 +308,7 @@ TINY = dict(model="timm:test_resnet", weights="none", data="digits", num_workers
 
 def test_the_estimate_names_the_least_budget_and_check_budget_keeps_to_it():
     """The probe's set-up and slices give one least budget: the refusal names it, and it is accepted."""
-    from engine.lab.race import estimate_race
+    from engine.lab.race_estimate import estimate_race
 
     base = TrainConfig(**TINY, image_size=32, max_per_class=10, batch_size=16)
     estimate = estimate_race(base, PLANS)
@@ -355,7 +347,7 @@ def test_cli_refuses_a_budget_the_set_up_eats_before_anything_is_written(tmp_pat
 
 def _raced_without_the_check(root, plans, budget, estimate=None):
     """A race whose budget was never checked (the estimate can be wrong: the machine got busier), raced."""
-    from engine.lab.race import _create
+    from engine.lab.race_registry import _create
 
     base = TrainConfig(**TINY, image_size=32, max_per_class=10, batch_size=16)
     runs = _create(root, base, plans, budget, 2, None, "race", estimate)
@@ -368,7 +360,7 @@ def _raced_without_the_check(root, plans, budget, estimate=None):
 
 
 def _no_winner_anywhere(runs, result):
-    from engine.lab.race import race_record
+    from engine.lab.race_registry import race_record
 
     assert result.winner is None and race_winner(runs) is None and result.reason.startswith("No winner: ")
     board = leaderboard(runs)
@@ -400,7 +392,7 @@ def test_a_budget_the_set_up_took_whole_ends_without_a_winner_saying_why(tmp_pat
 def test_a_race_whose_set_up_leaves_too_little_for_a_slice_each_trains_nothing(tmp_path):
     """Every plan set up, but what is left cannot hold one step and one evaluation of each (here the
     estimate recorded says full fine-tuning's step takes 100 s): no plan trains, none wins."""
-    from engine.lab.race import PlanCost, RaceEstimate
+    from engine.lab.race_estimate import PlanCost, RaceEstimate
 
     slow = RaceEstimate({"fe": PlanCost(0.01, 0.001, 0.01), "full": PlanCost(0.01, 100.0, 0.01)}, 80, 20, 1.0)
     runs, result = _raced_without_the_check(tmp_path, ("fe", "full"), 4.0, slow)
@@ -430,7 +422,8 @@ def test_a_race_takes_the_idle_cores_at_most_what_its_caller_runs_with(raced):
     takes the cores idle when its turn comes, never more than its caller's count, and records it."""
     import os
 
-    from engine.lab.race import idle_cores, race_record, race_threads
+    from engine.lab.race_estimate import idle_cores, race_threads
+    from engine.lab.race_registry import race_record
 
     idle = idle_cores(0.1)
     assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 0.01

@@ -17,15 +17,11 @@ from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from engine.core.paths import runs_root
-from engine.lab.race import (
-    ESTIMATE_MARGIN,
-    LABELS,
-    PLANS,
-    RaceEstimate,
-    budget_value,
-    check_budget,
+from engine.lab.race_estimate import ESTIMATE_MARGIN, RaceEstimate, check_budget, estimate_race
+from engine.lab.race_plans import LABELS, PLANS, budget_value, rung_sizes
+from engine.lab.race_process import start_race_background
+from engine.lab.race_registry import (
     create_race,
-    estimate_race,
     leaderboard,
     list_races,
     race_curves,
@@ -33,8 +29,6 @@ from engine.lab.race import (
     race_runs,
     race_spec,
     race_winner,
-    rung_sizes,
-    start_race_background,
 )
 from engine.runs.background import request_cancel
 from ui.charts import chart

@@ -20,7 +20,7 @@ from engine.lab.compare import (
     list_groups,
     matrix_advice,
 )
-from engine.lab.race import list_races
+from engine.lab.race_registry import list_races
 from engine.runs.background import request_cancel, start_group_background
 from engine.runs.store import active_runs
 from ui.charts import chart, stop_page

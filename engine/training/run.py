@@ -46,7 +46,7 @@ def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
     try:
         run.cancel_path.unlink(missing_ok=True)
         sweep_temps(run)
-        with _sigterm_as_interrupt(), Heartbeat(run.write_status):
+        with sigterm_as_interrupt(), Heartbeat(run.write_status):
             run.write_status(state="running", reason="", queue_position=None)
             if config.nproc > 1:  # this process keeps the lock and the heartbeat; the ranks train
                 from engine.training.launch import launch_ranks
@@ -87,7 +87,7 @@ def _final_status(run: RunDir, **fields: Any) -> None:
         pass
 
 
-class _sigterm_as_interrupt:
+class sigterm_as_interrupt:
     """SIGTERM (a stop from the OS or a process manager) ends the run like Ctrl-C: cancelled."""
 
     def __enter__(self) -> None:
