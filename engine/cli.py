@@ -238,73 +238,98 @@ def _refuse_if_active(run) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine.runs.background import start_background
-    from engine.runs.store import create_run, extend_run, open_run
-    from engine.training.run import train_run
-
     check_runs_folder(args.out)
     if args.rank_worker:  # one of several processes torchrun started (engine/training/launch.py)
         from engine.training.launch import rank_main
 
         return rank_main(args, config_from_args=_config_from_args, main_emit=_progress_printer(False))
     out_existed = os.path.isdir(args.out)
-    resume = False
-    lock = None
+    run, resume, lock = _run_to_train(args)
+    if args.background:
+        return _train_in_background(args, run, resume)
+    result = _train_here(args, run, resume=resume, lock=lock, out_existed=out_existed)
+    return _report_training(args, run, result)
+
+
+def _run_to_train(args: argparse.Namespace) -> tuple[Any, bool, Any]:
+    """The run to train (opened, resumed or created), whether it resumes, and the device lock when one was taken."""
+    from engine.runs.store import create_run, open_run
+
     if args.run_dir:  # worker mode: the config is already in the run directory
         run = open_run(args.out, args.run_dir)
-        resume = args.resume_flag or run.train_state_path.is_file()
-    elif args.resume is not None:
-        if not args.resume.strip():
-            raise EngineError("--resume needs a run id or a run folder (python -m engine runs lists them).")
-        changed = sorted(getattr(args, "given", set()) - RESUME_OPTIONS)
-        if changed:  # they were silently ignored: the run goes on with its own settings
-            raise EngineError(f"--resume continues a run with the settings it started with; {', '.join(changed)} "
-                              "cannot change (only --epochs can). Start a new run to train another way.")
-        run = open_run(args.out, args.resume)
-        _refuse_if_active(run)  # before touching its config
-        if not run.train_state_path.is_file() and (run.metrics() or run.status().imported_from):
-            raise RunError(f"run {run.run_id} has no training state to resume from"
-                           + (" (a run bundle carries its best weights, not the optimizer state)"
-                              if run.status().imported_from else "")
-                           + "; start a new run with its settings instead.")
-        if args.epochs_given:
-            from engine.training.run import check_resumable
+        return run, args.resume_flag or run.train_state_path.is_file(), None
+    if args.resume is not None:
+        run, lock = _run_to_resume(args)
+        return run, True, lock
+    config = _config_from_args(args)  # every setting validated before anything is on disk
+    lock = None
+    if not args.background:
+        lock = _take_device_lock(config.device)  # a busy device refuses before a run folder exists
+    run = create_run(args.out, config.to_dict(), owner=None if args.background else os.getpid())
+    return run, False, lock
 
-            check_resumable(run, args.epochs)  # before the run is touched: a refusal leaves it as it was
-            if not args.background:
-                lock = _take_device_lock(run.config().get("device", "auto"))
-            extend_run(run, args.epochs)
-        resume = True
-    else:
-        config = _config_from_args(args)  # every setting validated before anything is on disk
+
+def _run_to_resume(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``--resume RUN``: the run, checked before it is touched and extended when --epochs is given; the device lock
+    when one was taken."""
+    from engine.runs.store import extend_run, open_run
+
+    if not args.resume.strip():
+        raise EngineError("--resume needs a run id or a run folder (python -m engine runs lists them).")
+    changed = sorted(getattr(args, "given", set()) - RESUME_OPTIONS)
+    if changed:  # they were silently ignored: the run goes on with its own settings
+        raise EngineError(f"--resume continues a run with the settings it started with; {', '.join(changed)} "
+                          "cannot change (only --epochs can). Start a new run to train another way.")
+    run = open_run(args.out, args.resume)
+    _refuse_if_active(run)  # before touching its config
+    if not run.train_state_path.is_file() and (run.metrics() or run.status().imported_from):
+        raise RunError(f"run {run.run_id} has no training state to resume from"
+                       + (" (a run bundle carries its best weights, not the optimizer state)"
+                          if run.status().imported_from else "")
+                       + "; start a new run with its settings instead.")
+    lock = None
+    if args.epochs_given:
+        from engine.training.run import check_resumable
+
+        check_resumable(run, args.epochs)  # before the run is touched: a refusal leaves it as it was
         if not args.background:
-            lock = _take_device_lock(config.device)  # a busy device refuses before a run folder exists
-        run = create_run(args.out, config.to_dict(), owner=None if args.background else os.getpid())
-    if args.background:
-        from engine.runs.locks import device_lock
+            lock = _take_device_lock(run.config().get("device", "auto"))
+        extend_run(run, args.epochs)
+    return run, lock
 
-        queued = not device_lock(run.config().get("device", "auto")).is_free()
-        pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
-        if args.json:
-            _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid, "queued": queued})
-        else:
-            print(run.path)
-            if queued:
-                print("queued: another training is using the device; this one starts when it is free "
-                      "(python -m engine runs shows its place in line)", file=sys.stderr)
-        return 0
+
+def _train_in_background(args: argparse.Namespace, run: Any, resume: bool) -> int:
+    """``--background``: a separate process trains the run (queued when the device is busy); this prints where."""
+    from engine.runs.background import start_background
+    from engine.runs.locks import device_lock
+
+    queued = not device_lock(run.config().get("device", "auto")).is_free()
+    pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
+    if args.json:
+        _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid, "queued": queued})
+    else:
+        print(run.path)
+        if queued:
+            print("queued: another training is using the device; this one starts when it is free "
+                  "(python -m engine runs shows its place in line)", file=sys.stderr)
+    return 0
+
+
+def _train_here(args: argparse.Namespace, run: Any, *, resume: bool, lock: Any, out_existed: bool) -> Any:
+    """Train in this process with progress on stderr; a new run refused before it started leaves nothing on disk."""
+    from engine.runs.events import RunStarted
+    from engine.training.run import train_run
+
     started: list[bool] = []
     printer = _progress_printer(sys.stderr.isatty() and not args.json)
 
     def emit(event) -> None:
-        from engine.runs.events import RunStarted
-
         if isinstance(event, RunStarted):
             started.append(True)
         printer(event)
 
     try:
-        result = train_run(run, resume=resume, emit=emit, lock=lock, wait=bool(args.run_dir))
+        return train_run(run, resume=resume, emit=emit, lock=lock, wait=bool(args.run_dir))
     except EngineError:
         if not (args.run_dir or args.resume) and not started:
             import shutil
@@ -316,6 +341,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 except OSError:
                     pass
         raise
+
+
+def _report_training(args: argparse.Namespace, run: Any, result: Any) -> int:
+    """The finished training in one line (or one JSON document); exit 1 unless it finished or was cancelled."""
     if args.json:
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "status": result.status,
                      "reason": result.reason, "best_val_acc": result.best_val_acc,
@@ -842,10 +871,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m engine", description="Transfer-learning workbench engine.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list/search the model catalog (timm + torchvision)")
     p.add_argument("--filter", default="", help="substring of the name or family")
     p.add_argument("--source", choices=["timm", "torchvision"])
@@ -853,12 +879,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
+
+def _add_summary_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="module tree, parameter counts and output shapes")
     _add_model_args(p)
     p.add_argument("--input-size", type=_at_least(8, 4096), help="square input size (default: the model's)")
     p.add_argument("--depth", type=_at_least(0, 1000), help="only list modules up to this depth")
     p.set_defaults(func=cmd_summary)
 
+
+def _add_freeze_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("freeze", help="apply a freeze plan and report what trains")
     _add_model_args(p)
     p.add_argument("--strategy", default="feature-extraction",
@@ -872,6 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-lr-decay", type=float, default=1.0)
     p.set_defaults(func=cmd_freeze)
 
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -884,6 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on images (a run directory records everything)")
     _add_recipe_args(p)
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
@@ -900,6 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 
+
+def _add_lr_find_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lr-find", help="sweep the learning rate on a fresh copy of the model and suggest one "
                                        "(nothing is saved to a run)")
     _add_recipe_args(p)
@@ -911,6 +947,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lr_find)
 
+
+def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("features", help="the feature space the head sees: 2-D map and k-NN separability, for a "
                                         "pretrained model or a run (beside its pretrained backbone)")
     p.add_argument("source", help="a model name (timm:..., tv:...) or a run (id in --out, or folder)")
@@ -925,6 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_features)
 
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train several strategies on the same data, split and budget")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--weights", default="packaged")
@@ -941,6 +981,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_dataset_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dataset", help="build a dataset image by image in the data folder (as the Training "
                                        "page's builder): create, add images to a class, remove, rename, delete")
     p.add_argument("action", choices=["list", "create", "show", "add-class", "add", "remove", "rename", "delete"],
@@ -952,6 +994,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dataset)
 
+
+def _add_race_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("race", help="race freeze plans under a wall-clock budget (successive halving); the "
                                     "winner is a normal run")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -972,6 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_race)
 
+
+def _add_runs_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="list the runs in a runs folder (damaged ones say why); export or import "
                                     "one as a bundle (.zip)")
     p.add_argument("action", nargs="?", default="list", choices=["list", "export", "import"],
@@ -982,6 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_runs)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its validation (or held-out test) split")
     p.add_argument("run")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
@@ -993,6 +1041,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="clean the data from the evidence: a run's possibly mislabelled images, and "
                                     "decisions about single images kept in the dataset's overrides file")
     p.add_argument("action", choices=list(DATA_ARGS),
@@ -1005,6 +1055,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
 
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run as a standalone training script (plain torch + timm), or its best "
                                       "model as ONNX (+ predict_onnx.py), TorchScript or safetensors")
     p.add_argument("run", help="run id (in --out) or path of a run folder")
@@ -1021,6 +1073,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--json", action="store_true", help="model formats: one JSON document on stdout")
     p.set_defaults(func=cmd_export)
+
+
+# the order ``python -m engine --help`` lists the commands in
+SUBCOMMANDS = (_add_models_parser, _add_summary_parser, _add_freeze_parser, _add_predict_parser, _add_train_parser,
+               _add_lr_find_parser, _add_features_parser, _add_compare_parser, _add_dataset_parser, _add_race_parser,
+               _add_runs_parser, _add_eval_parser, _add_data_parser, _add_export_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one sub-parser per command, in the order ``--help`` lists them."""
+    parser = _Parser(prog="python -m engine", description="Transfer-learning workbench engine.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from engine.core.errors import DataError
 from engine.core.files import is_plain_file
@@ -200,6 +201,23 @@ def read_labels_csv(path: Path) -> LabelsCsv:
     """The rows of a labels CSV; a malformed file is one clear DataError, a bad row is skipped with the
     reason (rows: blank lines ignored, duplicates and rows without a label or with an unknown split skipped)."""
     shown = path.name
+    reader = csv.reader(io.StringIO(_labels_text(path), newline=""), strict=True)
+    header = _labels_header(reader, shown)
+    table = _LabelsTable(shown, [c.strip().lower() for c in header])
+    count = 0
+    for line, row in _labels_rows(reader, shown):
+        count += 1
+        table.add(line, row)
+    if not count:
+        raise DataError(f"{shown} has a header but no rows: {CSV_HELP}.")
+    ignored = [header[i].strip() for i, c in enumerate(table.cols) if c not in ("path", "label", "split")]
+    return LabelsCsv(rows=table.rows, skipped=table.skipped, has_split=table.isplit is not None,
+                     ignored_columns=ignored)
+
+
+def _labels_text(path: Path) -> str:
+    """The labels file's text: a plain file of at most MAX_CSV_BYTES, UTF-8 (a BOM removed), no NUL, not blank."""
+    shown = path.name
     if not is_plain_file(path):
         raise DataError(f"{shown} is not a plain file (a pipe, device, link or folder); a labels file is read only "
                         "when it is one.")
@@ -218,7 +236,11 @@ def read_labels_csv(path: Path) -> LabelsCsv:
         raise DataError(f"{shown} is not a text file (it holds NUL bytes); save it as CSV (UTF-8).")
     if not text.strip():
         raise DataError(f"{shown} is empty: {CSV_HELP}.")
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    return text
+
+
+def _labels_header(reader: Any, shown: str) -> list[str]:
+    """The first non-blank row, checked to name path and label once each (a missing header is said as such)."""
     try:
         header = next(r for r in reader if any(c.strip() for c in r))
     except StopIteration:
@@ -235,18 +257,17 @@ def read_labels_csv(path: Path) -> LabelsCsv:
     twice = sorted({c for c in cols if c and cols.count(c) > 1})
     if twice:
         raise DataError(f"{shown}: the column '{twice[0]}' appears twice in the header.")
-    ip, il = cols.index("path"), cols.index("label")
-    isplit = cols.index("split") if "split" in cols else None
-    rows: list[CsvRow] = []
-    skipped: list[tuple[str, str]] = []
-    seen: dict[str, CsvRow] = {}
-    lowered: dict[str, str] = {}
+    return header
+
+
+def _labels_rows(reader: Any, shown: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, row) for each non-blank row after the header; invalid CSV or over MAX_CSV_ROWS rows refuses."""
     count = 0
     while True:
         try:
             row = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
             raise DataError(f"{shown} line {reader.line_num} is not valid CSV ({exc}).") from None
         line = reader.line_num
@@ -255,30 +276,29 @@ def read_labels_csv(path: Path) -> LabelsCsv:
         count += 1
         if count > MAX_CSV_ROWS:
             raise DataError(f"{shown} has more than {MAX_CSV_ROWS:,} rows; that is the limit of a labels file.")
-        where = f"{shown} line {line}"
-        if len(row) != len(cols):
-            skipped.append((where, f"{len(row)} columns where the header has {len(cols)}"))
-            continue
-        rel, problem = normalise_path(row[ip])
-        if rel is None:
-            skipped.append((row[ip].strip() or where, f"{where}: {problem}"))
-            continue
-        label = unicodedata.normalize("NFC", row[il].strip())  # one class however the accents were typed
-        if not label:
-            skipped.append((rel, f"{where}: no label"))
-            continue
-        if not usable_class_name(label):
-            skipped.append((rel, f"{where}: a label over {MAX_LABEL} characters or with control characters"))
-            continue
-        split = None
-        if isplit is not None:
-            value = row[isplit].strip().lower()
-            split = SPLIT_NAMES.get(value)
-            if split is None:
-                said = f"unknown split '{row[isplit].strip()[:20]}'" if value else "no split value"
-                skipped.append((rel, f"{where}: {said} (use train, val or test)"))
-                continue
-        first = seen.get(rel)
+        yield line, row
+
+
+class _LabelsTable:
+    """The rows of one labels CSV as they are read: the ones kept, the ones skipped and why."""
+
+    def __init__(self, shown: str, cols: list[str]) -> None:
+        self.shown, self.cols = shown, cols
+        self.ip, self.il = cols.index("path"), cols.index("label")
+        self.isplit = cols.index("split") if "split" in cols else None
+        self.rows: list[CsvRow] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.seen: dict[str, CsvRow] = {}
+        self.lowered: dict[str, str] = {}
+
+    def add(self, line: int, row: list[str]) -> None:
+        """Keep the row, or skip it with the reason; labels that differ only by case refuse the file."""
+        where = f"{self.shown} line {line}"
+        fields = self._fields(row, where)
+        if fields is None:
+            return
+        rel, label, split = fields
+        first = self.seen.get(rel)
         if first is not None:
             if first.label != label:
                 why = f"listed again with another label ('{label}'; line {first.line} says '{first.label}')"
@@ -286,16 +306,38 @@ def read_labels_csv(path: Path) -> LabelsCsv:
                 why = f"listed again in another split ({split}; line {first.line} says {first.split})"
             else:
                 why = f"listed twice (first on line {first.line})"
-            skipped.append((rel, f"{where}: {why}; the first line is used"))
-            continue
-        if label.lower() in lowered and lowered[label.lower()] != label:
-            raise DataError(f"{shown}: the labels '{lowered[label.lower()]}' and '{label}' differ only by case; "
-                            "make them one.")
-        lowered[label.lower()] = label
-        seen[rel] = CsvRow(line, rel, label, split)
-        rows.append(seen[rel])
-    if not count:
-        raise DataError(f"{shown} has a header but no rows: {CSV_HELP}.")
-    ignored = [header[i].strip() for i, c in enumerate(cols) if c not in ("path", "label", "split")]
-    return LabelsCsv(rows=rows, skipped=skipped, has_split=isplit is not None, ignored_columns=ignored)
+            self.skipped.append((rel, f"{where}: {why}; the first line is used"))
+            return
+        if label.lower() in self.lowered and self.lowered[label.lower()] != label:
+            raise DataError(f"{self.shown}: the labels '{self.lowered[label.lower()]}' and '{label}' differ only by "
+                            "case; make them one.")
+        self.lowered[label.lower()] = label
+        self.seen[rel] = CsvRow(line, rel, label, split)
+        self.rows.append(self.seen[rel])
+
+    def _fields(self, row: list[str], where: str) -> tuple[str, str, str | None] | None:
+        """(path, label, split) of a row, or None when it is skipped (the reason added to ``skipped``)."""
+        if len(row) != len(self.cols):
+            self.skipped.append((where, f"{len(row)} columns where the header has {len(self.cols)}"))
+            return None
+        rel, problem = normalise_path(row[self.ip])
+        if rel is None:
+            self.skipped.append((row[self.ip].strip() or where, f"{where}: {problem}"))
+            return None
+        label = unicodedata.normalize("NFC", row[self.il].strip())  # one class however the accents were typed
+        if not label:
+            self.skipped.append((rel, f"{where}: no label"))
+            return None
+        if not usable_class_name(label):
+            self.skipped.append((rel, f"{where}: a label over {MAX_LABEL} characters or with control characters"))
+            return None
+        split = None
+        if self.isplit is not None:
+            value = row[self.isplit].strip().lower()
+            split = SPLIT_NAMES.get(value)
+            if split is None:
+                said = f"unknown split '{row[self.isplit].strip()[:20]}'" if value else "no split value"
+                self.skipped.append((rel, f"{where}: {said} (use train, val or test)"))
+                return None
+        return rel, label, split
 

@@ -23,8 +23,9 @@ from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.core.memory import inference_batch
 from engine.data.transforms import eval_transform, resize_target, train_transform
-from engine.models.factory import create_model
-from engine.models.registry import resolve
+from engine.freeze.plan import FreezePlan
+from engine.models.factory import ModelHandle, create_model
+from engine.models.registry import ModelId, resolve
 from engine.models.weights import WEIGHT_CHOICES, packaged_for
 from engine.training.feature_cache import cache_point, uses_feature_cache
 from engine.training.prefix_cache import TopView, prefix_cut, prefix_view
@@ -117,31 +118,10 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
     plan = config.freeze_plan()
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
         handle = create_model(config.model, weights="none", class_names=list(class_names), check_output=False)
-    weights = _weights_setting(config.weights)
-    packaged = None
-    spec = handle.spec
-    if weights == "packaged":
-        entry = packaged_for(mid.source, mid.arch)
-        packaged = (entry.package, entry.filename)
-        spec = replace(spec, mean=tuple(entry.mean), std=tuple(entry.std))
-    size = config.image_size or spec.input_size[-1]
-    crop = float(config.crop_pct) if config.crop_pct is not None else spec.crop_pct
-    spec = replace(spec, input_size=(3, size, size), crop_pct=crop)  # as engine.training.setup.prepare
-    data_config = {k: (tuple(float(x) if isinstance(x, float) else x for x in v) if isinstance(v, (tuple, list))
-                       else v) for k, v in spec.data_config(size).items()}
-    train_tf = train_transform(spec, size, augment=config.augment, hflip=config.hflip)
-    decode = {"train": resize_target(train_tf), "eval": resize_target(eval_transform(spec, size))}
+    weights, packaged, size, data_config, decode = _input_settings(config, handle, mid)
     stages = model_stages(handle.module, handle.spec.head)
     lrs = _stage_lrs(stages, plan)
-    point, drop = cache_point(handle, stages)
-    feature_cache, skip = uses_feature_cache(plan, config) and cached is not False, []
-    if not feature_cache and cached is not False:  # the frozen stages once, as engine/training/prefix_cache.py
-        cut = prefix_cut(plan, config, stages, handle.module)
-        with torch.random.fork_rng(devices=[]):
-            example = torch.rand(2, 3, size, size)
-        top = prefix_view(handle.module, cut, example) if cut is not None else None
-        if isinstance(top, TopView):
-            point, drop, skip, feature_cache = cut, 0.0, top.skipped, True
+    feature_cache, point, drop, skip = _cache_settings(config, plan, handle, stages, size=size, cached=cached)
     return [
         ("RUN_ID", run_id or "(unsaved)"),
         ("MODEL_SOURCE", mid.source),
@@ -169,6 +149,48 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("CACHE_DROPOUT", drop),
         ("CACHE_SKIP", skip),
         ("FEATURE_BATCH", inference_batch(handle.module, (3, size, size))),
+    ] + _optimisation_settings(config, micro_batch)
+
+
+def _input_settings(config: TrainConfig, handle: ModelHandle, mid: ModelId) -> tuple[str, Any, int, dict, dict]:
+    """WEIGHTS, PACKAGED_WEIGHTS, the image size, DATA_CONFIG and DECODE_SIDE: what the script feeds the model,
+    with the packaged weights' normalisation when it starts from them (as engine.training.setup.prepare)."""
+    weights = _weights_setting(config.weights)
+    packaged = None
+    spec = handle.spec
+    if weights == "packaged":
+        entry = packaged_for(mid.source, mid.arch)
+        packaged = (entry.package, entry.filename)
+        spec = replace(spec, mean=tuple(entry.mean), std=tuple(entry.std))
+    size = config.image_size or spec.input_size[-1]
+    crop = float(config.crop_pct) if config.crop_pct is not None else spec.crop_pct
+    spec = replace(spec, input_size=(3, size, size), crop_pct=crop)  # as engine.training.setup.prepare
+    data_config = {k: (tuple(float(x) if isinstance(x, float) else x for x in v) if isinstance(v, (tuple, list))
+                       else v) for k, v in spec.data_config(size).items()}
+    train_tf = train_transform(spec, size, augment=config.augment, hflip=config.hflip)
+    decode = {"train": resize_target(train_tf), "eval": resize_target(eval_transform(spec, size))}
+    return weights, packaged, size, data_config, decode
+
+
+def _cache_settings(config: TrainConfig, plan: FreezePlan, handle: ModelHandle, stages: list[Stage], *, size: int,
+                    cached: bool | None) -> tuple[bool, Any, float, list]:
+    """FEATURE_CACHE, CACHE_POINT, CACHE_DROPOUT and CACHE_SKIP: where the script caches what the frozen part
+    computes, as the engine would (never when the run trained on images: ``cached`` False)."""
+    point, drop = cache_point(handle, stages)
+    feature_cache, skip = uses_feature_cache(plan, config) and cached is not False, []
+    if not feature_cache and cached is not False:  # the frozen stages once, as engine/training/prefix_cache.py
+        cut = prefix_cut(plan, config, stages, handle.module)
+        with torch.random.fork_rng(devices=[]):
+            example = torch.rand(2, 3, size, size)
+        top = prefix_view(handle.module, cut, example) if cut is not None else None
+        if isinstance(top, TopView):
+            point, drop, skip, feature_cache = cut, 0.0, top.skipped, True
+    return feature_cache, point, drop, skip
+
+
+def _optimisation_settings(config: TrainConfig, micro_batch: int | None) -> list[tuple[str, Any]]:
+    """The settings block from OPTIMIZER on: how the script trains, read from the config alone."""
+    return [
         ("OPTIMIZER", config.optimizer),
         ("MOMENTUM", SGD_MOMENTUM),
         ("WEIGHT_DECAY", config.weight_decay),

@@ -65,7 +65,8 @@ def weights_meta(path: Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _file_keys_digest(path: Path) -> str | None:
+def file_keys_digest(path: Path) -> str | None:
+    """``keys_digest`` of the tensor names in a weights file, read from its header; None when it cannot be read."""
     from safetensors import safe_open
 
     try:
@@ -89,7 +90,8 @@ def head_classes(path: Path, head: str) -> int | None:
         return None
 
 
-def _weights_finite(path: Path) -> bool:
+def weights_finite(path: Path) -> bool:
+    """Whether every floating-point tensor in a weights file is finite (False when it cannot be read)."""
     from safetensors import safe_open
 
     try:

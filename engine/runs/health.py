@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from engine.core.errors import EngineError, RunError
 from engine.core.files import read_json
-from engine.runs.checkpoint_file import _file_keys_digest, _weights_finite, head_classes, weights_meta
+from engine.runs.checkpoint_file import file_keys_digest, head_classes, weights_finite, weights_meta
 
 
 class RunFiles(Protocol):
@@ -77,13 +77,13 @@ def _check_run(run: RunFiles) -> list[str]:
             problems.append("best.json is not valid JSON")
         if isinstance(meta, dict) and not (isinstance(meta.get("spec"), dict) and meta.get("class_names")):
             problems.append("best checkpoint meta lacks the model spec or class names")
-        if isinstance(meta, dict) and meta.get("state_keys") and meta["state_keys"] != _file_keys_digest(best):
+        if isinstance(meta, dict) and meta.get("state_keys") and meta["state_keys"] != file_keys_digest(best):
             problems.append("best.safetensors holds the weights of another model")
         elif isinstance(meta, dict) and isinstance(meta.get("spec"), dict) and isinstance(meta.get("class_names"), list):
             found = head_classes(best, str(meta["spec"].get("head", "")))
             if found is not None and found != len(meta["class_names"]):
                 problems.append(f"best.safetensors holds the weights of another model (its head predicts {found} "
                                 f"classes, the run has {len(meta['class_names'])})")
-        if not problems and not _weights_finite(best):
+        if not problems and not weights_finite(best):
             problems.append("best.safetensors holds NaN or infinite weights")
     return problems
