@@ -3,9 +3,6 @@
 - no function over 80 lines, but in the two standalone templates (they are whole scripts on purpose);
 - no function in engine/training/ or engine/lab/ with more than 10 parameters (self and cls not counted);
 - no module imports another module's private name (``from engine.x import _name``).
-
-Whatever still breaks a rule is listed by name in BEING_REWRITTEN_BY_ISSUE_27; an entry that no longer
-breaks it fails too, so the list can only shrink.
 """
 from __future__ import annotations
 
@@ -19,18 +16,6 @@ MAX_LINES = 80
 MAX_PARAMS = 10
 LONG_ALLOWED = {"engine/outputs/script_template.py", "engine/outputs/predict_onnx_script.py"}  # standalone scripts
 PARAMS_CHECKED = ("engine/training/", "engine/lab/")
-
-# "path:function" (or "path:imported name") that still break a rule while issue 27 rewrites them; remove an entry
-# when its rewrite lands (the test says when).
-BEING_REWRITTEN_BY_ISSUE_27 = {
-    "engine/training/setup.py:set_up",  # over 80 lines
-    "engine/lab/race.py:run_race",  # over 80 lines
-    "engine/training/epoch.py:train_one_epoch",  # more than 10 parameters
-    "engine/training/setup.py:_plan_batches",  # more than 10 parameters
-    "engine/training/micro.py:plan_batches",  # more than 10 parameters
-    "engine/lab/race.py:_sigterm_as_interrupt",  # a private name imported from engine.training.run
-}
-
 
 def source_files() -> list[Path]:
     files: list[Path] = []
@@ -99,32 +84,24 @@ def offenders() -> dict[str, dict[str, str]]:
 FOUND = offenders()
 
 
-def _unexcused(rule: str) -> str:
-    return "\n".join(f"  {key}: {why}" for key, why in sorted(FOUND[rule].items())
-                     if key not in BEING_REWRITTEN_BY_ISSUE_27)
+def _listed(rule: str) -> str:
+    return "\n".join(f"  {key}: {why}" for key, why in sorted(FOUND[rule].items()))
 
 
 def test_no_function_over_80_lines():
-    bad = _unexcused("long")
+    bad = _listed("long")
     assert not bad, f"functions over {MAX_LINES} lines (split them into named steps):\n{bad}"
 
 
 def test_no_training_or_lab_function_over_10_parameters():
-    bad = _unexcused("params")
+    bad = _listed("params")
     assert not bad, (f"functions in engine/training/ or engine/lab/ with more than {MAX_PARAMS} parameters "
                      f"(group them in a dataclass):\n{bad}")
 
 
 def test_no_private_name_imported_from_another_module():
-    bad = _unexcused("private")
+    bad = _listed("private")
     assert not bad, f"private names imported from another module (make them public where they live):\n{bad}"
-
-
-def test_the_exceptions_only_shrink():
-    breaking = set().union(*FOUND.values())
-    stale = sorted(BEING_REWRITTEN_BY_ISSUE_27 - breaking)
-    assert not stale, ("these no longer break a rule: remove them from BEING_REWRITTEN_BY_ISSUE_27\n"
-                       + "\n".join(f"  {s}" for s in stale))
 
 
 def test_the_checks_see_what_they_look_for():
