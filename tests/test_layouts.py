@@ -82,9 +82,9 @@ def test_one_folder_per_class_is_unchanged(tmp_path):
     ds = load_source(str(tmp_path / "pets"))
     report = validate(ds)
     assert ds.splits is None and ds.class_names == ["c0", "c1"] and report.ok
-    assert report.layout == "one folder per class: a random stratified split." and report.split_counts == {}
+    assert report.layout_note == "one folder per class: a random stratified split." and report.split_counts == {}
     assert load_folder(tmp_path / "pets").labels == ds.labels
-    assert validate(load_digits_set()).layout == "built-in dataset digits: a random stratified split."
+    assert validate(load_digits_set()).layout_note == "built-in dataset digits: a random stratified split."
 
 
 def test_train_val_test_folders_give_the_split(tmp_path):
@@ -92,7 +92,7 @@ def test_train_val_test_folders_give_the_split(tmp_path):
     ds = load_source(str(tmp_path / "d"))
     report = validate(ds)
     assert report.ok, report.problems
-    assert report.layout.startswith("train/, val/ and test/ folders: the given split is used; test is held out")
+    assert report.layout_note.startswith("train/, val/ and test/ folders: the given split is used; test is held out")
     assert report.split_counts == {"train": {"0": 10, "1": 10, "2": 10}, "val": {"0": 4, "1": 4, "2": 4},
                                    "test": {"0": 4, "1": 4, "2": 4}}
     train, val, test = split_all(ds, cfg(tmp_path / "d"))
@@ -108,7 +108,7 @@ def test_split_folder_names_are_recognised(tmp_path, names):
     ds = load_dataset(tmp_path / "d")
     _, val, _ = split_all(ds, cfg(tmp_path / "d"))
     assert {ds.sources[i] for i in val} == written["val"]
-    assert f"{names[1]}/" in validate(ds).layout
+    assert f"{names[1]}/" in validate(ds).layout_note
 
 
 def test_max_per_class_applies_to_each_given_split(tmp_path):
@@ -125,7 +125,7 @@ def test_train_and_test_without_val_draw_validation_from_train(tmp_path):
     written = split_folders(tmp_path / "d", per_split={"train": 10, "test": 3}, names=("train", "test"))
     ds = load_dataset(tmp_path / "d")
     report = validate(ds)
-    assert report.ok and "no validation images: validation is a random stratified share of train" in report.layout
+    assert report.ok and "no validation images: validation is a random stratified share of train" in report.layout_note
     train, val, test = split_all(ds, cfg(tmp_path / "d", val_fraction=0.2, test_fraction=0.3))
     assert {ds.sources[i] for i in train + val} == written["train"] and len(val) == 6
     assert {ds.sources[i] for i in test} == written["test"]  # the given test, never a share of train
@@ -153,7 +153,7 @@ def test_labels_csv_with_a_split_column(tmp_path):
     rows = csv_folder(tmp_path / "c")
     ds = load_source(str(tmp_path / "c"))
     report = validate(ds)
-    assert report.ok and report.layout.startswith("labels.csv beside the images with a split column: the given split")
+    assert report.ok and report.layout_note.startswith("labels.csv beside the images with a split column: the given split")
     assert ds.class_names == ["d0", "d1", "d2"] and len(ds) == 30
     train, val, test = split_all(ds, cfg(tmp_path / "c"))
     by_split = {s: {str(tmp_path / "c" / r[0]) for r in rows if r[2] == s} for s in ("train", "val", "test")}
@@ -167,7 +167,7 @@ def test_labels_csv_without_split_is_a_random_split(tmp_path):
     csv_folder(tmp_path / "c", header="path,label")
     ds = load_source(str(tmp_path / "c"))
     assert ds.splits is None
-    assert validate(ds).layout == "labels.csv beside the images, no split column: a random stratified split."
+    assert validate(ds).layout_note == "labels.csv beside the images, no split column: a random stratified split."
 
 
 def test_zips_of_both_layouts_go_through_the_upload_path(tmp_path):
@@ -201,7 +201,7 @@ def test_a_run_trains_validates_and_tests_on_exactly_the_folders(tmp_path):
     result = fit(config, run)
     assert result.status == "finished" and "held-out images (best checkpoint, epoch 1)" in result.reason
     status = read_json(run.status_path)
-    assert status["split"] == {"layout": prep.layout, "train": 30, "val": 12, "test": 12}
+    assert status["split"] == {"layout": prep.layout_note, "train": 30, "val": 12, "test": 12}
     test = status["test"]
     assert test["images"] == 12 and test["checkpoint"] == "best" and 0 <= test["acc"] <= 1
 

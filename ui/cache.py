@@ -6,11 +6,14 @@ trained in place); derived data is ``st.cache_data`` (small values keyed by thei
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
 from ui.model_cache import SizedLRU, model_cache_bytes
+
+if TYPE_CHECKING:
+    from engine.outputs.evaluate import EvaluationReport
 
 
 @st.cache_resource
@@ -89,7 +92,7 @@ def dataset_overview(source: str, per_class: int = 6, stamp: tuple = ()) -> dict
             thumbs[name].append(np.asarray(img))
     return {"counts": report.counts, "problems": report.problems, "warnings": report.warnings,
             "skipped": skipped, "n_images": report.n_images, "thumbs": thumbs,
-            "layout": report.layout, "split_counts": report.split_counts, "imbalance": report.imbalance}
+            "layout": report.layout_note, "split_counts": report.split_counts, "imbalance": report.imbalance}
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -123,7 +126,7 @@ def load_trained(run_path: str, mtime: float):
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
-def report_for(run_path: str, mtime: float, tta: bool = False) -> dict:
+def report_for(run_path: str, mtime: float, tta: bool = False) -> EvaluationReport:
     """A run's evaluation report, keyed by its best checkpoint's mtime (a newer best recomputes); with
     ``tta`` of the predictions averaged with the mirror images, and both accuracies side by side."""
     from engine.core.paths import runs_root

@@ -90,7 +90,7 @@ def load_digits_set() -> ImageSet:
     return ImageSet(
         name="digits", class_names=[str(i) for i in range(10)], labels=[int(t) for t in target],
         loaders=[_array_loader(img, 255.0 / 16.0) for img in images],
-        sources=[f"digits[{i}]" for i in range(len(target))], layout=BUILTIN_NOTE.format("digits"),
+        sources=[f"digits[{i}]" for i in range(len(target))], layout_note=BUILTIN_NOTE.format("digits"),
     )
 
 
@@ -103,7 +103,7 @@ def load_lfw_set() -> ImageSet:
     return ImageSet(
         name="lfw", class_names=["non-face", "face"], labels=labels,
         loaders=[_array_loader(img, 255.0) for img in faces],
-        sources=[f"lfw[{i}]" for i in range(len(labels))], layout=BUILTIN_NOTE.format("lfw"),
+        sources=[f"lfw[{i}]" for i in range(len(labels))], layout_note=BUILTIN_NOTE.format("lfw"),
     )
 
 
@@ -142,7 +142,7 @@ def load_folder(root: str | Path, verify: bool = True) -> ImageSet:
             loaders.append(FileLoader(path, rel, root_real))
             sources.append(str(path))
     return ImageSet(name=root.name, class_names=names, labels=labels, loaders=loaders,
-                    sources=sources, skipped=skipped, layout=CLASSES_NOTE)
+                    sources=sources, skipped=skipped, layout_note=CLASSES_NOTE)
 
 
 def _dataset_folder(root: str | Path) -> Path:
@@ -267,7 +267,7 @@ def _load_split_folders(root: Path, layout: Layout, verify: bool) -> ImageSet:
                     loaders=[FileLoader(path, rel, root_real) for _, _, path, rel in found],
                     sources=[str(path) for _, _, path, _ in found], skipped=skipped,
                     splits=[s for s, _, _, _ in found],
-                    layout=split_note(layout.why, {s for s, _, _, _ in found}))
+                    layout_note=split_note(layout.why, {s for s, _, _, _ in found}))
 
 
 def _load_csv(root: Path, layout: Layout, verify: bool) -> ImageSet:
@@ -295,7 +295,7 @@ def _load_csv(root: Path, layout: Layout, verify: bool) -> ImageSet:
     else:
         note = f"{layout.why}, no split column{extra}: a random stratified split."
     return ImageSet(name=root.name, class_names=names, labels=labels, loaders=loaders, sources=sources,
-                    skipped=skipped, splits=splits if table.has_split else None, layout=note)
+                    skipped=skipped, splits=splits if table.has_split else None, layout_note=note)
 
 
 def _class_files(folder: Path, root: Path, root_real: str, skipped: list[tuple[str, str]]) -> list[Path]:
@@ -339,7 +339,7 @@ class DataReport:
     skipped: list[tuple[str, str]]
     problems: list[str]  # blocking: training cannot start
     warnings: list[str]
-    layout: str = ""  # which layout was found, and the split it gives
+    layout_note: str = ""  # which layout was found, and the split it gives
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images (given splits)
     # the training images' largest/smallest class and their ratio (engine.data.balance.class_imbalance); {}: < 2 classes
     imbalance: dict[str, Any] = field(default_factory=dict)
@@ -351,13 +351,16 @@ class DataReport:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "skipped": [list(pair) for pair in self.skipped], "ok": self.ok}
+        """The report as JSON gives it (the layout's sentence under "layout", as it always was)."""
+        data = asdict(self)
+        data["layout"] = data.pop("layout_note")
+        return {**data, "skipped": [list(pair) for pair in self.skipped], "ok": self.ok}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataReport:
         return cls(n_images=data["n_images"], counts=dict(data["counts"]),
                    skipped=[(str(a), str(b)) for a, b in data["skipped"]], problems=list(data["problems"]),
-                   warnings=list(data["warnings"]), layout=str(data.get("layout") or ""),
+                   warnings=list(data["warnings"]), layout_note=str(data.get("layout") or ""),
                    split_counts={str(k): dict(v) for k, v in (data.get("split_counts") or {}).items()},
                    imbalance=dict(data.get("imbalance") or {}),
                    overrides=dict(data.get("overrides") or {}))
@@ -421,7 +424,7 @@ def validate(ds: ImageSet, min_per_class: int = MIN_PER_CLASS) -> DataReport:
                         "missed: watch macro-F1 and balanced accuracy, and consider balancing (--balance weights "
                         "or sampler).")
     return DataReport(n_images=len(ds), counts=counts, skipped=list(ds.skipped),
-                      problems=problems, warnings=warnings, layout=ds.layout, split_counts=per_split,
+                      problems=problems, warnings=warnings, layout_note=ds.layout_note, split_counts=per_split,
                       imbalance=imbalance, overrides={k: v for k, v in ds.overrides.items() if k != "decisions"})
 
 

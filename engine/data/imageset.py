@@ -52,7 +52,7 @@ class ImageSet:
     # the split each sample belongs to ("train" | "val" | "test") when the data names it (split folders,
     # a CSV's split column); None: a random stratified split (engine.data.splits.split_all)
     splits: list[str] | None = None
-    layout: str = ""  # the data report's sentence: which layout was found and which split it gives
+    layout_note: str = ""  # the data report's sentence: which layout was found and which split it gives
     # what the dataset's overrides file changed (engine.data.overrides.apply_overrides); {}: no decisions
     overrides: dict[str, Any] = field(default_factory=dict)
 

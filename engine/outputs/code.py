@@ -314,7 +314,7 @@ def script_unsupported(config: TrainConfig, work_dir: str | None = None) -> str 
     if config.data in BUILTIN:
         return None
     try:
-        layout = load_source(config.data, work_dir=work_dir).layout
+        layout = load_source(config.data, work_dir=work_dir).layout_note
     except EngineError:
         return None  # unreadable data is said by the caller's own path (classes from the checkpoint)
     if layout and layout != CLASSES_NOTE:

@@ -56,7 +56,7 @@ class Prepared:
     image_size: int
     skipped: list
     test_ds: TransformDataset | None = None  # held out: evaluated once, at the end of the run
-    layout: str = ""  # the data report's sentence on the layout and its split
+    layout_note: str = ""  # the data report's sentence on the layout and its split
     overrides: Overrides | None = None  # the decisions about single images it trains with (engine.data.overrides)
 
 
@@ -84,7 +84,7 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     train_ds = TransformDataset(ds, train_idx, train_transform(handle.spec, size, augment=config.augment, hflip=config.hflip))
     val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
     test_ds = TransformDataset(ds, test_idx, eval_transform(handle.spec, size)) if test_idx else None
-    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout,
+    return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout_note,
                     applied_overrides(ds))
 
 
@@ -112,7 +112,7 @@ def record_split(prep: Prepared, run: RunDir | None) -> None:
     if run is not None:
         if prep.overrides is not None:  # evaluation, exports and a resume read the data with these
             save_run_overrides(run.path, prep.overrides)
-        run.write_status(split={"layout": prep.layout, "train": len(prep.train_ds), "val": len(prep.val_ds),
+        run.write_status(split={"layout": prep.layout_note, "train": len(prep.train_ds), "val": len(prep.val_ds),
                                 "test": len(prep.test_ds) if prep.test_ds is not None else 0}, test=None)
 
 

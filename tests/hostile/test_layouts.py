@@ -159,7 +159,7 @@ def test_a_byte_order_mark_and_windows_line_ends_are_fine(tmp_path):
 def test_extra_columns_are_named_as_unused(tmp_path):
     root = write_csv(dataset(tmp_path / "d"), "id,path,label", [f"{i},{r}" for i, r in enumerate(good_rows())])
     ds = load_dataset(root)
-    assert len(ds) == 12 and "(columns id not used)" in validate(ds).layout
+    assert len(ds) == 12 and "(columns id not used)" in validate(ds).layout_note
 
 
 # ------------------------------------------------------------------ the file: one clear message
@@ -275,7 +275,7 @@ def test_train_only_without_val_uses_a_share_of_train(tmp_path):
     root = _split_tree(tmp_path / "d", {"train": {"a": 5, "b": 5}})
     ds = load_dataset(root)
     report = validate(ds)
-    assert report.ok and report.layout == ("train/ folder, no validation images: validation is a random stratified "
+    assert report.ok and report.layout_note == ("train/ folder, no validation images: validation is a random stratified "
                                            "share of train.")
     train, val, test = split_all(ds, TrainConfig(data=str(root), val_fraction=0.2))
     assert len(val) == 2 and len(train) == 8 and test == []
@@ -285,7 +285,7 @@ def test_a_val_folder_without_images_draws_validation_from_train(tmp_path):
     root = _split_tree(tmp_path / "d", {"train": {"a": 5, "b": 5}})
     (root / "val" / "a").mkdir(parents=True)
     report = validate(load_dataset(root))
-    assert report.ok and "validation is a random stratified share of train" in report.layout
+    assert report.ok and "validation is a random stratified share of train" in report.layout_note
 
 
 def test_val_and_valid_both_are_refused(tmp_path):
