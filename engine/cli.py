@@ -363,18 +363,11 @@ RESUME_OPTIONS = frozenset({"--resume", "--epochs", "--out", "--background", "--
 
 
 def _take_device_lock(device: str, holder: str = "a training started from the command line"):
-    """The device, now, for a training in the foreground: refused when busy or when others wait in
-    line for it (``--background`` joins the line instead). ``holder``: who holds it, as others are told."""
-    from engine.runs.locks import device_lock
-    from engine.runs.queue import device_queue
+    """The device, now, for work in the foreground (engine/runs/lifecycle.py): refused when busy or when
+    others wait in line for it (``--background`` joins the line instead)."""
+    from engine.runs.lifecycle import take_the_device_now
 
-    waiting = len(device_queue(device).line())
-    if waiting:
-        raise RunError(f"{waiting} training{'s wait' if waiting > 1 else ' waits'} in line for this device; "
-                       "add --background to join the queue.")
-    lock = device_lock(device, holder=holder)
-    lock.acquire()
-    return lock
+    return take_the_device_now(device, holder)
 
 
 def check_runs_folder(out: str) -> None:

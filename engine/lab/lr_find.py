@@ -225,17 +225,8 @@ def run_sweep_job(config: TrainConfig, job: SweepJob, *, steps: int, start_lr: f
     """The body of a background sweep: wait for the device, sweep, write progress and the result."""
     import time
 
-    from engine.runs.locks import device_lock
-    from engine.runs.queue import CancelledInQueue, device_queue, in_line, wait_for_device
+    from engine.runs.lifecycle import CancelledInQueue, holding_the_device, in_line
 
-    lock = device_lock(config.device, holder="a learning-rate sweep")
-    try:
-        wait_for_device(lock, device_queue(config.device), str(job.path), cancelled=job.cancelled,
-                        report=lambda position, ahead: job.write(
-                            state="queued", reason=in_line(position, ahead)))
-    except CancelledInQueue as exc:
-        job.write(state="cancelled", reason=str(exc))
-        raise
     points: list[list[float]] = []
     last = [0.0]
 
@@ -246,14 +237,18 @@ def run_sweep_job(config: TrainConfig, job: SweepJob, *, steps: int, start_lr: f
             last[0] = time.monotonic()
 
     try:
-        job.write(state="running", reason="preparing data and model")
-        sweep = lr_find(config, start_lr=start_lr, end_lr=end_lr, steps=steps, on_point=on_point,
-                        should_stop=job.cancelled)
+        with holding_the_device(config.device, "a learning-rate sweep", str(job.path), wait=True,
+                                cancelled=job.cancelled,
+                                report=lambda position, ahead: job.write(state="queued", reason=in_line(position, ahead))):
+            job.write(state="running", reason="preparing data and model")
+            sweep = lr_find(config, start_lr=start_lr, end_lr=end_lr, steps=steps, on_point=on_point,
+                            should_stop=job.cancelled)
+    except CancelledInQueue as exc:
+        job.write(state="cancelled", reason=str(exc))
+        raise
     except EngineError as exc:
         job.write(state="failed", reason=str(exc))
         raise
-    finally:
-        lock.release()
     job.write(state="cancelled" if sweep.ended.startswith("cancelled") else "finished", reason=sweep.ended,
               points=[[lr, loss] for lr, loss in zip(sweep.lrs, sweep.losses)], sweep=sweep.to_dict())
     return sweep

@@ -14,7 +14,6 @@ from typing import Any, Callable
 import torch
 
 from engine.config import TrainConfig
-from engine.core.errors import EngineError
 from engine.lab.race import RaceResult, run_race
 from engine.lab.race_estimate import race_threads, threads
 from engine.lab.race_registry import leaderboard, race_spec
@@ -25,14 +24,11 @@ def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
                say: Callable[[str], None] = lambda _line: None) -> RaceResult:
     """Run a race under the machine's device lock, held for the whole race as one job: ``wait``
     queues for it (every run's status says its place in line), otherwise a busy device is refused.
-    Whatever ends the race early, no run is left reading "running"."""
-    from engine.runs.locks import device_lock
-    from engine.runs.process import Heartbeat, process_start
-    from engine.runs.queue import CancelledInQueue, device_queue, in_line, wait_for_device
-    from engine.training.run import sigterm_as_interrupt
+    Whatever ends the race early, no run is left reading "running" (engine/runs/lifecycle.py)."""
+    from engine.runs.lifecycle import CancelledInQueue, holding_the_device, in_line, recorded_end
+    from engine.runs.process import process_start
 
     device = TrainConfig.from_dict(runs[0].config()).device
-    held = lock or device_lock(device, holder=f"race {runs[0].config_or_empty().get('group')}")
     for run in runs:  # this process races them (started again with --group, an earlier pid is dead): a
         run.write_status(pid=os.getpid(), pid_start=process_start(os.getpid()))  # status follows the live one
 
@@ -41,35 +37,21 @@ def train_race(runs: list[RunDir], *, lock: Any = None, wait: bool = False,
             if run.status().active:
                 run.write_status(**fields)
 
-    if lock is None and wait:
-        def report(position: int, ahead: str) -> None:
-            write_all(state="queued", queue_position=position, heartbeat=time.time(), reason=in_line(position, ahead))
+    def queued(position: int, ahead: str) -> None:
+        write_all(state="queued", queue_position=position, heartbeat=time.time(), reason=in_line(position, ahead))
 
-        try:
-            wait_for_device(held, device_queue(device), str(runs[0].path),
-                            cancelled=lambda: any(r.cancel_requested() for r in runs), report=report)
-        except CancelledInQueue as exc:
-            _end_all(runs, "cancelled", str(exc))
-            return RaceResult(group=str(runs[0].config_or_empty().get("group")), status="cancelled", winner=None,
-                              seconds=0.0, budget_s=float(race_spec(runs)["budget_s"]), leaderboard=leaderboard(runs))
-    elif lock is None:
-        held.acquire()
-    count = race_threads()  # decided when its turn comes: the machine may have changed while it waited
-    say(f"racing on {count} thread{'s' if count > 1 else ''} ({torch.get_num_threads()} available)")
     try:
-        with sigterm_as_interrupt(), Heartbeat(write_all), threads(count):
-            return run_race(runs, say=say)
-    except KeyboardInterrupt:
-        _end_all(runs, "cancelled", "stopped by Ctrl-C or a termination signal")
-        raise
-    except EngineError as exc:
-        _end_all(runs, "failed", str(exc))
-        raise
-    except BaseException as exc:
-        _end_all(runs, "failed", f"internal error ({type(exc).__name__}); see log.txt")
-        raise
-    finally:
-        held.release()
+        with holding_the_device(device, f"race {runs[0].config_or_empty().get('group')}", str(runs[0].path),
+                                lock=lock, wait=wait, cancelled=lambda: any(r.cancel_requested() for r in runs),
+                                report=queued):
+            count = race_threads()  # decided when its turn comes: the machine may have changed while it waited
+            say(f"racing on {count} thread{'s' if count > 1 else ''} ({torch.get_num_threads()} available)")
+            with recorded_end(lambda state, reason: _end_all(runs, state, reason), write_all), threads(count):
+                return run_race(runs, say=say)
+    except CancelledInQueue as exc:
+        _end_all(runs, "cancelled", str(exc))
+        return RaceResult(group=str(runs[0].config_or_empty().get("group")), status="cancelled", winner=None,
+                          seconds=0.0, budget_s=float(race_spec(runs)["budget_s"]), leaderboard=leaderboard(runs))
 
 
 def _end_all(runs: list[RunDir], state: str, reason: str) -> None:

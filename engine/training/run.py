@@ -1,29 +1,29 @@
 """Train a run folder: under the device lock, with a heartbeat, and a final status however
-it ends (finished, cancelled, diverged, failed).
+it ends (finished, cancelled, diverged, failed), through the one lifecycle of engine/runs/lifecycle.py.
 """
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.runs.events import no_emit
-from engine.runs.locks import DeviceLock, device_lock
-from engine.runs.process import Heartbeat
-from engine.runs.queue import CancelledInQueue, device_queue, in_line, wait_for_device
+from engine.runs.lifecycle import CancelledInQueue, final_status, holding_the_device, in_line, recorded_end
 from engine.runs.store import sweep_temps
 from engine.training.checkpoint import disk_error
 from engine.training.loop import RunResult, fit
 
 if TYPE_CHECKING:
     from engine.runs.events import Emit
+    from engine.runs.locks import DeviceLock
     from engine.runs.store import RunDir
 
 
 def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
               lock: DeviceLock | None = None, wait: bool = False) -> RunResult:
-    """Train a run directory under the machine's device lock, recording how it ended in its status.
+    """Train a run directory under the machine's device lock, recording how it ended in its status
+    (engine/runs/lifecycle.py).
 
     ``lock``: one the caller already holds (the CLI takes it before creating a run folder, so a
     refused start leaves nothing on disk). ``wait``: when the device is busy, wait in the machine's
@@ -31,80 +31,32 @@ def train_run(run: RunDir, *, resume: bool = False, emit: Emit = no_emit,
     ends the run as "cancelled" with nothing trained. Ctrl-C and SIGTERM end the run as "cancelled".
     """
     config = TrainConfig.from_dict(run.config())
-    held = lock or device_lock(config.device, holder=f"run {run.run_id}")
-    if lock is None and wait:
-        try:
-            _wait_in_line(run, held, config.device)
-        except CancelledInQueue as exc:
-            _final_status(run, state="cancelled", reason=str(exc), queue_position=None)
-            run.cancel_path.unlink(missing_ok=True)
-            return RunResult(status="cancelled", reason=str(exc), run_dir=str(run.path), best_epoch=None,
-                             best_val_acc=None, epochs_done=len(run.metrics()), seconds=0.0,
-                             history=run.metrics(), feature_cache=False)
-    elif lock is None:
-        held.acquire()  # refused: raises before anything is written
-    try:
-        run.cancel_path.unlink(missing_ok=True)
-        sweep_temps(run)
-        with sigterm_as_interrupt(), Heartbeat(run.write_status):
-            run.write_status(state="running", reason="", queue_position=None)
-            if config.nproc > 1:  # this process keeps the lock and the heartbeat; the ranks train
-                from engine.training.launch import launch_ranks
 
-                return launch_ranks(run, config, resume)
-            return fit(config, run, resume=resume, emit=emit)
-    except KeyboardInterrupt:
-        _final_status(run, state="cancelled", reason="stopped by Ctrl-C or a termination signal")
-        raise
-    except EngineError as exc:
-        _final_status(run, state="failed", reason=str(exc))
-        raise
-    except OSError as exc:  # the run folder's disk: full, gone read-only
-        error = disk_error(exc)
-        _final_status(run, state="failed", reason=str(error))
-        raise error from exc
-    except BaseException as exc:
-        _final_status(run, state="failed", reason=f"internal error ({type(exc).__name__}); see log.txt")
-        raise
-    finally:
-        held.release()
-
-
-def _wait_in_line(run: RunDir, lock: DeviceLock, device: str) -> None:
-    """Queue for the device, saying the position in the run's status (with a heartbeat)."""
-    def report(position: int, ahead: str) -> None:
+    def queued(position: int, ahead: str) -> None:
         run.write_status(state="queued", queue_position=position, heartbeat=time.time(),
                          reason=in_line(position, ahead))
 
-    wait_for_device(lock, device_queue(device), str(run.path), cancelled=run.cancel_requested, report=report)
+    def ended(state: str, reason: str) -> None:
+        final_status(run.write_status, state=state, reason=reason)
 
-
-def _final_status(run: RunDir, **fields: Any) -> None:
-    """Record how a run ended; best effort (a full disk must not hide the original error)."""
     try:
-        run.write_status(finished_at=time.time(), **fields)
-    except OSError:
-        pass
+        with holding_the_device(config.device, f"run {run.run_id}", str(run.path), lock=lock, wait=wait,
+                                cancelled=run.cancel_requested, report=queued):
+            with recorded_end(ended, run.write_status, translate=disk_error):
+                run.cancel_path.unlink(missing_ok=True)
+                sweep_temps(run)
+                run.write_status(state="running", reason="", queue_position=None)
+                if config.nproc > 1:  # this process keeps the lock and the heartbeat; the ranks train
+                    from engine.training.launch import launch_ranks
 
-
-class sigterm_as_interrupt:
-    """SIGTERM (a stop from the OS or a process manager) ends the run like Ctrl-C: cancelled."""
-
-    def __enter__(self) -> None:
-        import signal
-        import threading
-
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            def handler(_signum, _frame):
-                raise KeyboardInterrupt
-            self._previous = signal.signal(signal.SIGTERM, handler)
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+                    return launch_ranks(run, config, resume)
+                return fit(config, run, resume=resume, emit=emit)
+    except CancelledInQueue as exc:
+        final_status(run.write_status, state="cancelled", reason=str(exc), queue_position=None)
+        run.cancel_path.unlink(missing_ok=True)
+        return RunResult(status="cancelled", reason=str(exc), run_dir=str(run.path), best_epoch=None,
+                         best_val_acc=None, epochs_done=len(run.metrics()), seconds=0.0,
+                         history=run.metrics(), feature_cache=False)
 
 
 def check_resumable(run: RunDir, epochs: int) -> None:
