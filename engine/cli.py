@@ -304,7 +304,7 @@ def _train_in_background(args: argparse.Namespace, run: Any, resume: bool) -> in
     from engine.runs.locks import device_lock
 
     queued = not device_lock(run.config().get("device", "auto")).is_free()
-    pid = start_background(run, ["--out", str(args.out)] + (["--resume-existing"] if resume else []))
+    pid = start_background(run, args.out, resume=resume)
     if args.json:
         _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid, "queued": queued})
     else:

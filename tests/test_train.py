@@ -204,13 +204,13 @@ def test_device_lock_is_exclusive_and_freed_when_holder_dies(tmp_path):
 def test_background_run_finishes_and_can_be_cancelled(tmp_path):
     config = tiny(epochs=1)
     run = create_run(tmp_path, config.to_dict())
-    start_background(run, ["--out", str(tmp_path)])
+    start_background(run, tmp_path)
     status = wait_for(run, timeout_s=240)
     assert status.state == "finished", (status, run.log_path.read_text()[-2000:])
     assert run.metrics() and run.checkpoint("best").is_file()
 
     long_run = create_run(tmp_path, tiny(epochs=50, max_per_class=40).to_dict())
-    pid = start_background(long_run, ["--out", str(tmp_path)])
+    pid = start_background(long_run, tmp_path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not long_run.status().progress:
         time.sleep(0.2)

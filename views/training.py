@@ -233,7 +233,7 @@ if st.button("Start training", type="primary", disabled=not can_start,
         refuse(exc, start_box)
     else:
         run = create_run(runs_root(), config.to_dict())
-        start_background(run, ["--out", str(runs_root())])
+        start_background(run, runs_root())
         st.session_state[SELECTED_RUN] = run.run_id
         st.rerun()
 live("training_device", device_status, active=bool(active_runs(runs_root())))
@@ -260,7 +260,7 @@ if runs:
             except EngineError as exc:
                 show_error(exc, resume_box)
             else:
-                start_background(run, ["--out", str(runs_root()), "--resume-existing"])
+                start_background(run, runs_root(), resume=True)
                 st.rerun()
 else:
     st.caption("No runs yet.")

@@ -67,14 +67,6 @@ def _end_all(runs: list[RunDir], state: str, reason: str) -> None:
 def start_race_background(runs: list[RunDir], runs_root: str | Path) -> int:
     """Race in its own process (``python -m engine race --group``), queued for the device like a
     training; returns the pid."""
-    from engine.runs.background import spawn_engine
-    from engine.runs.process import process_start
+    from engine.runs.background import spawn_queued
 
-    group = runs[0].config_or_empty()["group"]
-    for run in runs:
-        run.cancel_path.unlink(missing_ok=True)
-        run.write_status(state="queued", pid=None, reason="", queue_position=None)
-    pid = spawn_engine(["race", "--group", group, "--out", str(runs_root)], runs[0].log_path)
-    for run in runs:
-        run.write_status(pid=pid, pid_start=process_start(pid))
-    return pid
+    return spawn_queued(runs, ["race", "--group", runs[0].config_or_empty()["group"], "--out", str(runs_root)])

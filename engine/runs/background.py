@@ -59,28 +59,29 @@ def reap_when_done(proc: subprocess.Popen) -> threading.Thread:
     return thread
 
 
-def start_background(run: RunDir, extra_args: list[str] | None = None) -> int:
-    """Train ``run`` in its own process (``python -m engine train --run-dir``); returns the pid.
-
-    When the device is busy the process waits in the machine's queue (its status says where).
-    """
-    run.cancel_path.unlink(missing_ok=True)  # a cancel left from an earlier attempt is not for this one
-    run.write_status(state="queued", pid=None, reason="", queue_position=None)  # recorded before the process exists
-    pid = spawn_engine(["train", "--run-dir", str(run.path), *(extra_args or [])], run.log_path)
-    run.write_status(pid=pid, pid_start=process_start(pid))
+def spawn_queued(runs: list[RunDir], engine_args: list[str]) -> int:
+    """Work on ``runs`` in its own process (``python -m engine <engine_args>``), which waits in the
+    machine's queue for the device when it is busy; returns the pid. Every run reads "queued" before the
+    process exists (a cancel left from an earlier attempt is not for this one), then names it."""
+    for run in runs:
+        run.cancel_path.unlink(missing_ok=True)
+        run.write_status(state="queued", pid=None, reason="", queue_position=None)
+    pid = spawn_engine(engine_args, runs[0].log_path)
+    for run in runs:
+        run.write_status(pid=pid, pid_start=process_start(pid))
     return pid
+
+
+def start_background(run: RunDir, runs_root: str | Path, *, resume: bool = False) -> int:
+    """Train ``run`` in its own process (``python -m engine train --run-dir``); ``resume``: from its last
+    commit (a resume the caller has checked and extended). Returns the pid."""
+    return spawn_queued([run], ["train", "--run-dir", str(run.path), "--out", str(runs_root)]
+                        + (["--resume-existing"] if resume else []))
 
 
 def start_group_background(runs: list[RunDir], runs_root: str | Path) -> int:
     """Train a comparison's runs one after another in one background process."""
-    group = runs[0].config()["group"]
-    for run in runs:
-        run.cancel_path.unlink(missing_ok=True)
-        run.write_status(state="queued", pid=None, reason="", queue_position=None)  # recorded before the process exists
-    pid = spawn_engine(["compare", "--group", group, "--out", str(runs_root)], runs[0].log_path)
-    for run in runs:
-        run.write_status(pid=pid, pid_start=process_start(pid))
-    return pid
+    return spawn_queued(runs, ["compare", "--group", runs[0].config()["group"], "--out", str(runs_root)])
 
 
 def wait_for(run: RunDir, timeout_s: float = 600, poll_s: float = 0.25) -> RunStatus:
