@@ -101,3 +101,49 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from engine.training.loop import fit\n")
     assert engine_imports(bad) == {"engine.training.loop"}
     assert LAYERS[package_of("engine.training.loop")] > LAYERS[package_of("engine.core.bad")]
+
+
+# ------------------------------------------------------------------ one loop, one lifecycle (issue 27)
+def _calls(path: Path) -> set[str]:
+    """The names ``path`` calls (``f(...)`` and ``x.f(...)`` both give ``f``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func
+            found.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    return found
+
+
+def _sources() -> list[Path]:
+    root = ENGINE.parent
+    return [*sorted(ENGINE.rglob("*.py")), *sorted((root / "ui").glob("*.py")), *sorted((root / "views").glob("*.py")),
+            root / "streamlit_app.py"]
+
+
+# where a group's planned LR is made, read by the schedules, and (the standalone script) both
+PLANNED_LR_HOMES = {"engine/freeze/plan.py", "engine/training/policies.py", "engine/outputs/script_template.py"}
+
+
+def test_one_training_loop():
+    """The steps are called by the trainer only (fit, a race's slices and the LR finder go through
+    Trainer.train_pass); a group's planned LR (``initial_lr``) is written where groups are made
+    (engine/freeze/plan.py) and read by the LR policies, never rewritten to steer a loop (the LR finder
+    did); the race's scheduler stays a scheduler."""
+    steps = sorted(str(p.relative_to(ENGINE.parent)) for p in _sources()
+                   if "train_steps" in _calls(p) and p.name != "trainer.py")
+    assert not steps, f"training steps driven outside engine/training/trainer.py: {steps}"
+    rewrites = sorted(str(p.relative_to(ENGINE.parent)) for p in _sources()
+                      if '"initial_lr"' in p.read_text()
+                      and p.relative_to(ENGINE.parent).as_posix() not in PLANNED_LR_HOMES)
+    assert not rewrites, f"initial_lr touched outside {sorted(PLANNED_LR_HOMES)}: {rewrites}"
+    race = (ENGINE / "lab" / "race.py").read_text().splitlines()
+    assert len(race) <= 400, f"engine/lab/race.py is {len(race)} lines: it schedules; the rest lives beside it"
+
+
+def test_one_run_lifecycle():
+    """Only engine/runs/ takes the device lock or joins its queue (engine/runs/lifecycle.py is the way in)."""
+    taking = {"wait_for_device", "acquire", "take_the_device_now"}
+    outside = sorted(f"{p.relative_to(ENGINE.parent)}: {sorted(_calls(p) & taking)}" for p in _sources()
+                     if _calls(p) & taking and not p.is_relative_to(ENGINE / "runs")
+                     and not (p.name == "cli.py" and _calls(p) & taking == {"take_the_device_now"}))
+    assert not outside, f"the device taken outside engine/runs/: {outside}"

@@ -166,10 +166,12 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     # evaluation in the same slices: what fits a training step fits an inference pass
     val_loader = DataLoader(trains.val_src if ranks is None else shard(trains.val_src, ranks), shuffle=False,
                             **dict(loader_kw, batch_size=batches.micro_batch))
-    return Trainer(config, module, trains.model, stages, plan, report, optimizer, train_loader, val_loader, generator,
-                   device, place.dtype, scaler, trains.place.channels_last, trains.cached, batches, class_weight, ranks,
-                   wrap(trains.model, ranks) if ranks is not None else None, len(handle.spec.class_names),
-                   plan_floor=plan_epoch)
+    return Trainer(config=config, module=module, model=trains.model, stages=stages, plan=plan, report=report,
+                   optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, generator=generator,
+                   device=device, dtype=place.dtype, scaler=scaler, channels_last=trains.place.channels_last,
+                   cached=trains.cached, batches=batches, class_weight=class_weight, ranks=ranks,
+                   wrapper=wrap(trains.model, ranks) if ranks is not None else None,
+                   num_classes=len(handle.spec.class_names), plan_floor=plan_epoch)
 
 
 def _device(config: TrainConfig, prep: Prepared, ranks: Ranks | None) -> torch.device:

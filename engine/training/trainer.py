@@ -35,8 +35,10 @@ if TYPE_CHECKING:
     from engine.training.state import TrainState
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
+    """What the epochs run on, built by ``set_up`` (by name: it has many parts)."""
+
     config: TrainConfig
     module: nn.Module  # the whole model: what checkpoints save
     model: nn.Module  # what trains: the module, or only its head (or top stages) on cached features
