@@ -86,14 +86,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from engine.models.factory import create_model
     from engine.outputs.predict import predict_files
 
+    temperature = None
     if args.run:
+        from engine.runs.calibration import run_temperature
         from engine.runs.load import load_run_model
         from engine.runs.store import open_run
 
-        handle = load_run_model(open_run(args.out, args.run).path)
+        run = open_run(args.out, args.run)
+        handle = load_run_model(run.path)
+        temperature = run_temperature(run)  # a calibrated run's probabilities are the calibrated ones
     else:
         handle = create_model(args.model, weights=args.weights)
-    results = predict_files(handle, args.images, top_k=args.top_k, tta=args.tta)
+    results = predict_files(handle, args.images, top_k=args.top_k, tta=args.tta, temperature=temperature)
     if args.json:
         _print_json([r.to_dict() for r in results])
     else:
@@ -104,6 +108,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(r.file)
             for t in r.topk or []:
                 print(f"  {t.prob:6.1%}  {t.label}  (#{t.index})")
+        if temperature is not None:
+            print(f"(calibrated probabilities: logits divided by the run's temperature {temperature:.3f})")
     if results and all(r.error for r in results):
         print(f"error: none of the {len(results)} image(s) could be read (reasons above)", file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
@@ -587,6 +593,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from engine.outputs.calibration import calibrate_run, describe_calibration
+    from engine.runs.store import open_run
+
+    check_runs_folder(args.out)
+    run = open_run(args.out, args.run)
+    record = calibrate_run(run)
+    if args.json:
+        _print_json({"run_id": run.run_id, "calibration": record})
+    else:
+        print(f"{run.run_id}: {describe_calibration(record)}")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from engine.runs.store import describe_run, list_runs
 
@@ -1035,6 +1055,15 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit a run's temperature on its validation split (temperature scaling; "
+                                         "finished runs get it at the end): ECE before and after")
+    p.add_argument("run", help="run id (in --out) or path of a run folder")
+    p.add_argument("--out", default=str(runs_root()), help="runs folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="clean the data from the evidence: a run's possibly mislabelled images, and "
                                     "decisions about single images kept in the dataset's overrides file")
@@ -1071,7 +1100,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 # the order ``python -m engine --help`` lists the commands in
 SUBCOMMANDS = (_add_models_parser, _add_summary_parser, _add_freeze_parser, _add_predict_parser, _add_train_parser,
                _add_lr_find_parser, _add_features_parser, _add_compare_parser, _add_dataset_parser, _add_race_parser,
-               _add_runs_parser, _add_eval_parser, _add_data_parser, _add_export_parser)
+               _add_runs_parser, _add_eval_parser, _add_calibrate_parser, _add_data_parser, _add_export_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

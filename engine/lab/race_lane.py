@@ -47,6 +47,7 @@ from engine.freeze.plan import set_train_mode
 from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 from engine.runs.recorder import RunRecorder
 from engine.runs.store import RunDir, extend_run
+from engine.training.calibration import calibrate_best
 from engine.training.checkpoint import Checkpointer
 from engine.training.policies import ByClock, Deadline, Scheduled
 from engine.training.setup import Prepared, describe_test, prepare, record_split, set_up, test_evaluation
@@ -246,6 +247,7 @@ class Lane:
             test = test_evaluation(self.prep, self.runner, self.run)
             if test:
                 reason = f"{reason}; {describe_test(test)}"
+            calibrate_best(self.prep, self.runner, self.run)  # as fit does: never fails the run
         early = self.state.early
         self.sink(RunFinished(status=status, reason=reason, best_epoch=early.best_epoch,
                               best_val_acc=early.best_val_acc, epochs_done=self.state.epoch, seconds=self.train_s))

@@ -32,6 +32,7 @@ class FilePrediction:
     file: str
     topk: list[TopK] | None = None
     error: str | None = None
+    temperature: float | None = None  # the run's calibration divided the logits by this (None: not calibrated)
     # a small RGB thumbnail of what the model saw (predict_sources(preview=...)): pages show this,
     # never the raw upload, so a huge file is decoded once, reduced, by engine.images
     preview: Image.Image | None = field(default=None, repr=False, compare=False)
@@ -40,6 +41,8 @@ class FilePrediction:
         data: dict = {"file": self.file, "topk": None if self.topk is None else [asdict(t) for t in self.topk]}
         if self.error is not None:
             data["error"] = self.error
+        if self.temperature is not None:
+            data["temperature"] = self.temperature
         return data
 
 
@@ -49,6 +52,7 @@ def model_device(module: torch.nn.Module) -> torch.device:
 
 def class_probs(
     module: torch.nn.Module, batch: torch.Tensor, *, tta: bool = False, max_batch: int | None = None,
+    temperature: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax probabilities of ``batch`` (N, C, H, W, on the model's device): ``(plain, with_tta)``,
     ``with_tta`` None unless ``tta``. The one place predictions and evaluations run the model.
@@ -67,6 +71,8 @@ def class_probs(
     took 50 and 120 ms against 58 and 132 ms for one forward of 4 and of 8 (1 image: the same 30 ms),
     and at a whole number of slices both run the same forwards; it also never holds a 2N-image copy.
     Under the model's lock, in eval mode and inference mode; float32 results on the model's device.
+    ``temperature``: a calibrated run's T (engine/runs/calibration.py): the logits are divided by it
+    before the softmax (the top-1 never changes); None: the plain softmax.
     """
     step = max(1, max_batch or len(batch))
 
@@ -76,7 +82,8 @@ def class_probs(
             logits = module(views[start:start + step])
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
-            outs.append(logits.float().softmax(dim=-1))
+            logits = logits.float()
+            outs.append((logits if temperature is None else logits / temperature).softmax(dim=-1))
         return torch.cat(outs)
 
     with evaluating(module), torch.inference_mode():  # per call: a shared model is not held for long
@@ -93,11 +100,13 @@ def predict_images(
     batch_size: int | None = None,
     image_size: int | None = None,
     tta: bool = False,
+    temperature: float | None = None,
 ) -> list[list[TopK]]:
     """Top-k classes for each PIL image (any mode: converted to RGB by the caller or here).
 
     ``batch_size`` None: slices sized to the model and image size (``core.memory.inference_batch``).
     ``tta``: average with the horizontal mirror (``class_probs``; off by default, see there why).
+    ``temperature``: a calibrated run's T, dividing the logits before the softmax (``class_probs``).
     """
     if not images:
         return []
@@ -113,7 +122,7 @@ def predict_images(
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         batch = torch.stack([transform(shrink_to(im.convert("RGB"), target)) for im in chunk]).to(device)
-        plain, mirrored = class_probs(module, batch, tta=tta, max_batch=batch_size)
+        plain, mirrored = class_probs(module, batch, tta=tta, max_batch=batch_size, temperature=temperature)
         probs = mirrored if tta else plain
         values, indices = probs.topk(k, dim=-1)
         for vals, idxs in zip(values.tolist(), indices.tolist()):
@@ -128,6 +137,7 @@ def predict_sources(
     batch_size: int = 32,
     preview: int | None = None,
     tta: bool = False,
+    temperature: float | None = None,
 ) -> list[FilePrediction]:
     """Predict for (name, path-or-bytes) pairs, one result per pair in the same order (names may
     repeat); unreadable ones get an error, the rest a top-k.
@@ -135,6 +145,7 @@ def predict_sources(
     Images are decoded reduced to what the model needs (input_target), ``batch_size`` files at a
     time, and predicted in model-sized slices, so memory stays bounded however many files come. ``preview``: also keep a thumbnail of at most
     that many pixels a side in each result. ``tta``: average with the horizontal mirror (``class_probs``).
+    ``temperature``: a calibrated run's T (``class_probs``); each result then names it.
     """
     target = input_target(handle.spec)
     out: list[FilePrediction] = []
@@ -152,12 +163,13 @@ def predict_sources(
                 result.preview = image.copy()
                 result.preview.thumbnail((preview, preview))
             good.append((result, image))
-        preds = predict_images(handle, [im for _, im in good], top_k=top_k, tta=tta)  # model-sized slices
+        preds = predict_images(handle, [im for _, im in good], top_k=top_k, tta=tta,  # model-sized slices
+                               temperature=temperature)
         for (result, _), topk in zip(good, preds):
-            result.topk = topk
+            result.topk, result.temperature = topk, temperature
     return out
 
 
 def predict_files(handle: ModelHandle, paths: Sequence[str | Path], top_k: int = 5,
-                  tta: bool = False) -> list[FilePrediction]:
-    return predict_sources(handle, [(str(p), Path(p)) for p in paths], top_k=top_k, tta=tta)
+                  tta: bool = False, temperature: float | None = None) -> list[FilePrediction]:
+    return predict_sources(handle, [(str(p), Path(p)) for p in paths], top_k=top_k, tta=tta, temperature=temperature)

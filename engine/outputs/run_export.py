@@ -83,6 +83,7 @@ def int8_path(target: Path) -> Path:
 def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str | None = None) -> dict[str, Any]:
     """Export the run's best model; returns what was written and the checks (JSON-ready)."""
     from engine.outputs.export import export_onnx, export_torchscript, model_card, weights_bytes
+    from engine.runs.calibration import run_temperature
     from engine.runs.load import load_run_model
 
     if fmt not in SUFFIX:
@@ -93,7 +94,10 @@ def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str |
         raise EngineError(f"unknown quantisation '{quantize}'; use {' or '.join(QUANTIZE)}.")
     target = output_path(run, fmt, output)
     check_files_apart(run, fmt, planned_files(target, fmt, quantize))
-    extra = {"run_id": run.run_id}
+    extra: dict[str, Any] = {"run_id": run.run_id}
+    temperature = run_temperature(run)
+    if temperature is not None:  # a calibrated run: its logits / T give the calibrated probabilities
+        extra["temperature"] = temperature
     handle = load_run_model(run.path)  # best weights; a damaged run or one without them is refused here
     report: dict[str, Any] = {"run_id": run.run_id, "format": fmt, "model": handle.spec.name,
                               "class_names": list(handle.spec.class_names)}

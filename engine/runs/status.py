@@ -6,6 +6,7 @@ so ``RunStatus.from_dict`` keeps what it can use and drops the rest.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -56,6 +57,8 @@ class RunStatus:
     finished_at: float | None = None
     # a run that came in as a bundle (engine/runs/bundle.py): file name, original id, when exported/imported
     imported_from: dict[str, Any] | None = None
+    # the best checkpoint's temperature scaling, fitted on the validation split (engine/runs/calibration.py)
+    calibration: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -83,6 +86,8 @@ class RunStatus:
                 value = value if value in STATES else "unknown"
             elif f.name == "imported_from":
                 value = _origin(value)
+            elif f.name == "calibration":
+                value = clean_calibration(value)
             elif not _fits(value, f.type):
                 value = default
             values[f.name] = value
@@ -122,3 +127,33 @@ def _fits(value: Any, annotation: str) -> bool:
     if isinstance(value, str):
         return "str" in annotation
     return False
+
+
+# ------------------------------------------------------------------ calibration (engine/runs/calibration.py)
+METHOD = "temperature scaling (NLL, validation split)"
+T_RANGE = (0.05, 20.0)  # the temperatures a fit may give (engine/training/calibration.py clamps to it)
+_NUMBERS = ("temperature", "ece_before", "ece_after", "nll_before", "nll_after")
+_COUNTS = ("bins", "images", "epoch")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def clean_calibration(value: Any) -> dict[str, Any] | None:
+    """The record as a reader may trust it: finite numbers, a temperature in ``T_RANGE``, ECEs in [0, 1];
+    anything else None (a status.json edited by hand, a bundle from elsewhere). An error record keeps
+    its message only."""
+    if not isinstance(value, dict):
+        return None
+    if isinstance(value.get("error"), str):
+        return {"error": value["error"][:500]}
+    if not all(_number(value.get(k)) for k in ("temperature", "ece_before", "ece_after")):
+        return None
+    if not T_RANGE[0] <= value["temperature"] <= T_RANGE[1] or \
+            not all(0.0 <= value[k] <= 1.0 for k in ("ece_before", "ece_after")):
+        return None
+    clean: dict[str, Any] = {k: float(value[k]) for k in _NUMBERS if _number(value.get(k))}
+    clean.update({k: int(value[k]) for k in _COUNTS if _number(value.get(k)) and int(value[k]) == value[k]})
+    clean["method"] = value["method"][:200] if isinstance(value.get("method"), str) else METHOD
+    return clean

@@ -108,12 +108,13 @@ def test_evaluation(prep: Prepared, runner: Trainer, run: RunDir | None) -> dict
 
 def record_split(prep: Prepared, run: RunDir | None) -> None:
     """The run's status says which layout gave its split and how many images each part has; a test
-    result of an earlier finish (a run extended by more epochs) is cleared until this one ends."""
+    result and calibration of an earlier finish (a run extended by more epochs) are cleared until this one ends."""
     if run is not None:
         if prep.overrides is not None:  # evaluation, exports and a resume read the data with these
             save_run_overrides(run.path, prep.overrides)
         run.write_status(split={"layout": prep.layout_note, "train": len(prep.train_ds), "val": len(prep.val_ds),
-                                "test": len(prep.test_ds) if prep.test_ds is not None else 0}, test=None)
+                                "test": len(prep.test_ds) if prep.test_ds is not None else 0}, test=None,
+                         calibration=None)
 
 
 def describe_test(result: dict[str, Any]) -> str:

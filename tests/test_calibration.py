@@ -1,0 +1,155 @@
+"""Calibration (issue 28, point 1): ECE and temperature scaling on synthetic numbers, then on a real
+tiny run: recorded when it finishes, added to an older run by ``python -m engine calibrate``, used by
+predict (the same top-1), carried through a bundle. No mocks of the engine."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.cli import main
+from engine.core.errors import RunError
+from engine.core.files import atomic_write_json, read_json
+from engine.outputs.code import script_for_run
+from engine.outputs.predict import predict_files
+from engine.runs.bundle import export_bundle, import_bundle
+from engine.runs.calibration import clean_calibration, run_temperature
+from engine.runs.load import load_run_model
+from engine.runs.status import RunStatus
+from engine.runs.store import open_run
+from engine.training.calibration import expected_calibration_error, fit_temperature, reliability
+from tests.conftest import tiny_lfw_run
+
+
+def _calibrated_set(n: int = 20000, classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose softmax is the true distribution the labels are drawn from: calibrated by construction."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, classes, generator=gen) * 2.0
+    labels = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+    return logits, labels
+
+
+# ------------------------------------------------------------------ the numbers
+def test_ece_is_near_zero_when_calibrated_and_large_when_over_confident():
+    logits, labels = _calibrated_set()
+    assert expected_calibration_error(logits.softmax(-1), labels) < 0.02
+    assert expected_calibration_error((logits * 4).softmax(-1), labels) > 0.15
+    assert expected_calibration_error(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 0.0
+
+
+def test_reliability_bins_count_every_image_once():
+    logits, labels = _calibrated_set(n=500)
+    rows = reliability(logits.softmax(-1), labels, bins=15)
+    assert len(rows) == 15 and sum(r["count"] for r in rows) == 500
+    for r in rows:
+        if r["count"]:
+            assert r["lower"] <= r["confidence"] <= r["upper"] + 1e-6 and 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_fit_temperature_recovers_the_scale():
+    logits, labels = _calibrated_set()
+    assert fit_temperature(logits * 2, labels) == pytest.approx(2.0, rel=0.08)
+    assert fit_temperature(logits * 2, labels) == fit_temperature(logits * 2, labels)  # deterministic
+    assert fit_temperature(logits / 2, labels) == pytest.approx(0.5, rel=0.08)
+    assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
+
+
+def test_a_record_from_elsewhere_is_checked():
+    good = {"temperature": 1.5, "ece_before": 0.2, "ece_after": 0.05, "images": 10, "epoch": 1}
+    assert clean_calibration(good)["temperature"] == 1.5
+    for bad in ({**good, "temperature": -1.0}, {**good, "temperature": float("nan")}, {**good, "ece_after": 3.0},
+                {**good, "temperature": True}, "T=2", {"ece_before": 0.1}):
+        assert clean_calibration(bad) is None
+    assert clean_calibration({"error": "x" * 900}) == {"error": "x" * 500}
+    assert RunStatus.from_dict({"calibration": {**good, "temperature": 0.0}}).calibration is None
+
+
+# ------------------------------------------------------------------ a real run
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return tiny_lfw_run(tmp_path_factory.mktemp("cal-runs"), run_id="20240101-000000-cal")
+
+
+def _older(run, root):
+    """A copy of ``run`` as a run trained before calibration existed: nothing recorded."""
+    shutil.copytree(run.path, root / run.run_id)
+    old = open_run(root, run.run_id)
+    status = read_json(old.status_path)
+    status.pop("calibration", None)
+    atomic_write_json(old.status_path, status)
+    sidecar = old.checkpoint("best").with_suffix(".json")
+    meta = read_json(sidecar)
+    meta.pop("calibration", None)
+    atomic_write_json(sidecar, meta)
+    return old
+
+
+def test_a_finished_run_is_calibrated(trained):
+    record = read_json(trained.status_path)["calibration"]
+    assert "error" not in record, record
+    assert record["temperature"] > 0 and record["ece_after"] <= record["ece_before"] + 1e-6
+    assert record["bins"] == 15 and record["images"] > 0 and record["epoch"] == 1
+    assert record["method"] == "temperature scaling (NLL, validation split)"
+    assert read_json(trained.checkpoint("best").with_suffix(".json"))["calibration"] == record
+    assert run_temperature(trained) == record["temperature"]
+    print(f"tiny run: T={record['temperature']:.3f} ECE {record['ece_before']:.4f} -> {record['ece_after']:.4f}")
+
+
+def test_calibrate_adds_it_to_an_older_run(trained, tmp_path, capsys):
+    old = _older(trained, tmp_path)
+    assert run_temperature(old) is None
+    assert main(["calibrate", str(old.path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    record = out["calibration"]
+    assert out["run_id"] == old.run_id and record["temperature"] > 0
+    assert record["ece_after"] <= record["ece_before"] + 1e-6
+    assert read_json(old.status_path)["calibration"] == record
+    # the same validation split and weights as at the end of the run: the same fit, up to float noise
+    assert record["temperature"] == pytest.approx(read_json(trained.status_path)["calibration"]["temperature"],
+                                                  rel=1e-3)
+    assert main(["calibrate", old.run_id, "--out", str(tmp_path)]) == 0
+    assert "ECE" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_a_run_without_best_weights_in_one_line(trained, tmp_path, capsys):
+    old = _older(trained, tmp_path)
+    old.checkpoint("best").unlink()
+    assert main(["calibrate", str(old.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "best checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_reports_the_temperature_and_keeps_the_top1(trained, tmp_path, cat_photo, coffee_photo, capsys):
+    photos = [cat_photo, coffee_photo]
+    handle = load_run_model(trained.path)
+    plain = predict_files(handle, photos, top_k=2)
+    assert main(["predict", *map(str, photos), "--run", str(trained.path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    temperature = run_temperature(trained)
+    for before, after in zip(plain, out):
+        assert after["temperature"] == temperature
+        assert after["topk"][0]["index"] == before.topk[0].index
+        assert sum(t["prob"] for t in after["topk"]) == pytest.approx(1.0, abs=1e-5)  # two classes
+    # without calibration the output is exactly as it was
+    old = _older(trained, tmp_path)
+    assert main(["predict", *map(str, photos), "--run", str(old.path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == [r.to_dict() for r in plain] and all("temperature" not in r for r in out)
+
+
+def test_a_bundle_keeps_the_calibration(trained, tmp_path):
+    data = export_bundle(trained, script_for=script_for_run)
+    run = import_bundle(data, tmp_path / "runs", display_name="cal.zip")
+    assert read_json(run.status_path)["calibration"] == read_json(trained.status_path)["calibration"]
+    assert run_temperature(run) == run_temperature(trained)
+
+
+def test_calibrate_refuses_an_active_run(trained, tmp_path):
+    from engine.outputs.calibration import calibrate_run
+
+    old = _older(trained, tmp_path)
+    old.write_status(state="queued", pid=None)
+    with pytest.raises(RunError, match="still queued"):
+        calibrate_run(old)
