@@ -30,6 +30,7 @@ from engine.outputs.code import script_for_run
 from engine.outputs.evaluate import evaluate_run
 from engine.outputs.predict import predict_files
 from engine.runs.bundle import BundleError, BundleLimits, export_bundle, import_bundle
+from engine.runs.calibration import run_temperature
 from engine.runs.load import load_run_model
 from engine.runs.process import process_start
 from engine.runs.status import RunStatus
@@ -62,7 +63,8 @@ def _sha(path: Path) -> str:
 
 
 def _probs(run, photo) -> list[tuple[str, float]]:
-    [result] = predict_files(load_run_model(run.path), [photo], top_k=2)
+    """What ``predict --run`` shows: the calibrated probabilities (the run's temperature, engine/runs/calibration.py)."""
+    [result] = predict_files(load_run_model(run.path), [photo], top_k=2, temperature=run_temperature(run))
     return [(t.label, t.prob) for t in result.topk]
 
 

@@ -85,6 +85,9 @@ def test_a_race_eliminates_by_rungs_and_its_winner_is_a_normal_run(raced):
     assert winner.train_state_path.is_file() and winner.checkpoint("best").is_file()
     report = evaluate_run(winner)  # what the Evaluate page and `eval` open
     assert report.val_acc == pytest.approx(winner.checkpoint_meta("best")["val_acc"])
+    # calibrated at its finish as any run is (engine/training/calibration.py), on its best checkpoint
+    assert status.calibration and status.calibration["temperature"] > 0, status.calibration
+    assert status.calibration["epoch"] == winner.checkpoint_meta("best")["epoch"]
     assert all(r.status().state == ("finished" if r.metrics() else "cancelled") for r in runs)
     assert sorted(r.run_id for r in race_runs(root, result.group)) == sorted(r.run_id for r in runs)
     with pytest.raises(EngineError, match="already run"):  # a race is run once; its runs are kept as they are

@@ -110,9 +110,13 @@ def test_evaluate_run_with_tta_reports_both_accuracies_and_the_cli_the_change(tr
 
     proc = run_cli("predict", str(cat_photo), "--run", trained.run_id, "--tta", "--json", "--top-k", "2", *out)
     assert proc.returncode == 0, proc.stderr
+    from engine.runs.calibration import run_temperature
     from engine.runs.load import load_run_model
 
-    [expected] = predict_files(load_run_model(trained.path), [cat_photo], top_k=2, tta=True)
+    # predict --run shows the calibrated probabilities: each view's logits divided by the run's temperature
+    [expected] = predict_files(load_run_model(trained.path), [cat_photo], top_k=2, tta=True,
+                               temperature=run_temperature(trained))
+    assert json.loads(proc.stdout)[0]["temperature"] == run_temperature(trained) is not None
     got = json.loads(proc.stdout)[0]["topk"]
     assert [t["label"] for t in got] == [t.label for t in expected.topk]
     assert [t["prob"] for t in got] == pytest.approx([t.prob for t in expected.topk], abs=1e-5)
