@@ -153,3 +153,13 @@ def test_calibrate_refuses_an_active_run(trained, tmp_path):
     old.write_status(state="queued", pid=None)
     with pytest.raises(RunError, match="still queued"):
         calibrate_run(old)
+
+
+def test_a_full_disk_while_calibrating_never_fails_the_run(tmp_path, monkeypatch):
+    # best.json is written once by the epoch's commit, the second time by the calibration: that one fails
+    monkeypatch.setenv("WORKBENCH_FAULT", "enospc:best.json:before:2")
+    run = tiny_lfw_run(tmp_path, run_id="20240101-000000-full")
+    monkeypatch.delenv("WORKBENCH_FAULT")
+    assert run.status().state == "finished"
+    assert "calibration" not in read_json(run.checkpoint("best").with_suffix(".json"))
+    assert run.status().calibration["temperature"] > 0  # status.json was written before the disk filled
