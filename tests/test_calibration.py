@@ -163,3 +163,20 @@ def test_a_full_disk_while_calibrating_never_fails_the_run(tmp_path, monkeypatch
     assert run.status().state == "finished"
     assert "calibration" not in read_json(run.checkpoint("best").with_suffix(".json"))
     assert run.status().calibration["temperature"] > 0  # status.json was written before the disk filled
+
+
+def test_the_inference_page_shows_the_calibrated_probabilities_and_says_so(trained, cat_photo, monkeypatch):
+    """With a calibrated run the page says so once, beside the model, with the temperature it divides the
+    logits by (the same predict_sources call as the CLI's, given the run's temperature)."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import ROOT
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(trained.path.parent))
+    at = AppTest.from_file(str(ROOT / "views" / "inference.py"), default_timeout=180)
+    at.session_state["selected_run"] = trained.run_id
+    at.run()
+    at.radio[0].set_value("a trained run").run()
+    assert not at.exception
+    said = [c.value for c in at.caption if "calibrated" in c.value]
+    assert len(said) == 1 and f"temperature {run_temperature(trained):.3g}" in said[0], said

@@ -8,6 +8,7 @@ import streamlit as st
 from engine.core.errors import EngineError
 from engine.core.paths import runs_root
 from engine.outputs.predict import predict_sources
+from engine.runs.calibration import run_temperature
 from engine.runs.store import usable_runs
 from ui.cache import load_model, load_trained
 from ui.charts import chart, stop_page
@@ -42,16 +43,20 @@ st.title("Inference")
 finished = usable_runs(runs_root())
 choice = st.radio("Predict with", ["the active model", "a trained run"], horizontal=True,
                   index=1 if finished and st.session_state.get(SELECTED_RUN) in [r.run_id for r in finished] else 0)
+temperature = None  # a calibrated run's: its probabilities are the calibrated ones (engine/runs/calibration.py)
 try:
     if choice == "a trained run":
         run = pick_trained_run()
         handle = load_trained(str(run.path), run.checkpoint("best").stat().st_mtime)
+        temperature = run_temperature(run)
     else:
         handle = load_model(*active())
 except EngineError as exc:
     show_error(exc)
     stop_page()
-st.caption(f"{md(handle.spec.name)} · {handle.spec.num_classes} classes · input {handle.spec.input_size[-1]} px")
+st.caption(f"{md(handle.spec.name)} · {handle.spec.num_classes} classes · input {handle.spec.input_size[-1]} px"
+           + (f" · probabilities calibrated on its validation split (temperature {temperature:.3g})"
+              if temperature is not None else ""))
 
 files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], accept_multiple_files=True)
 use_camera = st.toggle("Use the camera")
@@ -73,7 +78,7 @@ if not sources:
 # page shows that thumbnail, never the raw bytes (Streamlit would decode a huge file at full size).
 # Results come back in upload order, one per upload: two files with the same name keep their own.
 try:
-    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX, tta=tta)
+    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX, tta=tta, temperature=temperature)
 except EngineError as exc:
     show_error(exc)
     stop_page()
