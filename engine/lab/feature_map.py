@@ -156,7 +156,9 @@ def run_maps(run_dir: str, *, method: str = "pca", k: int = 5, max_images: int =
     check_same_classes(run, tuned.spec.class_names, ds.class_names, "its feature space cannot be mapped on that data")
     _train, val = split_indices(ds, config)
     val = _evenly(val, ds.labels, max_images)
-    pretrained = create_model(config.model, weights=config.weights, class_names=list(ds.class_names))
+    with torch.random.fork_rng():  # without pretrained weights ("none"), the random start the run had, the
+        torch.manual_seed(config.seed)  # same on every call (it drew from whatever the process had drawn before)
+        pretrained = create_model(config.model, weights=config.weights, class_names=list(ds.class_names))
     pretrained.spec = tuned.spec  # the same preprocessing the run saw (size, crop, mean/std)
     return [feature_map(pretrained, ds, val, name=f"pretrained {config.model} ({config.weights})", method=method, k=k),
             feature_map(tuned, ds, val, name=f"after fine-tune (run {run.run_id})", method=method, k=k)]
