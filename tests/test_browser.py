@@ -146,15 +146,21 @@ def test_a_new_tab_paints_the_controls_before_its_first_chart(served_app, browse
 
     context = browser_page.context.browser.new_context(viewport={"width": 1400, "height": 1000})
     for path, control in [("training", "Start training"), ("runs", "Delete run")]:
-        page = watch_paints(context, [control])
-        try:
-            page.goto(f"{served_app}/{path}")
-            controls, first_chart = painted_at(page, control), painted_at(page, "chart")
-            _wait_ready(page)
-            _no_exception(page)
-        finally:
-            page.close()
+        for visit in range(3):
+            page = watch_paints(context, [control])
+            try:
+                page.goto(f"{served_app}/{path}")
+                controls, first_chart = painted_at(page, control), painted_at(page, "chart")
+                _wait_ready(page)
+                _no_exception(page)
+            finally:
+                page.close()
+            # a tab that drew nothing for 2.5 s had a starved browser (CI's 2 cores busy elsewhere; measured
+            # median 1.6 s), which draws whatever has arrived in one frame: such a visit says nothing, so
+            # measure again (the old code drew the chart first or with the controls on fast visits too)
+            if controls < 2500:
+                break
         # measured: controls 1.0-1.6 s before the chart; each page drew its chart first, or with them, before
         assert controls + 200 < first_chart, f"{path}: the chart was painted at {first_chart:.0f} ms, with or " \
-                                             f"before its controls at {controls:.0f} ms"
+                                             f"before its controls at {controls:.0f} ms (visit {visit + 1})"
     context.close()
