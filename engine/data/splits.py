@@ -93,3 +93,23 @@ def split_indices(ds: ImageSet, config: SplitSettings) -> tuple[list[int], list[
     """(train, val) indices into ``ds`` (``split_all`` without its held-out test part)."""
     train, val, _ = split_all(ds, config)
     return train, val
+
+
+def evenly_by_class(indices: list[int], labels: Sequence[int], limit: int) -> list[int]:
+    """At most ``limit`` of ``indices``, taken round-robin over classes (every class keeps its share),
+    in ascending order."""
+    if len(indices) <= limit:
+        return indices
+    by_class: dict[int, list[int]] = {}
+    for i in indices:
+        by_class.setdefault(labels[i], []).append(i)
+    picked: list[int] = []
+    queues = [iter(v) for v in by_class.values()]
+    while len(picked) < limit and queues:
+        for q in list(queues):
+            nxt = next(q, None)
+            if nxt is None:
+                queues.remove(q)
+            elif len(picked) < limit:
+                picked.append(nxt)
+    return sorted(picked)

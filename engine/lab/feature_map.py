@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from engine.core.errors import DataError, EngineError
-from engine.core.memory import inference_batch
-from engine.core.modes import evaluating
-from engine.training.feature_cache import head_inputs
+from engine.data.splits import evenly_by_class
+from engine.training.feature_cache import embed
 
 if TYPE_CHECKING:
     from engine.data.datasets import ImageSet
@@ -47,24 +45,6 @@ class FeatureMap:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def embed(handle: ModelHandle, ds: ImageSet, indices: Sequence[int]) -> torch.Tensor:
-    """Head-input features of ``ds[indices]`` in eval mode (BN with its stored statistics), in
-    model-sized slices."""
-    from engine.data.datasets import TransformDataset
-    from engine.data.transforms import eval_transform
-
-    module = handle.module
-    dataset = TransformDataset(ds, indices, eval_transform(handle.spec))
-    loader = DataLoader(dataset, batch_size=inference_batch(module, handle.spec.input_size))
-    chunks = []
-    with evaluating(module), torch.inference_mode():
-        for x, _y in loader:
-            chunks.append(head_inputs(module, handle.spec.head, x).float().cpu())
-    if not chunks:
-        raise EngineError("No images to embed.")
-    return torch.cat(chunks)
 
 
 def usable_k(labels: Sequence[int], k: int) -> int:
@@ -155,7 +135,7 @@ def run_maps(run_dir: str, *, method: str = "pca", k: int = 5, max_images: int =
     ds = load_source(config.data, work_dir=str(run.path))
     check_same_classes(run, tuned.spec.class_names, ds.class_names, "its feature space cannot be mapped on that data")
     _train, val = split_indices(ds, config)
-    val = _evenly(val, ds.labels, max_images)
+    val = evenly_by_class(val, ds.labels, max_images)
     with torch.random.fork_rng():  # without pretrained weights ("none"), the random start the run had, the
         torch.manual_seed(config.seed)  # same on every call (it drew from whatever the process had drawn before)
         pretrained = create_model(config.model, weights=config.weights, class_names=list(ds.class_names))
@@ -180,27 +160,8 @@ def model_map(model: str, data: str, *, weights: str = "packaged", image_size: i
     config = TrainConfig(model=model, weights=weights, data=data, max_per_class=max_per_class, split_seed=seed)
     _train, val = split_indices(ds, config)
     if max_images:
-        val = _evenly(val, ds.labels, max_images)
+        val = evenly_by_class(val, ds.labels, max_images)
     handle = create_model(model, weights=weights, class_names=list(ds.class_names))
     if image_size:
         handle.spec = replace(handle.spec, input_size=(3, image_size, image_size))
     return feature_map(handle, ds, val, name=f"pretrained {model} ({weights})", method=method, k=k, seed=seed)
-
-
-def _evenly(indices: list[int], labels: Sequence[int], limit: int) -> list[int]:
-    """At most ``limit`` of ``indices``, taken round-robin over classes (every class keeps its share)."""
-    if len(indices) <= limit:
-        return indices
-    by_class: dict[int, list[int]] = {}
-    for i in indices:
-        by_class.setdefault(labels[i], []).append(i)
-    picked: list[int] = []
-    queues = [iter(v) for v in by_class.values()]
-    while len(picked) < limit and queues:
-        for q in list(queues):
-            nxt = next(q, None)
-            if nxt is None:
-                queues.remove(q)
-            elif len(picked) < limit:
-                picked.append(nxt)
-    return sorted(picked)

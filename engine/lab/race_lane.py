@@ -47,10 +47,10 @@ from engine.freeze.plan import set_train_mode
 from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
 from engine.runs.recorder import RunRecorder
 from engine.runs.store import RunDir, extend_run
-from engine.training.calibration import calibrate_best
 from engine.training.checkpoint import Checkpointer
+from engine.training.finish import evaluate_finished
 from engine.training.policies import ByClock, Deadline, Scheduled
-from engine.training.setup import Prepared, describe_test, prepare, record_split, set_up, test_evaluation
+from engine.training.setup import Prepared, describe_test, prepare, record_split, set_up
 from engine.training.state import TrainState
 from engine.training.trainer import Trainer
 
@@ -244,10 +244,8 @@ class Lane:
         """End this run as ``fit`` ends one (RunFinished, the held-out test once when finished), and
         free its model: an eliminated plan gives its memory to the survivors."""
         if status == "finished" and self.prep is not None and self.runner is not None:
-            test = test_evaluation(self.prep, self.runner, self.run)
-            if test:
+            if test := evaluate_finished(self.prep, self.runner, self.run):  # as fit does
                 reason = f"{reason}; {describe_test(test)}"
-            calibrate_best(self.prep, self.runner, self.run)  # as fit does: never fails the run
         early = self.state.early
         self.sink(RunFinished(status=status, reason=reason, best_epoch=early.best_epoch,
                               best_val_acc=early.best_val_acc, epochs_done=self.state.epoch, seconds=self.train_s))

@@ -1,7 +1,8 @@
 """Calibrate a run that already ended (``python -m engine calibrate RUN``): its best checkpoint on its
 validation split, read as evaluation reads it (engine/outputs/evaluate.py), temperature scaling fitted
 and measured as at the end of a run (engine/training/calibration.py), recorded in status.json and
-best.json (engine/runs/calibration.py). The "unknown" threshold (issue 28, point 2) is not part of it yet.
+best.json (engine/runs/calibration.py), with the open-set rule fitted as at the end of a run
+(engine/training/open_set.py: its bank of training images, its threshold on the validation images).
 """
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from typing import Any
 import torch
 
 from engine.core.errors import RunError
+from engine.data.splits import evenly_by_class, split_all
 from engine.outputs.evaluate import validation_predictions
 from engine.runs.calibration import record_calibration
+from engine.runs.open_set import BANK_LIMIT, save_open_set
 from engine.runs.store import RunDir
 from engine.training.calibration import calibration_record
+from engine.training.feature_cache import embed
+from engine.training.open_set import fit_open_set
 
 
 def calibrate_run(run: RunDir) -> dict[str, Any]:
@@ -25,10 +30,20 @@ def calibrate_run(run: RunDir) -> dict[str, Any]:
         raise RunError(f"The run {run.run_id} is still {status.state}; it is calibrated when it finishes.")
     if not run.checkpoint("best").is_file():
         raise RunError(f"The run {run.run_id} has no best checkpoint (no epoch finished); nothing to calibrate.")
-    preds = validation_predictions(run, "best", "val")
+    preds = validation_predictions(run, "best", "val", features=True)
     # log-probabilities are the logits less a per-image constant: the same softmax at every temperature
     logits = preds["probs"].clamp_min(torch.finfo(torch.float32).tiny).log()
-    record = calibration_record(logits, preds["labels"], (run.checkpoint_meta("best") or {}).get("epoch"))
+    epoch = (run.checkpoint_meta("best") or {}).get("epoch")
+    record = calibration_record(logits, preds["labels"], epoch)
+    ds, config = preds["dataset"], preds["config"]
+    train, _val, _test = split_all(ds, config)
+    picked = evenly_by_class(train, ds.labels, BANK_LIMIT)
+    if picked:
+        rule = fit_open_set(embed(preds["handle"], ds, picked), torch.as_tensor([ds.labels[i] for i in picked]),
+                            preds["features"], epoch=epoch)
+        if rule is not None:
+            save_open_set(run, rule)
+            record.update(unknown_threshold=rule.threshold, open_set=rule.summary())
     record_calibration(run, record)
     return record
 
@@ -39,4 +54,13 @@ def describe_calibration(record: dict[str, Any]) -> str:
         return f"not calibrated: {record['error']}"
     epoch = f" (epoch {record['epoch']})" if record.get("epoch") is not None else ""
     return (f"temperature {record['temperature']:.3f}: ECE {record['ece_before']:.4f} -> {record['ece_after']:.4f} "
-            f"on {record.get('images', 0)} validation images{epoch}")
+            f"on {record.get('images', 0)} validation images{epoch}" + _unknown_line(record))
+
+
+def _unknown_line(record: dict[str, Any]) -> str:
+    rule = record.get("open_set")
+    if record.get("unknown_threshold") is None or not isinstance(rule, dict):
+        return ""
+    return (f"; unknown above distance {record['unknown_threshold']:.3f} ({rule.get('text', 'open-set rule')}, "
+            f"k={rule.get('k')}, {rule.get('images')} training images; "
+            f"{100 * (1 - rule.get('quantile', 0.95)):.0f}% of validation images above it)")

@@ -128,12 +128,15 @@ class EvaluationReport:
 SPLIT_CHOICES = ("val", "test")
 
 
-def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", tta: bool = False) -> dict[str, Any]:
+def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", tta: bool = False,
+                           features: bool = False) -> dict[str, Any]:
     """Labels, probabilities and sources of every validation image (or, with ``split="test"``, every
     held-out test image), in eval + inference mode.
 
     ``tta``: ``probs`` are averaged with the horizontal mirror's (``predict.class_probs``) and
     ``plain_probs`` are those without, from the same forward passes; without it both are the same tensor.
+    ``features``: also the features entering the head (``features``), from the same forwards, plus the
+    ``dataset`` and ``config`` they were read with.
     """
     from engine.data.datasets import TransformDataset, load_source
     from engine.data.overrides import image_key
@@ -157,9 +160,10 @@ def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", 
     # slices sized to the model and image size (core/memory.py); no workers: ``dataset.failed`` is
     # filled in this process
     loader = DataLoader(dataset, batch_size=inference_batch(module, handle.spec.input_size))
-    plain, averaged, labels = [], [], []
+    plain, averaged, labels, kept = [], [], [], []
     for x, y in loader:
-        p, t = class_probs(module, x.to(device), tta=tta, max_batch=loader.batch_size)
+        p, t = class_probs(module, x.to(device), tta=tta, max_batch=loader.batch_size,
+                           head=handle.spec.head if features else None, features=kept if features else None)
         plain.append(p.cpu())
         averaged.append((t if tta else p).cpu())
         labels.append(y)
@@ -167,7 +171,8 @@ def validation_predictions(run: RunDir, kind: str = "best", split: str = "val", 
     keep = [p for p in range(len(indices)) if p not in dataset.substituted]
     indices = [indices[p] for p in keep]
     probs = torch.cat(averaged)[keep]
-    return {"handle": handle, "probs": probs, "plain_probs": torch.cat(plain)[keep] if tta else probs,
+    extra = {"features": torch.cat(kept).cpu()[keep], "dataset": ds, "config": config} if features else {}
+    return {**extra, "handle": handle, "probs": probs, "plain_probs": torch.cat(plain)[keep] if tta else probs,
             "tta": tta, "labels": torch.cat(labels)[keep], "indices": indices,
             "sources": [ds.sources[i] for i in indices], "images": [image_key(ds, i) for i in indices],
             "class_names": handle.spec.class_names,

@@ -14,6 +14,7 @@ from engine.core.memory import inference_batch
 from engine.core.modes import evaluating
 from engine.data.images import open_image, shrink_to
 from engine.data.transforms import eval_transform, input_target
+from engine.training.feature_cache import logits_and_head_inputs
 
 if TYPE_CHECKING:
     from engine.data.images import ImageSource
@@ -52,7 +53,7 @@ def model_device(module: torch.nn.Module) -> torch.device:
 
 def class_probs(
     module: torch.nn.Module, batch: torch.Tensor, *, tta: bool = False, max_batch: int | None = None,
-    temperature: float | None = None,
+    temperature: float | None = None, head: str | None = None, features: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax probabilities of ``batch`` (N, C, H, W, on the model's device): ``(plain, with_tta)``,
     ``with_tta`` None unless ``tta``. The one place predictions and evaluations run the model.
@@ -73,13 +74,19 @@ def class_probs(
     Under the model's lock, in eval mode and inference mode; float32 results on the model's device.
     ``temperature``: a calibrated run's T (engine/runs/calibration.py): the logits are divided by it
     before the softmax (the top-1 never changes); None: the plain softmax.
+    ``head`` and ``features``: the features entering the head module ``head`` for each image (of the
+    plain view) are appended to the list ``features``, from the same forwards (the open-set rule reads them).
     """
     step = max(1, max_batch or len(batch))
 
-    def forward(views: torch.Tensor) -> torch.Tensor:
+    def forward(views: torch.Tensor, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
         outs = []
         for start in range(0, len(views), step):
-            logits = module(views[start:start + step])
+            if keep is not None and head is not None:
+                logits, kept = logits_and_head_inputs(module, head, views[start:start + step])
+                keep.append(kept.float())
+            else:
+                logits = module(views[start:start + step])
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
             logits = logits.float()
@@ -87,7 +94,7 @@ def class_probs(
         return torch.cat(outs)
 
     with evaluating(module), torch.inference_mode():  # per call: a shared model is not held for long
-        plain = forward(batch)
+        plain = forward(batch, features)
         if not tta:
             return plain, None
         return plain, (plain + forward(batch.flip(-1))) / 2

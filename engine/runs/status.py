@@ -156,4 +156,12 @@ def clean_calibration(value: Any) -> dict[str, Any] | None:
     clean: dict[str, Any] = {k: float(value[k]) for k in _NUMBERS if _number(value.get(k))}
     clean.update({k: int(value[k]) for k in _COUNTS if _number(value.get(k)) and int(value[k]) == value[k]})
     clean["method"] = value["method"][:200] if isinstance(value.get("method"), str) else METHOD
+    threshold, rule = value.get("unknown_threshold"), value.get("open_set")
+    if _number(threshold) and 0.0 <= threshold <= 2.0 and isinstance(rule, dict):  # cosine distances lie in [0, 2]
+        clean["unknown_threshold"] = float(threshold)
+        clean["open_set"] = {k: rule[k][:200] for k in ("rule", "text") if isinstance(rule.get(k), str)}
+        clean["open_set"].update({k: rule[k] for k in ("k", "images", "dims") if _number(rule.get(k))
+                                  and int(rule[k]) == rule[k] and rule[k] >= 0})
+        if _number(rule.get("quantile")) and 0.0 < rule["quantile"] <= 1.0:
+            clean["open_set"]["quantile"] = float(rule["quantile"])
     return clean

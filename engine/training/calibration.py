@@ -5,8 +5,8 @@ One scalar T > 0 divides the logits before the softmax; it is fitted by minimisi
 log-likelihood on the validation split, so the top-1 class never changes, only how sure it reads.
 At the end of every finished run the best checkpoint is calibrated (``calibrate_best``); an older
 run is calibrated by ``python -m engine calibrate RUN`` (engine/outputs/calibration.py). The record
-lands in status.json and best.json (engine/runs/calibration.py). The threshold for "unknown" (issue
-28, point 2) is not part of it yet.
+lands in status.json and best.json (engine/runs/calibration.py). The same pass sets the open-set rule's
+threshold (engine/training/open_set.py), kept in the record as ``unknown_threshold``.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from engine.core.modes import evaluating
 from engine.runs.calibration import METHOD, T_RANGE, record_calibration
-from engine.runs.checkpoint_file import load_weights
+from engine.runs.open_set import save_open_set
+from engine.training.epoch import evaluate_scores
+from engine.training.open_set import bank_features, fit_open_set
 
 if TYPE_CHECKING:
     from engine.runs.store import RunDir
@@ -107,36 +108,24 @@ def calibration_record(logits: torch.Tensor, labels: torch.Tensor, epoch: int | 
             "method": METHOD, "bins": BINS, "images": int(labels.numel()), "epoch": epoch}
 
 
-def collect_logits(module: torch.nn.Module, loader: DataLoader, device: torch.device,
-                   dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of every batch, float32 on the CPU, in eval mode under inference_mode."""
-    outs, ys = [], []
-    with evaluating(module), torch.inference_mode():
-        for x, y in loader:
-            x = x.to(device)
-            if channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = module(x)
-            outs.append(logits.float().cpu())
-            ys.append(y)
-    if not outs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(outs), torch.cat(ys)
-
-
-def calibrate_best(prep: Prepared, runner: Trainer, run: RunDir | None) -> dict[str, Any] | None:
-    """At the end of a finished run: its best checkpoint, calibrated on the validation split (one
-    inference pass in micro-batches) and recorded. None: no run folder or no best checkpoint. Never
-    raises: a failure is recorded as ``{"error": ...}`` and the run stays finished."""
-    if run is None or not run.checkpoint("best").is_file():
+def calibrate_best(prep: Prepared, runner: Trainer, run: RunDir | None, epoch: int | None) -> dict[str, Any] | None:
+    """At the end of a finished run, with the best checkpoint's weights in ``runner.module``: temperature
+    scaling and the open-set rule, both set on the validation split from one inference pass (in
+    micro-batches), plus one pass over the rule's bank of training images; recorded. None: no run
+    folder. Never raises: a failure is recorded as ``{"error": ...}`` and the run stays finished."""
+    if run is None:
         return None
     try:
-        runner.module.load_state_dict(load_weights(run.checkpoint("best")))
         loader = DataLoader(prep.val_ds, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
-        logits, labels = collect_logits(runner.module, loader, runner.device, runner.dtype, runner.channels_last)
-        keep = [p for p in range(len(labels)) if p not in prep.val_ds.substituted]  # stand-ins of broken files
-        record = calibration_record(logits[keep], labels[keep], (run.checkpoint_meta("best") or {}).get("epoch"))
+        outputs = evaluate_scores(runner.module, loader, runner.device, runner.dtype, runner.channels_last,
+                                  keep=True, head=prep.handle.spec.head).outputs
+        keep = [p for p in range(len(outputs.labels)) if p not in prep.val_ds.substituted]  # stand-ins of broken files
+        record = calibration_record(outputs.logits[keep], outputs.labels[keep], epoch)
+        bank, bank_labels = bank_features(prep, runner)
+        rule = fit_open_set(bank, bank_labels, outputs.features[keep], epoch=epoch)
+        if rule is not None:
+            save_open_set(run, rule)
+            record.update(unknown_threshold=rule.threshold, open_set=rule.summary())
     except Exception as exc:  # noqa: BLE001 - calibrating is a bonus: it never fails a finished run
         record = {"error": f"calibration failed: {type(exc).__name__}: {str(exc)[:300]}"}
     try:

@@ -17,6 +17,7 @@ from torch import nn
 from engine.core.errors import EngineError
 from engine.core.modes import evaluating
 from engine.freeze.plan import set_train_mode
+from engine.training.feature_cache import logits_and_head_inputs
 from engine.training.metrics import balanced_scores, confusion_matrix
 from engine.training.policies import LRPolicy, StepCallback
 
@@ -138,39 +139,65 @@ def _step(ctx: StepContext) -> None:
 
 
 @dataclass
+class Outputs:
+    """What an evaluation pass kept, on the CPU in float32, one row per image in the loader's order:
+    the logits, the labels and (when a head was named) the features entering the head."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+@dataclass
 class EvalScores:
     """One evaluation pass: the plain mean loss (never class-weighted, so curves stay comparable),
-    accuracy, macro-F1 and balanced accuracy (engine.training.metrics), and the confusion matrix."""
+    accuracy, macro-F1 and balanced accuracy (engine.training.metrics), and the confusion matrix;
+    ``outputs`` when the pass was asked to keep them (calibration and the open-set rule read them)."""
 
     loss: float
     acc: float
     macro_f1: float
     balanced_acc: float
     confusion: list[list[int]]
+    outputs: Outputs | None = None
 
 
 def evaluate_scores(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> EvalScores:
+                    channels_last: bool = False, *, keep: bool = False, head: str | None = None) -> EvalScores:
     """Loss, accuracy, macro-F1 and balanced accuracy in eval mode under inference_mode; the model's
-    mode is restored."""
+    mode is restored. The one evaluation loop of training: ``keep`` also keeps every logit and label,
+    and with ``head`` (the head's module name) the features entering it, from the same forwards."""
     total_loss = correct = seen = 0
     confusion: torch.Tensor | None = None
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     with evaluating(model), torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            features = None
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(x)
+                if head is None:
+                    logits = model(x)
+                else:
+                    logits, features = logits_and_head_inputs(model, head, x)
             total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
             predicted = logits.argmax(-1)
             correct += (predicted == y).sum().item()
             seen += y.shape[0]
             counts = confusion_matrix(y, predicted, logits.shape[-1])
             confusion = counts if confusion is None else confusion + counts
+            if keep:
+                kept.append((logits.float().cpu(), y.cpu(), None if features is None else features.float().cpu()))
     macro_f1, balanced_acc = balanced_scores(confusion) if confusion is not None else (0.0, 0.0)
+    outputs = None
+    if keep:
+        outputs = Outputs(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
+        if kept:
+            outputs = Outputs(torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]),
+                              torch.cat([k[2] for k in kept]) if head is not None else None)
     return EvalScores(total_loss / max(1, seen), correct / max(1, seen), macro_f1, balanced_acc,
-                      confusion.tolist() if confusion is not None else [])
+                      confusion.tolist() if confusion is not None else [], outputs)
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,

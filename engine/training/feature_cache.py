@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
 from engine.core.errors import EngineError
+from engine.core.memory import inference_batch
 from engine.core.modes import evaluating, model_lock
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
     from engine.config import TrainConfig
+    from engine.data.datasets import ImageSet
     from engine.freeze.plan import FreezePlan
     from engine.models.factory import ModelHandle
 
@@ -29,6 +32,27 @@ class _Captured(Exception):
 def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
     """Features entering ``head`` for batch ``x`` (the head itself is not run), one row per image."""
     return module_inputs(module, head, x).flatten(1)
+
+
+def logits_and_head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole forward of ``x``: its logits, and the features entering ``head`` (one row per image),
+    which the open-set rule measures (engine/runs/open_set.py) beside the probabilities."""
+    box: dict[str, torch.Tensor] = {}
+
+    def keep(_m: nn.Module, inputs: tuple) -> None:
+        box["x"] = inputs[0]
+
+    with model_lock(module):  # the hook must never meet another thread's forward
+        handle = module.get_submodule(head).register_forward_pre_hook(keep)
+        try:
+            logits = module(x)
+        finally:
+            handle.remove()
+    if "x" not in box:
+        raise RuntimeError(f"'{head}' was never called during forward")
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits, box["x"].flatten(1)
 
 
 def module_inputs(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -120,3 +144,21 @@ def compute_features(model: nn.Module, point: str, loader: Iterable, device: tor
             feats.append((inputs.flatten(1) if flatten else inputs).float().contiguous().cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+def embed(handle: ModelHandle, ds: ImageSet, indices: Sequence[int]) -> torch.Tensor:
+    """Head-input features of ``ds[indices]`` in eval mode (BN with its stored statistics), in
+    model-sized slices."""
+    from engine.data.datasets import TransformDataset
+    from engine.data.transforms import eval_transform
+
+    module = handle.module
+    dataset = TransformDataset(ds, indices, eval_transform(handle.spec))
+    loader = DataLoader(dataset, batch_size=inference_batch(module, handle.spec.input_size))
+    chunks = []
+    with evaluating(module), torch.inference_mode():
+        for x, _y in loader:
+            chunks.append(head_inputs(module, handle.spec.head, x).float().cpu())
+    if not chunks:
+        raise EngineError("No images to embed.")
+    return torch.cat(chunks)

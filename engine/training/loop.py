@@ -18,10 +18,10 @@ from engine.core.memory import reuse_freed_memory
 from engine.data.overrides import read_overrides
 from engine.runs.events import RunFinished, RunStarted, no_emit
 from engine.runs.recorder import RunRecorder
-from engine.training.calibration import calibrate_best
 from engine.training.checkpoint import Checkpointer
 from engine.training.epoch import Diverged
-from engine.training.setup import Prepared, describe_test, prepare, record_split, set_up, test_evaluation
+from engine.training.finish import evaluate_finished
+from engine.training.setup import Prepared, describe_test, prepare, record_split, set_up
 from engine.training.state import TrainState
 
 if TYPE_CHECKING:
@@ -68,9 +68,9 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
 
     def finish(status: str, reason: str) -> RunResult:
         if status == "finished" and runner is not None and (ranks is None or ranks.main):
-            if test := test_evaluation(prep, runner, run):
-                reason = f"{reason}; {describe_test(test)}"  # the held-out split, once, with the best checkpoint
-            calibrate_best(prep, runner, run)  # temperature scaling on the validation split; never fails the run
+            # the best checkpoint: the held-out split once, then calibrated (never fails the run)
+            if test := evaluate_finished(prep, runner, run):
+                reason = f"{reason}; {describe_test(test)}"
         return RunResult.record(sink, status, reason, state, started, runner is not None and runner.cached, run)
 
     if runner is None:

@@ -89,40 +89,35 @@ class ExponentialSweep:
 
 
 # ------------------------------------------------------------------ how long
-class Deadline:
-    """Training batches until a deadline (``deadline()``: it may move as steps are timed), pass after
-    pass over the data (each pass reshuffled): the first batch always, the others while time is left."""
+class Batches:
+    """Training batches, pass after pass over the data (each pass reshuffled), while ``more(steps)``
+    (the steps yielded so far) says so; a pass is not begun when it would yield nothing (no shuffle
+    drawn, no worker started for it)."""
 
-    def __init__(self, loader: Iterable, deadline: Callable[[], float]):
-        self.loader, self.deadline, self.steps = loader, deadline, 0
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            for batch in self.loader:
-                if self.steps and time.perf_counter() >= self.deadline():
-                    return
-                self.steps += 1
-                yield batch
-            if not self.steps:
-                return  # an empty loader (set_up refuses one; never loop on it)
-
-
-class Steps:
-    """``count`` training batches, pass after pass over the data (each pass reshuffled)."""
-
-    def __init__(self, loader: Iterable, count: int):
-        self.loader, self.count, self.steps = loader, count, 0
+    def __init__(self, loader: Iterable, more: Callable[[int], bool]):
+        self.loader, self.more, self.steps = loader, more, 0
 
     def __iter__(self) -> Iterator[Any]:
-        while self.steps < self.count:
+        while self.more(self.steps):
             before = self.steps
             for batch in self.loader:
-                if self.steps >= self.count:
+                if not self.more(self.steps):
                     return
                 self.steps += 1
                 yield batch
             if self.steps == before:
-                return  # an empty loader
+                return  # an empty loader (set_up refuses one; never loop on it)
+
+
+def Deadline(loader: Iterable, deadline: Callable[[], float]) -> Batches:  # noqa: N802 - reads as a policy
+    """Until a deadline (``deadline()``, perf_counter: it may move as steps are timed): the first batch
+    always, the others while time is left."""
+    return Batches(loader, lambda steps: not steps or time.perf_counter() < deadline())
+
+
+def Steps(loader: Iterable, count: int) -> Batches:  # noqa: N802 - reads as a policy
+    """``count`` batches."""
+    return Batches(loader, lambda steps: steps < count)
 
 
 # ------------------------------------------------------------------ who hears each step

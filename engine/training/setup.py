@@ -22,7 +22,6 @@ from engine.data.splits import split_all
 from engine.data.transforms import eval_transform, train_transform
 from engine.freeze.plan import apply_plan, build_optimizer, optimizer_for_groups, param_groups
 from engine.models.factory import create_model
-from engine.runs.checkpoint_file import load_weights
 from engine.training.distributed import (
     Ranks,
     ShardSampler,
@@ -32,7 +31,6 @@ from engine.training.distributed import (
     sync_batchnorm,
     wrap,
 )
-from engine.training.epoch import evaluate
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, refuse_uncached, uses_feature_cache
 from engine.training.micro import BatchPlan, Placement, plan_batches
 from engine.training.prefix_cache import cache_fits, prefix_cut, prefix_view
@@ -86,24 +84,6 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     test_ds = TransformDataset(ds, test_idx, eval_transform(handle.spec, size)) if test_idx else None
     return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout_note,
                     applied_overrides(ds))
-
-
-def test_evaluation(prep: Prepared, runner: Trainer, run: RunDir | None) -> dict[str, Any] | None:
-    """The held-out test split, evaluated once at the end of a run with its best checkpoint (the last
-    weights when there is no run folder); recorded in the run's status.json as ``test``. None: no test split."""
-    if prep.test_ds is None or not len(prep.test_ds):
-        return None
-    checkpoint, epoch = "last", None
-    if run is not None and run.checkpoint("best").is_file():
-        runner.module.load_state_dict(load_weights(run.checkpoint("best")))
-        checkpoint, epoch = "best", (run.checkpoint_meta("best") or {}).get("epoch")
-    loader = DataLoader(prep.test_ds, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
-    loss, acc = evaluate(runner.module, loader, runner.device, runner.dtype, runner.channels_last)
-    result = {"acc": acc, "loss": loss, "images": len(prep.test_ds), "checkpoint": checkpoint, "epoch": epoch,
-              "unreadable": [{"file": src, "reason": why} for src, why in prep.test_ds.failed]}
-    if run is not None:
-        run.write_status(test=result)
-    return result
 
 
 def record_split(prep: Prepared, run: RunDir | None) -> None:
