@@ -86,18 +86,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from engine.models.factory import create_model
     from engine.outputs.predict import predict_files
 
-    temperature = None
+    temperature = rule = None
     if args.run:
         from engine.runs.calibration import run_temperature
         from engine.runs.load import load_run_model
+        from engine.runs.open_set import run_open_set
         from engine.runs.store import open_run
 
         run = open_run(args.out, args.run)
         handle = load_run_model(run.path)
         temperature = run_temperature(run)  # a calibrated run's probabilities are the calibrated ones
+        if args.open_set == "on":
+            rule = run_open_set(run, handle.spec.num_classes)
     else:
         handle = create_model(args.model, weights=args.weights)
-    results = predict_files(handle, args.images, top_k=args.top_k, tta=args.tta, temperature=temperature)
+    results = predict_files(handle, args.images, top_k=args.top_k, tta=args.tta, temperature=temperature,
+                            open_set=rule)
     if args.json:
         _print_json([r.to_dict() for r in results])
     else:
@@ -105,9 +109,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if r.error:
                 print(f"{r.file}: ERROR {r.error}")
                 continue
-            print(r.file)
+            print(r.file + (f"  UNKNOWN: not one of the run's classes (distance {r.unknown_score:.3f} > "
+                            f"{r.unknown_threshold:.3f}); nearest class below" if r.unknown else ""))
             for t in r.topk or []:
                 print(f"  {t.prob:6.1%}  {t.label}  (#{t.index})")
+        if rule is not None:
+            print(f"(open set: unknown when the distance to the nearest training image is above "
+                  f"{rule.threshold:.3f}; --open-set off to turn it off)")
+        elif args.run and args.open_set == "on":
+            print("(open set: this run has no open-set rule yet: python -m engine calibrate RUN fits one)")
         if temperature is not None:
             print(f"(calibrated probabilities: logits divided by the run's temperature {temperature:.3f})")
     if results and all(r.error for r in results):
@@ -923,6 +933,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
     p.add_argument("--top-k", type=_at_least(1, 1000), default=5)
     p.add_argument("--run", help="use a trained run's best checkpoint (id or path)")
+    p.add_argument("--open-set", choices=("on", "off"), default="on", help="with --run: say when an image is none "
+                   "of the run's classes (distance to the nearest training image above the run's threshold; "
+                   "docs/open-set.md)")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of "
                    "each image and its horizontal mirror (not for digits or text: they are not mirror-symmetric)")

@@ -17,6 +17,7 @@ from engine.outputs.predict import predict_files
 from engine.runs.bundle import export_bundle, import_bundle
 from engine.runs.calibration import clean_calibration, run_temperature
 from engine.runs.load import load_run_model
+from engine.runs.open_set import OPEN_SET_FILE
 from engine.runs.status import RunStatus
 from engine.runs.store import open_run
 from engine.training.calibration import expected_calibration_error, fit_temperature, reliability
@@ -83,6 +84,7 @@ def _older(run, root):
     meta = read_json(sidecar)
     meta.pop("calibration", None)
     atomic_write_json(sidecar, meta)
+    (old.path / OPEN_SET_FILE).unlink(missing_ok=True)
     return old
 
 

@@ -6,6 +6,7 @@ trained in place); derived data is ``st.cache_data`` (small values keyed by thei
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import streamlit as st
@@ -123,6 +124,16 @@ def load_trained(run_path: str, mtime: float):
     from engine.runs.load import load_run_model
 
     return _cached(("run", run_path, mtime), lambda: load_run_model(run_path), "Loading the trained model...")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def open_set_rule(run_path: str, mtime: float, num_classes: int):
+    """A run's open-set rule (its bank of training features, a few MB), keyed by the rule file's mtime:
+    read once per fit, not on every rerun; None: the run has none (engine/runs/open_set.py)."""
+    from engine.runs.open_set import run_open_set
+    from engine.runs.store import RunDir
+
+    return run_open_set(RunDir(Path(run_path)), num_classes)
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)

@@ -9,8 +9,9 @@ from engine.core.errors import EngineError
 from engine.core.paths import runs_root
 from engine.outputs.predict import predict_sources
 from engine.runs.calibration import run_temperature
+from engine.runs.open_set import OPEN_SET_FILE
 from engine.runs.store import usable_runs
-from ui.cache import load_model, load_trained
+from ui.cache import load_model, load_trained, open_set_rule
 from ui.charts import chart, stop_page
 from ui.errors import public_message, show_error
 from ui.state import SELECTED_RUN, active
@@ -20,6 +21,14 @@ from ui.widgets import pick_trained_run
 PREVIEW_PX = 256  # the thumbnail shown beside each result
 MOST_BARS = 20  # top-k goes up to this many classes, each bar labelled
 BAR_PX, FRAME_PX = 30, 110  # a bar's height and the title, axis and margins around the bars
+NAMED_CLASSES = 8  # "not one of: ..." names this many classes, then says how many more
+
+
+def none_of(class_names: list[str]) -> str:
+    """'not one of: cat, coffee, rocket' (the first few and how many more, for a run of many classes)."""
+    shown = ", ".join(md(n) for n in class_names[:NAMED_CLASSES])
+    more = len(class_names) - NAMED_CLASSES
+    return f"**Not one of:** {shown}" + (f" and {more} more" if more > 0 else "")
 
 
 def probability_chart(topk, tta: bool) -> go.Figure:
@@ -43,12 +52,15 @@ st.title("Inference")
 finished = usable_runs(runs_root())
 choice = st.radio("Predict with", ["the active model", "a trained run"], horizontal=True,
                   index=1 if finished and st.session_state.get(SELECTED_RUN) in [r.run_id for r in finished] else 0)
-temperature = None  # a calibrated run's: its probabilities are the calibrated ones (engine/runs/calibration.py)
+temperature = rule = None  # a calibrated run's: its probabilities are the calibrated ones (engine/runs/calibration.py)
 try:
     if choice == "a trained run":
         run = pick_trained_run()
         handle = load_trained(str(run.path), run.checkpoint("best").stat().st_mtime)
         temperature = run_temperature(run)
+        rule_file = run.path / OPEN_SET_FILE
+        if rule_file.is_file():  # the open-set rule: is an image any of the run's classes? (engine/runs/open_set.py)
+            rule = open_set_rule(str(run.path), rule_file.stat().st_mtime, handle.spec.num_classes)
     else:
         handle = load_model(*active())
 except EngineError as exc:
@@ -66,6 +78,13 @@ top_k = st.slider("Top-k", 1, min(MOST_BARS, classes), min(5, classes)) if class
 tta = st.toggle("Test-time augmentation (horizontal flip)", False,
                 help="Also predict the mirror image and average the probabilities. Not for digits, letters "
                      "or text: they are not mirror-symmetric.")
+if rule is not None and not st.toggle(
+        "Say when an image is none of the classes", True,
+        help=f"An image farther from every training image than {100 * rule.quantile:.0f}% of the validation images "
+             f"are (cosine distance of the features the head sees, above {rule.threshold:.3f}) is called unknown "
+             "instead of being given the nearest class. About 5% of new images of the run's own classes are "
+             "flagged too."):
+    rule = None
 
 sources = [(f.name, f.getvalue()) for f in files or []]
 if shot is not None:
@@ -78,7 +97,8 @@ if not sources:
 # page shows that thumbnail, never the raw bytes (Streamlit would decode a huge file at full size).
 # Results come back in upload order, one per upload: two files with the same name keep their own.
 try:
-    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX, tta=tta, temperature=temperature)
+    results = predict_sources(handle, sources, top_k=top_k, preview=PREVIEW_PX, tta=tta, temperature=temperature,
+                              open_set=rule)
 except EngineError as exc:
     show_error(exc)
     stop_page()
@@ -92,4 +112,10 @@ for slot, result in enumerate(results):
         continue
     left, right = st.columns([1, 3])
     left.image(result.preview, caption=result.file, width="stretch")
+    if result.unknown:
+        nearest = result.topk[0]
+        right.markdown(none_of(handle.spec.class_names))
+        right.caption(f"nearest class: {md(nearest.label)} ({nearest.prob:.1%}) · distance to the nearest training "
+                      f"image {result.unknown_score:.3f}, above the run's {result.unknown_threshold:.3f}")
+        continue
     chart(right, probability_chart(result.topk, tta), key=f"pred-{slot}")

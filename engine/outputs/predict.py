@@ -19,6 +19,7 @@ from engine.training.feature_cache import logits_and_head_inputs
 if TYPE_CHECKING:
     from engine.data.images import ImageSource
     from engine.models.factory import ModelHandle
+    from engine.runs.open_set import OpenSetRule
 
 
 @dataclass
@@ -34,6 +35,10 @@ class FilePrediction:
     topk: list[TopK] | None = None
     error: str | None = None
     temperature: float | None = None  # the run's calibration divided the logits by this (None: not calibrated)
+    # the run's open-set rule (engine/runs/open_set.py): none of its classes? None: no rule applied
+    unknown: bool | None = None
+    unknown_score: float | None = None  # the rule's score: distance to the nearest training image
+    unknown_threshold: float | None = None  # above it, "unknown"
     # a small RGB thumbnail of what the model saw (predict_sources(preview=...)): pages show this,
     # never the raw upload, so a huge file is decoded once, reduced, by engine.images
     preview: Image.Image | None = field(default=None, repr=False, compare=False)
@@ -44,6 +49,9 @@ class FilePrediction:
             data["error"] = self.error
         if self.temperature is not None:
             data["temperature"] = self.temperature
+        if self.unknown is not None:
+            data.update(unknown=self.unknown, unknown_score=self.unknown_score,
+                        unknown_threshold=self.unknown_threshold)
         return data
 
 
@@ -108,12 +116,15 @@ def predict_images(
     image_size: int | None = None,
     tta: bool = False,
     temperature: float | None = None,
+    open_set: OpenSetRule | None = None,
+    unknown_scores: list[float] | None = None,
 ) -> list[list[TopK]]:
     """Top-k classes for each PIL image (any mode: converted to RGB by the caller or here).
 
     ``batch_size`` None: slices sized to the model and image size (``core.memory.inference_batch``).
     ``tta``: average with the horizontal mirror (``class_probs``; off by default, see there why).
     ``temperature``: a calibrated run's T, dividing the logits before the softmax (``class_probs``).
+    ``open_set``: a run's open-set rule; each image's score under it is appended to ``unknown_scores``.
     """
     if not images:
         return []
@@ -129,7 +140,11 @@ def predict_images(
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         batch = torch.stack([transform(shrink_to(im.convert("RGB"), target)) for im in chunk]).to(device)
-        plain, mirrored = class_probs(module, batch, tta=tta, max_batch=batch_size, temperature=temperature)
+        features: list[torch.Tensor] | None = [] if open_set is not None else None
+        plain, mirrored = class_probs(module, batch, tta=tta, max_batch=batch_size, temperature=temperature,
+                                      head=handle.spec.head, features=features)
+        if open_set is not None and unknown_scores is not None:
+            unknown_scores.extend(open_set.scores(torch.cat(features)).tolist())
         probs = mirrored if tta else plain
         values, indices = probs.topk(k, dim=-1)
         for vals, idxs in zip(values.tolist(), indices.tolist()):
@@ -145,6 +160,7 @@ def predict_sources(
     preview: int | None = None,
     tta: bool = False,
     temperature: float | None = None,
+    open_set: OpenSetRule | None = None,
 ) -> list[FilePrediction]:
     """Predict for (name, path-or-bytes) pairs, one result per pair in the same order (names may
     repeat); unreadable ones get an error, the rest a top-k.
@@ -153,6 +169,7 @@ def predict_sources(
     time, and predicted in model-sized slices, so memory stays bounded however many files come. ``preview``: also keep a thumbnail of at most
     that many pixels a side in each result. ``tta``: average with the horizontal mirror (``class_probs``).
     ``temperature``: a calibrated run's T (``class_probs``); each result then names it.
+    ``open_set``: a run's open-set rule: each result says whether its image is none of the classes.
     """
     target = input_target(handle.spec)
     out: list[FilePrediction] = []
@@ -170,13 +187,18 @@ def predict_sources(
                 result.preview = image.copy()
                 result.preview.thumbnail((preview, preview))
             good.append((result, image))
+        scores: list[float] = []
         preds = predict_images(handle, [im for _, im in good], top_k=top_k, tta=tta,  # model-sized slices
-                               temperature=temperature)
-        for (result, _), topk in zip(good, preds):
+                               temperature=temperature, open_set=open_set, unknown_scores=scores)
+        for n, ((result, _), topk) in enumerate(zip(good, preds)):
             result.topk, result.temperature = topk, temperature
+            if open_set is not None:
+                result.unknown_score, result.unknown_threshold = scores[n], open_set.threshold
+                result.unknown = scores[n] > open_set.threshold
     return out
 
 
-def predict_files(handle: ModelHandle, paths: Sequence[str | Path], top_k: int = 5,
-                  tta: bool = False, temperature: float | None = None) -> list[FilePrediction]:
-    return predict_sources(handle, [(str(p), Path(p)) for p in paths], top_k=top_k, tta=tta, temperature=temperature)
+def predict_files(handle: ModelHandle, paths: Sequence[str | Path], top_k: int = 5, tta: bool = False,
+                  temperature: float | None = None, open_set: OpenSetRule | None = None) -> list[FilePrediction]:
+    return predict_sources(handle, [(str(p), Path(p)) for p in paths], top_k=top_k, tta=tta, temperature=temperature,
+                           open_set=open_set)

@@ -42,6 +42,7 @@ from engine.runs.checkpoint_file import head_classes, load_weights, weights_meta
 from engine.runs.metrics_file import FILLED as METRICS_FILLED
 from engine.runs.metrics_file import REQUIRED as METRICS_REQUIRED
 from engine.runs.metrics_file import text_problem
+from engine.runs.open_set import OPEN_SET_FILE, run_open_set
 from engine.runs.status import RunStatus
 from engine.runs.store import RunDir
 
@@ -51,7 +52,8 @@ MANIFEST = "bundle.json"
 SCRIPT = "reproduce.py"
 WEIGHTS = "best.safetensors"
 REQUIRED = ("config.json", "status.json", "metrics.jsonl", WEIGHTS, "best.json", SCRIPT)
-OPTIONAL = ("events.jsonl", "data-overrides.json")  # the decisions about single images it trained with
+# the decisions about single images it trained with; the open-set rule (engine/runs/open_set.py)
+OPTIONAL = ("events.jsonl", "data-overrides.json", OPEN_SET_FILE)
 MEMBERS = frozenset((MANIFEST, *REQUIRED, *OPTIONAL))
 FINAL_STATES = ("finished", "cancelled", "failed", "diverged", "interrupted")
 IDENTITY = ("config.json", WEIGHTS, "metrics.jsonl")  # what makes two copies of a run the same run
@@ -123,6 +125,8 @@ def write_bundle(run: RunDir, out: IO[bytes], *, script_for: Callable[[RunDir], 
             files["best.json"] = _add_bytes(zf, "best.json", _json_bytes(run.checkpoint_meta("best")))
         if 0 < _size_of(run.events_path) <= limits.events_export_bytes:
             files["events.jsonl"] = _add_file(zf, run.events_path, "events.jsonl")
+        if run_open_set(run) is not None:  # a valid rule of the current best checkpoint: predictions use it
+            files[OPEN_SET_FILE] = _add_file(zf, run.path / OPEN_SET_FILE, OPEN_SET_FILE)
         if _has_decisions(run):  # so the imported run reads its data as it trained on it (engine.data.overrides)
             files["data-overrides.json"] = _add_file(zf, run.path / "data-overrides.json", "data-overrides.json")
         files["status.json"] = _add_bytes(zf, "status.json", _json_bytes(status.to_dict()))

@@ -51,7 +51,7 @@ def knn_distance(bank: torch.Tensor, features: torch.Tensor, k: int) -> torch.Te
     out = []
     for start in range(0, query.shape[0], 256):
         similarity = query[start:start + 256] @ bank.T
-        out.append(1.0 - similarity.topk(k, dim=1).values[:, -1])
+        out.append((1.0 - similarity.topk(k, dim=1).values[:, -1]).clamp(0.0, MAX_DISTANCE))  # float error
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from engine.data.splits import evenly_by_class
 from engine.runs.calibration import METHOD, T_RANGE, record_calibration
-from engine.runs.open_set import save_open_set
+from engine.runs.open_set import BANK_LIMIT, save_open_set
 from engine.training.epoch import evaluate_scores
 from engine.training.open_set import bank_features, fit_open_set
 
@@ -116,12 +117,18 @@ def calibrate_best(prep: Prepared, runner: Trainer, run: RunDir | None, epoch: i
     if run is None:
         return None
     try:
-        loader = DataLoader(prep.val_ds, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
-        outputs = evaluate_scores(runner.module, loader, runner.device, runner.dtype, runner.channels_last,
-                                  keep=True, head=prep.handle.spec.head).outputs
+        cached = _cached_head_inputs(prep, runner)
+        if cached is not None:  # feature extraction: the head on the features the run cached, no backbone pass
+            val_features, bank, bank_labels = cached
+            outputs = evaluate_scores(runner.model, runner.val_loader, runner.device, runner.dtype, keep=True).outputs
+            outputs.features = val_features
+        else:
+            loader = DataLoader(prep.val_ds, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
+            outputs = evaluate_scores(runner.module, loader, runner.device, runner.dtype, runner.channels_last,
+                                      keep=True, head=prep.handle.spec.head).outputs
+            bank, bank_labels = bank_features(prep, runner)
         keep = [p for p in range(len(outputs.labels)) if p not in prep.val_ds.substituted]  # stand-ins of broken files
         record = calibration_record(outputs.logits[keep], outputs.labels[keep], epoch)
-        bank, bank_labels = bank_features(prep, runner)
         rule = fit_open_set(bank, bank_labels, outputs.features[keep], epoch=epoch)
         if rule is not None:
             save_open_set(run, rule)
@@ -133,3 +140,18 @@ def calibrate_best(prep: Prepared, runner: Trainer, run: RunDir | None, epoch: i
     except OSError:
         return None
     return record
+
+
+def _cached_head_inputs(prep: Prepared, runner: Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(validation features, bank features, bank labels) from the run's feature cache when it cached
+    exactly the head's input (feature extraction in one process); None otherwise. The cache holds the
+    eval view of every image (a cached run is never augmented), as a prediction sees it."""
+    head = prep.handle.module.get_submodule(prep.handle.spec.head)
+    if not runner.cached or runner.ranks is not None or getattr(runner.model, "head", None) is not head:
+        return None
+    train, val = runner.train_loader.dataset, runner.val_loader.dataset
+    if not hasattr(train, "tensors") or not hasattr(val, "tensors"):
+        return None
+    labels = train.tensors[1].tolist()
+    picked = evenly_by_class(list(range(len(labels))), labels, BANK_LIMIT)
+    return val.tensors[0].flatten(1), train.tensors[0][picked].flatten(1), train.tensors[1][picked]
