@@ -182,3 +182,39 @@ def test_the_inference_page_shows_the_calibrated_probabilities_and_says_so(train
     assert not at.exception
     said = [c.value for c in at.caption if "calibrated" in c.value]
     assert len(said) == 1 and f"temperature {run_temperature(trained):.3g}" in said[0], said
+
+
+def test_the_evaluate_page_shows_the_reliability_before_and_after_and_calibrates_an_older_run(trained, tmp_path,
+                                                                                                monkeypatch):
+    """A calibrated run: the reliability diagram (before and after) and calibrated confidences, said once;
+    an older run: a button that calibrates it, after which the page shows the same."""
+    from streamlit.testing.v1 import AppTest
+
+    from engine.outputs.evaluate import evaluation_report
+    from tests.conftest import ROOT
+
+    report = evaluation_report(trained)
+    cal, recorded = report.calibration, read_json(trained.status_path)["calibration"]
+    assert cal["temperature"] == run_temperature(trained)
+    images = sum(map(sum, report.confusion))
+    assert sum(r["count"] for r in cal["before"]) == sum(r["count"] for r in cal["after"]) == images
+    assert (cal["ece_before"], cal["ece_after"]) == pytest.approx((recorded["ece_before"], recorded["ece_after"]), abs=1e-4)
+    old = _older(trained, tmp_path)
+    plain = evaluation_report(old)
+    assert plain.calibration is None and plain.accuracy == report.accuracy  # the same answers
+    if abs(cal["temperature"] - 1) > 0.01:  # less (or more) sure, as the calibrated probabilities say
+        assert sorted(plain.confidence["correct"]) != pytest.approx(sorted(report.confidence["correct"]), abs=1e-4)
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path))
+    at = AppTest.from_file(str(ROOT / "views" / "evaluate.py"), default_timeout=180)
+    at.session_state["selected_run"] = old.run_id
+    at.run()
+    assert not at.exception
+    assert any("not calibrated" in c.value for c in at.caption)
+    [button] = [b for b in at.button if b.label == "Calibrate this run"]
+    button.click().run()
+    assert not at.exception
+    assert run_temperature(old) == pytest.approx(run_temperature(trained), rel=1e-3)
+    said = [c.value for c in at.caption if "Calibrated on its validation split" in c.value]
+    assert len(said) == 1 and f"{run_temperature(old):.3g}" in said[0]
+    assert not [b for b in at.button if b.label == "Calibrate this run"]

@@ -137,8 +137,9 @@ def open_set_rule(run_path: str, mtime: float, num_classes: int):
 
 
 @st.cache_data(show_spinner="Evaluating on the validation split...", max_entries=8)
-def report_for(run_path: str, mtime: float, tta: bool = False) -> EvaluationReport:
-    """A run's evaluation report, keyed by its best checkpoint's mtime (a newer best recomputes); with
+def report_for(run_path: str, mtime: float, tta: bool = False, temperature: float | None = None) -> EvaluationReport:
+    """A run's evaluation report, keyed by its best checkpoint's mtime (a newer best recomputes) and its
+    calibration's temperature (a run calibrated since shows calibrated confidences); with
     ``tta`` of the predictions averaged with the mirror images, and both accuracies side by side."""
     from engine.core.paths import runs_root
     from engine.outputs.evaluate import evaluation_report

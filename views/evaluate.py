@@ -9,6 +9,8 @@ import streamlit as st
 
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
+from engine.outputs.calibration import calibrate_run
+from engine.runs.calibration import run_temperature
 from ui import overrides as overrides_ui
 from ui.cache import mislabeled_for, report_for, val_image
 from ui.charts import chart, stop_page
@@ -18,6 +20,26 @@ from ui.text import md, plot_labels
 from ui.widgets import pick_trained_run
 
 CAM_ON = "ev_cam_on"  # the run ids whose Grad-CAM was asked for: from then on it follows the picked image
+
+
+def reliability_figure(calibration: dict) -> go.Figure:
+    """The reliability diagram: per confidence bin, how often the model was right against how sure it
+    said it was, before and after temperature scaling; on the diagonal, a confidence means what it says."""
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "#999"},
+                               name="perfectly calibrated", hoverinfo="skip"))
+    for key, name, colour in (("before", "before", "#d9534f"), ("after", "after (calibrated)", "#2f6fde")):
+        rows = [r for r in calibration[key] if r["count"]]
+        fig.add_trace(go.Scatter(x=[r["confidence"] for r in rows], y=[r["accuracy"] for r in rows],
+                                 mode="lines+markers", name=f"{name}: ECE {calibration['ece_' + key]:.3f}",
+                                 marker={"size": [6 + min(14, r["count"] ** 0.5) for r in rows], "color": colour},
+                                 customdata=[r["count"] for r in rows],
+                                 hovertemplate="confidence %{x:.0%}: right %{y:.0%} of %{customdata} images"
+                                               "<extra></extra>"))
+    fig.update_layout(title="Reliability: how sure vs how often right", height=360,
+                      xaxis={"title": {"text": "confidence (top-1 probability)"}, "range": [0, 1], "tickformat": ".0%"},
+                      yaxis={"title": {"text": "accuracy"}, "range": [0, 1.02], "tickformat": ".0%"},
+                      legend={"orientation": "h", "y": -0.25}, margin={"t": 50, "b": 10})
+    return fig
 
 
 def cam_choices(all_images: list[dict], wrong: list[dict]) -> tuple[list[int], dict[int, str]]:
@@ -39,7 +61,7 @@ tta = st.toggle("Test-time augmentation (horizontal flip)", False,
                 help="Each image and its mirror, their probabilities averaged. Off by default: it helps "
                      "photos of things, not digits, letters or text, which are not mirror-symmetric.")
 try:
-    report = report_for(str(run.path), mtime, tta)
+    report = report_for(str(run.path), mtime, tta, run_temperature(run))
 except EngineError as exc:
     show_error(exc)
     stop_page()
@@ -94,6 +116,25 @@ with right:
                         + [{"confidence": c, "answer": "wrong"} for c in report.confidence["wrong"]])
     chart(st, px.histogram(conf, x="confidence", color="answer", nbins=20, barmode="overlay",
                                  title="Confidence of right and wrong answers (calibration at a glance)"))
+
+if report.calibration:
+    cal = report.calibration
+    chart(st, reliability_figure(cal), key="reliability")
+    st.caption(f"Calibrated on its validation split: the logits are divided by the temperature "
+               f"{cal['temperature']:.3g} (temperature scaling). Every confidence on this page is the calibrated one. "
+               "The after curve is measured on the same images the temperature was fitted on.")
+else:
+    st.caption("This run's probabilities are not calibrated (it ended before calibration existed, or calibrating "
+               "it failed): its confidences are the raw softmax.")
+    if st.button("Calibrate this run", help="Fit its temperature and its 'none of my classes' rule on its "
+                                            "validation split (python -m engine calibrate RUN)."):
+        try:
+            with st.spinner("Calibrating on the validation split..."):
+                calibrate_run(run)
+        except EngineError as exc:
+            show_error(exc)
+        else:
+            st.rerun()
 
 st.subheader("Misclassified validation images")
 st.caption("Is the model wrong, or the label? Relabel an image as another class, or exclude it: the decision "

@@ -113,6 +113,9 @@ class EvaluationReport:
     balanced_accuracy: float = 0.0  # mean per-class recall over the classes with images
     # with TTA: everything above is of the averaged predictions, and this compares them with the plain ones
     tta: TTAChange | None = None
+    # a calibrated run: its temperature, the ECE and reliability bins (engine/training/calibration.py)
+    # before and after; every confidence above is then the calibrated one. None: not calibrated.
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.tta = TTAChange.of(self.tta)
@@ -217,8 +220,8 @@ def evaluation_report(run: RunDir, kind: str = "best", split: str = "val", tta: 
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     preds = validation_predictions(run, kind, split, tta=tta)
-    probs, labels = preds["probs"], preds["labels"].numpy()
-    names = preds["class_names"]
+    probs, calibration = _calibrated(run, kind, preds["probs"], preds["labels"])
+    labels, names = preds["labels"].numpy(), preds["class_names"]
     predicted = probs.argmax(-1).numpy()
     confidence = probs.max(-1).values.numpy()
     classes = list(range(len(names)))
@@ -244,5 +247,23 @@ def evaluation_report(run: RunDir, kind: str = "best", split: str = "val", tta: 
         confidence={"correct": confidence[predicted == labels].tolist(),
                     "wrong": confidence[predicted != labels].tolist()},
         unreadable=[{"file": f, "reason": r} for f, r in preds["unreadable"]],
-        tta=_tta_change(preds), changed=preds["changed"],
+        tta=_tta_change(preds), changed=preds["changed"], calibration=calibration,
     )
+
+
+def _calibrated(run: RunDir, kind: str, probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+    """The probabilities as the run's predictions show them (divided by its temperature, when the best
+    checkpoint is calibrated) and the reliability before and after; ``probs`` and None otherwise. The
+    log-probabilities stand for the logits (the same softmax at every temperature); with TTA those of
+    the averaged probabilities."""
+    from engine.runs.calibration import run_temperature
+    from engine.training.calibration import expected_calibration_error, reliability
+
+    temperature = run_temperature(run) if kind == "best" else None
+    if temperature is None:
+        return probs, None
+    calibrated = (probs.clamp_min(torch.finfo(torch.float32).tiny).log() / temperature).softmax(-1)
+    return calibrated, {"temperature": temperature,
+                        "ece_before": expected_calibration_error(probs, labels),
+                        "ece_after": expected_calibration_error(calibrated, labels),
+                        "before": reliability(probs, labels), "after": reliability(calibrated, labels)}
