@@ -186,3 +186,65 @@ def test_the_inference_page_says_not_one_of_the_classes(digits_run, photo_dir, d
     [toggle] = [t for t in at.toggle if "none of the classes" in t.label]
     toggle.set_value(False).run()
     assert not [m.value for m in at.markdown if "Not one of" in m.value]
+
+
+def test_the_onnx_export_carries_the_temperature_and_the_rule_and_predict_onnx_applies_both(
+        digits_run, digit_files, photo_dir, tmp_path, capsys):
+    """model.onnx computes the rule's score as its second output (the bank is inside the graph), its
+    metadata holds the temperature and the rule; predict_onnx.py (onnxruntime + numpy + pillow) says
+    unknown for the same images as predict --run; the INT8 file keeps both."""
+    import subprocess
+    import sys
+
+    images = [str(p) for p in _photos(photo_dir)[:2] + digit_files[:3]]
+    assert main(["export", str(digits_run.path), "--format", "onnx", "-o", str(tmp_path / "m.onnx"),
+                 "--quantize", "int8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parity"]["ok"], report["parity"]  # the logits and the score, within 1e-4
+    assert main(["predict", *images, "--run", str(digits_run.path), "--json"]) == 0
+    engine = json.loads(capsys.readouterr().out)
+    for model in ("m.onnx", "m.int8.onnx"):
+        out = subprocess.run([sys.executable, str(tmp_path / "predict_onnx.py"), *images, "--model",
+                              str(tmp_path / model), "--json"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)
+        assert all(r["temperature"] == pytest.approx(e["temperature"]) for r, e in zip(rows, engine))
+        if model == "m.int8.onnx":  # its own threshold, set on its own scores of the validation images
+            assert rows[0]["unknown"] and rows[1]["unknown"] and sum(r["unknown"] for r in rows[2:]) <= 1, rows
+            assert rows[0]["unknown_threshold"] != pytest.approx(engine[0]["unknown_threshold"], abs=1e-6)
+        else:
+            assert [r["unknown"] for r in rows] == [r["unknown"] for r in engine], model
+            assert [r["unknown_threshold"] for r in rows] == pytest.approx([e["unknown_threshold"] for e in engine])
+            assert [r["unknown_score"] for r in rows] == pytest.approx([e["unknown_score"] for e in engine], abs=1e-4)
+            assert [r["topk"][0]["prob"] for r in rows] == pytest.approx([e["topk"][0]["prob"] for e in engine],
+                                                                          abs=1e-4)
+    off = subprocess.run([sys.executable, str(tmp_path / "predict_onnx.py"), images[0], "--model",
+                          str(tmp_path / "m.onnx"), "--json", "--open-set", "off"], capture_output=True, text=True,
+                         timeout=120)
+    assert "unknown" not in json.loads(off.stdout)[0]
+
+
+def test_a_model_with_layers_after_its_head_says_the_rule_cannot_travel():
+    """SqueezeNet pools after its classifier convolution: the head's input is not one step before the
+    logits, so the ONNX file goes without the rule, and its metadata says why."""
+    from engine.models.factory import create_model
+    from engine.outputs.onnx_open_set import open_set_metadata, open_set_module
+
+    handle = create_model("tv:squeezenet1_1", weights="none", num_classes=3, check_output=False)
+    feats = 512 * 13 * 13
+    rule = OpenSetRule(bank=torch.nn.functional.normalize(torch.randn(4, feats)), labels=torch.tensor([0, 1, 2, 0]),
+                       k=1, threshold=0.5)
+    wrapped, why = open_set_module(handle, rule, torch.randn(2, 3, 224, 224))
+    assert wrapped is None and "applies layers after its head" in why
+    assert open_set_metadata(rule, why) == {"exported": False, "why": why}
+    tiny = create_model("timm:test_resnet", weights="none", num_classes=3, check_output=False)
+    from engine.training.feature_cache import head_inputs
+
+    x = torch.randn(2, *tiny.spec.input_size)
+    with torch.inference_mode():
+        bank = head_inputs(tiny.module.eval(), tiny.spec.head, x)
+    rule = OpenSetRule(bank=torch.nn.functional.normalize(bank), labels=torch.tensor([0, 1]), k=1, threshold=0.5)
+    wrapped, how = open_set_module(tiny, rule, x)
+    with torch.inference_mode():
+        logits, score = wrapped(x)
+        assert torch.allclose(logits, tiny.module(x), atol=1e-5) and score.tolist() == pytest.approx([0, 0], abs=1e-5)

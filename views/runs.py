@@ -17,6 +17,7 @@ from engine.core.paths import runs_root
 from engine.outputs.code import generate_script, script_for_run
 from engine.outputs.export import export_to_bytes, weights_bundle
 from engine.outputs.onnx_export import onnx_package
+from engine.outputs.run_export import run_extras
 from engine.runs.bundle import export_bundle, import_bundle
 from engine.runs.store import RunDir, delete_run, list_runs, open_run
 from ui.cache import load_trained, script_problem
@@ -94,7 +95,7 @@ def _export_and_code(run, tab_export, tab_code) -> None:
                     with st.spinner(f"Exporting to {fmt}, then comparing its outputs with PyTorch's "
                                     "(a few seconds for a small model, up to a minute for a large one)..."):
                         if fmt == "onnx":  # model.onnx (classes + preprocessing in its metadata) + predict_onnx.py
-                            data, result = onnx_package(handle, {"run_id": run.run_id})
+                            data, result = onnx_package(handle, *run_extras(run, handle))
                         else:
                             data, result = export_to_bytes(handle, fmt)
                 except EngineError as exc:

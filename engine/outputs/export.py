@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch
 from engine.core.errors import EngineError
 from engine.data.transforms import input_target
 from engine.models.factory import ModelHandle, ModelSpec
+
+if TYPE_CHECKING:
+    from engine.runs.open_set import OpenSetRule
 
 TOLERANCE = 1e-4  # max |exported - pytorch| on logits, float32
 
@@ -147,8 +150,8 @@ def export_torchscript(handle: ModelHandle, path: str | Path) -> ExportResult:
         return _compare("torchscript", path, module(x), loaded(x).numpy())
 
 
-def _onnx_export(module: torch.nn.Module, example: tuple, path: Path) -> None:
-    names = {"input_names": ["images"], "output_names": ["logits"], "verbose": False}
+def _onnx_export(module: torch.nn.Module, example: tuple, path: Path, outputs: tuple[str, ...] = ("logits",)) -> None:
+    names = {"input_names": ["images"], "output_names": list(outputs), "verbose": False}
     try:
         batch = torch.export.Dim("batch", min=1, max=1024)
         torch.onnx.export(module, example, str(path), dynamo=True, dynamic_shapes=({0: batch},), **names)
@@ -156,28 +159,47 @@ def _onnx_export(module: torch.nn.Module, example: tuple, path: Path) -> None:
         torch.onnx.export(module, example, str(path), dynamo=True, **names)
 
 
-def export_onnx(handle: ModelHandle, path: str | Path, extra: dict[str, Any] | None = None) -> ExportResult:
+def export_onnx(handle: ModelHandle, path: str | Path, extra: dict[str, Any] | None = None,
+                open_set: OpenSetRule | None = None) -> ExportResult:
     """torch.onnx (dynamo exporter) with a dynamic batch and the class names + preprocessing in its
-    metadata (``onnx_metadata``; ``extra`` adds entries); checked with onnxruntime."""
+    metadata (``onnx_metadata``; ``extra`` adds entries); checked with onnxruntime. ``open_set``: a run's
+    rule, computed inside the graph as a second output when the model allows it (onnx_open_set.py);
+    the metadata says either way."""
     import onnxruntime as ort
+
+    from engine.outputs.onnx_open_set import OUTPUT, open_set_metadata, open_set_module
 
     check_exportable_here(handle)
     path = Path(path)
     module = handle.module.eval()
     example = (_inputs(handle, 2, 0),)
+    exported, outputs, how = module, ("logits",), None
+    if open_set is not None:
+        wrapped, how = open_set_module(handle, open_set, example[0])
+        if wrapped is not None:
+            exported, outputs = wrapped, ("logits", OUTPUT)
+    meta = dict(extra or {})
+    if open_set is not None or "temperature" in meta:  # a calibrated run's export says whether its rule travels
+        meta["open_set"] = open_set_metadata(open_set, how)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-            _onnx_export(module, example, path)
-        write_onnx_metadata(path, onnx_metadata(handle, extra))
+            _onnx_export(exported, example, path, outputs)
+        write_onnx_metadata(path, onnx_metadata(handle, meta))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise EngineError(f"{handle.spec.name} cannot be exported to ONNX: {type(exc).__name__}: "
                           f"{str(exc)[:300]}") from exc
     fixed = session.get_inputs()[0].shape[0]
     x = _inputs(handle, fixed if isinstance(fixed, int) else 3, 1)
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.inference_mode():
-        return _compare("onnx", path, module(x), got)
+        result = _compare("onnx", path, module(x), got[0])
+        if len(outputs) == 2:  # the score as the engine computes it (predict --run), within the same tolerance
+            from engine.training.feature_cache import head_inputs
+
+            expected = open_set.scores(head_inputs(module, handle.spec.head, x)).numpy()
+            result.max_abs_diff = max(result.max_abs_diff, float(np.abs(expected - got[1]).max()))
+    return result
 
 
 def export_to_bytes(handle: ModelHandle, fmt: str) -> tuple[bytes, ExportResult]:

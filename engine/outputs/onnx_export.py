@@ -11,14 +11,18 @@ import io
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.core.errors import EngineError
 from engine.models.factory import ModelHandle
 from engine.outputs.export import ExportResult, export_onnx, write_onnx_metadata
+from engine.outputs.onnx_open_set import OUTPUT, bank_nodes
 from engine.runs.store import RunDir
+
+if TYPE_CHECKING:
+    from engine.runs.open_set import OpenSetRule
 
 PREDICT_SCRIPT = Path(__file__).with_name("predict_onnx_script.py")
 PREDICT_SCRIPT_NAME = "predict_onnx.py"
@@ -29,11 +33,13 @@ def predict_script() -> str:
     return PREDICT_SCRIPT.read_text()
 
 
-def onnx_package(handle: ModelHandle, extra: dict[str, Any] | None = None) -> tuple[bytes, ExportResult]:
-    """A zip of ``model.onnx`` (metadata included) and ``predict_onnx.py``, with the parity result."""
+def onnx_package(handle: ModelHandle, extra: dict[str, Any] | None = None,
+                 open_set: OpenSetRule | None = None) -> tuple[bytes, ExportResult]:
+    """A zip of ``model.onnx`` (metadata included; a run's open-set rule inside, export_onnx) and
+    ``predict_onnx.py``, with the parity result."""
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "model.onnx"
-        result = export_onnx(handle, target, extra)
+        result = export_onnx(handle, target, extra, open_set)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.write(target, "model.onnx")
@@ -54,8 +60,9 @@ def quantize_int8(source: Path, target: Path, calibration: list[np.ndarray] | No
 
     logging.disable(logging.WARNING)  # "consider pre-processing" on the root logger: advice, not a problem
     try:
-        if calibration is None:
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        if calibration is None:  # the open-set rule's training features stay as fitted (onnx_open_set.py)
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                             nodes_to_exclude=bank_nodes(str(source)))
             method = "int8 dynamic (onnxruntime quantize_dynamic)"
         else:
             _quantize_static(source, target, calibration)
@@ -93,7 +100,8 @@ def _quantize_static(source: Path, target: Path, calibration: list[np.ndarray]) 
         except Exception:  # noqa: BLE001 - optional: quantise the exported graph as it is
             model = source
         quantize_static(str(model), str(target), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        nodes_to_exclude=bank_nodes(str(model)))  # named after the pre-processing
 
 
 def calibration_images(run: RunDir, count: int = 64) -> list[np.ndarray]:
@@ -135,38 +143,46 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _logits(session, x: np.ndarray) -> np.ndarray:
+def _outputs(session, x: np.ndarray) -> list[np.ndarray]:
+    """Every output of the model for ``x`` (a fixed-batch model is fed padded chunks)."""
     inp = session.get_inputs()[0]
     fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
     if not fixed:
-        return session.run(None, {inp.name: x})[0]
+        return session.run(None, {inp.name: x})
     out = []
     for i in range(0, len(x), fixed):
         chunk = x[i:i + fixed]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
-        out.append(session.run(None, {inp.name: padded})[0][:len(chunk)])
-    return np.concatenate(out)
+        out.append([o[:len(chunk)] for o in session.run(None, {inp.name: padded})])
+    return [np.concatenate(parts) for parts in zip(*out)]
 
 
 def onnx_validation_accuracy(run: RunDir, models: dict[str, Path], batch: int = 32) -> dict[str, Any]:
     """Accuracy of each ONNX file on the run's own validation split, computed with onnxruntime on the
     engine's eval transform (images unreadable since training are left out). Also how often the
-    models agree with the first one on top-1."""
+    models agree with the first one on top-1, and each image's open-set score under each model that
+    computes one (``unknown_scores``: an INT8 model's threshold is set again on these)."""
     ds, indices, transform = _split_data(run, "val")
     dataset = _dataset(ds, indices, transform)
     sessions = {name: _session(path) for name, path in models.items()}
     preds: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    scores: dict[str, list[np.ndarray]] = {name: [] for name, session in sessions.items()
+                                           if OUTPUT in [o.name for o in session.get_outputs()]}
     labels: list[int] = []
     for start in range(0, len(dataset), batch):
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
         x = np.stack([item[0].numpy() for item in items]).astype(np.float32)
         labels.extend(int(item[1]) for item in items)
         for name, session in sessions.items():
-            preds[name].append(_logits(session, x).argmax(-1))
+            got = _outputs(session, x)
+            preds[name].append(got[0].argmax(-1))
+            if name in scores:
+                scores[name].append(got[[o.name for o in session.get_outputs()].index(OUTPUT)])
     keep = np.array([p not in dataset.substituted for p in range(len(indices))], dtype=bool)
     y = np.asarray(labels)[keep]
     top1 = {name: np.concatenate(p)[keep] if p else np.zeros(0, int) for name, p in preds.items()}
     first = next(iter(top1.values()))
     return {"images": int(keep.sum()),
+            "unknown_scores": {name: np.concatenate(v)[keep] for name, v in scores.items() if v},
             "accuracy": {name: float((p == y).mean()) if len(y) else 0.0 for name, p in top1.items()},
             "agreement": {name: float((p == first).mean()) if len(y) else 0.0 for name, p in top1.items()}}

@@ -10,6 +10,12 @@ then a whole-factor reduce), transparency over white, EXIF orientation applied, 
 resized to floor(size / crop_pct) with the model's interpolation (torchvision's Resize rounding), a
 center crop (torchvision's CenterCrop rounding), pixels / 255, (x - mean) / std, NCHW float32.
 Without --model, the only .onnx file beside this script is used.
+
+A calibrated run's file also says its ``temperature`` (the logits are divided by it before the softmax,
+as the workbench shows its probabilities) and its ``open_set`` rule: the model then has a second output,
+each image's distance to its nearest training image, and an image above the rule's threshold is
+reported ``"unknown": true`` (none of the model's classes; its top-k still names the nearest), exactly as
+``python -m engine predict --run RUN --json`` does. ``--open-set off`` leaves it out.
 """
 from __future__ import annotations
 
@@ -32,6 +38,27 @@ TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 
 MAX_PIXELS = 50_000_000  # decoded pixels, after JPEG DCT scaling
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what the workbench reads (engine/data/images.py)
 MAX_ASPECT = 20
+
+
+def read_rules(session: ort.InferenceSession) -> tuple[float | None, dict | None]:
+    """The temperature (None: not calibrated) and the open-set rule (None: none inside this file), each
+    checked: a value that is not a usable number is not used."""
+    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        temperature = float(meta["temperature"]) if "temperature" in meta else None
+    except ValueError:
+        temperature = None
+    if temperature is not None and not 0.0 < temperature < float("inf"):
+        temperature = None
+    try:
+        rule = json.loads(meta.get("open_set", "null"))
+    except ValueError:
+        rule = None
+    outputs = [o.name for o in session.get_outputs()]
+    if not (isinstance(rule, dict) and rule.get("exported") and rule.get("output") in outputs
+            and isinstance(rule.get("threshold"), (int, float)) and not isinstance(rule.get("threshold"), bool)):
+        rule = None
+    return temperature, rule
 
 
 def read_metadata(session: ort.InferenceSession) -> tuple[list[str], dict]:
@@ -185,9 +212,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def predict(session: ort.InferenceSession, paths: list[str], top_k: int = 5, batch: int = 16) -> list[dict]:
-    """One result per path: ``{"file", "topk": [{"label", "index", "prob"}]}`` or ``{"file", "error"}``."""
+def predict(session: ort.InferenceSession, paths: list[str], top_k: int = 5, batch: int = 16,
+            open_set: bool = True) -> list[dict]:
+    """One result per path: ``{"file", "topk": [{"label", "index", "prob"}]}`` (with ``temperature`` and
+    ``unknown``, ``unknown_score``, ``unknown_threshold`` when the file carries them) or ``{"file", "error"}``."""
     names, prep = read_metadata(session)
+    temperature, rule = read_rules(session)
+    rule = rule if open_set else None
+    outputs = [o.name for o in session.get_outputs()]
     inp = session.get_inputs()[0]
     fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
     k = max(1, min(top_k, len(names)))
@@ -205,10 +237,19 @@ def predict(session: ort.InferenceSession, paths: list[str], top_k: int = 5, bat
         for i in range(0, len(arrays), fixed or len(arrays) or 1):
             chunk = arrays[i:i + (fixed or len(arrays))]
             x = np.stack(chunk + [chunk[-1]] * ((fixed or len(chunk)) - len(chunk)))  # pad a fixed batch
-            probs = softmax(session.run(None, {inp.name: x})[0])[:len(chunk)]
-            for result, p in zip(rows[i:i + len(chunk)], probs):
+            got = session.run(None, {inp.name: x})
+            logits = got[0][:len(chunk)]
+            probs = softmax(logits / temperature if temperature else logits)
+            scores = got[outputs.index(rule["output"])][:len(chunk)] if rule else None
+            for n, (result, p) in enumerate(zip(rows[i:i + len(chunk)], probs)):
                 order = np.argsort(-p, kind="stable")[:k]
                 result["topk"] = [{"label": names[j], "index": int(j), "prob": float(p[j])} for j in order]
+                if temperature:
+                    result["temperature"] = temperature
+                if rule:
+                    score = float(scores[n])
+                    result.update(unknown=score > rule["threshold"], unknown_score=score,
+                                  unknown_threshold=float(rule["threshold"]))
     return results
 
 
@@ -227,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="the .onnx file (default: the only one beside this script)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--open-set", choices=("on", "off"), default="on",
+                        help="say when an image is none of the classes (when the model carries the rule)")
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else _default_model()
     try:
@@ -234,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {model}: {exc}") from None
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    results = predict(session, args.images, top_k=args.top_k)
+    results = predict(session, args.images, top_k=args.top_k, open_set=args.open_set == "on")
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -243,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in r:
                 print(f"{r['file']}: error: {r['error']}", file=sys.stderr)
             else:
-                print(f"{r['file']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["topk"]))
+                unknown = "UNKNOWN (none of the classes), nearest: " if r.get("unknown") else ""
+                print(f"{r['file']}: {unknown}" + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["topk"]))
     return 0 if any("topk" in r for r in results) else 1
 
 

@@ -13,11 +13,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import EngineError
 from engine.core.files import atomic_write_bytes, check_output_file
 from engine.runs.store import RunDir
+
+if TYPE_CHECKING:
+    from engine.models.factory import ModelHandle
+    from engine.runs.open_set import OpenSetRule
 
 FORMATS = ("script", "onnx", "torchscript", "safetensors")
 QUANTIZE = ("int8", "int8-static")  # onnxruntime dynamic | static QDQ calibrated on training images
@@ -80,10 +84,43 @@ def int8_path(target: Path) -> Path:
     return target.with_name(f"{target.stem}.int8.onnx")
 
 
+def run_extras(run: RunDir, handle: ModelHandle) -> tuple[dict[str, Any], OpenSetRule | None]:
+    """What every export of a run carries besides the model: its id, its temperature when calibrated (its
+    logits / T give the calibrated probabilities) and its open-set rule (ONNX computes it inside)."""
+    from engine.runs.calibration import run_temperature
+    from engine.runs.open_set import run_open_set
+
+    extra: dict[str, Any] = {"run_id": run.run_id}
+    temperature = run_temperature(run)
+    if temperature is not None:
+        extra["temperature"] = temperature
+    rule = run_open_set(run, handle.spec.num_classes)
+    if rule is not None:
+        extra["unknown_threshold"] = rule.threshold
+    return extra, rule
+
+
+def reset_int8_threshold(path: Path, scores: Any, quantile: float) -> None:
+    """The INT8 model's features are not the float32 model's: its rule's threshold is set again, the same
+    quantile of its own scores on the validation images (measured: with the float32 threshold, dynamic
+    INT8 called held-out digits unknown)."""
+    import numpy as np
+    import onnx
+
+    from engine.outputs.export import write_onnx_metadata
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    rule = json.loads(meta.get("open_set", "{}"))
+    if not rule.get("exported") or not len(scores):
+        return
+    rule.update(threshold=float(np.quantile(np.asarray(scores, dtype=np.float64), quantile)),
+                threshold_set_on=f"the INT8 model's scores of {len(scores)} validation images")
+    write_onnx_metadata(path, {"open_set": json.dumps(rule)})
+
+
 def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str | None = None) -> dict[str, Any]:
     """Export the run's best model; returns what was written and the checks (JSON-ready)."""
     from engine.outputs.export import export_onnx, export_torchscript, model_card, weights_bytes
-    from engine.runs.calibration import run_temperature
     from engine.runs.load import load_run_model
 
     if fmt not in SUFFIX:
@@ -94,11 +131,8 @@ def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str |
         raise EngineError(f"unknown quantisation '{quantize}'; use {' or '.join(QUANTIZE)}.")
     target = output_path(run, fmt, output)
     check_files_apart(run, fmt, planned_files(target, fmt, quantize))
-    extra: dict[str, Any] = {"run_id": run.run_id}
-    temperature = run_temperature(run)
-    if temperature is not None:  # a calibrated run: its logits / T give the calibrated probabilities
-        extra["temperature"] = temperature
     handle = load_run_model(run.path)  # best weights; a damaged run or one without them is refused here
+    extra, rule = run_extras(run, handle)
     report: dict[str, Any] = {"run_id": run.run_id, "format": fmt, "model": handle.spec.name,
                               "class_names": list(handle.spec.class_names)}
     if fmt == "safetensors":
@@ -108,7 +142,7 @@ def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str |
         return {**report, "files": [str(target), str(card)], "parity": None}
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as tmp:
         staged = Path(tmp) / f"model{SUFFIX[fmt]}"
-        result = (export_onnx(handle, staged, extra) if fmt == "onnx" else export_torchscript(handle, staged))
+        result = (export_onnx(handle, staged, extra, rule) if fmt == "onnx" else export_torchscript(handle, staged))
         result.path = str(target)
         report["parity"] = result.to_dict()
         files = [target]
@@ -118,6 +152,8 @@ def export_run(run: RunDir, fmt: str, output: str | None = None, quantize: str |
             quantized = Path(tmp) / "model.int8.onnx"
             method = quantize_int8(staged, quantized, calibration_images(run) if quantize == "int8-static" else None)
             scores = onnx_validation_accuracy(run, {"float32": staged, "int8": quantized})
+            if rule is not None and "int8" in scores["unknown_scores"]:
+                reset_int8_threshold(quantized, scores["unknown_scores"]["int8"], rule.quantile)
             acc = scores["accuracy"]
             report["int8"] = {"path": str(int8_path(target)), "method": method, "images": scores["images"],
                               "val_acc_float32": acc["float32"], "val_acc_int8": acc["int8"],
