@@ -73,7 +73,7 @@ def test_a_bundle_holds_the_run_and_no_pickle(trained, bundle):
     zf = zipfile.ZipFile(io.BytesIO(bundle))
     names = set(zf.namelist())
     assert names == {"bundle.json", "config.json", "status.json", "metrics.jsonl", "best.safetensors", "best.json",
-                     "reproduce.py", "events.jsonl"}
+                     "reproduce.py", "events.jsonl", "open-set.safetensors"}
     assert not any(n.endswith((".pt", ".pth", ".pkl")) or n == "log.txt" for n in names)
     manifest = json.loads(zf.read("bundle.json"))
     assert manifest["run_id"] == trained.run_id and manifest["format"] == 1

@@ -144,7 +144,11 @@ def test_onnx_export_of_a_run_predicts_like_the_engine(trained, photos, no_torch
     assert prep["decode_target"] == input_target(spec) and meta["run_id"] == "tiny"
 
     got = predict_onnx(script, target, photos, no_torch, top_k=2)
-    worst = parity(predict_files(handle, photos, top_k=2), got)
+    # the run is calibrated: both divide its logits by its temperature (the metadata carries it)
+    from engine.runs.calibration import run_temperature
+
+    assert float(meta["temperature"]) == run_temperature(trained)
+    worst = parity(predict_files(handle, photos, top_k=2, temperature=run_temperature(trained)), got)
     print(f"\ntiny run: max |prob diff| {worst:.2e} over {len(photos)} photos")
     assert worst < PARITY
 
