@@ -61,5 +61,6 @@ def show_preview(where, source: str, spec: str, image_size: int | None, seed: in
     except EngineError as exc:
         show_error(exc, where)
         return
-    where.image(grid, output_format="PNG", caption=f"{PREVIEW_N} augmented versions of one training image ({spec}); "
-                              "they change as the controls move")
+    where.image(grid, output_format="PNG",
+                caption=f"{PREVIEW_N} augmented versions of one training image ({spec}); they change as the "
+                        "controls move")
