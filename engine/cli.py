@@ -197,7 +197,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-per-class", type=int)
-    p.add_argument("--augment", action="store_true")
+    p.add_argument("--augment", nargs="?", const="default", default=False, metavar="SPEC",
+                   help="augment the training images: bare = default (crop:0.7), or a SPEC such as "
+                   "flip,rotate:15,color:0.3,crop:0.7,randaug:9,mixup:0.2,cutmix:1,smooth:0.1 (docs/augmentation.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int)
@@ -790,6 +792,33 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    """``augment-preview``: one training image of --data through --augment SPEC, n times, as a PNG grid
+    (the Training page's preview)."""
+    from pathlib import Path
+
+    from engine.core.files import check_output_file
+    from engine.data.augment import parse_augment
+    from engine.data.augment_preview import augment_preview, preview_images
+
+    spec = parse_augment(args.augment)  # a bad SPEC is refused before the data is read
+    target = Path(args.output)
+    if target.suffix.lower() != ".png":
+        raise EngineError(f"-o {args.output}: the grid is a PNG; name a .png file, e.g. grid.png.")
+    if not target.parent.is_dir():
+        raise EngineError(f"-o {args.output}: the folder {target.parent} does not exist.")
+    check_output_file(target, Path(args.out))
+    images = preview_images(args.data, split_seed=args.seed)
+    grid = augment_preview(images, spec, n=args.n, seed=args.seed, image_size=args.image_size)
+    grid.save(target)
+    if args.json:
+        _print_json({"output": str(target), "augment": spec.text(), "size": list(grid.size), "n": args.n})
+    else:
+        print(f"wrote {target}: {args.n} versions of one training image of {args.data} with "
+              f"'{spec.text() or 'no augmentation'}'", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -1110,9 +1139,25 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_augment_preview_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("augment-preview", help="write a grid of one training image augmented N times (what "
+                                               "--augment SPEC does to the data), as the Training page shows it")
+    p.add_argument("--data", default="digits", help="digits | lfw | FOLDER | ZIP")
+    p.add_argument("--augment", nargs="?", const="default", default="default", metavar="SPEC",
+                   help="the SPEC (default: default = crop:0.7); see docs/augmentation.md")
+    p.add_argument("--image-size", type=_at_least(16, 1024), default=96, help="tile size in px (default 96)")
+    p.add_argument("-n", type=_at_least(1, 64), default=8, help="augmented versions (default 8)")
+    p.add_argument("--seed", type=_at_least(0, 2**32 - 1), default=0)
+    p.add_argument("-o", "--output", required=True, help="the PNG to write")
+    p.add_argument("--out", default=str(runs_root()), help=argparse.SUPPRESS)  # never written into
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_augment_preview)
+
+
 # the order ``python -m engine --help`` lists the commands in
 SUBCOMMANDS = (_add_models_parser, _add_summary_parser, _add_freeze_parser, _add_predict_parser, _add_train_parser,
-               _add_lr_find_parser, _add_features_parser, _add_compare_parser, _add_dataset_parser, _add_race_parser,
+               _add_lr_find_parser, _add_augment_preview_parser, _add_features_parser, _add_compare_parser,
+               _add_dataset_parser, _add_race_parser,
                _add_runs_parser, _add_eval_parser, _add_calibrate_parser, _add_data_parser, _add_export_parser)
 
 

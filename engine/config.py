@@ -6,7 +6,7 @@ The CLI, the app and a config.json read back from a run folder all go through
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +23,7 @@ from engine.models.registry import DEFAULT_MODEL, resolve
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
+    from engine.data.augment import AugmentSpec
 
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -97,8 +98,10 @@ class TrainConfig:
     split_seed: int = 0
     seed: int = 0
     max_per_class: int | None = None  # subsample for quick experiments
-    augment: bool = False  # short runs learn faster without; switch on for longer training
-    hflip: bool = False  # mirror images during training (off: digits and text are not symmetric)
+    # a SPEC (engine/data/augment.py, docs/augmentation.md) kept in its canonical text, False for none; an old
+    # run's true is the default (crop:0.7). Short runs learn faster without; switch on for longer training
+    augment: bool | str = False
+    hflip: bool = False  # with augmentation: mirror images too (as ``flip`` in the SPEC; off: digits are not symmetric)
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     schedule: str = "cosine"  # cosine | onecycle | constant
@@ -123,6 +126,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        from engine.data.augment import canonical
+
+        self.augment = canonical(self.augment)  # one spelling per recipe: true -> 'crop:0.7', '' -> False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +142,19 @@ class TrainConfig:
 
     def freeze_plan(self) -> FreezePlan:
         return FreezePlan.from_dict(self.plan)
+
+    def augment_spec(self) -> AugmentSpec:
+        """The augmentation this run trains with: its SPEC, mirrored too when ``hflip`` asks (hflip only
+        ever applied with augmentation on, so an old run's pair of settings trains as it did)."""
+        from engine.data.augment import parse_augment
+
+        spec = parse_augment(self.augment)
+        return replace(spec, flip=True) if spec and self.hflip else spec
+
+    def smoothing(self) -> float:
+        """The training loss's label smoothing: the SPEC's ``smooth`` or the ``label_smoothing`` setting
+        (validation refuses two different values)."""
+        return self.augment_spec().smooth or self.label_smoothing
 
     def validate(self) -> None:
         """Every setting checked here, once, for the CLI, the app and a config.json read back alike.
@@ -186,6 +205,7 @@ class TrainConfig:
         _choice(self, "feature_cache", ("auto", "on", "off"))
         _choice(self, "monitor", ("val_acc", "val_loss"))
         _choice(self, "balance", BALANCE_CHOICES)
+        self._validate_augment()
         if self.channels_last not in (None, True, False):
             raise ConfigError("channels_last", "channels_last must be true, false or unset.")
         for name in ("group", "label"):
@@ -200,6 +220,24 @@ class TrainConfig:
         for epoch, _n in plan.unfreeze_schedule:
             if epoch < 1:
                 raise ConfigError("unfreeze", f"unfreeze epochs start at 1 (got {epoch}).")
+
+    def _validate_augment(self) -> None:
+        """The SPEC parses, and says nothing another setting contradicts."""
+        from engine.data.augment import AugmentError, parse_augment
+
+        try:
+            spec = parse_augment(self.augment)
+        except AugmentError as exc:
+            error = ConfigError("augment", str(exc))
+            error.part = exc.part  # the operation at fault: the app says it beside that control
+            raise error from None
+        if spec.smooth and self.label_smoothing and spec.smooth != self.label_smoothing:
+            raise ConfigError("augment", f"label smoothing is set twice: smooth:{spec.smooth:g} in the augmentation "
+                                         f"and label_smoothing {self.label_smoothing:g}; keep one.")
+        if spec.mixes and self.balance == "weights":
+            raise ConfigError("augment", "mixup/cutmix blend two images' labels, and balance 'weights' weighs each "
+                                         "image by its one class: not offered together; use balance 'sampler' or "
+                                         "drop mixup/cutmix.")
 
     def check_hosted(self, limits: HostedLimits | None = None, image_size: int | None = None) -> None:
         """The caps of a shared server (engine.core.hosting), checked when a training starts, never

@@ -73,6 +73,11 @@ CASES = {
     "balance-weights": dict(model="timm:test_resnet", data=IMBALANCED, max_per_class=None, epochs=2, balance="weights",
                             micro_batch=6, label_smoothing=0.1,
                             plan=FreezePlan.full(head_lr=1e-2, backbone_lr_ratio=1.0).to_dict()),
+    # (h) an augmentation SPEC: crops, flips, rotation, colour jitter and RandAugment per image (python's random,
+    # numpy's and torch's RNG), mixup/cutmix per batch (torch's) and label smoothing in the soft targets
+    "augment-spec": dict(model="timm:test_resnet", epochs=1, max_per_class=12, micro_batch=6,
+                         augment="flip,rotate:15,color:0.3,crop:0.7,randaug:9,mixup:0.4,cutmix:1,smooth:0.1",
+                         plan=FreezePlan.full(head_lr=1e-2, backbone_lr_ratio=1.0).to_dict()),
     # (g) the balanced sampler on the feature-cache path (a TensorDataset of features)
     "balance-sampler": dict(model="timm:test_efficientnet", data=IMBALANCED, max_per_class=None, epochs=2,
                             balance="sampler", plan=FreezePlan.feature_extraction(head_lr=5e-2).to_dict()),
@@ -155,6 +160,9 @@ def test_script_reproduces_the_engine_run_exactly(exported, name):
     assert f"BALANCE = {e.config.balance!r}" in e.script.read_text()
     if name == "last-n-gradual":
         assert e.history[1]["trainable_params"] > e.history[0]["trainable_params"]
+    if name == "augment-spec":  # the SPEC reached the script: per image, per batch and in the loss
+        text = e.script.read_text()
+        assert "'randaug': 9" in text and "'mixup': 0.4" in text and "LABEL_SMOOTHING = 0.1" in text
 
 
 def test_scripts_are_standalone_and_lint_clean(exported):
@@ -221,16 +229,30 @@ def test_split_matches_the_engine(monkeypatch):
         assert tpl.split_indices(labels) == tuple(split_indices(SimpleNamespace(labels=labels), settings))
 
 
-@pytest.mark.parametrize("augment, hflip", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("augment, hflip", [(False, False), (True, False), (True, True),
+                                            ("rotate:20,color:0.2,randaug:7,mixup:0.2", True), ("smooth:0.1", False)])
 def test_transforms_match_the_engine(monkeypatch, augment, hflip):
     config = TrainConfig(model="timm:test_efficientnet", **{**TINY, "image_size": 40, "crop_pct": None},
                          augment=augment, hflip=hflip)
     _use(monkeypatch, config, DIGITS)
     spec = create_model(config.model, weights="none", num_classes=10, check_output=False).spec
-    engine_train = train_transform(spec, 40, augment=augment, hflip=hflip)
+    engine_train = train_transform(spec, 40, augment=config.augment_spec())
     train_tf, eval_tf = tpl.make_transforms()
     assert repr(train_tf) == repr(engine_train)
     assert repr(eval_tf) == repr(eval_transform(spec, 40))
+
+
+def test_mixing_matches_the_engine():
+    from engine.data.mixing import mix_batch
+
+    x, y = torch.rand(7, 3, 12, 10), torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    for mixup, cutmix, smoothing in ((0.4, 0.0, 0.0), (0.0, 1.0, 0.1), (0.2, 1.0, 0.1)):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            ours = mix_batch(x, y, 3, mixup, cutmix, smoothing)
+            torch.manual_seed(seed)
+            theirs = tpl.mix_batch(x, y, 3, mixup, cutmix, smoothing)
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_lr_schedule_matches_the_engine(monkeypatch):

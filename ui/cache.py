@@ -223,3 +223,23 @@ def umap_problem() -> str | None:
     except Exception as exc:  # noqa: BLE001 - a broken install (numba, llvmlite) is as good as none
         return f"umap-learn is installed but does not import ({exc.__class__.__name__}); PCA works without it."
     return None
+
+
+@st.cache_data(show_spinner="Reading a training image...", max_entries=8)
+def augment_images(source: str, stamp: tuple = ()) -> list:
+    """The preview's training image and its mixup partner (engine.data.augment_preview.preview_images),
+    read once per dataset version: moving an augmentation control never re-reads the data."""
+    from engine.data.augment_preview import preview_images
+
+    return preview_images(source)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def augment_grid(source: str, spec: str, image_size: int, seed: int, stamp: tuple = ()):
+    """The grid of 8 augmented versions (engine.data.augment_preview) as an array; a control moved back
+    to an earlier value shows its grid again without drawing it."""
+    import numpy as np
+
+    from engine.data.augment_preview import augment_preview
+
+    return np.asarray(augment_preview(augment_images(source, stamp), spec, n=8, seed=seed, image_size=image_size))

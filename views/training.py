@@ -27,6 +27,7 @@ from engine.runs.queue import device_queue
 from engine.runs.store import active_runs, create_run, extend_run, list_runs, open_run
 from engine.training.preflight import check_startable
 from engine.training.run import check_resumable
+from ui.augment import accepted_spec, control_for, show_preview, spec_from_controls
 from ui.cache import dataset_overview
 from ui.charts import chart
 from ui.errors import show_error
@@ -117,7 +118,8 @@ val_fraction = field(c4, "val", st.number_input, "Validation share", value=0.2, 
                      help="Used for a random split; data that names its validation images (a val/ folder, val rows "
                           "in a labels CSV) is validated on those instead.")
 c5, c6, c7, c8 = st.columns(4)
-augment = field(c5, "augment", st.toggle, "Augment", value=False, help="random crops while training (helps longer runs)")
+augment = field(c5, "augment", st.toggle, "Augment", value=False,
+                help="change the training images at random (helps longer runs): set how below; a preview shows it")
 patience = field(c6, "patience", st.number_input, "Early stop patience (0: off)", value=0, step=1)
 per_class = field(c7, "per_class", st.number_input, "Max images per class (0: all)", value=fits, step=1)
 seed = field(c8, "seed", st.number_input, "Seed", value=0, step=1)
@@ -135,6 +137,33 @@ balance_choice = field(
          "in the training split (mean weight 1; the validation loss stays the plain mean). sampler: batches "
          "draw each class equally often (with replacement, as many images per epoch as the split has)."
          + (" This data is imbalanced (see above)." if imbalanced else ""))
+aug_values: dict[str, object] = {}
+if augment:  # one control per operation of the SPEC (docs/augmentation.md); 0: that one is off
+    st.caption("Augmentation: each control is one operation (0: off). The preview below shows 8 versions of one "
+               "training image as the training will draw them.")
+    a1, a2, a3, a4 = st.columns(4)
+    aug_values["flip"] = field(a1, "aug_flip", st.checkbox, "Mirror (flip)", value=False,
+                               help="horizontal mirror, half of the time (not for digits or text)")
+    aug_values["rotate"] = field(a2, "aug_rotate", st.number_input, "Rotate ± degrees", value=0, step=5,
+                                 help="a random rotation within ± this angle (up to 180)")
+    aug_values["color"] = field(a3, "aug_color", st.number_input, "Color jitter", value=0.0, step=0.1,
+                                help="brightness, contrast and saturation vary by up to this share (up to 1)")
+    aug_values["crop"] = field(a4, "aug_crop", st.number_input, "Crop: smallest area kept", value=0.7, step=0.05,
+                               help="random resized crops keep at least this share of the image (0: the whole "
+                                    "image, no crop)")
+    b1, b2, b3, b4 = st.columns(4)
+    aug_values["randaug"] = field(b1, "aug_randaug", st.number_input, "RandAugment magnitude", value=0, step=1,
+                                  help="timm's RandAugment (rand-mM-mstd0.5): two random operations per image at "
+                                       "this strength (up to 30; 9 is usual)")
+    aug_values["mixup"] = field(b2, "aug_mixup", st.number_input, "Mixup alpha", value=0.0, step=0.1,
+                                help="blend each training batch with itself reversed, labels alike (Beta(alpha, "
+                                     "alpha) weights; 0.2 is usual)")
+    aug_values["cutmix"] = field(b3, "aug_cutmix", st.number_input, "Cutmix alpha", value=0.0, step=0.1,
+                                 help="paste a box of another image of the batch, labels by area (1.0 is usual); "
+                                      "with mixup, each batch picks one")
+    aug_values["smooth"] = field(b4, "aug_smooth", st.number_input, "Label smoothing", value=0.0, step=0.05,
+                                 help="the training loss aims at 1 - s for the true class (0.1 is usual)")
+preview_box = st.container()
 gpus = torch.cuda.device_count()
 # several GPUs: one process each (DistributedDataParallel); CPU processes stay a CLI option (--nproc), since
 # the app's CPU cores are shared with the people using it
@@ -160,7 +189,7 @@ def current_config() -> TrainConfig:
         _in_range(key, value, label)
     config = TrainConfig(model=name, weights=weights, data=source, plan=plan.to_dict(), epochs=int(epochs),
                          batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
-                         augment=bool(augment), patience=int(patience) or None, max_per_class=int(per_class) or None,
+                         augment=spec_from_controls(bool(augment), aug_values), patience=int(patience) or None, max_per_class=int(per_class) or None,
                          seed=int(seed), split_seed=int(seed), memory_budget=(budget or "").strip() or None,
                          micro_batch=int(micro) or None, balance=balance_choice, nproc=int(procs))
     config.check_hosted()
@@ -168,8 +197,8 @@ def current_config() -> TrainConfig:
 
 
 def refuse(exc: EngineError, fallback) -> None:
-    """A refusal beside the field it names, else at ``fallback``."""
-    where = slots.get(FIELD_OF.get(getattr(exc, "field", ""), ""))
+    """A refusal beside the field it names (an augmentation's beside its control), else at ``fallback``."""
+    where = slots.get(control_for(exc) or FIELD_OF.get(getattr(exc, "field", ""), ""))
     show_error(exc, where or fallback)
 
 
@@ -184,6 +213,9 @@ except EngineError as exc:
     settings_ok = False
 
 can_start = bool(overview) and not overview["problems"] and settings_ok
+shown_spec = accepted_spec(bool(augment), aug_values)  # the preview follows the controls, whatever else is wrong
+if shown_spec and overview and not overview["problems"]:
+    show_preview(preview_box, source, shown_spec, size, seed, source_stamp(source))
 lr_finder(current_config, enabled=can_start)
 
 

@@ -5,10 +5,12 @@ a model sees at inference exactly what it saw in training.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from PIL import Image
+
+from engine.data.augment import AugmentSpec, parse_augment
 
 if TYPE_CHECKING:
     from engine.models.factory import ModelSpec
@@ -28,19 +30,52 @@ def input_target(spec: ModelSpec, image_size: int | None = None) -> int:
     return math.ceil(size / (spec.crop_pct if spec.crop_pct and spec.crop_pct > 0 else 1.0))
 
 
-def train_transform(spec: ModelSpec, image_size: int | None, *, augment: bool = True, hflip: bool = True):
-    """timm's training transform (random resized crop, optional flip) sized to the model, or the eval
-    transform when augmentation is off."""
-    from timm.data import create_transform
-
-    if not augment:
+def train_transform(spec: ModelSpec, image_size: int | None, *, augment: bool | str | AugmentSpec = True,
+                    hflip: bool = True):
+    """The training transform for an augmentation SPEC (engine/data/augment.py), sized to the model; the
+    eval transform when nothing changes single images. ``hflip`` mirrors too when augmentation is on
+    (an AugmentSpec is taken as it is: TrainConfig.augment_spec merged its hflip already)."""
+    aug = parse_augment(augment)
+    if aug and hflip and not isinstance(augment, AugmentSpec):
+        aug = AugmentSpec(**{**aug.settings(), "flip": True})
+    if not aug.per_image:
         return eval_transform(spec, image_size)
-    cfg = spec.data_config(image_size)
-    return create_transform(
-        input_size=cfg["input_size"], is_training=True, scale=(0.7, 1.0), ratio=(0.85, 1.18),
-        hflip=0.5 if hflip else 0.0, vflip=0.0, color_jitter=0.0,
-        interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
-    )
+    return augment_transform(aug.settings(), spec.data_config(image_size))
+
+
+def augment_transform(aug: dict[str, Any], data_config: dict[str, Any], *, to_tensor: bool = True):
+    """Compose(geometry, flip, rotation, RandAugment / colour jitter[, to tensor, normalise]).
+
+    ``aug``: AugmentSpec.settings(). timm's create_transform builds the random resized crop, flip,
+    RandAugment and colour jitter, so ``crop:0.7`` alone is exactly the transform ``augment: true``
+    always was with create_transform (its ColorJitter(0, 0, 0) included: it draws from the RNG, and old runs replay). Without
+    ``crop`` the geometry is the eval transform's resize and centre crop; a rotation (not in timm)
+    follows the flip, its corners filled with the mean colour. The standalone script
+    (engine/outputs/script_template.py) builds the same Compose; tests compare their repr.
+    ``to_tensor`` False: PIL images out (the preview).
+    """
+    from timm.data import create_transform
+    from timm.data.transforms_factory import transforms_imagenet_train
+    from torchvision import transforms as T
+
+    size = data_config["input_size"]
+    mean, std = data_config["mean"], data_config["std"]
+    randaug = None if aug["randaug"] is None else f"rand-m{aug['randaug']}-mstd0.5"
+    primary, secondary, final = transforms_imagenet_train(
+        img_size=tuple(size[-2:]), scale=(aug["crop"] or 1.0, 1.0), ratio=(0.85, 1.18),
+        hflip=0.5 if aug["flip"] else 0.0, vflip=0.0, color_jitter=float(aug["color"]), auto_augment=randaug,
+        force_color_jitter=bool(aug["color"]), interpolation=data_config["interpolation"], mean=mean, std=std,
+        separate=True)
+    steps = list(primary.transforms)
+    if aug["crop"] is None:  # the whole image, framed as evaluation frames it
+        framing = create_transform(**{**data_config, "input_size": size}, is_training=False).transforms
+        steps[:1] = [t for t in framing if type(t).__name__ in ("Resize", "CenterCrop", "ResizeKeepRatio",
+                                                                    "CenterCropOrPad")]
+    if aug["rotate"]:
+        fill = [min(255, round(255 * m)) for m in mean]
+        steps.append(T.RandomRotation(float(aug["rotate"]), interpolation=T.InterpolationMode.BILINEAR, fill=fill))
+    steps += list(secondary.transforms)
+    return T.Compose(steps + (list(final.transforms) if to_tensor else []))
 
 
 def resize_target(transform: Callable) -> int | None:

@@ -48,7 +48,10 @@ NOTES: dict[str, str] = {
     "MAX_PER_CLASS": "the split: at most MAX_PER_CLASS images per class, then a stratified train / validation "
                      "(/ test) split",
     "DATA_CONFIG": "preprocessing the weights expect, at the run's image size (timm's create_transform arguments)",
-    "AUGMENT": "random resized crops (and flips) while training; off: the evaluation transform for both",
+    "AUGMENT": "training augmentation (SPEC in the workbench): per image flip, rotate (+-degrees), color (jitter "
+               "strength), crop (smallest area share of a random resized crop; None: the whole image), randaug "
+               "(RandAugment magnitude; None: off); per batch mixup / cutmix (Beta alpha; 0: off). None: the "
+               "evaluation transform for both, no mixing",
     "DECODE_SIDE": "files are decoded reduced to about this shortest side (the transform resizes them anyway)",
     "STAGES": "stages from input to output, as parameter-name prefixes",
     "STAGE_LR": "learning rate of each stage (discriminative fine-tuning)",
@@ -136,8 +139,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("TEST_FRACTION", config.test_fraction),
         ("SPLIT_SEED", config.split_seed),
         ("DATA_CONFIG", data_config),
-        ("AUGMENT", config.augment),
-        ("HFLIP", config.hflip),
+        ("AUGMENT", _augment_setting(config)),
         ("DECODE_SIDE", decode),
         ("STAGES", stage_prefixes(handle.module, stages)),
         ("STAGE_LR", lrs),
@@ -167,7 +169,7 @@ def _input_settings(config: TrainConfig, handle: ModelHandle, mid: ModelId) -> t
     spec = replace(spec, input_size=(3, size, size), crop_pct=crop)  # as engine.training.setup.prepare
     data_config = {k: (tuple(float(x) if isinstance(x, float) else x for x in v) if isinstance(v, (tuple, list))
                        else v) for k, v in spec.data_config(size).items()}
-    train_tf = train_transform(spec, size, augment=config.augment, hflip=config.hflip)
+    train_tf = train_transform(spec, size, augment=config.augment_spec())
     decode = {"train": resize_target(train_tf), "eval": resize_target(eval_transform(spec, size))}
     return weights, packaged, size, data_config, decode
 
@@ -188,6 +190,17 @@ def _cache_settings(config: TrainConfig, plan: FreezePlan, handle: ModelHandle, 
     return feature_cache, point, drop, skip
 
 
+def _augment_setting(config: TrainConfig) -> dict[str, Any] | None:
+    """AUGMENT: the run's augmentation (its hflip merged) as plain values; label smoothing is
+    LABEL_SMOOTHING's. None: no augmentation at all."""
+    spec = config.augment_spec()
+    if not (spec.per_image or spec.mixes):
+        return None
+    settings = spec.settings()
+    settings.pop("smooth")
+    return settings
+
+
 def _optimisation_settings(config: TrainConfig, micro_batch: int | None) -> list[tuple[str, Any]]:
     """The settings block from OPTIMIZER on: how the script trains, read from the config alone."""
     return [
@@ -200,7 +213,7 @@ def _optimisation_settings(config: TrainConfig, micro_batch: int | None) -> list
         ("BATCH_SIZE", config.batch_size),
         ("MICRO_BATCH", _slice(micro_batch or config.micro_batch, config.batch_size)),
         ("SEED", config.seed),
-        ("LABEL_SMOOTHING", config.label_smoothing),
+        ("LABEL_SMOOTHING", config.smoothing()),
         ("BALANCE", config.balance),
         ("GRAD_CLIP", config.grad_clip),
         ("MONITOR", config.monitor),

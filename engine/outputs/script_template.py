@@ -31,8 +31,10 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from timm.data import create_transform
+from timm.data.transforms_factory import transforms_imagenet_train
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
+from torchvision import transforms as T
 
 # --- settings (generated) ---
 # A small demo recipe (timm:test_resnet, random init, digits, full fine-tune); an exported script has its run's settings here.
@@ -61,9 +63,8 @@ DATA_CONFIG = {'input_size': (3, 32, 32),
  'std': (0.5, 0.5, 0.5),
  'crop_pct': 1.0,
  'crop_mode': 'center'}
-# random resized crops (and flips) while training; off: the evaluation transform for both
-AUGMENT = False
-HFLIP = False
+# training augmentation (SPEC in the workbench): per image flip, rotate (+-degrees), color (jitter strength), crop (smallest area share of a random resized crop; None: the whole image), randaug (RandAugment magnitude; None: off); per batch mixup / cutmix (Beta alpha; 0: off). None: the evaluation transform for both, no mixing
+AUGMENT = None
 # files are decoded reduced to about this shortest side (the transform resizes them anyway)
 DECODE_SIDE = {'train': 32, 'eval': 32}
 # stages from input to output, as parameter-name prefixes
@@ -270,16 +271,66 @@ def split_indices(labels):
     return [keep[i] for i in train], [keep[i] for i in val]
 
 
+def per_image(aug):
+    """Whether the training transform differs from the evaluation one."""
+    return bool(aug and (aug["flip"] or aug["rotate"] or aug["color"] or aug["crop"] is not None
+                         or aug["randaug"] is not None))
+
+
+def augment_transform(aug, data_config):
+    """Random resized crop (or the eval framing), flip, rotation, RandAugment / colour jitter, to tensor,
+    normalise: timm's training transform with a rotation after the flip (corners in the mean colour)."""
+    size = data_config["input_size"]
+    mean, std = data_config["mean"], data_config["std"]
+    randaug = None if aug["randaug"] is None else f"rand-m{aug['randaug']}-mstd0.5"
+    primary, secondary, final = transforms_imagenet_train(
+        img_size=tuple(size[-2:]), scale=(aug["crop"] or 1.0, 1.0), ratio=(0.85, 1.18),
+        hflip=0.5 if aug["flip"] else 0.0, vflip=0.0, color_jitter=float(aug["color"]), auto_augment=randaug,
+        force_color_jitter=bool(aug["color"]), interpolation=data_config["interpolation"], mean=mean, std=std,
+        separate=True)
+    steps = list(primary.transforms)
+    if aug["crop"] is None:  # the whole image, framed as evaluation frames it
+        framing = create_transform(**{**data_config, "input_size": size}, is_training=False).transforms
+        steps[:1] = [t for t in framing if type(t).__name__ in ("Resize", "CenterCrop", "ResizeKeepRatio",
+                                                                    "CenterCropOrPad")]
+    if aug["rotate"]:
+        fill = [min(255, round(255 * m)) for m in mean]
+        steps.append(T.RandomRotation(float(aug["rotate"]), interpolation=T.InterpolationMode.BILINEAR, fill=fill))
+    steps += list(secondary.transforms)
+    return T.Compose(steps + list(final.transforms))
+
+
 def make_transforms():
     """(train, eval) transforms: timm's, from the weights' data config at our image size."""
     eval_tf = create_transform(**DATA_CONFIG, is_training=False)
-    if not AUGMENT:
+    if not per_image(AUGMENT):
         return eval_tf, eval_tf
-    train_tf = create_transform(
-        input_size=DATA_CONFIG["input_size"], is_training=True, scale=(0.7, 1.0), ratio=(0.85, 1.18),
-        hflip=0.5 if HFLIP else 0.0, vflip=0.0, color_jitter=0.0,
-        interpolation=DATA_CONFIG["interpolation"], mean=DATA_CONFIG["mean"], std=DATA_CONFIG["std"])
-    return train_tf, eval_tf
+    return augment_transform(AUGMENT, DATA_CONFIG), eval_tf
+
+
+def mix_batch(x, y, num_classes, mixup, cutmix, smoothing=0.0):
+    """Mixup / cutmix: each image blended with image n-1-i of the batch (weight lam ~ Beta(alpha, alpha);
+    cutmix pastes a box of area 1 - lam), the smoothed one-hot labels blended alike: soft targets."""
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(()).item() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample())
+    partner = x.flip(0)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(torch.randint(h, ()).item()), int(torch.randint(w, ()).item())
+        y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[..., y1:y2, x1:x2] = partner[..., y1:y2, x1:x2]
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
+    else:
+        x = x * lam + partner * (1.0 - lam)
+    off = smoothing / num_classes
+    one_hot = torch.full((y.shape[0], num_classes), off, device=y.device)
+    one_hot.scatter_(1, y.view(-1, 1), 1.0 - smoothing + off)
+    return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)
 
 
 class Images(Dataset):
@@ -608,18 +659,24 @@ def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, 
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step0 + i, total_steps)
         x, y = x.to(device), y.to(device)
+        soft = None
+        if AUGMENT and (AUGMENT["mixup"] or AUGMENT["cutmix"]):  # the batch blended; the loss on soft targets
+            x, soft = mix_batch(x, y, len(CLASS_NAMES), AUGMENT["mixup"], AUGMENT["cutmix"], LABEL_SMOOTHING)
         optimizer.zero_grad(set_to_none=True)
         n = y.shape[0]
         batch_loss = torch.zeros((), device=device)
         hits = torch.zeros((), dtype=torch.long, device=device)
         slices = min(-(-n // (MICRO_BATCH or n)), max(1, n // 2))  # equal slices of 2+ images; gradients add up
         batch_weight = weight[y].sum() if weight is not None else None  # the weighted mean's denominator
-        for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices)):
+        targets = soft.tensor_split(slices) if soft is not None else y.tensor_split(slices)
+        for xs, ys, ts in zip(x.tensor_split(slices), y.tensor_split(slices), targets):
             if channels_last and xs.ndim == 4:
                 xs = xs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(xs)
-                if weight is None:
+                if soft is not None:  # smoothing is in the soft targets already
+                    loss = F.cross_entropy(logits, ts) * (ys.shape[0] / n)
+                elif weight is None:
                     loss = F.cross_entropy(logits, ys, label_smoothing=LABEL_SMOOTHING) * (ys.shape[0] / n)
                 else:  # the class-weighted mean over the whole batch: sum w_y * loss / sum w_y
                     loss = F.cross_entropy(logits, ys, weight=weight, label_smoothing=LABEL_SMOOTHING,

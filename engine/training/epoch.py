@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.core.errors import EngineError
 from engine.core.modes import evaluating
+from engine.data.mixing import Mixer
 from engine.freeze.plan import set_train_mode
 from engine.training.feature_cache import logits_and_head_inputs
 from engine.training.metrics import balanced_scores, confusion_matrix
@@ -51,6 +52,7 @@ class StepContext:
     micro_batch: int | None = None
     class_weight: torch.Tensor | None = None  # balance "weights": the training loss's class weights
     label_smoothing: float = 0.0
+    mix: Mixer | None = None  # mixup/cutmix (engine/training/mixing.py): blended images, soft targets
     grad_clip: float = 0.0
     callbacks: Sequence[StepCallback] = ()
     should_stop: Callable[[], bool] = lambda: False
@@ -69,6 +71,10 @@ def train_steps(ctx: StepContext) -> EpochStats | None:
     Under DistributedDataParallel (``model`` is the wrapper) the gradients are all-reduced once per
     step, on the last slice (``no_sync`` on the others); ``sync`` sums a tensor over the ranks, so a
     NaN loss on one rank stops every rank at the same step.
+
+    ``mix`` (mixup/cutmix) blends the whole batch before it is sliced; the loss is then against its
+    soft targets (smoothing already in them), and accuracy counts the argmax against the image's own
+    label.
     """
     model, optimizer, device = ctx.model, ctx.optimizer, ctx.device
     set_train_mode(model, True)  # frozen stages stay in eval (freeze hooks)
@@ -80,8 +86,11 @@ def train_steps(ctx: StepContext) -> EpochStats | None:
             return None
         ctx.lr.apply(optimizer, i)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        soft = None
+        if ctx.mix is not None:
+            x, soft = ctx.mix(x, y)
         optimizer.zero_grad(set_to_none=True)
-        batch_loss, hits = _forward_backward(ctx, x, y, weight)
+        batch_loss, hits = _forward_backward(ctx, x, y, weight, soft)
         if not torch.isfinite(ctx.sync(batch_loss.clone()) if ctx.sync is not None else batch_loss):
             raise Diverged(f"the training loss became {batch_loss.item()} at step {i + 1}; lower the learning rate "
                            "(the last finite checkpoint is kept)")
@@ -96,23 +105,27 @@ def train_steps(ctx: StepContext) -> EpochStats | None:
     return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
 
 
-def _forward_backward(ctx: StepContext, x: torch.Tensor, y: torch.Tensor,
-                      weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's forward and backward, in micro-batch slices: (its loss, its correct answers)."""
+def _forward_backward(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+                      soft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's forward and backward, in micro-batch slices: (its loss, its correct answers).
+    ``soft``: mixed targets, one row per image (the loss is against them)."""
     model, device, n = ctx.model, ctx.device, y.shape[0]
     batch_loss = torch.zeros((), device=device)
     hits = torch.zeros((), dtype=torch.long, device=device)
     # equal slices of at least two images (a slice of one would break BatchNorm): 3 at micro 2 is one slice
     slices = min(-(-n // (ctx.micro_batch or n)), max(1, n // 2))
     batch_weight = weight[y].sum() if weight is not None else None  # the weighted mean's denominator
-    for k, (xs, ys) in enumerate(zip(x.tensor_split(slices), y.tensor_split(slices))):
+    targets = soft.tensor_split(slices) if soft is not None else y.tensor_split(slices)
+    for k, (xs, ys, ts) in enumerate(zip(x.tensor_split(slices), y.tensor_split(slices), targets)):
         if ctx.channels_last and xs.ndim == 4:
             xs = xs.contiguous(memory_format=torch.channels_last)
         quiet = model.no_sync() if k < slices - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
         with quiet:
             with torch.autocast(device.type, dtype=ctx.dtype, enabled=ctx.dtype is not None):
                 logits = model(xs)
-                if weight is None:
+                if soft is not None:  # smoothing is in the soft targets already
+                    loss = F.cross_entropy(logits, ts) * (ys.shape[0] / n)
+                elif weight is None:
                     loss = F.cross_entropy(logits, ys, label_smoothing=ctx.label_smoothing) * (ys.shape[0] / n)
                 else:
                     loss = F.cross_entropy(logits, ys, weight=weight, label_smoothing=ctx.label_smoothing,

@@ -79,7 +79,7 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     config.validate_for_model(handle.module, model_stages(handle.module, handle.spec.head), size)
     crop = float(config.crop_pct) if config.crop_pct is not None else handle.spec.crop_pct
     handle.spec = replace(handle.spec, input_size=(3, size, size), crop_pct=crop)  # inference sees what training saw
-    train_ds = TransformDataset(ds, train_idx, train_transform(handle.spec, size, augment=config.augment, hflip=config.hflip))
+    train_ds = TransformDataset(ds, train_idx, train_transform(handle.spec, size, augment=config.augment_spec()))
     val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
     test_ds = TransformDataset(ds, test_idx, eval_transform(handle.spec, size)) if test_idx else None
     return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout_note,

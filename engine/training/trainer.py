@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engine.core.faults import fault_point
+from engine.data.mixing import batch_mixer
 from engine.freeze.plan import unfreeze_for_epoch
 from engine.runs.events import EpochEnded, StepLogged
 from engine.training.distributed import Ranks, combine_scores, wrap
@@ -87,11 +88,13 @@ class Trainer:
         """Training steps over ``batches`` (default: one pass over the training loader) under ``lr``;
         None when ``stop`` said so mid-pass; Diverged on a NaN/inf loss."""
         config = self.config
+        aug = config.augment_spec()
+        mix = None if self.cached else batch_mixer(aug.mixup, aug.cutmix, self.num_classes, config.smoothing())
         return train_steps(StepContext(
             model=self.wrapper or self.model, optimizer=self.optimizer,
             batches=self.train_loader if batches is None else batches, lr=lr, device=self.device, dtype=self.dtype,
             scaler=self.scaler, channels_last=self.channels_last, micro_batch=self.batches.micro_batch,
-            class_weight=self.class_weight, label_smoothing=config.label_smoothing, grad_clip=config.grad_clip,
+            class_weight=self.class_weight, label_smoothing=config.smoothing(), mix=mix, grad_clip=config.grad_clip,
             callbacks=callbacks, should_stop=stop, sync=self.ranks.sum_tensor if self.ranks else None))
 
     def close_epoch(self, epoch: int, stats: EpochStats, started: float) -> EpochEnded:
