@@ -58,12 +58,14 @@ def explained(run_path: str, mtime: float, data: str, index: int | None, upload:
     from engine.data.images import open_image
     from engine.data.transforms import input_target
     from engine.outputs.explain import grad_cam
+    from engine.runs.calibration import run_temperature
+    from engine.runs.store import RunDir
     from ui.cache import load_trained, val_image
 
     handle = load_trained(run_path, mtime)
     need = input_target(handle.spec)  # images are decoded reduced to what the model looks at
     image = (open_image(upload, name=upload_name, target=need) if upload is not None
              else val_image(data, index, need, work_dir=run_path))
-    result = grad_cam(handle, image, class_index)
+    result = grad_cam(handle, image, class_index, run_temperature(RunDir(Path(run_path))))  # calibrated, as everywhere
     return {"input": image.resize(result.overlay.size), "overlay": result.overlay, "class_name": result.class_name,
             "probability": result.probability, "layer": result.target_layer}

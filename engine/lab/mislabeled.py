@@ -22,6 +22,7 @@ from engine.core.memory import inference_batch
 from engine.data.overrides import image_key
 from engine.data.splits import split_all
 from engine.outputs.predict import class_probs
+from engine.runs.calibration import run_temperature
 from engine.runs.load import check_same_classes, load_run_model
 from engine.runs.store import RunDir
 
@@ -80,7 +81,9 @@ def rank_mislabeled(run: RunDir, kind: str = "best", top: int = 20) -> Mislabele
     device = resolve_device(config.device)
     module = handle.module.to(device)
     loader = DataLoader(dataset, batch_size=inference_batch(module, handle.spec.input_size))
-    probs = torch.cat([class_probs(module, x.to(device), max_batch=loader.batch_size)[0].cpu() for x, _ in loader])
+    temperature = run_temperature(run) if kind == "best" else None  # calibrated, as every prediction of the run
+    probs = torch.cat([class_probs(module, x.to(device), max_batch=loader.batch_size, temperature=temperature)[0].cpu()
+                       for x, _ in loader])
     labels = torch.tensor([ds.labels[i] for i in indices])
     given = probs.gather(1, labels[:, None]).squeeze(1)
     loss = -given.clamp_min(1e-12).log()

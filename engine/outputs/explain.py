@@ -108,8 +108,10 @@ def _token_target(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> tupl
     return None
 
 
-def grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None = None) -> CamResult:
-    """Heatmap of the evidence for ``class_index`` (default: the predicted class), over the image.
+def grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None = None,
+             temperature: float | None = None) -> CamResult:
+    """Heatmap of the evidence for ``class_index`` (default: the predicted class), over the image; its
+    probability divided by a calibrated run's ``temperature`` as every prediction of the run is.
 
     Safe on a model other threads use (the app's cached models): the model is locked while its
     hooks are in place, and every module's mode and ``requires_grad`` are restored.
@@ -127,7 +129,7 @@ def grad_cam(handle: ModelHandle, image: Image.Image, class_index: int | None = 
         grads = {n: p.requires_grad for n, p in module.named_parameters()}
         try:
             with torch.no_grad():
-                probs = module(x).softmax(-1)[0]
+                probs = (module(x).float() / (temperature or 1.0)).softmax(-1)[0]
             index = int(probs.argmax()) if class_index is None else int(class_index)
             if not 0 <= index < handle.spec.num_classes:
                 raise EngineError(f"Class index {index} is out of range (0..{handle.spec.num_classes - 1}).")
