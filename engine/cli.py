@@ -528,7 +528,7 @@ def _base_config_from_args(base, args: argparse.Namespace):
                    memory_budget=args.memory_budget, micro_batch=args.micro_batch)
 
 
-DATA_ARGS = {"mislabeled": ("RUN",), "relabel": ("DATA", "IMAGE", "CLASS"), "exclude": ("DATA", "IMAGE"),
+DATA_ARGS = {"mislabeled": ("RUN",), "suggest": ("RUN",), "relabel": ("DATA", "IMAGE", "CLASS"), "exclude": ("DATA", "IMAGE"),
              "restore": ("DATA", "IMAGE"), "undo": ("DATA",), "overrides": ("DATA",)}
 
 
@@ -556,6 +556,10 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(f"{s.loss:7.3f}  {s.split:<5} {s.image:<40} given {s.given}, predicted {s.predicted} "
                   f"({s.probability:.0%})")
         return 0
+    if args.action == "suggest":
+        return _data_suggest(args)
+    if args.pool is not None:
+        raise EngineError("--pool is for data suggest only.")
     data = args.items[0]
     if args.action in ("relabel", "exclude", "restore"):
         decision = decisions.decide(data, args.items[1], args.action, args.items[2] if args.action == "relabel" else None)
@@ -580,6 +584,34 @@ def cmd_data(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         print(line)
+    return 0
+
+
+def _data_suggest(args: argparse.Namespace) -> int:
+    """The unlabelled images of ``--pool`` the run would learn most from (engine.lab.active)."""
+    from engine.lab.active import DEFAULT_DIVERSITY, DEFAULT_SCORE, pool_files, suggest_labels
+    from engine.runs.store import open_run
+
+    if not args.pool:
+        raise EngineError("data suggest needs --pool FOLDER: the folder of unlabelled images to choose from.")
+    check_runs_folder(args.out)
+    run = open_run(args.out, args.items[0])
+    report = suggest_labels(run, pool_files(args.pool), top=args.top, score=args.score or DEFAULT_SCORE,
+                            diversity=DEFAULT_DIVERSITY if args.diversity is None else args.diversity,
+                            kind=args.checkpoint)
+    if args.json:
+        _print_json([{"path": s.path, "predicted": s.predicted, "score": s.score, "probability": s.probability,
+                      "runner_up": s.runner_up} for s in report.suggestions])
+    else:
+        print(f"{report.run_id} ({report.checkpoint}): the {len(report.suggestions)} of {report.scored} images to "
+              f"label next ({report.score} uncertainty, diversity {report.diversity:g})")
+        for s in report.suggestions:
+            print(f"{s.score:6.3f}  {s.path:<40} predicted {s.predicted} ({s.probability:.0%}), "
+                  f"else {s.runner_up}")
+    if report.unreadable:  # said on stderr, so --json stays one document
+        shown = "; ".join(f"{u['file']}: {u['reason']}" for u in report.unreadable[:5])
+        more = f" and {len(report.unreadable) - 5} more" if len(report.unreadable) > 5 else ""
+        print(f"skipped {len(report.unreadable)} file(s) of the pool: {shown}{more}", file=sys.stderr)
     return 0
 
 
@@ -1113,9 +1145,15 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
                    help="; ".join(f"{a} {' '.join(n)}" for a, n in DATA_ARGS.items()))
     p.add_argument("items", nargs="*", help="the run, or the data (digits, lfw, a folder or a .zip) and its image "
                                             "(path inside the dataset, or digits[17]) and class")
-    p.add_argument("--top", type=_at_least(1, 100_000), default=20, help="mislabeled: how many to list")
+    p.add_argument("--top", type=_at_least(1, 100_000), default=20, help="mislabeled, suggest: how many to list")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.add_argument("--out", default=str(runs_root()), help="runs folder (mislabeled)")
+    p.add_argument("--out", default=str(runs_root()), help="runs folder (mislabeled, suggest)")
+    p.add_argument("--pool", help="suggest: the folder of unlabelled images to choose from (sub-folders too)")
+    p.add_argument("--score", choices=["margin", "entropy"],
+                   help="suggest: the uncertainty (margin, the default: 1 - (p1 - p2); entropy: normalised)")
+    p.add_argument("--diversity", type=float,
+                   help="suggest: how much an image's similarity to those already listed counts against it "
+                        "(0: uncertainty alone; default 0.5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
 

@@ -5,6 +5,9 @@ Every choice here outlives a page switch and a refresh: the fields are widgets b
 (``persist_state="session"``); the data, model and plan go to the URL through ui.state. Nothing is
 checked by the frontend alone: fields take any number, and what the engine refuses is said beside
 the field and blocks Start, so a red field can never train with another value.
+
+A dataset built here gets a fourth section once a run on it has finished: the unlabelled images that
+run would learn most from, filed under a class with one click (ui/label_next.py).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ui.augment import accepted_spec, control_for, show_preview, spec_from_contr
 from ui.cache import dataset_overview
 from ui.charts import chart
 from ui.errors import show_error
+from ui.label_next import label_next
 from ui.live import device_signature, live
 from ui.lr_finder import lr_finder
 from ui.run_panel import live_panel, run_progress
@@ -296,3 +300,5 @@ if runs:
                 st.rerun()
 else:
     st.caption("No runs yet.")
+
+label_next(source)  # a built dataset with a finished run: the images to label next (ui/label_next.py)

@@ -14,7 +14,7 @@ from engine.core.memory import inference_batch
 from engine.core.modes import evaluating
 from engine.data.images import open_image, shrink_to
 from engine.data.transforms import eval_transform, input_target
-from engine.training.feature_cache import logits_and_head_inputs
+from engine.training.feature_cache import outputs_and_head_inputs
 
 if TYPE_CHECKING:
     from engine.data.images import ImageSource
@@ -91,7 +91,7 @@ def class_probs(
         outs = []
         for start in range(0, len(views), step):
             if keep is not None and head is not None:
-                logits, kept = logits_and_head_inputs(module, head, views[start:start + step])
+                logits, kept = outputs_and_head_inputs(module, head, views[start:start + step])
                 keep.append(kept.float())
             else:
                 logits = module(views[start:start + step])

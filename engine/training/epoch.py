@@ -18,7 +18,7 @@ from engine.core.errors import EngineError
 from engine.core.modes import evaluating
 from engine.data.mixing import Mixer
 from engine.freeze.plan import set_train_mode
-from engine.training.feature_cache import logits_and_head_inputs
+from engine.training.feature_cache import outputs_and_head_inputs
 from engine.training.metrics import balanced_scores, confusion_matrix
 from engine.training.policies import LRPolicy, StepCallback
 
@@ -193,7 +193,7 @@ def evaluate_scores(model: nn.Module, loader: Iterable, device: torch.device, dt
                 if head is None:
                     logits = model(x)
                 else:
-                    logits, features = logits_and_head_inputs(model, head, x)
+                    logits, features = outputs_and_head_inputs(model, head, x)
             total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
             predicted = logits.argmax(-1)
             correct += (predicted == y).sum().item()

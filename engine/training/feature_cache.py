@@ -34,46 +34,43 @@ def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
     return module_inputs(module, head, x).flatten(1)
 
 
-def logits_and_head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One whole forward of ``x``: its logits, and the features entering ``head`` (one row per image),
-    which the open-set rule measures (engine/runs/open_set.py) beside the probabilities."""
-    box: dict[str, torch.Tensor] = {}
-
-    def keep(_m: nn.Module, inputs: tuple) -> None:
-        box["x"] = inputs[0]
-
-    with model_lock(module):  # the hook must never meet another thread's forward
-        handle = module.get_submodule(head).register_forward_pre_hook(keep)
-        try:
-            logits = module(x)
-        finally:
-            handle.remove()
-    if "x" not in box:
-        raise RuntimeError(f"'{head}' was never called during forward")
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    return logits, box["x"].flatten(1)
-
-
 def module_inputs(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """What enters submodule ``name`` for batch ``x``; the forward stops there."""
+    return _capture(module, name, x, stop=True)[1]
+
+
+def outputs_and_head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output (logits) for batch ``x`` and the features entering ``head``, from one forward:
+    what needs both (engine.lab.active: uncertainty from the logits, diversity from the features; the
+    open-set rule, engine/runs/open_set.py, beside the probabilities) pays for one pass, and the
+    features are exactly those ``head_inputs`` gives."""
+    out, feats = _capture(module, head, x, stop=False)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out, feats.flatten(1)
+
+
+def _capture(module: nn.Module, name: str, x: torch.Tensor, *, stop: bool) -> tuple[object, torch.Tensor]:
+    """(the forward's output or None when stopped, what entered submodule ``name``)."""
     box: dict[str, torch.Tensor] = {}
 
     def grab(_m: nn.Module, inputs: tuple) -> None:
         box["x"] = inputs[0]
-        raise _Captured
+        if stop:
+            raise _Captured
 
+    out = None
     with model_lock(module):  # the hook must never meet another thread's forward
         handle = module.get_submodule(name).register_forward_pre_hook(grab)
         try:
-            module(x)
+            out = module(x)
         except _Captured:
             pass
         finally:
             handle.remove()
     if "x" not in box:
         raise RuntimeError(f"'{name}' was never called during forward")
-    return box["x"]
+    return out, box["x"]
 
 
 def extract_features(
