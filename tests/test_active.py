@@ -146,3 +146,19 @@ def test_training_page_label_next_adds_a_suggested_image_to_the_dataset(built_ru
     now = [b.key for b in at.button if b.key and b.key.startswith("ln-") and b.key.endswith("-one")]
     assert first not in now and len(now) == 3  # gone from the list, which refills
     assert at.session_state["label_next_scored"]["scores"] is scored  # the rerun did not score the pool again
+
+
+def test_a_suggestion_that_is_none_of_the_classes_says_so(tmp_path):
+    """With the run's open-set rule, the list marks an image far from every training image."""
+    import torch
+
+    from engine.lab.active import PoolScores, suggest
+    from engine.runs.open_set import OpenSetRule
+
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    rule = OpenSetRule(bank=bank, labels=torch.tensor([0, 1]), k=1, threshold=0.2)
+    pool = PoolScores(names=["near-a", "far"], positions=[0, 1], probs=torch.tensor([[0.6, 0.4], [0.55, 0.45]]),
+                      features=torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.0, 1.0]]), class_names=["a", "b"])
+    marked = {s.path: s.unknown for s in suggest(pool, 2, open_set=rule)}
+    assert marked == {"near-a": False, "far": True}
+    assert all(s.unknown is None for s in suggest(pool, 2))

@@ -142,7 +142,13 @@ def _panel(ds: BuiltDataset, run: RunDir, pool: list[tuple[str, bytes]], kept: d
     if flash:
         getattr(st, flash[0])(flash[1])
     rows = {pos: row for row, pos in enumerate(scores.positions)}
-    picks = suggest(scores, top, labelled=[rows[p] for p in done if p in rows])
+    from engine.runs.open_set import OPEN_SET_FILE
+    from ui.cache import open_set_rule
+
+    rule_file = run.path / OPEN_SET_FILE  # read once per fit, not on every click's rerun
+    rule = (open_set_rule(str(run.path), rule_file.stat().st_mtime, len(scores.class_names))
+            if rule_file.is_file() else None)
+    picks = suggest(scores, top, labelled=[rows[p] for p in done if p in rows], open_set=rule)
     left = len(scores.names) - len([p for p in done if p in rows])
     st.caption(f"Run {md(run.run_id)} on {len(scores.names)} images ({left} not labelled yet)"
                + (", calibrated probabilities" if scores.temperature is not None else "")
@@ -162,7 +168,8 @@ def _panel(ds: BuiltDataset, run: RunDir, pool: list[tuple[str, bytes]], kept: d
             if preview is not None:
                 image.image(preview, width=96)
             text.markdown(f"**{md(s.path)}** · guess **{md(s.predicted)}** ({s.probability:.0%}), else "
-                          f"{md(s.runner_up)} · uncertainty {s.score:.2f}")
+                          f"{md(s.runner_up)} · uncertainty {s.score:.2f}"
+                          + (" · *looks like none of the classes*" if s.unknown else ""))
             buttons = text.columns(max(1, min(len(classes), 6)))
             for i, cls in enumerate(classes):
                 if buttons[i % len(buttons)].button(md(cls), key=f"ln-{s.index}-{cls}",

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from engine.models.factory import ModelHandle
+    from engine.runs.open_set import OpenSetRule
     from engine.runs.store import RunDir
 
 SCORES = ("margin", "entropy")
@@ -62,6 +63,9 @@ class Suggestion:
     probability: float  # of the guess (calibrated)
     runner_up: str  # the second most probable class
     index: int  # its position in the pool as given
+    # the run's open-set rule (engine/runs/open_set.py) says it is none of the classes: label it only if
+    # a class is missing, else leave it out. None: the run has no rule
+    unknown: bool | None = None
 
 
 @dataclass
@@ -141,10 +145,12 @@ def rank_pool(scores: torch.Tensor, features: torch.Tensor | None, top: int, div
 
 
 def suggest(pool: PoolScores, top: int, *, score: str = DEFAULT_SCORE, diversity: float = DEFAULT_DIVERSITY,
-            labelled: Sequence[int] = ()) -> list[Suggestion]:
+            labelled: Sequence[int] = (), open_set: OpenSetRule | None = None) -> list[Suggestion]:
     """The ``top`` images of a scored pool to label next; ``labelled``: rows (of ``pool.names``) labelled
-    since it was scored: never listed, and the others are picked away from them too."""
+    since it was scored: never listed, and the others are picked away from them too. ``open_set``: the
+    run's rule marks the images that are none of its classes (they keep their place in the list)."""
     u = uncertainty(pool.probs, score)
+    unknown = open_set.unknown(open_set.scores(pool.features)).tolist() if open_set is not None and len(u) else None
     order = rank_pool(u, pool.features, top, diversity, labelled)
     best = pool.probs.topk(min(2, pool.probs.shape[1]), dim=1)
     names = pool.class_names
@@ -153,7 +159,8 @@ def suggest(pool: PoolScores, top: int, *, score: str = DEFAULT_SCORE, diversity
         return names[int(best.indices[i, 1])] if best.indices.shape[1] > 1 else names[int(best.indices[i, 0])]
 
     return [Suggestion(path=pool.names[i], predicted=names[int(best.indices[i, 0])], score=float(u[i]),
-                       probability=float(best.values[i, 0]), runner_up=runner_up(i), index=pool.positions[i])
+                       probability=float(best.values[i, 0]), runner_up=runner_up(i), index=pool.positions[i],
+                       unknown=None if unknown is None else bool(unknown[i]))
             for i in order]
 
 
@@ -237,6 +244,7 @@ def suggest_labels(run: RunDir, pool: Sequence[tuple[str, ImageSource]], top: in
     calibration) would learn most from, most informative first, by the rule of the module docstring."""
     from engine.runs.calibration import run_temperature
     from engine.runs.load import load_run_model
+    from engine.runs.open_set import run_open_set
 
     if top < 1:
         raise EngineError("--top must be at least 1.")
@@ -248,5 +256,7 @@ def suggest_labels(run: RunDir, pool: Sequence[tuple[str, ImageSource]], top: in
     scored = score_pool(handle, pool, temperature=temperature)
     return SuggestReport(run_id=run.run_id, checkpoint=kind, score=score, diversity=diversity,
                          scored=len(scored.names), temperature=temperature,
-                         suggestions=suggest(scored, top, score=score, diversity=diversity),
+                         suggestions=suggest(scored, top, score=score, diversity=diversity,
+                                             open_set=run_open_set(run, handle.spec.num_classes) if kind == "best"
+                                             else None),
                          unreadable=[{"file": f, "reason": r} for f, r in scored.unreadable])
