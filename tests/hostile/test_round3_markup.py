@@ -237,6 +237,10 @@ def test_inference_chart_title_and_bars_are_text(pages, cat_photo):
     next(r for r in at.radio if r.label == "Predict with").set_value("a trained run").run()
     at.file_uploader[0].set_value(("x.png", Path(cat_photo).read_bytes(), "image/png")).run()
     next(s for s in at.slider if s.label == "Top-k").set_value(len(CLASSES)).run()
+    _assert_no_live_markup(at)  # a cat is none of these classes: "Not one of: ..." names them, as text
+    said = [m.value for m in at.markdown if "Not one of" in m.value]
+    assert len(said) == 1 and said[0].endswith(f"and {len(CLASSES) - 8} more"), said
+    next(t for t in at.toggle if "none of the classes" in t.label).set_value(False).run()  # the chart instead
     _assert_no_live_markup(at)
     (figure,) = _figures(at)
     assert figure["layout"]["title"]["text"].split(": ")[0] in [plot(c) for c in CLASSES]
