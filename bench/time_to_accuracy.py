@@ -29,9 +29,9 @@ Both children get OMP_NUM_THREADS/MKL_NUM_THREADS = --threads (the plain one als
   python bench/time_to_accuracy.py --quick           # smoke run: fewer images and epochs (~1-2 minutes)
   python bench/time_to_accuracy.py --epochs 5 --threads 4 --engine-args "--lr 1e-3"
 
-Duration (bench/run_all.py runs the full default, both cases): on an idle 2-core machine about 2-3 minutes
-for digits and 5-6 for photos (the engine's calibration and open-set pass after its last epoch
-included); on a shared 2-core box (load ~3.5) one run took 25 minutes, and two threads' epochs there
+Duration (bench/run_all.py runs the full default, both cases): on an idle 2-core machine about 2 minutes
+for digits and 5-6 for photos, 7-8 in all (estimated from the epochs seen at low load; the engine's
+calibration and open-set pass after its last epoch included); on a shared 2-core box (load ~3.5) one run took 25 minutes, and two threads' epochs there
 swing several-fold (16 s and 129 s for the same plain epoch), so read single numbers from a busy
 machine as noise.
 """
