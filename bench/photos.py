@@ -4,12 +4,13 @@ Ten classes (one source photo each: the cat, the astronaut, the coffee, the rock
 random crop of its photo at a random scale, flipped, colour-jittered and saved as a JPEG of a typical
 web size (320 x 240 or 240 x 320). Deterministic for a seed; written once, then reused.
 
-  python bench/photos.py [--per-class 200] [--out bench/.cache/photos]
+  python bench/photos.py [--per-class 200] [--out bench/.cache/photos] [--classes astronaut,chelsea]
 """
 from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,28 @@ def _source(name: str) -> Image.Image:
     return Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB")
 
 
-def make_photos(out: Path = DEFAULT_OUT, per_class: int = 200, seed: int = 0) -> Path:
-    """Write ``per_class`` JPEGs per class under ``out`` (skipped when already complete)."""
-    marker = out / f".complete-{per_class}-{seed}"
+def _sources(classes: Sequence[str] | None) -> tuple[str, ...]:
+    """The source photos of ``classes`` (their stems, e.g. "chelsea", or file names), all ten when None."""
+    if classes is None:
+        return SOURCES
+    by_stem = {Path(name).stem: name for name in SOURCES}
+    unknown = [c for c in classes if c not in by_stem and c not in SOURCES]
+    if unknown or not classes:
+        raise ValueError(f"unknown photo classes {unknown}; choose from {', '.join(by_stem)}")
+    return tuple(by_stem.get(c, c) for c in classes)
+
+
+def make_photos(out: Path = DEFAULT_OUT, per_class: int = 200, seed: int = 0,
+                classes: Sequence[str] | None = None) -> Path:
+    """Write ``per_class`` JPEGs per class under ``out`` (skipped when already complete); ``classes``: only
+    these of the ten (stems such as "chelsea"; give each subset a folder of its own)."""
+    names = _sources(classes)
+    tag = "" if classes is None else "-" + "-".join(Path(name).stem for name in names)
+    marker = out / f".complete-{per_class}-{seed}{tag}"
     if marker.exists():
         return out
     rng = random.Random(seed)
-    for name in SOURCES:
+    for name in names:
         photo = _source(name)
         folder = out / Path(name).stem
         folder.mkdir(parents=True, exist_ok=True)
@@ -60,8 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--classes", help="comma-separated stems of the source photos (default: all ten)")
     args = parser.parse_args()
-    print(make_photos(args.out, args.per_class))
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    print(make_photos(args.out, args.per_class, classes=classes))
 
 
 if __name__ == "__main__":
