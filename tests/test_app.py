@@ -243,8 +243,13 @@ def test_compare_default_demo_shows_fine_tuning_ahead(isolated_dirs):
     from engine.runs.background import wait_for
 
     group = at.session_state["compare_group"]
-    for run in group_runs(isolated_dirs / "runs", group):
-        assert wait_for(run, timeout_s=420).state == "finished"
+    try:
+        for run in group_runs(isolated_dirs / "runs", group):
+            assert wait_for(run, timeout_s=420).state == "finished"
+    finally:  # a run still training (a timeout) must not hold the device for the tests after this one
+        from tests.browser_support import end_trainings
+
+        end_trainings(isolated_dirs / "runs")
     at.run()
     assert not at.exception
     assert any("full fine-tune" in s.value for s in at.success), [s.value for s in at.success]

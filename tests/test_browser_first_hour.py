@@ -238,9 +238,12 @@ def test_a_first_hour_with_own_photos(fresh_app, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "things" not in script.read_text() or str(tmp) not in script.read_text()  # no server path exported
     from engine.outputs.predict import predict_files
+    from engine.runs.calibration import run_temperature
     from engine.runs.load import load_run_model
+    from engine.runs.store import RunDir
 
-    engine = predict_files(load_run_model(run), probe, top_k=2)
+    # the run is calibrated: predict_onnx.py divides by the temperature its file carries, as predict --run does
+    engine = predict_files(load_run_model(run), probe, top_k=2, temperature=run_temperature(RunDir(Path(run))))
     for got, want in zip(json.loads(out.stdout), engine):  # outside the app, from the raw file: the same answer
         assert got["topk"][0]["label"] == want.topk[0].label
         assert abs(got["topk"][0]["prob"] - want.topk[0].prob) < 1e-3
