@@ -123,9 +123,11 @@ def calibrate_best(prep: Prepared, runner: Trainer, run: RunDir | None, epoch: i
             outputs = evaluate_scores(runner.model, runner.val_loader, runner.device, runner.dtype, keep=True).outputs
             outputs.features = val_features
         else:
-            loader = DataLoader(prep.val_ds, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
-            outputs = evaluate_scores(runner.module, loader, runner.device, runner.dtype, runner.channels_last,
-                                      keep=True, head=prep.handle.spec.head).outputs
+            outputs = runner.last_val if runner.last_val_epoch == epoch else None  # the best was the last epoch
+            if outputs is None:
+                loader = DataLoader(prep.val_ds, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
+                outputs = evaluate_scores(runner.module, loader, runner.device, runner.dtype, runner.channels_last,
+                                          keep=True, head=prep.handle.spec.head).outputs
             bank, bank_labels = bank_features(prep, runner)
         keep = [p for p in range(len(outputs.labels)) if p not in prep.val_ds.substituted]  # stand-ins of broken files
         record = calibration_record(outputs.logits[keep], outputs.labels[keep], epoch)

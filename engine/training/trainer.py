@@ -24,7 +24,7 @@ from engine.data.mixing import batch_mixer
 from engine.freeze.plan import unfreeze_for_epoch
 from engine.runs.events import EpochEnded, StepLogged
 from engine.training.distributed import Ranks, combine_scores, wrap
-from engine.training.epoch import Diverged, EpochStats, StepContext, evaluate_scores, train_steps
+from engine.training.epoch import Diverged, EpochStats, Outputs, StepContext, evaluate_scores, train_steps
 from engine.training.policies import LRPolicy, OnStep, Scheduled, StepCallback
 
 if TYPE_CHECKING:
@@ -63,6 +63,11 @@ class Trainer:
     # a resumed run whose saved optimizer holds stages its epoch count would not have released yet (a
     # race counts gradual unfreezing in passes over the data): the plan never goes back before this epoch
     plan_floor: int = 0
+    head: str | None = None  # the head's module name: an uncached epoch's evaluation keeps what enters it
+    # the last epoch's validation outputs (logits, labels, head inputs) and that epoch: when it is the best,
+    # the end of the run calibrates from them instead of a second pass (engine/training/calibration.py)
+    last_val: Outputs | None = None
+    last_val_epoch: int | None = None
 
     @property
     def steps(self) -> int:
@@ -100,7 +105,10 @@ class Trainer:
     def close_epoch(self, epoch: int, stats: EpochStats, started: float) -> EpochEnded:
         """The epoch's evaluation (every rank's share summed) and its record; Diverged on a NaN/inf loss.
         ``started``: when the run (or race) began, for ``elapsed_s``."""
-        scores = evaluate_scores(self.model, self.val_loader, self.device, self.dtype, self.channels_last)
+        keep = not self.cached and self.ranks is None and self.head is not None  # the whole model, one process
+        scores = evaluate_scores(self.model, self.val_loader, self.device, self.dtype, self.channels_last,
+                                 keep=keep, head=self.head if keep else None)
+        self.last_val, self.last_val_epoch = scores.outputs, epoch if keep else None
         if self.ranks is not None:  # each rank trained and evaluated its share: the sums of all of them
             ranks = self.ranks
             ranks.check_in_step(self.module)
