@@ -248,3 +248,14 @@ def test_a_model_with_layers_after_its_head_says_the_rule_cannot_travel():
     with torch.inference_mode():
         logits, score = wrapped(x)
         assert torch.allclose(logits, tiny.module(x), atol=1e-5) and score.tolist() == pytest.approx([0, 0], abs=1e-5)
+
+
+def test_an_oversized_rule_file_is_no_rule_and_a_bundle_refuses_it(tmp_path):
+    from engine.runs.bundle import BundleLimits
+    from engine.runs.open_set import MAX_FILE_BYTES
+
+    path = tmp_path / OPEN_SET_FILE
+    with open(path, "wb") as f:  # sparse: no 64 MB written
+        f.truncate(MAX_FILE_BYTES + 1)
+    assert load_open_set(path) is None
+    assert BundleLimits().member_limit(OPEN_SET_FILE) == MAX_FILE_BYTES < BundleLimits().member_limit("best.safetensors")

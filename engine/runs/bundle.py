@@ -42,6 +42,7 @@ from engine.runs.checkpoint_file import head_classes, load_weights, weights_meta
 from engine.runs.metrics_file import FILLED as METRICS_FILLED
 from engine.runs.metrics_file import REQUIRED as METRICS_REQUIRED
 from engine.runs.metrics_file import text_problem
+from engine.runs.open_set import MAX_FILE_BYTES as MAX_OPEN_SET_BYTES
 from engine.runs.open_set import OPEN_SET_FILE, run_open_set
 from engine.runs.status import RunStatus
 from engine.runs.store import RunDir
@@ -81,6 +82,8 @@ class BundleLimits:
     events_export_bytes: int = 4 * 1024**2  # a longer events.jsonl stays out of an export
 
     def member_limit(self, name: str) -> int:
+        if name == OPEN_SET_FILE:
+            return MAX_OPEN_SET_BYTES
         if name.endswith(".safetensors"):
             return self.max_weights_bytes
         return self.max_json_bytes if name.endswith(".json") else self.max_text_bytes

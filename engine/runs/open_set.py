@@ -39,6 +39,7 @@ BANK_LIMIT = 300  # training images kept: 300 x 1280 features of efficientnet_li
 # epoch: forwards only, 15% of the images); the measured figures (docs/open-set.md) used banks of 120-300
 
 QUANTILE = 0.95
+MAX_FILE_BYTES = 64 * 1024**2  # a bank this engine writes is a few MB; a bigger file (a bundle from elsewhere) is no rule
 MAX_DISTANCE = 2.0  # cosine distance lies in [0, 2]
 
 
@@ -102,6 +103,8 @@ def load_open_set(path: Path, num_classes: int | None = None) -> OpenSetRule | N
     from safetensors import safe_open
 
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             bank, labels = f.get_tensor("bank"), f.get_tensor("labels")
