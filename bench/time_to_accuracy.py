@@ -232,7 +232,7 @@ def _cpu() -> str:
             f"AMX {'yes (' + ' '.join(amx) + ')' if amx else 'no'}")
 
 
-def bench_case(case: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
+def bench_case(case: str, args: argparse.Namespace, variants: list[list[str]]) -> list[str]:
     settings = CASES[case]
     epochs = args.epochs or settings["quick_epochs" if args.quick else "epochs"]
     per_class = settings["quick_per_class" if args.quick else "per_class"]
@@ -251,34 +251,30 @@ def bench_case(case: str, args: argparse.Namespace, extra: list[str]) -> list[st
              + (f", {per_class} images a class" if per_class else ""))
     print(f"== {label}, batch {BATCH}, {args.threads} threads", flush=True)
     results = []
-    for name in ("plain", "engine"):
+    for extra in [None, *variants]:  # the plain loop first, then each engine variant
+        name = "plain" if extra is None else "engine"
         scratch = Path(tempfile.mkdtemp(prefix=f"tta-{case}-{name}-"))
         try:
             env = _env(args.threads, scratch)
-            result = run_plain(spec, env) if name == "plain" else run_engine(spec, env, scratch, extra)
+            result = run_plain(spec, env) if extra is None else run_engine(spec, env, scratch, extra)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        result["label"] = name if not extra else f"engine {shlex.join(extra)}"
         results.append(result)
-        print(f"   {name}: {result['images']}, " + ", ".join(f"epoch {e['epoch']} {e['val_acc']:.4f} at {e['t']:.1f}s"
-                                                          for e in result["epochs"])
+        print(f"   {result['label']}: {result['images']}, "
+              + ", ".join(f"epoch {e['epoch']} {e['val_acc']:.4f} at {e['t']:.1f}s" for e in result["epochs"])
               + f"; exited at {result['total_s']:.1f}s (load {result['load']:.1f} at its start)", flush=True)
-    plain, engine = results
+    plain = results[0]
     target = max(e["val_acc"] for e in plain["epochs"]) - 0.01
-    rows = []
-    times = {}
+    plain_hit = _reached(plain, target)
+    lines = []
     for result in results:
         hit = _reached(result, target)
-        times[result["name"]] = hit["t"] if hit else None
-        rows.append((result, hit))
-    lines = []
-    for result, hit in rows:
         best = max(e["val_acc"] for e in result["epochs"])
         reached = f"{hit['t']:.1f} s (epoch {hit['epoch']})" if hit else "not reached"
-        ratio = ""
-        if result["name"] == "engine":
-            ratio = (f"{times['plain'] / times['engine']:.2f}x" if times["engine"] and times["plain"] else "-")
-        lines.append(f"{case:<7} {result['name']:<7} {best:>12.4f} {target:>7.4f}  {reached:>22}  {ratio:>12}")
-    lines.append(_breakdown(plain, engine))
+        ratio = f"{plain_hit['t'] / hit['t']:.2f}x" if result is not plain and hit and plain_hit else ""
+        lines.append(f"{case:<7} {result['label']:<7} {best:>12.4f} {target:>7.4f}  {reached:>22}  {ratio:>12}")
+    lines += [_breakdown(plain, engine) for engine in results[1:]]
     return lines
 
 
@@ -308,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, help="epochs for both contenders (default: digits 3, photos 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engine-args", default="", help="more options for `python -m engine train`, e.g. '--lr 1e-3'")
+    parser.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                        help="an engine contender with these options instead (repeat: each runs after the one plain "
+                        "loop, e.g. --variant '' --variant '--progressive-from 48')")
     parser.add_argument("--plain-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain_child:
@@ -316,10 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     print(_cpu())
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; efficientnet_lite0 (packaged weights), "
           f"full fine-tune, batch {BATCH}; the clock starts just before each contender's process", flush=True)
-    extra = shlex.split(args.engine_args)
+    variants = [shlex.split(v) for v in args.variant] or [shlex.split(args.engine_args)]
     lines = []
     for case in ("digits", "photos") if args.case == "both" else (args.case,):
-        lines += bench_case(case, args, extra)
+        lines += bench_case(case, args, variants)
     print(f"\n{'case':<7} {'who':<7} {'best val acc':>12} {'target':>7}  {'to target from start':>22}  "
           f"{'plain/engine':>12}")
     print("\n".join(lines))

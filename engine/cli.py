@@ -195,6 +195,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=1)
     _add_batch_args(p)
     p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--progressive-from", type=int, metavar="PX",
+                   help="progressive resizing: the first epoch trains at PX, each later one larger, the last at "
+                   "--image-size (validation always at --image-size)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-per-class", type=int)
     p.add_argument("--augment", nargs="?", const="default", default=False, metavar="SPEC",
@@ -232,6 +235,7 @@ def _config_from_args(args: argparse.Namespace):
         device=args.device, feature_cache=args.feature_cache, patience=args.patience,
         monitor=args.monitor, num_workers=args.workers, memory_budget=args.memory_budget,
         micro_batch=args.micro_batch, balance=args.balance, nproc=getattr(args, "nproc", 1),
+        progressive_from=args.progressive_from,
         sync_bn=getattr(args, "sync_bn", False),
     )
     config.check_hosted()  # on a shared server: refused before anything is on disk

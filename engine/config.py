@@ -92,6 +92,9 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 32
     image_size: int | None = 96  # None: the model's own input size
+    # progressive resizing: the first epoch trains at this size, each later one larger, the last at the image
+    # size (validation always at the image size); None: every epoch at the image size (engine/training/sizes.py)
+    progressive_from: int | None = None
     crop_pct: float | None = 1.0  # 1.0: whole image resized, nothing cropped away; None: the model's
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -170,6 +173,10 @@ class TrainConfig:
         _integer(self, "epochs", 1, 100_000)
         _integer(self, "batch_size", 1, 65_536)
         _integer(self, "image_size", 8, 4096, optional=True)
+        _integer(self, "progressive_from", 16, 4096, optional=True)
+        if self.progressive_from is not None and self.image_size and self.progressive_from >= self.image_size:
+            raise ConfigError("progressive_from", f"progressive resizing starts below the image size "
+                                                  f"({self.image_size} px); got {self.progressive_from}.")
         _integer(self, "seed", 0, 2**32 - 1)
         _integer(self, "split_seed", 0, 2**32 - 1)
         _integer(self, "max_per_class", 1, 10**9, optional=True)
@@ -276,11 +283,28 @@ class TrainConfig:
         finally:
             for h in hooks:
                 h.remove()
+        self._check_progressive(module, image_size)
         if lone:
             raise ConfigError("batch_size", f"a batch of one image cannot train BatchNorm layer {lone[0]} at "
                                             f"{image_size} px: its input there is 1x1, one value per channel, and "
                                             "BatchNorm in training normalises over the batch. Use a batch of 2 or "
                                             "more, or a larger image size.")
+
+    def _check_progressive(self, module: nn.Module, image_size: int) -> None:
+        """Progressive resizing starts below the image size, at a size the model takes (a ViT's fixed
+        patch grid trains at its own size only)."""
+        start = self.progressive_from
+        if start is None:
+            return
+        if start >= image_size:
+            raise ConfigError("progressive_from", f"progressive resizing starts below the image size "
+                                                  f"({image_size} px); got {start}.")
+        try:
+            with evaluating(module), torch.inference_mode():
+                module(torch.zeros(1, 3, start, start))
+        except Exception as exc:
+            raise ConfigError("progressive_from", "progressive resizing needs a model that takes smaller images: "
+                              + refused_input_size(start, exc)) from exc
 
 
 def _training_batchnorms(module: nn.Module, stages: list[Stage], plan: FreezePlan, epochs: int) -> list[str]:

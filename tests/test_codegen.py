@@ -69,9 +69,10 @@ CASES = {
     # (e) a torchvision model, BN adapting in frozen stages, label smoothing, constant LR
     "torchvision": dict(model="tv:mobilenet_v3_small", data="lfw", epochs=2, label_smoothing=0.1, schedule="constant",
                         plan=FreezePlan.last(2, head_lr=3e-3, bn_policy="adapt").to_dict()),
-    # (f) class-weighted loss (balance "weights") on an imbalanced folder of real digits, in micro-batches
+    # (f) class-weighted loss (balance "weights") on an imbalanced folder of real digits, in micro-batches, the
+    # first epoch at 16 px (progressive resizing)
     "balance-weights": dict(model="timm:test_resnet", data=IMBALANCED, max_per_class=None, epochs=2, balance="weights",
-                            micro_batch=6, label_smoothing=0.1,
+                            micro_batch=6, label_smoothing=0.1, progressive_from=16,
                             plan=FreezePlan.full(head_lr=1e-2, backbone_lr_ratio=1.0).to_dict()),
     # (h) an augmentation SPEC: crops, flips, rotation, colour jitter and RandAugment per image (python's random,
     # numpy's and torch's RNG), mixup/cutmix per batch (torch's) and label smoothing in the soft targets
@@ -158,6 +159,7 @@ def test_script_reproduces_the_engine_run_exactly(exported, name):
     assert e.feature_cache == (name in ("feature-extraction", "balance-sampler", "last-n-cached"))
     assert ("CACHE_SKIP = []" not in e.script.read_text()) == (name == "last-n-cached")
     assert f"BALANCE = {e.config.balance!r}" in e.script.read_text()
+    assert ("PROGRESSIVE_FROM = 16" in e.script.read_text()) == (name == "balance-weights")
     if name == "last-n-gradual":
         assert e.history[1]["trainable_params"] > e.history[0]["trainable_params"]
     if name == "augment-spec":  # the SPEC reached the script: per image, per batch and in the loss

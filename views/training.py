@@ -96,10 +96,11 @@ KEEP = {"bind": "query-params", "persist_state": "session"}  # in the URL, and k
 # (low, high) of each numeric field: the app's range, said beside the field when a typed value leaves it
 RANGES = {"epochs": (1, limits.epochs if limits else 500), "batch": (1, 1024),
           "size": (16, limits.image_size if limits else 1024), "val": (0.05, 0.5), "patience": (0, 100),
-          "per_class": (0, 1_000_000), "seed": (0, 10_000), "micro": (0, 1024)}
+          "per_class": (0, 1_000_000), "seed": (0, 10_000), "micro": (0, 1024), "grow_from": (0, 1024)}
 FIELD_OF = {"epochs": "epochs", "batch_size": "batch", "image_size": "size", "val_fraction": "val",
             "patience": "patience", "max_per_class": "per_class", "seed": "seed", "split_seed": "seed",
-            "memory_budget": "budget", "micro_batch": "micro", "balance": "balance", "nproc": "batch"}
+            "memory_budget": "budget", "micro_batch": "micro", "balance": "balance", "nproc": "batch",
+            "progressive_from": "grow_from"}
 slots: dict[str, object] = {}
 given: dict[str, tuple[str, object]] = {}  # key -> (label, value): what the range checks read
 
@@ -127,7 +128,7 @@ augment = field(c5, "augment", st.toggle, "Augment", value=False,
 patience = field(c6, "patience", st.number_input, "Early stop patience (0: off)", value=0, step=1)
 per_class = field(c7, "per_class", st.number_input, "Max images per class (0: all)", value=fits, step=1)
 seed = field(c8, "seed", st.number_input, "Seed", value=0, step=1)
-c9, c10, c11 = st.columns(3)
+c9, c10, c11, c12 = st.columns(4)
 detected = detect_budget(None)
 budget = field(c9, "budget", st.text_input, "Memory budget", value="", placeholder=f"auto: {format_size(detected.bytes)}",
                help=f"Peak memory the training may use, e.g. 1.5GB. Empty: {detected}. The batch is then computed "
@@ -141,6 +142,10 @@ balance_choice = field(
          "in the training split (mean weight 1; the validation loss stays the plain mean). sampler: batches "
          "draw each class equally often (with replacement, as many images per epoch as the split has)."
          + (" This data is imbalanced (see above)." if imbalanced else ""))
+grow_from = field(c12, "grow_from", st.number_input, "Progressive: first size (0: off)", value=0, step=16,
+                  help="Progressive resizing: the first epoch trains on images this small, each later epoch on "
+                       "larger ones, the last at the image size (validation always at the image size). Early "
+                       "epochs cost a fraction of the time; no effect when the frozen layers' features are cached.")
 aug_values: dict[str, object] = {}
 if augment:  # one control per operation of the SPEC (docs/augmentation.md); 0: that one is off
     st.caption("Augmentation: each control is one operation (0: off). The preview below shows 8 versions of one "
@@ -195,7 +200,8 @@ def current_config() -> TrainConfig:
                          batch_size=int(batch), image_size=int(size), val_fraction=float(val_fraction),
                          augment=spec_from_controls(bool(augment), aug_values), patience=int(patience) or None, max_per_class=int(per_class) or None,
                          seed=int(seed), split_seed=int(seed), memory_budget=(budget or "").strip() or None,
-                         micro_batch=int(micro) or None, balance=balance_choice, nproc=int(procs))
+                         micro_batch=int(micro) or None, balance=balance_choice, nproc=int(procs),
+                         progressive_from=int(grow_from) or None)
     config.check_hosted()
     return config
 

@@ -67,6 +67,8 @@ NOTES: dict[str, str] = {
     "MONITOR": "early stopping: stop after PATIENCE epochs without improvement of MONITOR (None: never)",
     "DEVICE": "'auto' | 'cpu' | 'cuda' ...; mixed precision 'auto' | 'off' | 'bf16' | 'fp16' (CUDA only)",
     "CHANNELS_LAST": "None: channels-last memory format for nets with convolutions",
+    "PROGRESSIVE_FROM": "progressive resizing: the first epoch trains at this size, later ones larger, the last at the "
+                        "image size (validation always at the image size); None: every epoch at the image size",
     "NUM_WORKERS": "DataLoader worker processes (None: as many as the workbench would use on this machine)",
 }
 
@@ -210,6 +212,7 @@ def _optimisation_settings(config: TrainConfig, micro_batch: int | None) -> list
         ("SCHEDULE", config.schedule),
         ("WARMUP_FRAC", config.warmup_frac),
         ("EPOCHS", config.epochs),
+        ("PROGRESSIVE_FROM", config.progressive_from),
         ("BATCH_SIZE", config.batch_size),
         ("MICRO_BATCH", _slice(micro_batch or config.micro_batch, config.batch_size)),
         ("SEED", config.seed),

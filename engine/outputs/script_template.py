@@ -102,6 +102,8 @@ WEIGHT_DECAY = 0.01
 SCHEDULE = 'cosine'
 WARMUP_FRAC = 0.1
 EPOCHS = 2
+# progressive resizing: the first epoch trains at this size, later ones larger, the last at the image size (validation always at the image size); None: every epoch at the image size
+PROGRESSIVE_FROM = None
 BATCH_SIZE = 16
 # images per forward/backward slice; their gradients add up to one step of BATCH_SIZE (None: whole batch)
 MICRO_BATCH = None
@@ -651,14 +653,29 @@ def workers(device):
     return min(8, max(1, cores - 1))
 
 
+def epoch_size(epoch):
+    """Progressive resizing: this epoch's training size (None: the image size). Linear from PROGRESSIVE_FROM
+    at the first epoch to the image size at the last, in steps of 8 px; never on cached features."""
+    final = DATA_CONFIG["input_size"][-1]
+    if PROGRESSIVE_FROM is None or FEATURE_CACHE or EPOCHS < 2 or epoch >= EPOCHS or PROGRESSIVE_FROM >= final:
+        return None
+    size = PROGRESSIVE_FROM + (final - PROGRESSIVE_FROM) * (epoch - 1) / (EPOCHS - 1)
+    size = max(16, int(round(size / 8)) * 8)
+    return size if size < final else None
+
+
 def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, device, dtype, channels_last,
-                    weight=None):
+                    weight=None, size=None):
     train_mode(model, held)
     total_loss = correct = seen = 0
     for i, (x, y) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step0 + i, total_steps)
         x, y = x.to(device), y.to(device)
+        if size is not None and x.ndim == 4:  # progressive resizing: the longer side scaled to size, antialiased
+            h, w = x.shape[-2:]
+            shape = (max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w))))
+            x = F.interpolate(x, size=shape, mode="bilinear", antialias=True, align_corners=False)
         soft = None
         if AUGMENT and (AUGMENT["mixup"] or AUGMENT["cutmix"]):  # the batch blended; the loss on soft targets
             x, soft = mix_batch(x, y, len(CLASS_NAMES), AUGMENT["mixup"], AUGMENT["cutmix"], LABEL_SMOOTHING)
@@ -780,7 +797,7 @@ def main():
         generator.manual_seed(SEED * 1000 + epoch)
         train_loss, train_acc = train_one_epoch(trained, held, train_loader, optimizer, scaler,
                                                 (epoch - 1) * len(train_loader), total_steps, device, dtype,
-                                                channels_last, weight)
+                                                channels_last, weight, epoch_size(epoch))
         val_loss, val_acc = evaluate(trained, val_loader, device, dtype, channels_last)
         if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
             raise SystemExit("the loss became infinite or NaN: lower the learning rate")

@@ -21,6 +21,7 @@ from engine.freeze.plan import set_train_mode
 from engine.training.feature_cache import outputs_and_head_inputs
 from engine.training.metrics import balanced_scores, confusion_matrix
 from engine.training.policies import LRPolicy, StepCallback
+from engine.training.sizes import resize_batch
 
 
 class Diverged(EngineError):
@@ -57,6 +58,7 @@ class StepContext:
     callbacks: Sequence[StepCallback] = ()
     should_stop: Callable[[], bool] = lambda: False
     sync: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums a tensor over the ranks (DDP)
+    resize: int | None = None  # progressive resizing: this pass trains on images scaled to this size
 
 
 def train_steps(ctx: StepContext) -> EpochStats | None:
@@ -86,6 +88,8 @@ def train_steps(ctx: StepContext) -> EpochStats | None:
             return None
         ctx.lr.apply(optimizer, i)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if ctx.resize is not None and x.ndim == 4:
+            x = resize_batch(x, ctx.resize)
         soft = None
         if ctx.mix is not None:
             x, soft = ctx.mix(x, y)

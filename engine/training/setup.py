@@ -152,7 +152,8 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
                    device=device, dtype=place.dtype, scaler=scaler, channels_last=trains.place.channels_last,
                    cached=trains.cached, batches=batches, class_weight=class_weight, ranks=ranks,
                    wrapper=wrap(trains.model, ranks) if ranks is not None else None,
-                   num_classes=len(handle.spec.class_names), plan_floor=plan_epoch, head=handle.spec.head)
+                   num_classes=len(handle.spec.class_names), plan_floor=plan_epoch, head=handle.spec.head,
+                   image_size=prep.image_size)
 
 
 def _device(config: TrainConfig, prep: Prepared, ranks: Ranks | None) -> torch.device:

@@ -26,6 +26,7 @@ from engine.runs.events import EpochEnded, StepLogged
 from engine.training.distributed import Ranks, combine_scores, wrap
 from engine.training.epoch import Diverged, EpochStats, Outputs, StepContext, evaluate_scores, train_steps
 from engine.training.policies import LRPolicy, OnStep, Scheduled, StepCallback
+from engine.training.sizes import epoch_size
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -60,6 +61,7 @@ class Trainer:
     ranks: Ranks | None = None  # one of several processes (engine/training/distributed.py)
     wrapper: nn.Module | None = None  # with ranks: the DDP wrapper of ``model``, what the training steps call
     num_classes: int = 0
+    image_size: int = 0  # what validation, checkpoints and exports use; progressive resizing's last size
     # a resumed run whose saved optimizer holds stages its epoch count would not have released yet (a
     # race counts gradual unfreezing in passes over the data): the plan never goes back before this epoch
     plan_floor: int = 0
@@ -89,9 +91,10 @@ class Trainer:
         self.generator.manual_seed(seed)
 
     def train_pass(self, *, lr: LRPolicy, batches: Iterable | None = None, callbacks: Sequence[StepCallback] = (),
-                   stop: Callable[[], bool] = lambda: False) -> EpochStats | None:
+                   stop: Callable[[], bool] = lambda: False, resize: int | None = None) -> EpochStats | None:
         """Training steps over ``batches`` (default: one pass over the training loader) under ``lr``;
-        None when ``stop`` said so mid-pass; Diverged on a NaN/inf loss."""
+        None when ``stop`` said so mid-pass; Diverged on a NaN/inf loss. ``resize``: the images' size in
+        this pass (progressive resizing; never on cached features)."""
         config = self.config
         aug = config.augment_spec()
         mix = None if self.cached else batch_mixer(aug.mixup, aug.cutmix, self.num_classes, config.smoothing())
@@ -100,7 +103,8 @@ class Trainer:
             batches=self.train_loader if batches is None else batches, lr=lr, device=self.device, dtype=self.dtype,
             scaler=self.scaler, channels_last=self.channels_last, micro_batch=self.batches.micro_batch,
             class_weight=self.class_weight, label_smoothing=config.smoothing(), mix=mix, grad_clip=config.grad_clip,
-            callbacks=callbacks, should_stop=stop, sync=self.ranks.sum_tensor if self.ranks else None))
+            callbacks=callbacks, should_stop=stop, sync=self.ranks.sum_tensor if self.ranks else None,
+            resize=None if self.cached else resize))
 
     def close_epoch(self, epoch: int, stats: EpochStats, started: float) -> EpochEnded:
         """The epoch's evaluation (every rank's share summed) and its record; Diverged on a NaN/inf loss.
@@ -143,7 +147,8 @@ class Trainer:
                             eta_s=remaining))
 
         schedule = Scheduled(state.step, config.epochs * steps, config.schedule, config.warmup_frac)
-        stats = self.train_pass(lr=schedule, callbacks=[OnStep(progress)], stop=stop)
+        size = epoch_size(epoch, config.epochs, config.progressive_from, self.image_size)
+        stats = self.train_pass(lr=schedule, callbacks=[OnStep(progress)], stop=stop, resize=size)
         return None if stats is None else self.close_epoch(epoch, stats, started)
 
 

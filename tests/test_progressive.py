@@ -1,0 +1,65 @@
+"""Progressive resizing (engine/training/sizes.py): the sizes per epoch, the batches the model really
+sees, and the settings it refuses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.anatomy.stages import model_stages
+from engine.config import ConfigError, TrainConfig
+from engine.models.factory import create_model
+from engine.runs.store import create_run
+from engine.training import setup as training_setup
+from engine.training.loop import fit
+from engine.training.sizes import epoch_size, resize_batch
+
+
+def test_sizes_grow_linearly_to_the_image_size_in_steps_of_8():
+    assert [epoch_size(e, 3, 48, 96) for e in (1, 2, 3)] == [48, 72, None]
+    assert [epoch_size(e, 4, 112, 224) for e in (1, 2, 3, 4)] == [112, 152, 184, None]
+    assert epoch_size(1, 1, 48, 96) is None  # one epoch: only its last
+    assert epoch_size(1, 3, None, 96) is None
+    assert epoch_size(1, 2, 22, 96) == 24  # rounded to 8 px
+    assert epoch_size(1, 5, 94, 96) is None  # rounds up to the image size: no resize at all
+
+
+def test_a_batch_is_scaled_by_its_longer_side_with_antialiasing():
+    x = torch.zeros(2, 3, 64, 32)
+    x[..., ::2, :] = 1.0  # one-pixel stripes: antialiasing averages them, plain bilinear would pick one phase
+    y = resize_batch(x, 32)
+    assert y.shape == (2, 3, 32, 16)
+    assert torch.allclose(y[..., 4:-4, :], torch.full_like(y[..., 4:-4, :], 0.5), atol=0.05)
+
+
+def test_a_run_trains_its_early_epochs_small_and_validates_at_its_own_size(tmp_path, monkeypatch):
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, batch_size=16,
+                         max_per_class=6, epochs=3, progressive_from=16, num_workers=0,
+                         plan={"strategy": "full", "head_lr": 1e-2, "backbone_lr_ratio": 1.0})
+    seen: list[tuple[bool, int]] = []  # (training, input size) of the real model's forwards of batches
+    real = training_setup.create_model
+
+    def watched(*args, **kwargs):
+        handle = real(*args, **kwargs)
+        handle.module.register_forward_pre_hook(  # a batch of one is a set-up check, not a step or an evaluation
+            lambda m, inputs: seen.append((m.training, inputs[0].shape[-1])) if len(inputs[0]) > 1 else None)
+        return handle
+
+    monkeypatch.setattr(training_setup, "create_model", watched)
+    result = fit(config, create_run(tmp_path, config.to_dict()))
+    assert result.status == "finished", result.reason
+    trained = [size for training, size in seen if training]
+    evaluated = {size for training, size in seen if not training}
+    assert set(trained) == {16, 24, 32} and trained.index(24) > trained.index(16) and trained[-1] == 32
+    assert evaluated == {32}
+
+
+def test_refused_where_it_cannot_apply():
+    with pytest.raises(ConfigError, match="below the image size") as exc:
+        TrainConfig(image_size=96, progressive_from=96)
+    assert exc.value.field == "progressive_from"
+    with pytest.raises(ConfigError, match="between 16"):
+        TrainConfig(progressive_from=8)
+    vit = create_model("timm:test_vit", weights="none", class_names=["a", "b"])
+    config = TrainConfig(model="timm:test_vit", weights="none", image_size=None, progressive_from=24)  # patches of 16
+    with pytest.raises(ConfigError, match="takes smaller images"):
+        config.validate_for_model(vit.module, model_stages(vit.module, vit.spec.head), vit.spec.input_size[-1])
