@@ -261,11 +261,72 @@ def cmd_train(args: argparse.Namespace) -> int:
         from engine.training.launch import rank_main
 
         return rank_main(args, config_from_args=_config_from_args, main_emit=_progress_printer(False))
+    from engine.cluster.client import cluster_address
+
+    address = cluster_address(args.cluster) or _cluster_of_resumed(args)
+    if address is not None:  # the work is on the cluster: no device lock here, no place in this machine's queue
+        return _train_on_cluster(args, address)
     out_existed = os.path.isdir(args.out)
     run, resume, lock = _run_to_train(args)
     if args.background:
         return _train_in_background(args, run, resume)
     result = _train_here(args, run, resume=resume, lock=lock, out_existed=out_existed)
+    return _report_training(args, run, result)
+
+
+def _cluster_of_resumed(args: argparse.Namespace) -> str | None:
+    """A run trained on a cluster resumes there unless told otherwise (its status names the cluster)."""
+    if not args.resume or args.cluster is not None:  # --cluster "" trains here
+        return None
+    from engine.runs.store import open_run
+
+    record = open_run(args.out, args.resume).status().cluster or {}
+    address = record.get("address")
+    return address if isinstance(address, str) and address else None
+
+
+def _train_on_cluster(args: argparse.Namespace, address: str) -> int:
+    """``--cluster``: submit the run as a Ray job and follow it here (engine/cluster/submit.py); the run
+    folder is in --out from the start. ``--background``: a separate process submits and follows."""
+    from engine.cluster.submit import train_on_cluster
+    from engine.runs.store import extend_run, open_run
+
+    run, resume = None, False
+    if args.run_dir:  # a background follower, or attaching again to a run whose job may still run
+        run = open_run(args.out, args.run_dir)
+        resume = args.resume_flag or run.train_state_path.is_file()
+    elif args.resume is not None:
+        changed = sorted(getattr(args, "given", set()) - RESUME_OPTIONS)
+        if changed:
+            raise EngineError(f"--resume continues a run with the settings it started with; {', '.join(changed)} "
+                              "cannot change (only --epochs can).")
+        run = open_run(args.out, args.resume)
+        _refuse_if_active(run)
+        if args.epochs_given:
+            from engine.training.run import check_resumable
+
+            check_resumable(run, args.epochs)
+            extend_run(run, args.epochs)
+        resume = True
+    if args.background:
+        from engine.cluster.client import check_cluster
+        from engine.runs.background import spawn_queued
+
+        check_cluster(address)  # one line, before anything is written
+        if run is None:
+            from engine.cluster.stage import plan_data
+            from engine.runs.store import create_run
+
+            config = _config_from_args(args).to_dict()
+            plan_data(config["data"])
+            run = create_run(args.out, config)
+        spawn_queued([run], ["train", "--run-dir", str(run.path), "--out", str(args.out), "--cluster", address]
+                     + (["--resume-existing"] if resume else []))
+        print(run.path)
+        return 0
+    config = run.config() if run is not None else _config_from_args(args).to_dict()
+    printer = _progress_printer(sys.stderr.isatty() and not args.json)
+    run, result = train_on_cluster(address, config=config, out=args.out, run=run, resume=resume, emit=printer)
     return _report_training(args, run, result)
 
 
@@ -377,7 +438,7 @@ def _report_training(args: argparse.Namespace, run: Any, result: Any) -> int:
     return 0 if result.status in ("finished", "cancelled") else 1
 
 
-RESUME_OPTIONS = frozenset({"--resume", "--epochs", "--out", "--background", "--json"})  # what a resume may say
+RESUME_OPTIONS = frozenset({"--resume", "--epochs", "--out", "--background", "--json", "--cluster"})  # what a resume may say
 
 
 def _take_device_lock(device: str, holder: str = "a training started from the command line"):
@@ -1018,6 +1079,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync-bn", action="store_true", help="with --nproc: trainable BatchNorm normalises over all "
                    "processes' images (SyncBatchNorm; CUDA only)")
     p.add_argument("--_rank-worker", dest="rank_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cluster", help="train on a Ray cluster: its dashboard's address, http://HOST:8265 (default: "
+                   "$WORKBENCH_CLUSTER); --nproc N becomes N Ray Train workers (docs/cluster.md)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -1,0 +1,117 @@
+"""``python -m engine train ... --cluster URL``: a run trained on a Ray cluster, in order.
+
+    the cluster reached and its Ray checked, the data planned      (refusals: one line, nothing written)
+    the run folder created here, its status naming cluster and job  (before the job exists: a crash
+                                                                     right after submitting is re-attached)
+    the stage built and submitted as a Ray job                      (engine/cluster/stage.py, client.py)
+    its log followed into the run folder until the job ends         (engine/cluster/follow.py)
+
+A resume (``--resume RUN``) sends the run's last commit with the job and continues it there, as a new
+job of the same run (``attempt`` counts them; each job's id is ``workbench-<run>-<attempt>``). A run
+whose job still runs is attached to instead of submitted again.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.cluster.client import TERMINAL, check_cluster, connect, job_state, submit
+from engine.cluster.follow import Follower
+from engine.cluster.stage import build_stage, plan_data
+from engine.core.errors import RunError
+from engine.core.files import read_json
+from engine.runs.events import no_emit
+from engine.runs.process import process_start
+from engine.runs.store import RunDir, create_run
+from engine.training.loop import RunResult
+
+if TYPE_CHECKING:
+    from engine.runs.events import Emit
+
+
+def cluster_record(run: RunDir) -> dict[str, Any]:
+    """status.json's ``cluster``: address, job_id, attempt, ray, applied_seq ({} for a run trained here)."""
+    status = read_json(run.status_path, {}) or {}
+    record = status.get("cluster") if isinstance(status, dict) else None
+    return dict(record) if isinstance(record, dict) else {}
+
+
+def train_on_cluster(address: str, *, config: dict[str, Any], out: str | Path | None = None,
+                     run: RunDir | None = None, resume: bool = False, emit: Emit = no_emit) -> tuple[RunDir, RunResult]:
+    """Submit (or attach to) the run's job on ``address`` and follow it to its end."""
+    started = time.perf_counter()
+    version = check_cluster(address)  # unreachable or too old: one line, before anything is written
+    client = connect(address)
+    record = cluster_record(run) if run is not None else {}
+    if record.get("job_id") and record.get("address") == address:
+        state, _ = _state_or_none(client, record["job_id"])
+        if state is not None and state not in TERMINAL:  # its job trains on: follow it again
+            return run, _follow(run, client, record, address, emit, started)  # type: ignore[arg-type]
+    plan = plan_data(str(config["data"]))  # too big to ship, or not here and not a cluster path
+    created = run is None
+    if run is None:
+        run = create_run(out or ".", config, owner=os.getpid())
+    elif resume:
+        _align_metrics(run)
+    attempt = int(record.get("attempt") or 0) + 1
+    job_id = f"workbench-{run.run_id}-{attempt}"
+    record = {"address": address, "job_id": job_id, "attempt": attempt, "ray": version, "applied_seq": -1}
+    run.cancel_path.unlink(missing_ok=True)
+    run.write_status(state="queued", reason=f"submitting to the Ray cluster {address} as job {job_id}",
+                     cluster=record, pid=os.getpid(), pid_start=process_start(os.getpid()), heartbeat=time.time(),
+                     queue_position=None)
+    stage = Path(tempfile.mkdtemp(prefix="workbench-stage-"))
+    try:
+        build_stage(stage, run, run.config(), plan, attempt=attempt, resume=resume)
+        submit(client, str(stage), job_id, {"workbench_run": run.run_id, "attempt": str(attempt)})
+    except BaseException:
+        if created:  # nothing was trained: leave nothing behind
+            shutil.rmtree(run.path, ignore_errors=True)
+        else:
+            run.write_status(state="failed", reason="the cluster job could not be submitted", finished_at=time.time())
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return run, _follow(run, client, record, address, emit, started)
+
+
+def _state_or_none(client: Any, job_id: str) -> tuple[str | None, str]:
+    try:
+        return job_state(client, job_id)
+    except Exception:  # never submitted (the app stopped between recording and submitting), or forgotten
+        return None, ""
+
+
+def _align_metrics(run: RunDir) -> None:
+    """Before a resume: metrics.jsonl exactly the epochs of the last commit that came back (a job that
+    died may have sent an epoch's line but not its commit)."""
+    from engine.training.checkpoint import read_commit
+
+    commit = read_commit(run)
+    if commit.get("history") is not None:
+        run.rewrite_metrics(list(commit["history"]))
+
+
+def _follow(run: RunDir, client: Any, record: dict[str, Any], address: str, emit: Emit, started: float) -> RunResult:
+    follower = Follower(run, client, record["job_id"], address, emit, applied=int(record.get("applied_seq", -1)))
+    try:
+        state = follower.follow()
+    except KeyboardInterrupt:
+        try:
+            client.stop_job(record["job_id"])
+        except Exception:
+            pass
+        run.write_status(state="cancelled", reason="stopped by Ctrl-C; the cluster job was stopped",
+                         finished_at=time.time())
+        raise
+    status = run.status()
+    history = run.metrics()
+    if state not in ("finished", "cancelled", "failed", "diverged"):
+        raise RunError(f"the cluster run ended in an unknown state {state}")
+    return RunResult(status=status.state, reason=status.reason, run_dir=str(run.path), best_epoch=status.best_epoch,
+                     best_val_acc=status.best_val_acc, epochs_done=len(history),
+                     seconds=time.perf_counter() - started, history=history, feature_cache=False)
