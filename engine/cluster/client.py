@@ -80,11 +80,14 @@ def connect(address: str) -> Any:
 
 
 def job_env() -> dict[str, str]:
-    """Environment of the job's processes on the cluster."""
-    return {
+    """Environment of the job's processes on the cluster (a test's fault point travels with it)."""
+    env = {
         "PYTHONUNBUFFERED": "1",  # the log is the return channel: every line as soon as it is printed
         "RAY_CHDIR_TO_TRIAL_DIR": "0",  # workers stay in the working_dir (Ray Train v1 moves them otherwise)
     }
+    if os.environ.get("WORKBENCH_FAULT"):  # engine/core/faults.py: kill a worker at a named step
+        env["WORKBENCH_FAULT"] = os.environ["WORKBENCH_FAULT"]
+    return env
 
 
 def submit(client: Any, stage: str, submission_id: str, metadata: dict[str, str]) -> str:

@@ -102,26 +102,41 @@ class Driver:
             self.unprinted.clear()
             self.last_ship = time.monotonic()
 
-    def worker_named(self, text: str) -> str:
-        """The worker a failure message is about, as 'worker rank R of N (pid P on NODE)'."""
-        for pid_text in re.findall(r"pid=(\d+)", text):
-            info = self.workers.get(int(pid_text))
-            if info:
-                return f"worker rank {info['rank']} of {info['world']} (pid {pid_text} on {info['node']})"
-        return "a Ray Train worker"
+    def named(self, rank: int | None = None, text: str = "") -> str:
+        """A worker as 'worker rank R of N (pid P on NODE)', by its rank or a pid in ``text``."""
+        by_rank = {w["rank"]: (pid, w) for pid, w in self.workers.items()}
+        found = by_rank.get(rank) if rank is not None else None
+        if found is None:
+            found = next(((int(p), self.workers[int(p)]) for p in re.findall(r"pid=(\d+)", text)
+                          if int(p) in self.workers), None)
+        if found is None:
+            return f"worker rank {rank}" if rank is not None else "a Ray Train worker"
+        pid, info = found
+        return f"worker rank {info['rank']} of {info['world']} (pid {pid} on {info['node']})"
 
     def failure(self, exc: BaseException) -> str:
+        """Why the training ended, in one sentence: a worker's clear refusal when it had one; else the
+        worker whose death looks like the cause (one that died, before one that lost its peers)."""
         if self.refusal:
             return self.refusal
-        text = str(exc)
-        died = any(s in text for s in ("ActorDiedError", "died unexpectedly", "SYSTEM_ERROR", "killed", "SIGKILL"))
-        who = self.worker_named(text)
-        first = next((line.strip() for line in text.splitlines()
-                      if any(s in line for s in ("Error", "died", "killed"))), text.strip()[:200])
+        failures = getattr(exc, "worker_failures", None)  # Ray Train v2: rank -> the worker's exception
+        rank, text = None, str(exc)
+        if isinstance(failures, dict) and failures:
+            def consequence(r: int) -> tuple[bool, bool, int]:
+                what = f"{type(failures[r]).__name__} {failures[r]}"
+                died = "ActorDied" in what or "died" in what or "SIGKILL" in what
+                lost = any(s in what for s in ("Connection closed", "DistBackendError", "remote worker"))
+                return not died, lost, r
+
+            rank = min(failures, key=consequence)
+            text = f"{type(failures[rank]).__name__}: {failures[rank]}"
+        died = any(s in text for s in ("ActorDied", "died unexpectedly", "SYSTEM_ERROR", "SIGKILL", "killed"))
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+        who = self.named(rank, text)
         if died:
-            return (f"{who} died ({first[:200]}); the other workers were stopped. The last finished epoch is "
-                    "kept: resume the run on the cluster (--resume RUN --cluster URL).")
-        return f"the training failed on the cluster: {type(exc).__name__}: {first[:300]}"
+            return (f"{who} died ({first}); the other workers were stopped. The last finished epoch is kept: "
+                    "resume the run on the cluster (--resume RUN).")
+        return f"{who} failed on the cluster: {first}"
 
 
 def _check_engine() -> str:
@@ -193,14 +208,15 @@ def main(argv: list[str]) -> int:
 
     relay = threading.Thread(target=drain, name="relay", daemon=True)
     relay.start()
-    failure = ""
+    error: BaseException | None = None
     try:
         _trainer(spec, driver, mailbox, nproc, use_gpu).fit()
     except Exception as exc:  # a worker died or failed: the run ends failed, naming it
-        failure = driver.failure(exc)
+        error = exc
     done.set()
     relay.join(timeout=10)
-    driver.take(ray.get(mailbox.take.remote()))
+    driver.take(ray.get(mailbox.take.remote()))  # a refusal a worker left says it better than Ray's error
+    failure = driver.failure(error) if error is not None else ""
     driver.print_files()
     if driver.status:
         say({"type": "status", "status": driver.status})

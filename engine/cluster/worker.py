@@ -136,7 +136,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         fit(config, run, emit=relay or no_emit, resume=bool(spec["resume"]), ranks=ranks,
             should_stop=MailboxStop(mailbox) if ranks.main else (lambda: False))
     except EngineError as exc:  # a clear refusal (bad data, a setting the model refuses): said once, by the driver
-        mailbox.put.remote(("refused", {"rank": ranks.rank, "reason": str(exc)}))
+        ray.get(mailbox.put.remote(("refused", {"rank": ranks.rank, "reason": str(exc)})))
         raise
     finally:
         if relay is not None:

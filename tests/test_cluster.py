@@ -1,0 +1,197 @@
+"""Cluster runs (engine/cluster/, docs/cluster.md).
+
+The first part needs no Ray: the log protocol, the data plan, the address and the refusals said in
+one line before anything is written. The second starts a real Ray head on this machine, bound to
+127.0.0.1 only, in the test's own folder, and trains on it (skipped where Ray is not installed:
+requirements-dev.txt installs it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cluster.client import ClusterError, check_cluster, cluster_address
+from engine.cluster.follow import Mirror, event_of
+from engine.cluster.protocol import Printer, Reader
+from engine.cluster.stage import plan_data
+from engine.core.errors import EngineError
+from engine.runs.events import EpochEnded
+from tests.conftest import ROOT
+
+TINY = ["--model", "timm:test_resnet", "--weights", "none", "--data", "lfw", "--image-size", "32",
+        "--max-per-class", "12", "--device", "cpu", "--batch-size", "8"]
+
+
+# ------------------------------------------------------------------ no Ray needed
+def _log(messages: list[dict], files: dict[str, bytes] | None = None) -> str:
+    out: list[str] = []
+    say = Printer(out.append)
+    say(messages[0])
+    for name, data in (files or {}).items():
+        say.file(name, data)
+    for m in messages[1:]:
+        say(m)
+    return "ray: some line of Ray's own\n" + "".join(out)
+
+
+def test_the_log_carries_events_and_files_whole_in_any_pieces():
+    data = os.urandom(150_000)  # 4 chunks
+    text = _log([{"type": "hello"}, {"type": "end", "state": "finished"}], {"best.safetensors": data})
+    reader, got = Reader(), []
+    for i in range(0, len(text), 1000):  # the log as it is read while it grows
+        got += reader.feed(text[i:i + 1000])
+    assert [m["type"] for m in got] == ["hello", "file", "end"]
+    assert got[1]["name"] == "best.safetensors" and got[1]["data"] == data
+    assert reader.gaps == 0
+
+
+def test_a_replayed_log_skips_what_was_applied():
+    text = _log([{"type": "hello"}, {"type": "event", "event": {}}, {"type": "end"}])
+    first = Reader()
+    assert len(first.feed(text)) == 3
+    again = Reader(applied=first.applied - 1)  # attached again: only the last message is new
+    assert [m["type"] for m in again.feed(text)] == ["end"]
+
+
+def test_a_damaged_chunk_is_never_written():
+    text = _log([{"type": "hello"}], {"best.safetensors": b"x" * 100})
+    lines = text.splitlines(keepends=True)
+    chunk = next(i for i, line in enumerate(lines) if '"chunk"' in line)
+    lines[chunk] = lines[chunk].replace('"i":0', '"i":1')  # the CRC no longer matches: the line is dropped
+    reader = Reader()
+    got = reader.feed("".join(lines) + "\n")
+    assert [m["type"] for m in got] == ["hello"] and reader.gaps == 0  # the file never completes
+
+
+def test_metrics_of_a_replayed_epoch_are_not_doubled(tmp_path):
+    mirror = Mirror(tmp_path)
+    row = dict(epoch=1, train_loss=1.0, train_acc=0.5, val_loss=1.0, val_acc=0.5)
+    for epoch in (1, 2, 2, 1):  # a replay, then a resume that restarted epoch 1
+        event = event_of({"event": "EpochEnded", **row, "epoch": epoch})
+        assert isinstance(event, EpochEnded)
+        mirror.record(event)
+    assert [m["epoch"] for m in mirror.metrics()] == [1]
+
+
+def test_the_address_and_the_data_plan(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORKBENCH_CLUSTER", raising=False)
+    assert cluster_address(None) is None and cluster_address(" ") is None
+    assert cluster_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
+    monkeypatch.setenv("WORKBENCH_CLUSTER", "http://h:8265")
+    assert cluster_address(None) == "http://h:8265"
+    assert plan_data("lfw").ships is None
+    folder = tmp_path / "set"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "x.png").write_bytes(b"0" * 2000)
+    plan = plan_data(str(folder))
+    assert plan.ships == folder and plan.remote == "data/set" and plan.size == 2000
+    with pytest.raises(EngineError, match="over the"):
+        plan_data(str(folder), limit=1000)
+    assert plan_data("/mnt/on-the-cluster/set").ships is None
+    with pytest.raises(EngineError, match="absolute path"):
+        plan_data("not/here")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_cluster_is_one_line_and_nothing_is_written(tmp_path):
+    address = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(ClusterError, match="cannot be reached"):
+        check_cluster(address, timeout_s=2)
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "engine", "train", "--out", str(out), *TINY, "--cluster", address],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cannot be reached" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+# ------------------------------------------------------------------ a real Ray head on this machine
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head bound to 127.0.0.1, in a short temp folder of its own (its socket paths must be short),
+    stopped when the module's tests end."""
+    import tempfile
+
+    pytest.importorskip("ray", reason="Ray is not installed (requirements-dev.txt installs it)")
+    temp = Path(tempfile.mkdtemp(prefix="wbray-", dir="/tmp"))
+    dashboard = _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+             "--num-cpus", "2", "--temp-dir", str(temp), "--port", str(_free_port()),
+             "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),
+             "--disable-usage-stats"]
+    proc = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def train_cli(out: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "WORKBENCH_FAULT": fault} if fault else None
+    return subprocess.run([sys.executable, "-m", "engine", "train", "--out", str(out), "--json", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=540, env=env)
+
+
+def test_two_ray_workers_train_like_two_local_processes(ray_head, tmp_path):
+    recipe = [*TINY, "--epochs", "2", "--strategy", "full", "--nproc", "2"]
+    proc = train_cli(tmp_path / "cluster", *recipe, "--cluster", ray_head)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    from engine.runs.store import RunDir
+
+    run = RunDir(Path(result["run_dir"]))
+    status = run.status()
+    assert status.state == "finished", status
+    assert status.cluster and status.cluster["job_id"].startswith("workbench-") and status.cluster["address"] == ray_head
+    assert [m["epoch"] for m in run.metrics()] == [1, 2]
+    assert run.checkpoint("best").is_file() and run.train_state_path.is_file()
+
+    local = train_cli(tmp_path / "local", *recipe)
+    assert local.returncode == 0, local.stderr[-3000:]
+    here = RunDir(Path(json.loads(local.stdout)["run_dir"]))
+    assert abs(run.metrics()[-1]["val_acc"] - here.metrics()[-1]["val_acc"]) <= 0.015
+
+    from engine.outputs.evaluate import evaluate_run
+
+    scored = evaluate_run(run, kind="best", split="val")  # the weights that came back work here
+    assert scored is not None
+
+
+def test_a_killed_worker_fails_the_run_and_it_resumes_on_the_cluster(ray_head, tmp_path):
+    recipe = [*TINY, "--epochs", "2", "--strategy", "full", "--nproc", "2"]
+    steps = 3  # lfw, 12 per class, 80% train, batch 8: epoch 2 starts at step 4
+    proc = train_cli(tmp_path, *recipe, "--cluster", ray_head, fault=f"kill:rank1:step:{steps + 1}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    from engine.runs.store import RunDir
+
+    run = RunDir(Path(result["run_dir"]))
+    status = run.status()
+    assert status.state == "failed" and "worker rank 1 of 2" in status.reason, status
+    assert run.train_state_path.is_file() and [m["epoch"] for m in run.metrics()] == [1]
+    again = train_cli(tmp_path, "--resume", run.run_id)  # the run's status names its cluster
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert run.status().state == "finished" and [m["epoch"] for m in run.metrics()] == [1, 2]
+    assert run.status().cluster["attempt"] == 2
