@@ -134,7 +134,9 @@ def ray_head(tmp_path_factory):
     temp = Path(tempfile.mkdtemp(prefix="wbray-", dir="/tmp"))
     dashboard = _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the job's entrypoint runs `python` from the head's PATH: this Python, with the engine's requirements
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
              "--num-cpus", "2", "--temp-dir", str(temp), "--port", str(_free_port()),
              "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),

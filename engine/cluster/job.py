@@ -169,7 +169,9 @@ def main(argv: list[str]) -> int:
     if problem:
         say({"type": "end", "state": "failed", "reason": problem})
         return 1
-    ray.init()  # inside a job: the cluster this job runs on
+    # inside a job: the cluster this job runs on. Workers' output stays in their own log files on the
+    # cluster: forwarded here it would be written into this log from another thread, beside the messages
+    ray.init(log_to_driver=False)
     nproc = int(spec.get("nproc") or 1)
     device = str(spec["config"].get("device") or "auto")
     gpus = float(ray.cluster_resources().get("GPU", 0))

@@ -5,7 +5,7 @@ CPU, NCCL on GPU); each runs ``train_worker``, which joins that group as a ``Ran
 (engine/training/distributed.py) and calls ``fit`` exactly as a torchrun rank does: the same
 batch sharding, validation sums and checkpoints as ``--nproc`` on one machine.
 
-Rank 0 records into the job's copy of the run folder (``<stage>/runs/<id>``, on its node) and hands
+Rank 0 records into its own copy of the shipped run folder (``<stage>/runs/<id>``) and hands
 the driver (engine/cluster/job.py) everything the app needs, through the job's mailbox actor: its
 events, the files of each commit (after the commit, before the epoch's metrics line), and at the
 end the fields of its status.json the app's copy lacks. A cancel reaches it through the mailbox too.
@@ -107,6 +107,20 @@ def _on_the_cluster(config: dict[str, Any], root: Path) -> dict[str, Any]:
     return out
 
 
+def _own_copy(shipped: Path, spec: dict[str, Any], rank: int) -> Path:
+    """This worker's own copy of the shipped run folder, in its node's temp folder: the working_dir Ray
+    unpacked is shared by the jobs that uploaded the same content and is not ours to write in; and no
+    rank relies on another's files (a zip is extracted by each, the rest rank 0 broadcasts)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"workbench-{spec['run_id']}-{spec.get('attempt', 1)}-rank{rank}"
+    shutil.rmtree(folder, ignore_errors=True)
+    target = folder / spec["run_id"]
+    shutil.copytree(shipped, target)
+    return target
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``loop_config`` holds the job spec and the mailbox."""
     import ray
@@ -130,7 +144,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ranks = join_ranks(config.device, ctx.get_local_rank(), ctx.get_local_world_size(), threads)
     mailbox.put.remote(("worker", {"rank": ranks.rank, "world": ranks.world, "pid": os.getpid(),
                                    "node": ray.util.get_node_ip_address()}))
-    run = RunDir(PROJECT_ROOT / "runs" / spec["run_id"])
+    run = RunDir(_own_copy(PROJECT_ROOT / "runs" / spec["run_id"], spec, ranks.rank))
     relay = Relay(mailbox, run.path) if ranks.main else None
     try:
         fit(config, run, emit=relay or no_emit, resume=bool(spec["resume"]), ranks=ranks,
@@ -141,3 +155,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if relay is not None:
             relay.flush()
+        import shutil
+
+        shutil.rmtree(run.path.parent, ignore_errors=True)  # everything it had is in the driver's hands
