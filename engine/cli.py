@@ -288,9 +288,11 @@ def _cluster_of_resumed(args: argparse.Namespace) -> str | None:
 def _train_on_cluster(args: argparse.Namespace, address: str) -> int:
     """``--cluster``: submit the run as a Ray job and follow it here (engine/cluster/submit.py); the run
     folder is in --out from the start. ``--background``: a separate process submits and follows."""
+    from engine.cluster.client import check_cluster
     from engine.cluster.submit import train_on_cluster
     from engine.runs.store import extend_run, open_run
 
+    check_cluster(address)  # unreachable or too old: one line, before anything is written (a resume's epochs too)
     run, resume = None, False
     if args.run_dir:  # a background follower, or attaching again to a run whose job may still run
         run = open_run(args.out, args.run_dir)
@@ -309,10 +311,8 @@ def _train_on_cluster(args: argparse.Namespace, address: str) -> int:
             extend_run(run, args.epochs)
         resume = True
     if args.background:
-        from engine.cluster.client import check_cluster
         from engine.runs.background import spawn_queued
 
-        check_cluster(address)  # one line, before anything is written
         if run is None:
             from engine.cluster.stage import plan_data
             from engine.runs.store import create_run
@@ -320,9 +320,12 @@ def _train_on_cluster(args: argparse.Namespace, address: str) -> int:
             config = _config_from_args(args).to_dict()
             plan_data(config["data"])
             run = create_run(args.out, config)
-        spawn_queued([run], ["train", "--run-dir", str(run.path), "--out", str(args.out), "--cluster", address]
-                     + (["--resume-existing"] if resume else []))
-        print(run.path)
+        pid = spawn_queued([run], ["train", "--run-dir", str(run.path), "--out", str(args.out), "--cluster", address]
+                           + (["--resume-existing"] if resume else []))
+        if args.json:
+            _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid, "cluster": address})
+        else:
+            print(run.path)
         return 0
     config = run.config() if run is not None else _config_from_args(args).to_dict()
     printer = _progress_printer(sys.stderr.isatty() and not args.json)
