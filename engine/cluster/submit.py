@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.cluster.client import TERMINAL, check_cluster, connect, job_state, submit
+from engine.cluster.client import check_cluster, connect, job_state, submit
 from engine.cluster.follow import Follower
 from engine.cluster.stage import build_stage, plan_data
 from engine.core.errors import RunError
@@ -47,10 +47,10 @@ def train_on_cluster(address: str, *, config: dict[str, Any], out: str | Path | 
     version = check_cluster(address)  # unreachable or too old: one line, before anything is written
     client = connect(address)
     record = cluster_record(run) if run is not None else {}
-    if record.get("job_id") and record.get("address") == address:
+    if run is not None and record.get("job_id") and record.get("address") == address and _unended(run):
         state, _ = _state_or_none(client, record["job_id"])
-        if state is not None and state not in TERMINAL:  # its job trains on: follow it again
-            return run, _follow(run, client, record, address, emit, started)  # type: ignore[arg-type]
+        if state is not None:  # its job trains on, or ended unread: follow it again (its log replays)
+            return run, _follow(run, client, record, address, emit, started)
     plan = plan_data(str(config["data"]))  # too big to ship, or not here and not a cluster path
     created = run is None
     if run is None:
@@ -77,6 +77,39 @@ def train_on_cluster(address: str, *, config: dict[str, Any], out: str | Path | 
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return run, _follow(run, client, record, address, emit, started)
+
+
+def _unended(run: RunDir) -> bool:
+    """status.json still says queued or running: the follower that wrote it never recorded an end."""
+    from engine.runs.status import ACTIVE_STATES, RunStatus
+
+    return RunStatus.from_dict(read_json(run.status_path, {})).state in ACTIVE_STATES
+
+
+def orphaned(runs_root: str | Path) -> list[tuple[RunDir, str]]:
+    """Cluster runs whose follower is gone before recording an end (the app or the machine restarted),
+    with their cluster's address: the app starts a follower for each (``reattach``)."""
+    from engine.runs.store import list_runs
+
+    found = []
+    for run in list_runs(runs_root):
+        record = cluster_record(run)
+        address = record.get("address")
+        if isinstance(address, str) and record.get("job_id") and _unended(run) and \
+                run.status().state == "interrupted":
+            found.append((run, address))
+    return found
+
+
+def reattach(run: RunDir, address: str, runs_root: str | Path) -> int:
+    """A background follower for ``run`` (``train --run-dir RUN --cluster URL``: it attaches to the run's
+    job instead of submitting one); returns its pid."""
+    from engine.runs.background import spawn_engine
+
+    pid = spawn_engine(["train", "--run-dir", str(run.path), "--out", str(runs_root), "--cluster", address],
+                       run.log_path)
+    run.write_status(pid=pid, pid_start=process_start(pid), heartbeat=time.time())
+    return pid
 
 
 def _state_or_none(client: Any, job_id: str) -> tuple[str | None, str]:
