@@ -84,6 +84,9 @@ def job_env() -> dict[str, str]:
     env = {
         "PYTHONUNBUFFERED": "1",  # the log is the return channel: every line as soon as it is printed
         "RAY_CHDIR_TO_TRIAL_DIR": "0",  # workers stay in the working_dir (Ray Train v1 moves them otherwise)
+        # a stop (cancel) is SIGTERM, then SIGKILL after this long: time for the driver to print what it holds
+        # and for rank 0 to stop at its next step and say so (Ray's default is 3 s)
+        "RAY_JOB_STOP_WAIT_TIME_S": "30",
     }
     if os.environ.get("WORKBENCH_FAULT"):  # engine/core/faults.py: kill a worker at a named step
         env["WORKBENCH_FAULT"] = os.environ["WORKBENCH_FAULT"]
