@@ -99,6 +99,28 @@ def test_the_address_and_the_data_plan(tmp_path, monkeypatch):
         plan_data("not/here")
 
 
+def test_the_driver_names_the_worker_that_died_not_the_one_that_lost_it():
+    from engine.cluster.job import Driver
+
+    class ActorDiedError(Exception):
+        pass
+
+    class WorkerGroupError(Exception):
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    driver = Driver({"run_id": "r"}, Printer(lambda line: None))
+    driver.take([("worker", {"rank": 0, "world": 2, "pid": 11, "node": "10.0.0.1"}),
+                 ("worker", {"rank": 1, "world": 2, "pid": 12, "node": "10.0.0.2"})])
+    reason = driver.failure(WorkerGroupError({0: RuntimeError("[gloo] Connection closed by peer"),
+                                              1: ActorDiedError("The actor died unexpectedly")}))
+    assert reason.startswith("worker rank 1 of 2 (pid 12 on 10.0.0.2) died"), reason
+    assert "resume" in reason
+    driver.take([("refused", {"rank": 0, "reason": "lfw has one class"})])
+    assert driver.failure(RuntimeError("x")) == "lfw has one class"
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

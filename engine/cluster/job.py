@@ -64,7 +64,7 @@ def _mailbox_class() -> Any:
 class Driver:
     def __init__(self, spec: dict[str, Any], printer: Printer):
         self.spec, self.say = spec, printer
-        self.held = Path(tempfile.mkdtemp(prefix="workbench-held-"))
+        self.held = Path(tempfile.mkdtemp(prefix="workbench-held-", suffix=f"-{os.getpid()}"))
         self.unprinted: set[str] = set()
         self.finished: dict[str, Any] | None = None  # the RunFinished event, held
         self.status: dict[str, Any] = {}
@@ -200,12 +200,16 @@ def main(argv: list[str]) -> int:
     def drain() -> None:
         asked = False
         while not done.is_set():
-            if driver.stopping.is_set() and not asked:
-                asked = True
-                mailbox.request_stop.remote()
+            try:
+                if driver.stopping.is_set() and not asked:
+                    asked = True
+                    mailbox.request_stop.remote()
+                    driver.take(ray.get(mailbox.take.remote()))
+                    driver.print_files()  # before the stop's grace time ends in a SIGKILL
                 driver.take(ray.get(mailbox.take.remote()))
-                driver.print_files()  # before the stop's grace time ends in a SIGKILL
-            driver.take(ray.get(mailbox.take.remote()))
+            except Exception as exc:  # the mailbox lost (its node gone): the end says what came back
+                say({"type": "warning", "text": f"the relay stopped: {type(exc).__name__}"})
+                return
             done.wait(DRAIN_S)
 
     relay = threading.Thread(target=drain, name="relay", daemon=True)
@@ -231,13 +235,23 @@ def main(argv: list[str]) -> int:
     return 0 if state == "cancelled" else 1
 
 
+def main_and_clean(argv: list[str]) -> int:
+    import shutil
+
+    try:
+        return main(argv)
+    finally:
+        for folder in Path(tempfile.gettempdir()).glob(f"workbench-*-{os.getpid()}"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _trainer(spec: dict[str, Any], driver: Driver, mailbox: Any, nproc: int, use_gpu: bool) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from engine.cluster.worker import train_worker
 
-    scratch = Path(tempfile.mkdtemp(prefix="workbench-train-"))
+    scratch = Path(tempfile.mkdtemp(prefix="workbench-train-", suffix=f"-{os.getpid()}"))
     return TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec, "mailbox": mailbox},
@@ -249,4 +263,4 @@ def _trainer(spec: dict[str, Any], driver: Driver, mailbox: Any, nproc: int, use
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main_and_clean(sys.argv[1:]))
