@@ -43,14 +43,14 @@ def digit_features(image_size: int) -> tuple[torch.Tensor, np.ndarray, float]:
     from dataclasses import replace
 
     from engine.data.datasets import load_digits_set
-    from engine.lab.feature_map import embed
     from engine.models.factory import create_model
+    from engine.training.feature_cache import embed
 
     ds = load_digits_set()
     cache = Path(tempfile.gettempdir()) / f"workbench-bench-active-lite0-{image_size}.pt"
     labels = np.asarray(ds.labels)
     if cache.is_file():
-        return torch.load(cache), labels, 0.0
+        return torch.load(cache, weights_only=True), labels, 0.0
     start = time.perf_counter()
     handle = create_model("timm:efficientnet_lite0", weights="packaged", class_names=list(ds.class_names))
     handle.spec = replace(handle.spec, input_size=(3, image_size, image_size))

@@ -665,13 +665,14 @@ def _data_suggest(args: argparse.Namespace) -> int:
                             kind=args.checkpoint)
     if args.json:
         _print_json([{"path": s.path, "predicted": s.predicted, "score": s.score, "probability": s.probability,
-                      "runner_up": s.runner_up} for s in report.suggestions])
+                      "runner_up": s.runner_up, **({} if s.unknown is None else {"unknown": s.unknown})}
+                     for s in report.suggestions])
     else:
         print(f"{report.run_id} ({report.checkpoint}): the {len(report.suggestions)} of {report.scored} images to "
               f"label next ({report.score} uncertainty, diversity {report.diversity:g})")
         for s in report.suggestions:
             print(f"{s.score:6.3f}  {s.path:<40} predicted {s.predicted} ({s.probability:.0%}), "
-                  f"else {s.runner_up}")
+                  f"else {s.runner_up}" + ("  [looks like none of the classes]" if s.unknown else ""))
     if report.unreadable:  # said on stderr, so --json stays one document
         shown = "; ".join(f"{u['file']}: {u['reason']}" for u in report.unreadable[:5])
         more = f" and {len(report.unreadable) - 5} more" if len(report.unreadable) > 5 else ""

@@ -96,6 +96,7 @@ def test_cli_data_suggest_prints_json_rows_and_refuses_in_one_line(built_run, tm
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
     assert len(rows) == 4 and all({"path", "predicted", "score"} <= set(r) for r in rows)
+    assert all(isinstance(r["unknown"], bool) for r in rows)  # the run's open-set rule marks each one
     assert all(r["predicted"] in ("zero", "one") and 0 <= r["score"] <= 1 for r in rows)
     assert {r["path"] for r in rows} <= {f.name for f in pool.iterdir() if f.suffix == ".png"} - {"broken.png"}
     assert "notes.txt" in captured.err and "broken.png" in captured.err  # skipped, and said so

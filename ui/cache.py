@@ -15,6 +15,7 @@ from ui.model_cache import SizedLRU, model_cache_bytes
 
 if TYPE_CHECKING:
     from engine.outputs.evaluate import EvaluationReport
+    from engine.runs.store import RunDir
 
 
 @st.cache_resource
@@ -126,10 +127,20 @@ def load_trained(run_path: str, mtime: float):
     return _cached(("run", run_path, mtime), lambda: load_run_model(run_path), "Loading the trained model...")
 
 
+def open_set_rule(run: RunDir, num_classes: int):
+    """A run's open-set rule (its bank of training features, a few MB) or None: the run has none
+    (engine/runs/open_set.py). Read once per fit (keyed by the file's mtime), not on every rerun."""
+    from engine.runs.open_set import OPEN_SET_FILE
+
+    try:
+        mtime = (run.path / OPEN_SET_FILE).stat().st_mtime
+    except OSError:
+        return None
+    return _open_set_rule(str(run.path), mtime, num_classes)
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
-def open_set_rule(run_path: str, mtime: float, num_classes: int):
-    """A run's open-set rule (its bank of training features, a few MB), keyed by the rule file's mtime:
-    read once per fit, not on every rerun; None: the run has none (engine/runs/open_set.py)."""
+def _open_set_rule(run_path: str, mtime: float, num_classes: int):
     from engine.runs.open_set import run_open_set
     from engine.runs.store import RunDir
 

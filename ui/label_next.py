@@ -142,13 +142,10 @@ def _panel(ds: BuiltDataset, run: RunDir, pool: list[tuple[str, bytes]], kept: d
     if flash:
         getattr(st, flash[0])(flash[1])
     rows = {pos: row for row, pos in enumerate(scores.positions)}
-    from engine.runs.open_set import OPEN_SET_FILE
     from ui.cache import open_set_rule
 
-    rule_file = run.path / OPEN_SET_FILE  # read once per fit, not on every click's rerun
-    rule = (open_set_rule(str(run.path), rule_file.stat().st_mtime, len(scores.class_names))
-            if rule_file.is_file() else None)
-    picks = suggest(scores, top, labelled=[rows[p] for p in done if p in rows], open_set=rule)
+    picks = suggest(scores, top, labelled=[rows[p] for p in done if p in rows],
+                    open_set=open_set_rule(run, len(scores.class_names)))  # read once per fit, not per click
     left = len(scores.names) - len([p for p in done if p in rows])
     st.caption(f"Run {md(run.run_id)} on {len(scores.names)} images ({left} not labelled yet)"
                + (", calibrated probabilities" if scores.temperature is not None else "")

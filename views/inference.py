@@ -9,7 +9,6 @@ from engine.core.errors import EngineError
 from engine.core.paths import runs_root
 from engine.outputs.predict import predict_sources
 from engine.runs.calibration import run_temperature
-from engine.runs.open_set import OPEN_SET_FILE
 from engine.runs.store import usable_runs
 from ui.cache import load_model, load_trained, open_set_rule
 from ui.charts import chart, stop_page
@@ -58,9 +57,7 @@ try:
         run = pick_trained_run()
         handle = load_trained(str(run.path), run.checkpoint("best").stat().st_mtime)
         temperature = run_temperature(run)
-        rule_file = run.path / OPEN_SET_FILE
-        if rule_file.is_file():  # the open-set rule: is an image any of the run's classes? (engine/runs/open_set.py)
-            rule = open_set_rule(str(run.path), rule_file.stat().st_mtime, handle.spec.num_classes)
+        rule = open_set_rule(run, handle.spec.num_classes)  # is an image any of its classes? (engine/runs/open_set.py)
     else:
         handle = load_model(*active())
 except EngineError as exc:

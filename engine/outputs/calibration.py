@@ -11,14 +11,13 @@ from typing import Any
 import torch
 
 from engine.core.errors import RunError
-from engine.data.splits import evenly_by_class, split_all
+from engine.data.splits import split_all
 from engine.outputs.evaluate import validation_predictions
 from engine.runs.calibration import record_calibration
-from engine.runs.open_set import BANK_LIMIT, save_open_set
 from engine.runs.store import RunDir
 from engine.training.calibration import calibration_record
 from engine.training.feature_cache import embed
-from engine.training.open_set import fit_open_set
+from engine.training.open_set import bank_picks, record_open_set
 
 
 def calibrate_run(run: RunDir) -> dict[str, Any]:
@@ -37,13 +36,10 @@ def calibrate_run(run: RunDir) -> dict[str, Any]:
     record = calibration_record(logits, preds["labels"], epoch)
     ds, config = preds["dataset"], preds["config"]
     train, _val, _test = split_all(ds, config)
-    picked = evenly_by_class(train, ds.labels, BANK_LIMIT)
+    picked = bank_picks(train, ds.labels)
     if picked:
-        rule = fit_open_set(embed(preds["handle"], ds, picked), torch.as_tensor([ds.labels[i] for i in picked]),
-                            preds["features"], epoch=epoch)
-        if rule is not None:
-            save_open_set(run, rule)
-            record.update(unknown_threshold=rule.threshold, open_set=rule.summary())
+        record_open_set(run, record, embed(preds["handle"], ds, picked),
+                        torch.as_tensor([ds.labels[i] for i in picked]), preds["features"], epoch)
     record_calibration(run, record)
     return record
 

@@ -190,11 +190,11 @@ def predict_sources(
         scores: list[float] = []
         preds = predict_images(handle, [im for _, im in good], top_k=top_k, tta=tta,  # model-sized slices
                                temperature=temperature, open_set=open_set, unknown_scores=scores)
+        flags = open_set.unknown(torch.tensor(scores)).tolist() if open_set is not None and scores else []
         for n, ((result, _), topk) in enumerate(zip(good, preds)):
             result.topk, result.temperature = topk, temperature
             if open_set is not None:
-                result.unknown_score, result.unknown_threshold = scores[n], open_set.threshold
-                result.unknown = scores[n] > open_set.threshold
+                result.unknown, result.unknown_score, result.unknown_threshold = flags[n], scores[n], open_set.threshold
     return out
 
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.runs.status import MAX_DISTANCE
+
 if TYPE_CHECKING:
     from engine.runs.store import RunDir
 
@@ -40,7 +42,6 @@ BANK_LIMIT = 300  # training images kept: 300 x 1280 features of efficientnet_li
 
 QUANTILE = 0.95
 MAX_FILE_BYTES = 64 * 1024**2  # a bank this engine writes is a few MB; a bigger file (a bundle from elsewhere) is no rule
-MAX_DISTANCE = 2.0  # cosine distance lies in [0, 2]
 
 
 def unit_rows(features: torch.Tensor) -> torch.Tensor:

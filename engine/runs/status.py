@@ -134,6 +134,7 @@ def _fits(value: Any, annotation: str) -> bool:
 # ------------------------------------------------------------------ calibration (engine/runs/calibration.py)
 METHOD = "temperature scaling (NLL, validation split)"
 T_RANGE = (0.05, 20.0)  # the temperatures a fit may give (engine/training/calibration.py clamps to it)
+MAX_DISTANCE = 2.0  # the open-set rule's distances are cosine distances, in [0, 2] (engine/runs/open_set.py)
 _NUMBERS = ("temperature", "ece_before", "ece_after", "nll_before", "nll_after")
 _COUNTS = ("bins", "images", "epoch")
 
@@ -159,7 +160,7 @@ def clean_calibration(value: Any) -> dict[str, Any] | None:
     clean.update({k: int(value[k]) for k in _COUNTS if _number(value.get(k)) and int(value[k]) == value[k]})
     clean["method"] = value["method"][:200] if isinstance(value.get("method"), str) else METHOD
     threshold, rule = value.get("unknown_threshold"), value.get("open_set")
-    if _number(threshold) and 0.0 <= threshold <= 2.0 and isinstance(rule, dict):  # cosine distances lie in [0, 2]
+    if _number(threshold) and 0.0 <= threshold <= MAX_DISTANCE and isinstance(rule, dict):
         clean["unknown_threshold"] = float(threshold)
         clean["open_set"] = {k: rule[k][:200] for k in ("rule", "text") if isinstance(rule.get(k), str)}
         clean["open_set"].update({k: rule[k] for k in ("k", "images", "dims") if _number(rule.get(k))

@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from engine.data.splits import evenly_by_class
 from engine.runs.calibration import METHOD, T_RANGE, record_calibration
-from engine.runs.open_set import BANK_LIMIT, save_open_set
 from engine.training.epoch import evaluate_scores
-from engine.training.open_set import bank_features, fit_open_set
+from engine.training.open_set import bank_features, bank_picks, record_open_set
 
 if TYPE_CHECKING:
     from engine.runs.store import RunDir
@@ -131,10 +129,7 @@ def calibrate_best(prep: Prepared, runner: Trainer, run: RunDir | None, epoch: i
             bank, bank_labels = bank_features(prep, runner)
         keep = [p for p in range(len(outputs.labels)) if p not in prep.val_ds.substituted]  # stand-ins of broken files
         record = calibration_record(outputs.logits[keep], outputs.labels[keep], epoch)
-        rule = fit_open_set(bank, bank_labels, outputs.features[keep], epoch=epoch)
-        if rule is not None:
-            save_open_set(run, rule)
-            record.update(unknown_threshold=rule.threshold, open_set=rule.summary())
+        record_open_set(run, record, bank, bank_labels, outputs.features[keep], epoch)
     except Exception as exc:  # noqa: BLE001 - calibrating is a bonus: it never fails a finished run
         record = {"error": f"calibration failed: {type(exc).__name__}: {str(exc)[:300]}"}
     try:
@@ -155,5 +150,5 @@ def _cached_head_inputs(prep: Prepared, runner: Trainer) -> tuple[torch.Tensor, 
     if not hasattr(train, "tensors") or not hasattr(val, "tensors"):
         return None
     labels = train.tensors[1].tolist()
-    picked = evenly_by_class(list(range(len(labels))), labels, BANK_LIMIT)
+    picked = bank_picks(list(range(len(labels))), labels)
     return val.tensors[0].flatten(1), train.tensors[0][picked].flatten(1), train.tensors[1][picked]

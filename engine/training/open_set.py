@@ -8,21 +8,38 @@ of the validation images' distances to it, so about 5% of held-out images of kno
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from engine.data.datasets import TransformDataset
 from engine.data.splits import evenly_by_class
-from engine.runs.open_set import BANK_LIMIT, QUANTILE, OpenSetRule, knn_distance, unit_rows
+from engine.runs.open_set import BANK_LIMIT, QUANTILE, OpenSetRule, knn_distance, save_open_set, unit_rows
 from engine.training.epoch import evaluate_scores
 
 if TYPE_CHECKING:
+    from engine.runs.store import RunDir
     from engine.training.setup import Prepared
     from engine.training.trainer import Trainer
 
 K = 1  # the nearest training image: own-photo sets have a handful per class (bench/open_set.py compares k)
+
+
+def bank_picks(candidates: list[int], labels) -> list[int]:
+    """Which of ``candidates`` (indices into ``labels``) make the bank: at most ``BANK_LIMIT``, every
+    class keeping its share."""
+    return evenly_by_class(candidates, labels, BANK_LIMIT)
+
+
+def record_open_set(run: RunDir, record: dict[str, Any], bank_features: torch.Tensor, bank_labels: torch.Tensor,
+                    val_features: torch.Tensor, epoch: int | None) -> None:
+    """Fit the rule, save its file beside the checkpoint and add it to the calibration ``record``
+    (nothing when there is nothing to set a threshold on): the end of a run and ``calibrate`` alike."""
+    rule = fit_open_set(bank_features, bank_labels, val_features, epoch=epoch)
+    if rule is not None:
+        save_open_set(run, rule)
+        record.update(unknown_threshold=rule.threshold, open_set=rule.summary())
 
 
 def fit_open_set(bank_features: torch.Tensor, bank_labels: torch.Tensor, val_features: torch.Tensor, *,
@@ -42,7 +59,7 @@ def fit_open_set(bank_features: torch.Tensor, bank_labels: torch.Tensor, val_fea
 def bank_features(prep: Prepared, runner: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of the bank's training images, as the model now in ``runner`` sees them."""
     train = prep.train_ds
-    picked = evenly_by_class(list(train.indices), train.ds.labels, BANK_LIMIT)
+    picked = bank_picks(list(train.indices), train.ds.labels)
     dataset = TransformDataset(train.ds, picked, prep.val_ds.transform)
     loader = DataLoader(dataset, shuffle=False, batch_size=runner.batches.micro_batch, num_workers=0)
     outputs = evaluate_scores(runner.module, loader, runner.device, runner.dtype, runner.channels_last, keep=True,
