@@ -146,30 +146,142 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+# torch.distributed's rendezvous store (TCPStore), hosted by rank 0 of a training, listens on every interface:
+# torch 2.14 has no bind address for it (only a socket of one's own, master_listen_fd, which Ray Train does not
+# pass). It is torch's, not the head's, lives while a training does, and is the one exception allowed below.
+TORCH_STORE = ("::", "0.0.0.0")
+
+
+class Head:
+    """A Ray head started by this module, and every process it started since: its own process group
+    (``ray start`` in a new session) and their descendants (workers and a job's driver sit in groups of
+    their own). Stopped by the test itself, by process id: never ``ray stop``, which kills every Ray on
+    the machine (a developer's own cluster too)."""
+
+    def __init__(self, group: int):
+        import psutil
+
+        self.group, self.seen, self.exposed, self.stores = group, {}, set(), set()
+        self._psutil = psutil
+
+    def processes(self) -> list:
+        psutil = self._psutil
+        roots = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(proc.pid) == self.group:
+                    roots.append(proc)
+            except (ProcessLookupError, PermissionError):
+                continue
+        found = {p.pid: p for p in roots}
+        for proc in roots:
+            try:
+                found.update({c.pid: c for c in proc.children(recursive=True)})
+            except psutil.Error:
+                continue
+        self.seen.update(found)
+        return list(found.values())
+
+    def listening(self) -> list[tuple[str, int, str]]:
+        """(address, port, process) of every TCP socket the head's processes listen on."""
+        psutil, out = self._psutil, []
+        for proc in self.processes():
+            try:
+                name = proc.name()
+                out += [(c.laddr.ip, c.laddr.port, name) for c in proc.net_connections(kind="tcp")
+                        if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                continue
+        self.exposed.update(s for s in out if s[0] not in LOOPBACK)
+        self.stores.update(s for s in out if s[0] in TORCH_STORE and s[2] == "ray::RayTrainWorker")
+        return out
+
+    @property
+    def beyond_loopback(self) -> list[tuple[str, int, str]]:
+        """What listened beyond 127.0.0.1, less torch's rendezvous store in a Ray Train worker."""
+        return sorted(self.exposed - self.stores)
+
+    def watch(self, stop) -> None:
+        """Every 2 s while the module's tests run: the listening sockets of the head, its workers and drivers."""
+        while not stop.wait(2.0):
+            self.listening()
+
+    def _alive(self, proc) -> bool:
+        try:  # is_running() checks the start time too: never a reused pid
+            return proc.is_running() and proc.status() != self._psutil.STATUS_ZOMBIE
+        except self._psutil.Error:
+            return False
+
+    def stop(self) -> None:
+        import signal
+        import time
+
+        self.processes()
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            alive = [p for p in self.seen.values() if self._alive(p)]
+            if not alive:
+                return
+            try:
+                os.killpg(self.group, sig)
+            except ProcessLookupError:
+                pass
+            for proc in alive:
+                try:
+                    if os.getpgid(proc.pid) != self.group and self._alive(proc):
+                        proc.send_signal(sig)
+                except (ProcessLookupError, self._psutil.Error):
+                    continue
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and any(self._alive(p) for p in alive):
+                time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head bound to 127.0.0.1, in a short temp folder of its own (its socket paths must be short),
-    stopped when the module's tests end."""
+def ray_head():
+    """A Ray head bound to 127.0.0.1 only, in a short temp folder of its own (its socket paths must be
+    short), stopped when the module's tests end.
+
+    ``--node-ip-address 127.0.0.1`` alone is not enough: ``ray start`` replaces a loopback address with
+    the machine's own (ray/_private/services.py ``resolve_ip_for_localhost``) and the GCS, the raylet and
+    the agents then listen on every interface. With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what Ray does
+    on a laptop: no multi-node cluster) the node's address stays 127.0.0.1 and every server Ray starts
+    binds to it. The fixture checks it: every listening socket of the head, its workers and the jobs'
+    drivers, when it starts and every 2 s until it stops."""
     import tempfile
+    import threading
 
     pytest.importorskip("ray", reason="Ray is not installed (requirements-dev.txt installs it)")
     temp = Path(tempfile.mkdtemp(prefix="wbray-", dir="/tmp"))
     dashboard = _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # the job's entrypoint runs `python` from the head's PATH: this Python, with the engine's requirements
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
              "--num-cpus", "2", "--temp-dir", str(temp), "--port", str(_free_port()),
              "--dashboard-port", str(dashboard), "--ray-client-server-port", str(_free_port()),
              "--disable-usage-stats"]
-    proc = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: what Head stops
+    head = Head(proc.pid)
+    stop_watch = threading.Event()
+    watcher = threading.Thread(target=head.watch, args=(stop_watch,), daemon=True)
     try:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+        sockets = head.listening()
+        ports = {port for _, port, _ in sockets}
+        assert dashboard in ports and len(sockets) >= 5, sockets  # the check sees the head's servers
+        assert not head.exposed, f"the head listens beyond 127.0.0.1: {sorted(head.exposed)}"  # none allowed here
+        watcher.start()
         yield f"http://127.0.0.1:{dashboard}"
+        head.listening()
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        stop_watch.set()
+        head.stop()
         shutil.rmtree(temp, ignore_errors=True)
+    assert not head.beyond_loopback, f"a process of the head listened beyond 127.0.0.1: {head.beyond_loopback}"
 
 
 def train_cli(out: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
