@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 EVENTS = {cls.__name__: cls for cls in (RunStarted, StepLogged, EpochEnded, CheckpointSaved, RunFinished)}
 NOT_ACCEPTED = {"status.json", "events.jsonl", "metrics.jsonl", "log.txt", "cancel", "config.json"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}")
-POLL_S = 1.0
+POLL_S = 0.5  # how often a cancel of the run is looked for while the job runs
 
 
 def event_of(data: Any) -> Event | None:
@@ -67,6 +67,7 @@ class Follower:
         self.reader = Reader(applied=applied)
         self.end: dict[str, Any] | None = None
         self.finished = False
+        self.asked_stop = False
         self.damaged: list[str] = []
 
     def apply(self, message: dict[str, Any]) -> None:
@@ -95,15 +96,13 @@ class Follower:
         elif kind == "end":
             self.end = message
 
-    def poll(self, consumed: int) -> int:
-        """Apply what the log gained since ``consumed`` characters; returns the new count."""
-        text = self.client.get_job_logs(self.job_id)
+    def feed(self, text: str) -> None:
+        """Apply the messages of the next piece of the job's log (any cut, in order)."""
         before = self.reader.applied
-        for message in self.reader.feed(text[consumed:]):
+        for message in self.reader.feed(text):
             self.apply(message)
         if self.reader.applied != before:
             self._remember()
-        return len(text)
 
     def _remember(self) -> None:
         from engine.core.files import read_json
@@ -113,34 +112,64 @@ class Follower:
         cluster["applied_seq"] = self.reader.applied
         self.run.write_status(cluster=cluster)
 
+    def _stop_job(self) -> None:
+        try:
+            self.client.stop_job(self.job_id)
+        except Exception:  # the job already ended: its log says how
+            pass
+
+    async def _watch_cancel(self, poll_s: float) -> None:
+        """A cancel of the run (its cancel file) stops the job, however quiet its log is meanwhile."""
+        import asyncio
+
+        while True:
+            if not self.asked_stop and self.run.cancel_requested():
+                self.asked_stop = True
+                await asyncio.to_thread(self._stop_job)
+            await asyncio.sleep(poll_s)
+
+    async def _tail(self, poll_s: float) -> None:
+        """The job's log as the dashboard streams it (a websocket: each line once, about a second after
+        it is written), until the job has ended and its last line is sent."""
+        import asyncio
+
+        watcher = asyncio.create_task(self._watch_cancel(poll_s))
+        try:
+            async for text in self.client.tail_job_logs(self.job_id):
+                self.feed(text)
+        finally:
+            watcher.cancel()
+
     def follow(self, poll_s: float = POLL_S) -> str:
-        """Until the job ends and its log is read; returns the run's final state."""
+        """Until the job ends and its log is read; returns the run's final state.
+
+        Streamed, not polled: ``get_job_logs`` sends the whole log on every call, so polling it each
+        second re-read the returned weights (base64) once a second at the end of a run. A broken stream
+        (the cluster unreachable, a proxy that drops the websocket) is said in the status and opened
+        again after a pause; a new stream starts at the log's first line, and ``seq`` skips what was
+        applied."""
+        import asyncio
+
         from engine.runs.process import Heartbeat
 
-        consumed, asked_stop, errors = 0, False, 0
+        errors = 0
         with Heartbeat(self.run.write_status):
             while True:
-                if self.run.cancel_requested() and not asked_stop:
-                    asked_stop = True
-                    try:
-                        self.client.stop_job(self.job_id)
-                    except Exception:  # the job already ended: its log says how
-                        pass
                 try:
-                    consumed = self.poll(consumed)
+                    asyncio.run(self._tail(poll_s))
                     state, message = job_state(self.client, self.job_id)
-                    errors = 0
                 except Exception as exc:  # the cluster did not answer: the job trains on; try again
                     errors += 1
                     if errors == 1 or errors % 60 == 0:
                         self.run.write_status(reason=f"the Ray cluster {self.address} does not answer "
                                                      f"({type(exc).__name__}); still trying")
-                    time.sleep(min(30.0, poll_s * errors))
+                    self.reader.restart()  # a line cut by the broken stream is not continued by the next
+                    time.sleep(min(30.0, poll_s * 2 ** min(errors, 5)))
                     continue
+                errors = 0
                 if state in TERMINAL:
-                    consumed = self.poll(consumed)  # the last lines, written before the job ended
-                    return self._ended(state, message, asked_stop)
-                time.sleep(poll_s)
+                    return self._ended(state, message, self.asked_stop)
+                self.reader.restart()  # the stream closed before the job ended: open it again
 
     def _ended(self, state: str, message: str, asked_stop: bool) -> str:
         """Record how the job ended when the run's own RunFinished did not say it."""

@@ -107,6 +107,11 @@ class Reader:
         self._tail = lines.pop()  # a line still being written
         return list(self._messages(lines))
 
+    def restart(self) -> None:
+        """The log is read again from its start (a new stream): a line left unfinished is dropped, the
+        messages already seen are skipped by their ``seq``."""
+        self._tail = ""
+
     def _messages(self, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         for line in lines:
             decoded = decode(line)
