@@ -139,6 +139,45 @@ def test_an_unreachable_cluster_is_one_line_and_nothing_is_written(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_the_training_page_refuses_an_unreachable_cluster_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    """"Where to train" appears once a cluster's address is typed; Start with an unreachable one says so in one
+    line and writes nothing. A run training on a cluster is counted apart: it holds no device here."""
+    import time
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.runs.process import process_start
+    from engine.runs.store import create_run
+
+    monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("WORKBENCH_CLUSTER", raising=False)
+    away = create_run(tmp_path / "runs", {"model": "timm:test_resnet", "data": "lfw", "epochs": 3})
+    away.write_status(state="running", pid=os.getpid(), pid_start=process_start(os.getpid()), heartbeat=time.time(),
+                      cluster={"address": "http://10.0.0.9:8265", "job_id": "workbench-x-1"})
+    at = AppTest.from_file(str(ROOT / "views" / "training.py"), default_timeout=180)
+    at.session_state["active_model"], at.session_state["active_weights"] = "timm:test_resnet", "none"
+    at.session_state["active_num_classes"] = None
+    at.run()
+    assert not at.exception
+    assert not [r for r in at.radio if r.label == "Where to train"]  # no cluster named: no choice
+    assert any("1 run trains on a Ray cluster" in c.value for c in at.caption)
+    assert not any("is training" in i.value or "using this machine" in i.value for i in at.info)
+    next(r for r in at.radio if r.label == "Data").set_value("lfw faces (built-in)").run()
+    next(n for n in at.number_input if n.label == "Image size").set_value(32)
+    next(n for n in at.number_input if n.label == "Max images per class (0: all)").set_value(10)
+    port = _closed_port()
+    next(t for t in at.text_input if t.label == "Ray cluster address").set_value(f"127.0.0.1:{port}").run()
+    where = next(r for r in at.radio if r.label == "Where to train")
+    where.set_value(f"the cluster at http://127.0.0.1:{port}").run()
+    assert not at.exception and next(n for n in at.number_input if n.label == "Ray Train workers").value == 1
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception
+    said = [e.value for e in at.error if "cannot be reached" in e.value]
+    assert len(said) == 1 and "\n" not in said[0], [e.value for e in at.error]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [away.run_id]  # nothing written
+
+
 # ------------------------------------------------------------------ a real Ray head on this machine
 def _free_port() -> int:
     with socket.socket() as s:
@@ -290,19 +329,39 @@ def train_cli(out: Path, *args: str, fault: str = "") -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=540, env=env)
 
 
-def test_two_ray_workers_train_like_two_local_processes(ray_head, tmp_path):
-    recipe = [*TINY, "--epochs", "2", "--strategy", "full", "--nproc", "2"]
-    proc = train_cli(tmp_path / "cluster", *recipe, "--cluster", ray_head)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+def _wait(check, timeout_s: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
+def test_a_killed_worker_is_named_and_the_run_resumed_matches_two_local_processes(ray_head, tmp_path):
+    """2 Ray Train workers; rank 1 killed in epoch 2: the run ends failed naming it with epoch 1 kept;
+    --resume finishes it on the cluster (a second job) to the accuracy of the same run on 2 local
+    processes, and the weights that came back evaluate here."""
     from engine.runs.store import RunDir
 
-    run = RunDir(Path(result["run_dir"]))
+    recipe = [*TINY, "--epochs", "2", "--strategy", "full", "--nproc", "2"]
+    steps = 3  # lfw, 12 per class, 80% train, batch 8: epoch 2 starts at step 4
+    proc = train_cli(tmp_path / "cluster", *recipe, "--cluster", ray_head, fault=f"kill:rank1:step:{steps + 1}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    run = RunDir(Path(json.loads(proc.stdout)["run_dir"]))
     status = run.status()
-    assert status.state == "finished", status
-    assert status.cluster and status.cluster["job_id"].startswith("workbench-") and status.cluster["address"] == ray_head
-    assert [m["epoch"] for m in run.metrics()] == [1, 2]
-    assert run.checkpoint("best").is_file() and run.train_state_path.is_file()
+    assert status.state == "failed" and "worker rank 1 of 2" in status.reason, status
+    assert status.cluster["job_id"] == f"workbench-{run.run_id}-1" and status.cluster["address"] == ray_head
+    assert run.train_state_path.is_file() and [m["epoch"] for m in run.metrics()] == [1]
+
+    again = train_cli(tmp_path / "cluster", "--resume", run.run_id)  # the run's status names its cluster
+    assert again.returncode == 0, again.stderr[-3000:]
+    status = run.status()
+    assert status.state == "finished" and [m["epoch"] for m in run.metrics()] == [1, 2], status
+    assert status.cluster["attempt"] == 2 and run.checkpoint("best").is_file()
 
     local = train_cli(tmp_path / "local", *recipe)
     assert local.returncode == 0, local.stderr[-3000:]
@@ -311,23 +370,56 @@ def test_two_ray_workers_train_like_two_local_processes(ray_head, tmp_path):
 
     from engine.outputs.evaluate import evaluate_run
 
-    scored = evaluate_run(run, kind="best", split="val")  # the weights that came back work here
-    assert scored is not None
+    assert evaluate_run(run, kind="best", split="val") is not None  # the weights that came back work here
 
 
-def test_a_killed_worker_fails_the_run_and_it_resumes_on_the_cluster(ray_head, tmp_path):
-    recipe = [*TINY, "--epochs", "2", "--strategy", "full", "--nproc", "2"]
-    steps = 3  # lfw, 12 per class, 80% train, batch 8: epoch 2 starts at step 4
-    proc = train_cli(tmp_path, *recipe, "--cluster", ray_head, fault=f"kill:rank1:step:{steps + 1}")
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+def test_a_restarted_app_reattaches_and_cancel_from_the_cli_stops_the_job(ray_head, tmp_path):
+    """A run started in the background (as the app starts one); its follower killed (the app's server
+    restarted): orphaned() finds it and reattach() follows it again; `runs cancel` stops the Ray job and
+    the run ends cancelled. The app's Cancel button writes the same cancel file the follower reads."""
+    import signal
+
+    from ray.job_submission import JobSubmissionClient
+
+    from engine.cluster.submit import orphaned, reattach
     from engine.runs.store import RunDir
 
-    run = RunDir(Path(result["run_dir"]))
-    status = run.status()
-    assert status.state == "failed" and "worker rank 1 of 2" in status.reason, status
-    assert run.train_state_path.is_file() and [m["epoch"] for m in run.metrics()] == [1]
-    again = train_cli(tmp_path, "--resume", run.run_id)  # the run's status names its cluster
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert run.status().state == "finished" and [m["epoch"] for m in run.metrics()] == [1, 2]
-    assert run.status().cluster["attempt"] == 2
+    root = tmp_path / "runs"
+    proc = train_cli(root, *TINY, "--epochs", "5000", "--nproc", "1", "--cluster", ray_head, "--background")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = json.loads(proc.stdout)
+    run = RunDir(Path(started["run_dir"]))
+    _wait(lambda: run.status().progress is not None, 180, "the job's first steps read back")
+    os.kill(started["pid"], signal.SIGKILL)
+    assert _wait(lambda: run.status().state == "interrupted", 30, "the run reads interrupted")
+    assert [(r.run_id, a) for r, a in orphaned(root)] == [(run.run_id, ray_head)]
+
+    def where() -> tuple[int, int]:
+        progress = run.status().progress
+        return (progress.epoch, progress.step) if progress else (0, 0)
+
+    seen = where()
+    pid = reattach(run, ray_head, root)
+    try:
+        _wait(lambda: run.status().state == "running" and where() != seen, 120, "the new follower reads on")
+        assert orphaned(root) == []
+        cancel = subprocess.run([sys.executable, "-m", "engine", "runs", "cancel", run.run_id, "--out", str(root)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert cancel.returncode == 0, cancel.stderr[-2000:]
+        assert run.status().state == "cancelled", (cancel.stdout, run.status())
+        assert f"run {run.run_id}: cancelled" in cancel.stdout
+        client = JobSubmissionClient(ray_head)
+        job_id = run.status().cluster["job_id"]
+        stopped = _wait(lambda: str(client.get_job_status(job_id).value) in ("STOPPED", "SUCCEEDED", "FAILED")
+                        and str(client.get_job_status(job_id).value), 60, "the job ends")
+        assert stopped == "STOPPED"
+        _wait(lambda: not _alive(pid), 30, "the follower exits")
+    finally:
+        if _alive(pid):  # never left behind, whatever failed above
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    from engine.runs.process import pid_alive
+
+    return pid_alive(pid)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.cluster.client import check_cluster, connect, job_state, submit
+from engine.cluster.client import TERMINAL, check_cluster, connect, job_state, submit
 from engine.cluster.follow import Follower
 from engine.cluster.stage import build_stage, plan_data
 from engine.core.errors import RunError
@@ -41,15 +41,19 @@ def cluster_record(run: RunDir) -> dict[str, Any]:
 
 
 def train_on_cluster(address: str, *, config: dict[str, Any], out: str | Path | None = None,
-                     run: RunDir | None = None, resume: bool = False, emit: Emit = no_emit) -> tuple[RunDir, RunResult]:
-    """Submit (or attach to) the run's job on ``address`` and follow it to its end."""
+                     run: RunDir | None = None, resume: bool = False, attach: bool = True,
+                     emit: Emit = no_emit) -> tuple[RunDir, RunResult]:
+    """Submit (or attach to) the run's job on ``address`` and follow it to its end. ``attach``: a job of
+    the run that ended while nobody read it is followed again (its log replays); a resume says False,
+    since the run it continues is queued again and its last job ended. A job still running is always
+    attached to: never two jobs of one run at a time."""
     started = time.perf_counter()
     version = check_cluster(address)  # unreachable or too old: one line, before anything is written
     client = connect(address)
     record = cluster_record(run) if run is not None else {}
-    if run is not None and record.get("job_id") and record.get("address") == address and _unended(run):
+    if run is not None and record.get("job_id") and record.get("address") == address:
         state, _ = _state_or_none(client, record["job_id"])
-        if state is not None:  # its job trains on, or ended unread: follow it again (its log replays)
+        if state is not None and (state not in TERMINAL or (attach and _unended(run))):
             return run, _follow(run, client, record, address, emit, started)
     plan = plan_data(str(config["data"]))  # too big to ship, or not here and not a cluster path
     created = run is None
@@ -77,6 +81,46 @@ def train_on_cluster(address: str, *, config: dict[str, Any], out: str | Path | 
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return run, _follow(run, client, record, address, emit, started)
+
+
+def check_start(address: str, config: dict[str, Any]) -> str:
+    """What a cluster run needs before anything is written (the app's Start, the CLI's ``--background``):
+    the cluster reached and its Ray checked, the data planned; each refusal one line. Returns the
+    cluster's Ray version."""
+    version = check_cluster(address)
+    plan_data(str(config.get("data") or ""))
+    return version
+
+
+def start_in_background(run: RunDir, runs_root: str | Path, address: str, *, resume: bool = False) -> int:
+    """A background follower (``train --run-dir RUN --cluster URL``) that submits ``run`` to ``address`` and
+    follows it; returns its pid. The run names its cluster from the first moment (before the process
+    exists), so no page ever counts it as waiting for this machine's device."""
+    from engine.runs.background import spawn_queued
+
+    record = cluster_record(run)
+    run.write_status(cluster={**record, "address": address})
+    return spawn_queued([run], ["train", "--run-dir", str(run.path), "--out", str(runs_root), "--cluster", address]
+                        + (["--resume-existing"] if resume else []))
+
+
+def cancel_run(run: RunDir, emit: Emit = no_emit) -> str:
+    """Cancel a cluster run whose follower is gone (the app or the machine restarted): a follower attached
+    here stops its job and reads back what the job hands over as it stops (the last finished epoch), then
+    records the end. A run whose job was never submitted just ends. Returns the run's state."""
+    from engine.runs.background import request_cancel
+
+    record = cluster_record(run)
+    address, job_id = str(record.get("address") or ""), str(record.get("job_id") or "")
+    request_cancel(run)  # the follower's first look stops the job
+    check_cluster(address)
+    client = connect(address)
+    state, _ = _state_or_none(client, job_id) if job_id else (None, "")
+    if state is None:
+        run.write_status(state="cancelled", reason="cancelled before its cluster job was submitted",
+                         finished_at=time.time())
+        return "cancelled"
+    return _follow(run, client, record, address, emit, time.perf_counter()).status
 
 
 def _unended(run: RunDir) -> bool:

@@ -63,6 +63,12 @@ class RunStatus:
     cluster: dict[str, Any] | None = None
 
     @property
+    def on_cluster(self) -> bool:
+        """Trained on a Ray cluster (engine/cluster/): it never holds this machine's device nor waits in its
+        queue, so the pages count it apart from the trainings here."""
+        return isinstance(self.cluster, dict) and bool(self.cluster.get("address"))
+
+    @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
