@@ -438,7 +438,7 @@ def _report_training(args: argparse.Namespace, run: Any, result: Any) -> int:
                      "best_epoch": result.best_epoch, "epochs": result.epochs_done,
                      "seconds": round(result.seconds, 2), "feature_cache": result.feature_cache})
     else:
-        print(f"{run.path}  best val acc {result.best_val_acc}")
+        print(f"{run.path}  {result.summary()}")
     if result.status == "diverged":
         print(f"error: the run diverged: {result.reason}", file=sys.stderr)
     elif result.status == "failed":  # several processes: how they ended (engine/training/launch.py)

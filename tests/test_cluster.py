@@ -139,6 +139,18 @@ def test_an_unreachable_cluster_is_one_line_and_nothing_is_written(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_run_that_ended_without_an_epoch_is_summed_up_without_none():
+    from engine.training.loop import RunResult
+
+    def result(status: str, acc: float | None, epoch: int | None) -> RunResult:
+        return RunResult(status=status, reason="", run_dir=None, best_epoch=epoch, best_val_acc=acc, epochs_done=0,
+                         seconds=1.0, history=[], feature_cache=False)
+
+    assert result("failed", None, None).summary() == "failed, no epoch finished"
+    assert result("finished", 0.5, 2).summary() == "best val acc 0.5000 (epoch 2)"
+    assert result("cancelled", 0.25, 1).summary() == "cancelled, best val acc 0.2500 (epoch 1)"
+
+
 def test_the_training_page_refuses_an_unreachable_cluster_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
     """"Where to train" appears once a cluster's address is typed; Start with an unreachable one says so in one
     line and writes nothing. A run training on a cluster is counted apart: it holds no device here."""
