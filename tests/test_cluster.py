@@ -175,6 +175,9 @@ def test_the_training_page_refuses_an_unreachable_cluster_in_one_line_and_writes
     assert not [r for r in at.radio if r.label == "Where to train"]  # no cluster named: no choice
     assert any("1 run trains on a Ray cluster" in c.value for c in at.caption)
     assert not any("is training" in i.value or "using this machine" in i.value for i in at.info)
+    assert any("On the Ray cluster" in c.value and "8265" in c.value for c in at.caption)  # the run says where
+    table = at.dataframe[0].value
+    assert list(table["where"]) == ["cluster 10.0.0.9:8265"]
     next(r for r in at.radio if r.label == "Data").set_value("lfw faces (built-in)").run()
     next(n for n in at.number_input if n.label == "Image size").set_value(32)
     next(n for n in at.number_input if n.label == "Max images per class (0: all)").set_value(10)
