@@ -153,7 +153,8 @@ def test_a_run_that_ended_without_an_epoch_is_summed_up_without_none():
 
 def test_the_training_page_refuses_an_unreachable_cluster_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
     """"Where to train" appears once a cluster's address is typed; Start with an unreachable one says so in one
-    line and writes nothing. A run training on a cluster is counted apart: it holds no device here."""
+    line and writes nothing. A run training on a cluster is counted apart (it holds no device here), says
+    where it trains, and its Cancel button asks its follower to stop the job."""
     import time
 
     from streamlit.testing.v1 import AppTest
@@ -191,6 +192,10 @@ def test_the_training_page_refuses_an_unreachable_cluster_in_one_line_and_writes
     said = [e.value for e in at.error if "cannot be reached" in e.value]
     assert len(said) == 1 and "\n" not in said[0], [e.value for e in at.error]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [away.run_id]  # nothing written
+    # the run's Cancel button writes the cancel file its follower stops the Ray job on (the job's side: the
+    # real-head test below, with `runs cancel`, which writes the same file)
+    next(b for b in at.button if b.label == "Cancel training").click().run()
+    assert not at.exception and away.cancel_requested()
 
 
 # ------------------------------------------------------------------ a real Ray head on this machine
