@@ -778,6 +778,8 @@ def _recorded_state(run: Any) -> str:
 
 
 def _wait_until_ended(run: Any, wait_s: float) -> str:
+    """The run's state once it has left the active states, or after ``wait_s``: a cancel is taken at the
+    trainer's next step (a cluster job's within Ray's stop grace), so the caller can say how it ended."""
     import time
 
     deadline = time.monotonic() + wait_s
