@@ -236,12 +236,22 @@ def main(argv: list[str]) -> int:
 
 
 def main_and_clean(argv: list[str]) -> int:
+    """``main``, then the driver's own scratch folders removed, and the workers' copies of the run on this
+    node: a worker that was killed never removed its own (engine/cluster/worker.py ``_own_copy``)."""
     import shutil
 
     try:
         return main(argv)
     finally:
-        for folder in Path(tempfile.gettempdir()).glob(f"workbench-*-{os.getpid()}"):
+        temp = Path(tempfile.gettempdir())
+        for folder in temp.glob(f"workbench-*-{os.getpid()}"):
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            spec = json.loads(Path(argv[0] if argv else "job.json").read_text())
+            copies = f"workbench-{spec['run_id']}-{spec.get('attempt', 1)}-rank*"
+        except (OSError, ValueError, KeyError, TypeError):
+            copies = ""
+        for folder in temp.glob(copies) if copies else ():
             shutil.rmtree(folder, ignore_errors=True)
 
 
