@@ -4,7 +4,9 @@ The pages live in views/ (a folder Streamlit does not auto-discover); this file 
 """
 import streamlit as st
 
+from engine.core.paths import runs_root
 from ui.charts import charts_after_controls
+from ui.cluster import reattach_orphans
 from ui.errors import report_unexpected
 from ui.state import init_state
 from ui.threads import set_app_threads
@@ -25,6 +27,7 @@ PAGES = [
 ]
 
 init_state()
+reattach_orphans(str(runs_root()))  # once per server process: cluster runs whose follower died with the last one
 set_app_threads()  # one thread while a training holds the CPU: see ui/threads.py
 navigation = st.navigation(PAGES)
 try:

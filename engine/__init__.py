@@ -13,6 +13,7 @@ packages on a lower layer, never from a higher one (tests/test_layers.py enforce
   5  training   the loop: one epoch, the per-epoch commit, feature cache, a run from start to end
   6  outputs    what a trained run gives: predictions, evaluation, Grad-CAM, exports, a script
   7  lab        experiments across runs: comparisons and the strategy advisor
+  7  cluster    a run trained on a Ray cluster: submitted as a job, followed back into the runs folder
   8  cli        ``python -m engine``
 
 Submodules import torch lazily where start-up time matters; package ``__init__`` files import

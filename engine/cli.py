@@ -265,11 +265,80 @@ def cmd_train(args: argparse.Namespace) -> int:
         from engine.training.launch import rank_main
 
         return rank_main(args, config_from_args=_config_from_args, main_emit=_progress_printer(False))
+    address = _where_to_train(args)
+    if address is not None:  # the work is on the cluster: no device lock here, no place in this machine's queue
+        return _train_on_cluster(args, address)
     out_existed = os.path.isdir(args.out)
     run, resume, lock = _run_to_train(args)
     if args.background:
         return _train_in_background(args, run, resume)
     result = _train_here(args, run, resume=resume, lock=lock, out_existed=out_existed)
+    return _report_training(args, run, result)
+
+
+def _where_to_train(args: argparse.Namespace) -> str | None:
+    """The Ray cluster a training goes to (None: this machine). ``--cluster`` says it (``--cluster ""``: here).
+    Else a run that trained on a cluster resumes there; a new run or a resume from the command line follows
+    WORKBENCH_CLUSTER; a run the app created (``--run-dir``) never does: the app said where when it started it."""
+    from engine.cluster.client import cluster_address
+
+    if args.cluster is not None:
+        return cluster_address(args.cluster)
+    target = args.resume or (args.run_dir if args.resume_flag else None)
+    if target:
+        from engine.runs.store import open_run
+
+        record = open_run(args.out, target).status().cluster or {}
+        address = record.get("address")
+        if isinstance(address, str) and address:
+            return address
+    return None if args.run_dir else cluster_address(None)
+
+
+def _train_on_cluster(args: argparse.Namespace, address: str) -> int:
+    """``--cluster``: submit the run as a Ray job and follow it here (engine/cluster/submit.py); the run
+    folder is in --out from the start. ``--background``: a separate process submits and follows."""
+    from engine.cluster.client import check_cluster
+    from engine.cluster.submit import train_on_cluster
+    from engine.runs.store import extend_run, open_run
+
+    check_cluster(address)  # unreachable or too old: one line, before anything is written (a resume's epochs too)
+    run, resume = None, False
+    if args.run_dir:  # a background follower, or attaching again to a run whose job may still run
+        run = open_run(args.out, args.run_dir)
+        resume = args.resume_flag or run.train_state_path.is_file()
+    elif args.resume is not None:
+        changed = sorted(getattr(args, "given", set()) - RESUME_OPTIONS)
+        if changed:
+            raise EngineError(f"--resume continues a run with the settings it started with; {', '.join(changed)} "
+                              "cannot change (only --epochs can).")
+        run = open_run(args.out, args.resume)
+        _refuse_if_active(run)
+        if args.epochs_given:
+            from engine.training.run import check_resumable
+
+            check_resumable(run, args.epochs)
+            extend_run(run, args.epochs)
+        resume = True
+    if args.background:
+        from engine.cluster.submit import check_start, start_in_background
+
+        if run is None:
+            from engine.runs.store import create_run
+
+            config = _config_from_args(args).to_dict()
+            check_start(address, config)  # the data planned: a refusal writes nothing
+            run = create_run(args.out, config)
+        pid = start_in_background(run, args.out, address, resume=resume)
+        if args.json:
+            _print_json({"run_id": run.run_id, "run_dir": str(run.path), "pid": pid, "cluster": address})
+        else:
+            print(run.path)
+        return 0
+    config = run.config() if run is not None else _config_from_args(args).to_dict()
+    printer = _progress_printer(sys.stderr.isatty() and not args.json)
+    run, result = train_on_cluster(address, config=config, out=args.out, run=run, resume=resume,
+                                   attach=not args.resume_flag, emit=printer)
     return _report_training(args, run, result)
 
 
@@ -373,7 +442,7 @@ def _report_training(args: argparse.Namespace, run: Any, result: Any) -> int:
                      "best_epoch": result.best_epoch, "epochs": result.epochs_done,
                      "seconds": round(result.seconds, 2), "feature_cache": result.feature_cache})
     else:
-        print(f"{run.path}  best val acc {result.best_val_acc}")
+        print(f"{run.path}  {result.summary()}")
     if result.status == "diverged":
         print(f"error: the run diverged: {result.reason}", file=sys.stderr)
     elif result.status == "failed":  # several processes: how they ended (engine/training/launch.py)
@@ -381,7 +450,7 @@ def _report_training(args: argparse.Namespace, run: Any, result: Any) -> int:
     return 0 if result.status in ("finished", "cancelled") else 1
 
 
-RESUME_OPTIONS = frozenset({"--resume", "--epochs", "--out", "--background", "--json"})  # what a resume may say
+RESUME_OPTIONS = frozenset({"--resume", "--epochs", "--out", "--background", "--json", "--cluster"})  # what a resume may say
 
 
 def _take_device_lock(device: str, holder: str = "a training started from the command line"):
@@ -660,6 +729,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from engine.runs.store import describe_run, list_runs
 
     check_runs_folder(args.out)
+    if args.action == "cancel":
+        return _runs_cancel(args)
     if args.action != "list" or args.target:
         return _runs_bundle(args)
     rows = [describe_run(r).to_dict() for r in list_runs(args.out)]
@@ -673,6 +744,54 @@ def cmd_runs(args: argparse.Namespace) -> int:
               f"best {acc}{note}")
     print(f"{len(rows)} runs in {args.out}", file=sys.stderr)
     return 0
+
+
+def _runs_cancel(args: argparse.Namespace) -> int:
+    """``runs cancel RUN``: stop a training, here or on a Ray cluster (its job is stopped), and wait until it
+    has ended: the process that trains it stops at its next step. A cluster run whose follower is gone (the
+    app restarted) is stopped from here, and what its job hands back is read back first."""
+    from engine.runs.background import request_cancel
+    from engine.runs.store import open_run
+
+    if not args.target:
+        raise EngineError("use `runs cancel RUN`: the run's id or folder.")
+    run = open_run(args.out, args.target)
+    status = run.status()
+    raw = _recorded_state(run)
+    if status.on_cluster and status.state == "interrupted" and raw in ("queued", "running"):
+        from engine.cluster.submit import cancel_run
+
+        state = cancel_run(run)
+    elif not status.active:
+        print(f"run {run.run_id} is not training ({status.state}): nothing to cancel", file=sys.stderr)
+        return 0
+    else:
+        request_cancel(run)
+        state = _wait_until_ended(run, args.wait)
+    print(f"run {run.run_id}: {state}" + ("" if state in ("cancelled", "finished", "failed") else
+                                         f" (asked to stop {args.wait:g} s ago; it stops at its next step)"))
+    return 0
+
+
+def _recorded_state(run: Any) -> str:
+    """The state status.json records, before the liveness check turns a dead process's run interrupted."""
+    from engine.core.files import read_json
+    from engine.runs.status import RunStatus
+
+    return RunStatus.from_dict(read_json(run.status_path, {})).state
+
+
+def _wait_until_ended(run: Any, wait_s: float) -> str:
+    """The run's state once it has left the active states, or after ``wait_s``: a cancel is taken at the
+    trainer's next step (a cluster job's within Ray's stop grace), so the caller can say how it ended."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    status = run.status()
+    while status.active and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = run.status()
+    return status.state
 
 
 def _runs_bundle(args: argparse.Namespace) -> int:
@@ -1023,6 +1142,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync-bn", action="store_true", help="with --nproc: trainable BatchNorm normalises over all "
                    "processes' images (SyncBatchNorm; CUDA only)")
     p.add_argument("--_rank-worker", dest="rank_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cluster", help="train on a Ray cluster: its dashboard's address, http://HOST:8265 (default: "
+                   "$WORKBENCH_CLUSTER); --nproc N becomes N Ray Train workers (docs/cluster.md)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -1111,10 +1232,12 @@ def _add_race_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_runs_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="list the runs in a runs folder (damaged ones say why); export or import "
-                                    "one as a bundle (.zip)")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "export", "import"],
-                   help="list (default) | export RUN -o FILE.zip | import FILE.zip")
-    p.add_argument("target", nargs="?", help="export: run id or folder; import: the bundle (.zip)")
+                                    "one as a bundle (.zip); cancel one (here or on its Ray cluster)")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "export", "import", "cancel"],
+                   help="list (default) | export RUN -o FILE.zip | import FILE.zip | cancel RUN")
+    p.add_argument("target", nargs="?", help="export, cancel: run id or folder; import: the bundle (.zip)")
+    p.add_argument("--wait", type=float, default=120.0, help="cancel: seconds to wait for the run to end "
+                   "(a cluster job stops within Ray's 30 s stop grace)")
     p.add_argument("-o", "--output", help="export: the bundle to write (default: RUN_ID.zip)")
     p.add_argument("--out", default=str(runs_root()), help="runs folder")
     p.add_argument("--json", action="store_true")

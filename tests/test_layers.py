@@ -20,7 +20,7 @@ LAYERS = {
     "runs": 4,
     "training": 5,
     "outputs": 6,
-    "lab": 7,
+    "lab": 7, "cluster": 7,
     "cli": 8, "__main__": 9,
 }
 

@@ -16,6 +16,8 @@ COLUMNS = {  # ids and reasons get room, numbers a format
     "best_val_acc": st.column_config.TextColumn("best val acc", width="small"),
     "epochs": st.column_config.TextColumn("epochs", width="small", help="done / planned"),
     "state": st.column_config.TextColumn("state", width="small"),
+    "where": st.column_config.TextColumn("where", width="small", help="this machine, or the Ray cluster it "
+                                         "trained on (the Runs page names the job)"),
     "reason": st.column_config.TextColumn("reason", width="large"),
 }
 
@@ -28,11 +30,24 @@ def run_rows(runs: list[RunDir], reasons: bool = True) -> pd.DataFrame:
             row = describe_run(r).to_dict()
         except Exception as exc:  # noqa: BLE001 - any run folder: the list must still render
             row = {"run_id": r.run_id, "state": "unreadable", "reason": public_message(str(exc))}
+        row["where"] = _where(r)
         acc = row.get("best_val_acc")
         row["best_val_acc"] = f"{acc:.4f}" if isinstance(acc, (int, float)) and acc == acc else ""
         rows.append(row)
-    frame = pd.DataFrame(rows).drop(columns=["has_best"] + ([] if reasons else ["reason"]), errors="ignore")
+    hidden = ["has_best"] + ([] if reasons else ["reason"])
+    if all(row["where"] == "here" for row in rows):  # no cluster run: no column saying "here" in every row
+        hidden.append("where")
+    frame = pd.DataFrame(rows).drop(columns=hidden, errors="ignore")
     return frame.astype(object).where(frame.notna(), "")
+
+
+def _where(run: RunDir) -> str:
+    from ui.cluster import where_cell
+
+    try:
+        return where_cell(run.status())
+    except Exception:  # noqa: BLE001 - an unreadable status is said in the state column already
+        return "here"
 
 
 def run_table(runs: list[RunDir], height: int = 260, reasons: bool = True) -> None:

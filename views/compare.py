@@ -63,7 +63,7 @@ def demo_estimate(name: str) -> str:
 
 def queue_line() -> tuple:
     """How many jobs are ahead of a comparison started now, and the current comparison's progress."""
-    active = active_runs(runs_root())
+    active = [r for r in active_runs(runs_root()) if not r.status().on_cluster]  # a cluster run holds no device here
     busy = {r.config_or_empty().get("group") or r.run_id for r in active}  # a group is one job
     if busy:
         st.info(f"{len(busy)} training job{'s are' if len(busy) > 1 else ' is'} running or waiting on this machine: a "

@@ -22,6 +22,7 @@ from engine.runs.bundle import export_bundle, import_bundle
 from engine.runs.store import RunDir, delete_run, list_runs, open_run
 from ui.cache import load_trained, script_problem
 from ui.charts import chart, stop_page
+from ui.cluster import trained_where
 from ui.errors import contained, public_message, show_error
 from ui.run_table import run_table
 from ui.state import SELECTED_RUN
@@ -190,6 +191,9 @@ def _model_of(run: RunDir) -> str | None:
 
 def _details(run: RunDir) -> None:
     """Where the run came from, what is wrong with it, its export and code tabs; Delete is drawn apart."""
+    where = trained_where(run.status())
+    if where:
+        st.caption(where)
     origin = run.status().imported_from
     if isinstance(origin, dict):
         st.caption(f"Imported from {md(origin.get('bundle', 'a bundle'))} (run {md(origin.get('run_id', '?'))} "

@@ -16,6 +16,8 @@ import plotly.express as px
 import streamlit as st
 import torch
 
+from engine.cluster.client import check_cluster
+from engine.cluster.submit import check_start, start_in_background
 from engine.config import ConfigError, TrainConfig
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits, per_class_that_fits
@@ -33,6 +35,7 @@ from engine.training.run import check_resumable
 from ui.augment import accepted_spec, control_for, show_preview, spec_from_controls
 from ui.cache import dataset_overview
 from ui.charts import chart
+from ui.cluster import trained_where, where_to_train
 from ui.errors import show_error
 from ui.label_next import label_next
 from ui.live import device_signature, live
@@ -179,6 +182,11 @@ gpus = torch.cuda.device_count()
 procs = st.number_input("Processes (one per GPU)", 1, gpus, gpus, help=(
     "DistributedDataParallel: each process trains on its own GPU with its share of the batch size (which must "
     "divide evenly); only the first writes the run.")) if gpus > 1 else 1
+cluster = where_to_train()  # None: this server; else the Ray cluster's address (checked at Start)
+if cluster:
+    procs = st.number_input("Ray Train workers", 1, 256, 1, key="cluster_workers", persist_state="session", help=(
+        "--nproc on the cluster: each worker trains on its share of the batch size (which must divide evenly), "
+        "on a GPU of the cluster when it has one per worker, else on its CPUs (docs/cluster.md)."))
 share_setup_in_url()
 
 
@@ -230,12 +238,18 @@ lr_finder(current_config, enabled=can_start)
 
 
 def device_status() -> tuple:
-    """The queue line and the selected run's progress, beside Start; redrawn while anything runs."""
+    """The queue line and the selected run's progress, beside Start; redrawn while anything runs. A run on a
+    Ray cluster is counted apart: it holds neither this machine's device nor a place in its queue."""
     statuses = {r.run_id: r.status() for r in active_runs(runs_root())}  # read once: the line and the signature
+    away = sum(s.on_cluster for s in statuses.values())
+    here = {run_id: s for run_id, s in statuses.items() if not s.on_cluster}
     device_free = device_lock("auto").is_free()
     waiting = len(device_queue("auto").line())
-    if statuses or not device_free:
-        running = [run_id for run_id, s in statuses.items() if s.state == "running"]
+    if away:
+        st.caption(f"{away} run{'s train' if away > 1 else ' trains'} on a Ray cluster (not on this machine's "
+                   "device, and not in its queue).")
+    if here or not device_free:
+        running = [run_id for run_id, s in here.items() if s.state == "running"]
         who = f"Run {running[0]} is training" if running else "Another job (a training, a sweep or a race) is using this machine's device"
         line = f"; {waiting} more wait{'s' if waiting == 1 else ''} in line" if waiting else ""
         st.info(f"{who}{line}. One training runs at a time on this machine: a run you start now waits in the "
@@ -271,11 +285,17 @@ if st.button("Start training", type="primary", disabled=not can_start,
         config = current_config()
         with st.spinner("Checking the data and the plan..."):
             check_startable(config)  # a refusal here writes nothing: no failed run in everyone's list
+        if cluster:
+            with st.spinner(f"Reaching the Ray cluster at {cluster}..."):
+                check_start(cluster, config.to_dict())  # unreachable, too old, data too big: one line, nothing written
     except EngineError as exc:  # a setting out of range: said beside the settings, nothing created
         refuse(exc, start_box)
     else:
         run = create_run(runs_root(), config.to_dict())
-        start_background(run, runs_root())
+        if cluster:
+            start_in_background(run, runs_root(), cluster)
+        else:
+            start_background(run, runs_root())
         st.session_state[SELECTED_RUN] = run.run_id
         st.rerun()
 live("training_device", device_status, active=bool(active_runs(runs_root())))
@@ -290,19 +310,27 @@ if runs:
     st.session_state[SELECTED_RUN] = pick
     run = open_run(runs_root(), pick)
     live_panel(run)
+    if trained_where(run.status()):
+        st.caption(trained_where(run.status()))
     state = run.status().state
     if state in ("cancelled", "interrupted", "failed", "finished", "diverged") and run.train_state_path.is_file():
         most = limits.epochs if limits else 1000
         more = st.number_input("Train until epoch", 1, most, min(most, max(len(run.metrics()) + 1, 1)))
         resume_box = st.container()
         if st.button("Resume"):
+            where = run.status().cluster or {}  # a cluster run resumes on its cluster
             try:
+                if where.get("address"):
+                    check_cluster(str(where["address"]))  # unreachable: one line, the run as it was
                 check_resumable(run, int(more))  # a refusal leaves the run as it was
                 extend_run(run, int(more))
             except EngineError as exc:
                 show_error(exc, resume_box)
             else:
-                start_background(run, runs_root(), resume=True)
+                if where.get("address"):
+                    start_in_background(run, runs_root(), str(where["address"]), resume=True)
+                else:
+                    start_background(run, runs_root(), resume=True)
                 st.rerun()
 else:
     st.caption("No runs yet.")

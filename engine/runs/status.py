@@ -59,6 +59,14 @@ class RunStatus:
     imported_from: dict[str, Any] | None = None
     # the best checkpoint's temperature scaling, fitted on the validation split (engine/runs/calibration.py)
     calibration: dict[str, Any] | None = None
+    # a run trained on a Ray cluster (engine/cluster/): its dashboard address, job id, attempt, Ray version
+    cluster: dict[str, Any] | None = None
+
+    @property
+    def on_cluster(self) -> bool:
+        """Trained on a Ray cluster (engine/cluster/): it never holds this machine's device nor waits in its
+        queue, so the pages count it apart from the trainings here."""
+        return isinstance(self.cluster, dict) and bool(self.cluster.get("address"))
 
     @property
     def active(self) -> bool:
@@ -84,7 +92,7 @@ class RunStatus:
                 value = [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
             elif f.name == "state":
                 value = value if value in STATES else "unknown"
-            elif f.name == "imported_from":
+            elif f.name in ("imported_from", "cluster"):
                 value = _origin(value)
             elif f.name == "calibration":
                 value = clean_calibration(value)

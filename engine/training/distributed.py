@@ -131,6 +131,21 @@ def start_ranks(device: str) -> Ranks:
     return Ranks(rank, world, local_rank, local_world, backend)
 
 
+def join_ranks(device: str, local_rank: int, local_world: int, threads: int | None = None) -> Ranks:
+    """This process's place in a process group that someone else initialised (Ray Train's
+    TorchTrainer does, with its own backend and rendezvous): the group's rank, size and backend are
+    read from it, never re-initialised. ``threads``: the CPU threads this process was given."""
+    from engine.core.device import resolve_device
+
+    if not dist.is_initialized():
+        raise RuntimeError("join_ranks needs an initialised torch.distributed process group")
+    if resolve_device(device).type == "cuda":
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_num_threads(max(1, threads or (os.cpu_count() or 1) // max(1, local_world)))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, local_world, str(dist.get_backend()))
+
+
 def stop_ranks() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -124,6 +124,16 @@ class RunResult:
     history: list[dict[str, Any]]
     feature_cache: bool
 
+    def summary(self) -> str:
+        """How the run ended, in words for the command line's one line: the best validation accuracy when an
+        epoch finished, else that none did (never "None"); the state when it did not finish."""
+        acc = self.best_val_acc
+        if isinstance(acc, (int, float)) and acc == acc:
+            best = f"best val acc {acc:.4f}" + (f" (epoch {self.best_epoch})" if self.best_epoch else "")
+        else:
+            best = "no epoch finished"
+        return best if self.status == "finished" else f"{self.status}, {best}"
+
     @classmethod
     def record(cls, sink: Emit, status: str, reason: str, state: TrainState, started: float, cached: bool,
                run: RunDir | None) -> RunResult:
