@@ -195,9 +195,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=1)
     _add_batch_args(p)
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--progressive-from", type=int, metavar="PX",
+    p.add_argument("--progressive-from", default="auto", metavar="PX|auto|off",
                    help="progressive resizing: the first epoch trains at PX, each later one larger, the last at "
-                   "--image-size (validation always at --image-size)")
+                   "--image-size (validation always at --image-size); auto (default): from 192 px on, the first "
+                   "epoch at 4/7 of the size (128 of 224) when there are 2 or more epochs; off: every epoch at the size")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-per-class", type=int)
     p.add_argument("--augment", nargs="?", const="default", default=False, metavar="SPEC",
@@ -235,11 +236,27 @@ def _config_from_args(args: argparse.Namespace):
         device=args.device, feature_cache=args.feature_cache, patience=args.patience,
         monitor=args.monitor, num_workers=args.workers, memory_budget=args.memory_budget,
         micro_batch=args.micro_batch, balance=args.balance, nproc=getattr(args, "nproc", 1),
-        progressive_from=args.progressive_from,
+        progressive_from=_progressive_from(args.progressive_from, args.image_size, args.epochs),
         sync_bn=getattr(args, "sync_bn", False),
     )
     config.check_hosted()  # on a shared server: refused before anything is on disk
     return config
+
+
+def _progressive_from(text: str, image_size: int | None, epochs: int) -> int | None:
+    """--progressive-from as config.json records it: a size, or None; 'auto' resolved here (training/sizes.py)."""
+    from engine.config import ConfigError
+    from engine.training.sizes import auto_start
+
+    value = str(text).strip().lower()
+    if value == "auto":
+        return auto_start(image_size, epochs)
+    if value in ("off", "none", "0"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError("progressive_from", f"--progressive-from takes a size in px, auto or off (got {text!r}).") from None
 
 
 def _schedule(text: str | None) -> tuple[tuple[int, int], ...]:

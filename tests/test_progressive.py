@@ -11,7 +11,7 @@ from engine.models.factory import create_model
 from engine.runs.store import create_run
 from engine.training import setup as training_setup
 from engine.training.loop import fit
-from engine.training.sizes import epoch_size, resize_batch
+from engine.training.sizes import epoch_size, recalibrate_batchnorm, resize_batch
 
 
 def test_sizes_grow_linearly_to_the_image_size_in_steps_of_8():
@@ -63,3 +63,27 @@ def test_refused_where_it_cannot_apply():
     config = TrainConfig(model="timm:test_vit", weights="none", image_size=None, progressive_from=24)  # patches of 16
     with pytest.raises(ConfigError, match="takes smaller images"):
         config.validate_for_model(vit.module, model_stages(vit.module, vit.spec.head), vit.spec.input_size[-1])
+
+
+def test_batchnorm_takes_the_full_size_statistics_and_keeps_its_momentum():
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.1))
+    model[0].running_mean.fill_(5.0)  # what a small-size epoch left
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g) + torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1),
+                torch.zeros(8)) for _ in range(5)]
+    used = recalibrate_batchnorm(model, batches, torch.device("cpu"), channels_last=False, micro_batch=4, images=24)
+    assert used == 24
+    assert torch.allclose(model[0].running_mean, torch.tensor([1.0, 2.0, 3.0]), atol=0.1)
+    assert model[0].momentum == 0.1 and model.training
+
+
+def test_auto_starts_at_four_sevenths_from_192_px_and_the_cli_records_the_size(tmp_path, capsys):
+    from engine.cli import main
+    from engine.training.sizes import auto_start
+
+    assert auto_start(224, 2) == 128 and auto_start(192, 5) == 112 and auto_start(384, 3) == 216
+    assert auto_start(160, 5) is None and auto_start(224, 1) is None and auto_start(None, 5) is None
+    assert main(["train", "--progressive-from", "big", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "auto or off" in err
+    assert not list(tmp_path.iterdir())  # refused before anything is written

@@ -60,7 +60,7 @@ def _url_value(name: str) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= MAX_URL_VALUE else None
 
 
-NUMERIC_FIELDS = ("epochs", "batch", "size", "val", "patience", "per_class", "seed", "micro", "grow_from")  # the Training page's
+NUMERIC_FIELDS = ("epochs", "batch", "size", "val", "patience", "per_class", "seed", "micro")  # the Training page's
 
 
 def drop_unreadable_numbers() -> None:

@@ -664,6 +664,32 @@ def epoch_size(epoch):
     return size if size < final else None
 
 
+def recalibrate_batchnorm(model, held, loader, device, channels_last, images=256):
+    """After an epoch at a smaller size: the training BatchNorm layers' running statistics measured again at
+    the full size (a plain average over forwards of up to 256 training images, no gradients)."""
+    train_mode(model, held)
+    layers = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    if not layers:
+        return
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    seen = 0
+    with torch.no_grad():
+        for x, _y in loader:
+            x = x[: images - seen].to(device)
+            for xs in x.split(MICRO_BATCH or len(x)):
+                if len(xs) >= 2:
+                    model(xs.contiguous(memory_format=torch.channels_last) if channels_last else xs)
+            seen += len(x)
+            if seen >= images:
+                break
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+
+
 def train_one_epoch(model, held, loader, optimizer, scaler, step0, total_steps, device, dtype, channels_last,
                     weight=None, size=None):
     train_mode(model, held)
@@ -798,6 +824,8 @@ def main():
         train_loss, train_acc = train_one_epoch(trained, held, train_loader, optimizer, scaler,
                                                 (epoch - 1) * len(train_loader), total_steps, device, dtype,
                                                 channels_last, weight, epoch_size(epoch))
+        if epoch_size(epoch) is not None:  # validated at the full size: BatchNorm statistics of the full size
+            recalibrate_batchnorm(trained, held, train_loader, device, channels_last)
         val_loss, val_acc = evaluate(trained, val_loader, device, dtype, channels_last)
         if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
             raise SystemExit("the loss became infinite or NaN: lower the learning rate")

@@ -26,7 +26,7 @@ from engine.runs.events import EpochEnded, StepLogged
 from engine.training.distributed import Ranks, combine_scores, wrap
 from engine.training.epoch import Diverged, EpochStats, Outputs, StepContext, evaluate_scores, train_steps
 from engine.training.policies import LRPolicy, OnStep, Scheduled, StepCallback
-from engine.training.sizes import epoch_size
+from engine.training.sizes import epoch_size, recalibrate_batchnorm
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -149,7 +149,12 @@ class Trainer:
         schedule = Scheduled(state.step, config.epochs * steps, config.schedule, config.warmup_frac)
         size = epoch_size(epoch, config.epochs, config.progressive_from, self.image_size)
         stats = self.train_pass(lr=schedule, callbacks=[OnStep(progress)], stop=stop, resize=size)
-        return None if stats is None else self.close_epoch(epoch, stats, started)
+        if stats is None:
+            return None
+        if size is not None and not self.cached:  # validated at the full size: statistics of the full size
+            recalibrate_batchnorm(self.wrapper or self.model, self.train_loader, self.device,
+                                  channels_last=self.channels_last, micro_batch=self.batches.micro_batch)
+        return self.close_epoch(epoch, stats, started)
 
 
 def agreed_stop(ranks: Ranks, stop: Callable[[], bool]) -> Callable[[], bool]:

@@ -4,10 +4,16 @@ Each case trains a tiny model for 2 epochs in a fresh process with a fault armed
 point (engine/faults.py), then resumes it without the fault. The resumed run must equal the
 uninterrupted reference: epochs [1, 2] once each, last/best checkpoints and optimizer state from
 the same epoch, weights equal to the reference's, no temp files left.
+
+The cases are independent (each its own runs and lock folders), so they run two at a time: a tiny
+training's process spends most of its life importing torch on one core.
 """
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +28,36 @@ EPOCHS = ["--epochs", "2"]
 def _train(out, fault: str | None = None):
     env = {"WORKBENCH_FAULT": fault} if fault else {}
     return engine("train", *TINY_TRAIN, *EPOCHS, "--out", str(out), "--json", env=env)
+
+
+@dataclass
+class Crash:
+    """One case: the faulty training, the run's state (and its reason) right after it, and the resume."""
+
+    out: Path
+    faulty: object
+    state: str | None
+    reason: str | None
+    resumed: object | None
+
+
+def _crash_then_resume(out: Path, fault: str) -> Crash:
+    locks = {"WORKBENCH_LOCKS": str(out.parent / f"{out.name}-locks")}  # its own device: cases run side by side
+    faulty = engine("train", *TINY_TRAIN, *EPOCHS, "--out", str(out), "--json",
+                    env={"WORKBENCH_FAULT": fault, **locks})
+    runs = list_runs(out)
+    if len(runs) != 1:
+        return Crash(out, faulty, None, None, None)
+    status = runs[0].status()
+    resumed = engine("train", "--resume", runs[0].run_id, "--out", str(out), "--json", env=locks)
+    return Crash(out, faulty, status.state, status.reason, resumed)
+
+
+def _crashes(tmp_path_factory, faults: dict[str, str]) -> dict[str, Crash]:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case: pool.submit(_crash_then_resume, tmp_path_factory.mktemp(case), fault)
+                   for case, fault in faults.items()}
+        return {case: future.result() for case, future in futures.items()}
 
 
 def _only_run(out) -> RunDir:
@@ -76,32 +112,44 @@ KILL_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("file,point,nth", KILL_POINTS, ids=[f"kill-{f}-{p}-{n}" for f, p, n in KILL_POINTS])
-def test_kill_at_write_point_then_resume_is_exact(tmp_path, reference, file, point, nth):
-    killed = _train(tmp_path, fault=f"kill:{file}:{point}:{nth}")
-    assert killed.rc == -9, (killed.rc, killed.err[-1500:])
-    run = _only_run(tmp_path)
-    assert run.status().state == "interrupted"  # not "running" forever
-    resumed = engine("train", "--resume", run.run_id, "--out", str(tmp_path), "--json")
-    assert resumed.rc == 0, resumed.err[-2000:]  # killed before epoch 1 committed: it starts again
+KILL_IDS = [f"kill-{f}-{p}-{n}" for f, p, n in KILL_POINTS]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    return _crashes(tmp_path_factory, {case: f"kill:{f}:{p}:{n}" for case, (f, p, n) in zip(KILL_IDS, KILL_POINTS)})
+
+
+@pytest.mark.parametrize("case", KILL_IDS)
+def test_kill_at_write_point_then_resume_is_exact(killed, reference, case):
+    crash = killed[case]
+    assert crash.faulty.rc == -9, (crash.faulty.rc, crash.faulty.err[-1500:])
+    run = _only_run(crash.out)
+    assert crash.state == "interrupted"  # not "running" forever
+    assert crash.resumed.rc == 0, crash.resumed.err[-2000:]  # killed before epoch 1 committed: it starts again
     _assert_same_as_reference(run, reference)
 
 
 ENOSPC_POINTS = [("last_state.pt", 2), ("last.safetensors", 2), ("best.safetensors", 1), ("metrics.jsonl", 1)]
+ENOSPC_IDS = [f"disk-full-{f}-{n}" for f, n in ENOSPC_POINTS]
 
 
-@pytest.mark.parametrize("file,nth", ENOSPC_POINTS, ids=[f"disk-full-{f}-{n}" for f, n in ENOSPC_POINTS])
-def test_full_disk_is_a_clear_error_and_resume_works_once_freed(tmp_path, reference, file, nth):
-    point = "mid" if file.endswith(".jsonl") else "before"
-    failed = _train(tmp_path, fault=f"enospc:{file}:{point}:{nth}")
+@pytest.fixture(scope="module")
+def disk_full(tmp_path_factory):
+    return _crashes(tmp_path_factory, {case: f"enospc:{f}:{'mid' if f.endswith('.jsonl') else 'before'}:{n}"
+                                       for case, (f, n) in zip(ENOSPC_IDS, ENOSPC_POINTS)})
+
+
+@pytest.mark.parametrize("case", ENOSPC_IDS)
+def test_full_disk_is_a_clear_error_and_resume_works_once_freed(disk_full, reference, case):
+    crash = disk_full[case]
+    failed = crash.faulty
     assert "Traceback" not in failed.err
-    run = _only_run(tmp_path)
-    status = run.status()
-    assert failed.rc != 0 and status.state == "failed", (failed.rc, status, failed.err[-1500:])
-    assert "space" in status.reason and "resume" in status.reason, status.reason
+    run = _only_run(crash.out)
+    assert failed.rc != 0 and crash.state == "failed", (failed.rc, crash.state, failed.err[-1500:])
+    assert "space" in crash.reason and "resume" in crash.reason, crash.reason
     assert len([ln for ln in failed.err.splitlines() if ln.startswith("error:")]) == 1
-    resumed = engine("train", "--resume", run.run_id, "--out", str(tmp_path), "--json")
-    assert resumed.rc == 0, resumed.err[-2000:]
+    assert crash.resumed.rc == 0, crash.resumed.err[-2000:]
     _assert_same_as_reference(run, reference)
 
 
