@@ -305,7 +305,10 @@ def _where_to_train(args: argparse.Namespace) -> str | None:
     if target:
         from engine.runs.store import open_run
 
-        record = open_run(args.out, target).status().cluster or {}
+        try:
+            record = open_run(args.out, target).status().cluster or {}
+        except EngineError:  # no such run: the resume's own checks say so, after its settings' check
+            record = {}
         address = record.get("address")
         if isinstance(address, str) and address:
             return address

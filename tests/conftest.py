@@ -12,6 +12,9 @@ os.environ.setdefault("WORKBENCH_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # AppTest runs pages without a browser: no pause before a session's first charts (ui/charts.py)
 os.environ.setdefault("WORKBENCH_FIRST_CHART_PAUSE_S", "0")
+# float32 on any CPU: the suite's numbers must not depend on whether its CPU has bf16 units (tests/test_precision.py
+# switches the probe back on where it is the subject)
+os.environ.setdefault("WORKBENCH_CPU_BF16", "off")
 # The device lock is machine-wide: tests take it in a folder of their own, not a developer's app's.
 os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp(prefix="workbench-test-locks-"))
 

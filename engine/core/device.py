@@ -31,7 +31,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """Reduced precision only where the hardware has it: CUDA. CPU bf16 is slower on most CPUs."""
+    """Reduced precision on CUDA (bf16 where supported, else fp16). On a CPU the training decides
+    (engine/training/precision.py: bf16 when asked for, or when a probe on a CPU with bf16 units finds it
+    faster); this says float32 there."""
     if amp == "off" or device.type != "cuda":
         return None
     if amp == "fp16":

@@ -31,6 +31,12 @@ def lock_dir() -> Path:
     return Path(os.environ.get("WORKBENCH_LOCKS", Path(tempfile.gettempdir()) / "transfer-workbench-locks"))
 
 
+def machine_cache_dir() -> Path:
+    """What the engine measured about this machine and keeps for the next run (the CPU precision probe):
+    per machine and user, not per runs folder."""
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "transfer-workbench"))
+
+
 def resolve_data_path(user_path: str, root: Path | None = None) -> Path:
     """A path typed by a user, resolved inside the data directory or refused.
 

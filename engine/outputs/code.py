@@ -65,7 +65,7 @@ NOTES: dict[str, str] = {
     "BALANCE": "class imbalance: 'none' | 'weights' (training loss weighted by inverse class frequency, mean 1) "
                "| 'sampler' (classes drawn equally often)",
     "MONITOR": "early stopping: stop after PATIENCE epochs without improvement of MONITOR (None: never)",
-    "DEVICE": "'auto' | 'cpu' | 'cuda' ...; mixed precision 'auto' | 'off' | 'bf16' | 'fp16' (CUDA only)",
+    "DEVICE": "'auto' | 'cpu' | 'cuda' ...; mixed precision 'auto' | 'off' | 'bf16' | 'fp16' (CUDA; a CPU only 'bf16', as its run chose)",
     "CHANNELS_LAST": "None: channels-last memory format for nets with convolutions",
     "PROGRESSIVE_FROM": "progressive resizing: the first epoch trains at this size, later ones larger, the last at the "
                         "image size (validation always at the image size); None: every epoch at the image size",
@@ -112,13 +112,15 @@ def trainable_stages_by_epoch(config: TrainConfig, stages: list[Stage]) -> dict[
 
 
 def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "",
-                    micro_batch: int | None = None, cached: bool | None = None) -> list[tuple[str, Any]]:
+                    micro_batch: int | None = None, cached: bool | None = None,
+                    precision: str | None = None) -> list[tuple[str, Any]]:
     """The settings block's (name, value) pairs for ``config``, in the template's order.
 
     ``micro_batch``: the slice the run really used (its status says; picked from the memory budget
     when the config leaves it open), so the script adds up gradients the same way. ``cached``: whether
     the run trained on cached inputs (its RunStarted event says; None: as the engine would decide, but
-    for the memory budget); a run that trained on images gets a script that does too."""
+    for the memory budget); a run that trained on images gets a script that does too. ``precision``: what
+    the run's steps trained in (its status says): a CPU run whose 'auto' chose bfloat16 gets AMP 'bf16'."""
     mid = resolve(config.model)
     plan = config.freeze_plan()
     with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
@@ -153,7 +155,7 @@ def script_settings(config: TrainConfig, class_names: list[str], run_id: str = "
         ("CACHE_DROPOUT", drop),
         ("CACHE_SKIP", skip),
         ("FEATURE_BATCH", inference_batch(handle.module, (3, size, size))),
-    ] + _optimisation_settings(config, micro_batch)
+    ] + _optimisation_settings(config, micro_batch, precision)
 
 
 def _input_settings(config: TrainConfig, handle: ModelHandle, mid: ModelId) -> tuple[str, Any, int, dict, dict]:
@@ -203,8 +205,11 @@ def _augment_setting(config: TrainConfig) -> dict[str, Any] | None:
     return settings
 
 
-def _optimisation_settings(config: TrainConfig, micro_batch: int | None) -> list[tuple[str, Any]]:
-    """The settings block from OPTIMIZER on: how the script trains, read from the config alone."""
+def _optimisation_settings(config: TrainConfig, micro_batch: int | None,
+                           precision: str | None = None) -> list[tuple[str, Any]]:
+    """The settings block from OPTIMIZER on: how the script trains, read from the config (and the precision
+    an 'auto' run chose)."""
+    amp = "bf16" if config.amp == "auto" and (precision or "").startswith("bfloat16") else config.amp
     return [
         ("OPTIMIZER", config.optimizer),
         ("MOMENTUM", SGD_MOMENTUM),
@@ -223,7 +228,7 @@ def _optimisation_settings(config: TrainConfig, micro_batch: int | None) -> list
         ("PATIENCE", config.patience),
         ("MIN_DELTA", config.min_delta),
         ("DEVICE", config.device),
-        ("AMP", config.amp),
+        ("AMP", amp),
         ("CHANNELS_LAST", config.channels_last),
         ("NUM_WORKERS", config.num_workers),
     ]
@@ -290,9 +295,9 @@ def template_setting_names() -> list[str]:
 
 
 def generate_script(config: TrainConfig, class_names: list[str], run_id: str = "",
-                    micro_batch: int | None = None, cached: bool | None = None) -> str:
+                    micro_batch: int | None = None, cached: bool | None = None, precision: str | None = None) -> str:
     """The standalone Python source that reproduces ``config`` (no engine import in it)."""
-    settings = script_settings(config, class_names, run_id, micro_batch, cached)
+    settings = script_settings(config, class_names, run_id, micro_batch, cached, precision)
     names = [n for n, _ in settings]
     if names != template_setting_names():  # a setting the template reads must never keep its demo value
         raise RuntimeError(f"the settings do not match {TEMPLATE_PATH.name}: {names} vs {template_setting_names()}")
@@ -357,5 +362,6 @@ def script_for_run(run: RunDir) -> str:
     from engine.training.launch import used_cache
 
     started = run.events_path.is_file()
-    return generate_script(config, [str(n) for n in names], run.run_id, run.status().micro_batch,
-                           used_cache(run) if started else None)
+    status = run.status()
+    return generate_script(config, [str(n) for n in names], run.run_id, status.micro_batch,
+                           used_cache(run) if started else None, status.precision)

@@ -116,7 +116,7 @@ GRAD_CLIP = None
 MONITOR = 'val_acc'
 PATIENCE = None
 MIN_DELTA = 0.0
-# 'auto' | 'cpu' | 'cuda' ...; mixed precision 'auto' | 'off' | 'bf16' | 'fp16' (CUDA only)
+# 'auto' | 'cpu' | 'cuda' ...; mixed precision 'auto' | 'off' | 'bf16' | 'fp16' (CUDA; a CPU only 'bf16', as its run chose)
 DEVICE = 'auto'
 AMP = 'auto'
 # None: channels-last memory format for nets with convolutions
@@ -637,8 +637,10 @@ def pick_device():
 
 
 def amp_dtype(device):
-    if AMP == "off" or device.type != "cuda":
+    if AMP == "off":
         return None
+    if device.type != "cuda":  # a CPU trains in bf16 only when the run did (AMP 'bf16')
+        return torch.bfloat16 if AMP == "bf16" and device.type == "cpu" else None
     if AMP == "fp16":
         return torch.float16
     return torch.bfloat16 if AMP == "bf16" or torch.cuda.is_bf16_supported() else torch.float16

@@ -32,6 +32,7 @@ class RunStarted(Event):
     skipped: list = field(default_factory=list)  # [file, reason] pairs the data check left out
     micro_batch: int = 0  # images per forward/backward slice (training/micro.py)
     batches: str = ""  # the same in words, with the predicted peak memory and the budget
+    precision: str = ""  # the steps' precision and why (engine/training/precision.py)
 
 
 @dataclass

@@ -35,7 +35,8 @@ class RunRecorder:
                                                 "loss": event.loss})
         elif isinstance(event, RunStarted):
             self.run.write_status(state="running", epochs=event.epochs, device=event.device,
-                                  micro_batch=event.micro_batch or None, batches=event.batches or None)
+                                  micro_batch=event.micro_batch or None, batches=event.batches or None,
+                                  precision=event.precision or None)
         elif isinstance(event, EpochEnded):
             self.run.write_status(epoch=event.epoch, val_acc=event.val_acc, val_loss=event.val_loss)
         elif isinstance(event, RunFinished):

@@ -42,6 +42,7 @@ class RunStatus:
     device: str | None = None
     micro_batch: int | None = None  # images per forward/backward slice (the batch is one step)
     batches: str | None = None  # the same in words, with the predicted peak and the memory budget
+    precision: str | None = None  # the training steps' precision and why (engine/training/precision.py)
     pid: int | None = None  # the training process, with its kernel start time and a heartbeat
     pid_start: str | None = None
     heartbeat: float | None = None

@@ -82,7 +82,7 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
                     steps_per_epoch=runner.steps, train_images=len(prep.train_ds), val_images=len(prep.val_ds),
                     trainable_params=runner.report.trainable_params, feature_cache=runner.cached,
                     skipped=prep.skipped, micro_batch=runner.batches.micro_batch,
-                    batches=batches))
+                    batches=batches, precision=runner.precision))
     first = state.epoch + 1
     for epoch in range(first, config.epochs + 1):
         if epoch > first or commit:

@@ -15,6 +15,7 @@ from engine.anatomy.stages import model_stages
 from engine.core.device import amp_dtype, default_workers, resolve_device
 from engine.core.errors import DataError, EngineError
 from engine.core.memory import MemoryBudget, current_rss, detect_budget, format_size, inference_batch
+from engine.core.paths import machine_cache_dir
 from engine.data.balance import balanced_sampler, class_weights
 from engine.data.datasets import TransformDataset, load_source, validate
 from engine.data.overrides import Overrides, applied_overrides, save_run_overrides
@@ -33,6 +34,7 @@ from engine.training.distributed import (
 )
 from engine.training.feature_cache import HeadOnly, cache_point, compute_features, refuse_uncached, uses_feature_cache
 from engine.training.micro import BatchPlan, Placement, plan_batches
+from engine.training.precision import Precision, cpu_precision
 from engine.training.prefix_cache import cache_fits, prefix_cut, prefix_view
 from engine.training.preflight import check_hosted_images, check_split
 from engine.training.trainer import Trainer
@@ -142,6 +144,8 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = (tuple(trains.train_src.tensors[0].shape[1:]) if trains.cached
                    else (3, prep.image_size, prep.image_size))
+    precision = _precision(config, trains, input_shape, ranks)
+    trains.place = replace(trains.place, dtype=precision.dtype)
     batches = _plan_batches(config, module, trains.model, stages, plan, plan_epoch, input_shape, trains.place, ranks,
                             reserve)
     # evaluation in the same slices: what fits a training step fits an inference pass
@@ -149,7 +153,8 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
                             **dict(loader_kw, batch_size=batches.micro_batch))
     return Trainer(config=config, module=module, model=trains.model, stages=stages, plan=plan, report=report,
                    optimizer=optimizer, train_loader=train_loader, val_loader=val_loader, generator=generator,
-                   device=device, dtype=place.dtype, scaler=scaler, channels_last=trains.place.channels_last,
+                   device=device, dtype=trains.place.dtype, scaler=scaler, channels_last=trains.place.channels_last,
+                   precision=precision.reason,
                    cached=trains.cached, batches=batches, class_weight=class_weight, ranks=ranks,
                    wrapper=wrap(trains.model, ranks) if ranks is not None else None,
                    num_classes=len(handle.spec.class_names), plan_floor=plan_epoch, head=handle.spec.head,
@@ -261,6 +266,21 @@ def _top_view(config: TrainConfig, prep: Prepared, module: nn.Module, stages: li
     if config.feature_cache == "on":
         raise EngineError(f"The feature cache cannot be used for this run: {why}.")
     return None
+
+
+def _precision(config: TrainConfig, trains: _Trains, input_shape: tuple[int, ...], ranks: Ranks | None) -> Precision:
+    """The training steps' autocast dtype: CUDA's as amp_dtype says; on a CPU, bf16 when asked for, or
+    under 'auto' when a probe finds it faster (engine/training/precision.py); never on cached features."""
+    place = trains.place
+    if place.device.type != "cpu" or config.amp == "off":
+        return Precision(place.dtype, f"{config.amp}: {place.dtype or 'float32'}".replace("torch.", ""))
+    if config.amp == "bf16":
+        return Precision(torch.bfloat16, "bfloat16: asked for (amp bf16)")
+    if trains.cached or (ranks is not None and ranks.world > 1) or config.amp != "auto":
+        return Precision(None, "float32")
+    return cpu_precision(trains.model, input_shape, min(config.batch_size, 8), channels_last=place.channels_last,
+                         key=f"{config.model}|{sum(p.numel() for p in trains.model.parameters() if p.requires_grad)}",
+                         cache_dir=machine_cache_dir())
 
 
 def _plan_batches(config: TrainConfig, module: nn.Module, model: nn.Module, stages: list[Stage], plan: FreezePlan,

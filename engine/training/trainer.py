@@ -62,6 +62,7 @@ class Trainer:
     wrapper: nn.Module | None = None  # with ranks: the DDP wrapper of ``model``, what the training steps call
     num_classes: int = 0
     image_size: int = 0  # what validation, checkpoints and exports use; progressive resizing's last size
+    precision: str = "float32"  # the steps' precision and why (engine/training/precision.py)
     # a resumed run whose saved optimizer holds stages its epoch count would not have released yet (a
     # race counts gradual unfreezing in passes over the data): the plan never goes back before this epoch
     plan_floor: int = 0
