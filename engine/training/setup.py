@@ -144,10 +144,12 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     # what one training input looks like, without drawing an (augmented, random) sample to see it
     input_shape = (tuple(trains.train_src.tensors[0].shape[1:]) if trains.cached
                    else (3, prep.image_size, prep.image_size))
-    precision = _precision(config, trains, input_shape, ranks)
-    trains.place = replace(trains.place, dtype=precision.dtype)
     batches = _plan_batches(config, module, trains.model, stages, plan, plan_epoch, input_shape, trains.place, ranks,
                             reserve)
+    # after the plan: the probe's transient memory must not count as the process's fixed share (a float32 plan
+    # holds in bf16 too: its activations are smaller)
+    precision = _precision(config, trains, input_shape, ranks, batches.micro_batch)
+    trains.place = replace(trains.place, dtype=precision.dtype)
     # evaluation in the same slices: what fits a training step fits an inference pass
     val_loader = DataLoader(trains.val_src if ranks is None else shard(trains.val_src, ranks), shuffle=False,
                             **dict(loader_kw, batch_size=batches.micro_batch))
@@ -268,7 +270,8 @@ def _top_view(config: TrainConfig, prep: Prepared, module: nn.Module, stages: li
     return None
 
 
-def _precision(config: TrainConfig, trains: _Trains, input_shape: tuple[int, ...], ranks: Ranks | None) -> Precision:
+def _precision(config: TrainConfig, trains: _Trains, input_shape: tuple[int, ...], ranks: Ranks | None,
+               micro_batch: int) -> Precision:
     """The training steps' autocast dtype: CUDA's as amp_dtype says; on a CPU, bf16 when asked for, or
     under 'auto' when a probe finds it faster (engine/training/precision.py); never on cached features."""
     place = trains.place
@@ -278,7 +281,7 @@ def _precision(config: TrainConfig, trains: _Trains, input_shape: tuple[int, ...
         return Precision(torch.bfloat16, "bfloat16: asked for (amp bf16)")
     if trains.cached or (ranks is not None and ranks.world > 1) or config.amp != "auto":
         return Precision(None, "float32")
-    return cpu_precision(trains.model, input_shape, min(config.batch_size, 8), channels_last=place.channels_last,
+    return cpu_precision(trains.model, input_shape, min(micro_batch, 8), channels_last=place.channels_last,
                          key=f"{config.model}|{sum(p.numel() for p in trains.model.parameters() if p.requires_grad)}",
                          cache_dir=machine_cache_dir())
 
