@@ -87,3 +87,12 @@ def test_auto_starts_at_four_sevenths_from_192_px_and_the_cli_records_the_size(t
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "auto or off" in err
     assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_the_page_says_what_auto_does_at_the_size():
+    from engine.training.sizes import progressive_caption
+
+    assert progressive_caption(224, 3) == ("Progressive resizing: the epochs train at 128 -> 176 -> 224 px; "
+                                           "validation at 224 px.")
+    assert progressive_caption(96, 3) == "Progressive resizing: every epoch at 96 px here (it pays from 192 px)."
+    assert "one epoch" in progressive_caption(224, 1)

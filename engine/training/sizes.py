@@ -41,6 +41,17 @@ def auto_start(image_size: int | None, epochs: int) -> int | None:
     return max(STEP_PX * 2, int(round(image_size * AUTO_SHARE / STEP_PX)) * STEP_PX)
 
 
+def progressive_caption(image_size: int, epochs: int) -> str:
+    """What 'auto' does at this size and number of epochs, in one line (the Training page says it)."""
+    start = auto_start(image_size, epochs)
+    if start is None:
+        why = "one epoch" if epochs < 2 else f"it pays from {AUTO_FROM_PX} px"
+        return f"Progressive resizing: every epoch at {image_size} px here ({why})."
+    sizes = [epoch_size(e, epochs, start, image_size) or image_size for e in range(1, epochs + 1)]
+    shown = sizes if len(sizes) <= 6 else [*sizes[:3], "...", *sizes[-2:]]
+    return f"Progressive resizing: the epochs train at {' -> '.join(map(str, shown))} px; validation at {image_size} px."
+
+
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     """A batch of square-or-not images scaled so that its longer side is ``size`` (antialiased: a
     plain bilinear downscale aliases thin strokes away, which a digit is made of)."""
