@@ -35,7 +35,10 @@ def test_without_units_it_is_float32_and_nothing_is_probed(tmp_path, monkeypatch
 
 
 def test_with_units_a_probe_decides_once_and_leaves_no_trace(tmp_path, monkeypatch):
+    import os
+
     monkeypatch.delenv("WORKBENCH_CPU_BF16", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine keeps its answer
     model = create_model("timm:test_resnet", weights="none", class_names=["a", "b"]).module.train()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     rng = torch.get_rng_state()
@@ -81,3 +84,15 @@ def test_an_auto_run_records_its_precision(tmp_path, monkeypatch):
     assert precision.startswith(("float32", "bfloat16")), precision
     script = script_for_run(run)
     assert ("AMP = 'bf16'" in script) == precision.startswith("bfloat16")
+
+
+def test_a_probe_on_a_busy_machine_is_used_but_not_kept(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("WORKBENCH_CPU_BF16", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (8.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    model = create_model("timm:test_resnet", weights="none", class_names=["a", "b"]).module
+    choice = cpu_precision(model, (3, 32, 32), 4, channels_last=False, key="k", cache_dir=tmp_path,
+                           units=("avx512_bf16",))
+    assert "a step took" in choice.reason
+    assert not (tmp_path / PROBE_FILE).exists()

@@ -12,7 +12,8 @@ runs bf16 about 6x slower. So ``amp: auto`` on a CPU:
 ``WORKBENCH_CPU_BF16=off`` skips the probe (float32 everywhere: the test suite sets it, so that its
 numbers do not depend on the CPU it runs on). The probe leaves no trace on the run (BatchNorm statistics, gradients and the random generators are put
 back), and its answer is kept per CPU, torch version, model and step shape in the machine's cache folder
-(``precision-probes.json`` in engine.core.paths.machine_cache_dir): a second run of the same shape starts at once. The choice is recorded in the
+(``precision-probes.json`` in engine.core.paths.machine_cache_dir): a second run of the same shape starts at once.
+An answer measured while the machine is busy is used for that run and not kept. The choice is recorded in the
 run's RunStarted event (``precision``), and the exported script trains in what the run trained in.
 """
 from __future__ import annotations
@@ -80,13 +81,22 @@ def cpu_precision(model: nn.Module, input_shape: tuple[int, ...], slice_images: 
     if not (isinstance(known, dict) and _finite(known.get("fp32_s")) and _finite(known.get("bf16_s"))):
         fp32_s, bf16_s = probe_step_times(model, input_shape, max(2, slice_images), channels_last=channels_last)
         known = {"fp32_s": fp32_s, "bf16_s": bf16_s}
-        if cache is not None:
+        if cache is not None and not machine_busy():  # a loaded machine's timings are kept for this run only
             _write(cache, full_key, known)
     gain = known["fp32_s"] / max(known["bf16_s"], 1e-9)
     measured = f"a step took {known['bf16_s']:.3f} s in bf16, {known['fp32_s']:.3f} s in float32"
     if gain >= MIN_GAIN:
         return Precision(torch.bfloat16, f"bfloat16 ({'/'.join(units)}): {measured}, {gain:.2f}x")
     return Precision(None, f"float32 ({'/'.join(units)} measured): {measured}, bf16 {gain:.2f}x")
+
+
+def machine_busy() -> bool:
+    """Other work holds most of the cores (1-minute load over 3/4 of them): a probe measured now is noise
+    (one on a loaded 2-core box timed bf16 3.5x faster, on the idle box 0.8x), so it is not kept."""
+    try:
+        return os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 def probe_step_times(model: nn.Module, input_shape: tuple[int, ...], images: int, *,
