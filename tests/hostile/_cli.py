@@ -55,7 +55,7 @@ PRELOAD = ["torch", "timm", "torchvision", "engine.cli", "engine.training.loop",
 def engine(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path | None = None,
            fresh: bool = False) -> Ran:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    if fresh:
+    if fresh or "--background" in args:  # a background start leaves processes behind: from a real one, as before
         proc = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
                               timeout=timeout, env=full_env, cwd=cwd or ROOT)
         return Ran(proc.returncode, proc.stdout, proc.stderr)
