@@ -221,12 +221,10 @@ def _reached(result: dict, target: float) -> dict | None:
 
 
 def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "CPU: unknown (no /proc/cpuinfo)"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    sys.path.insert(0, str(ROOT))
+    from engine.training.precision import cpu_info  # what the engine's bf16 probe reads
+
+    model, flags = cpu_info()
     amx = sorted(f for f in flags if f.startswith("amx"))
     return (f"CPU: {model}, {os.cpu_count()} cores; avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, "
             f"AMX {'yes (' + ' '.join(amx) + ')' if amx else 'no'}")

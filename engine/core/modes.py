@@ -40,6 +40,21 @@ def modes_restored(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
+def buffers_restored(model: nn.Module) -> Iterator[nn.Module]:
+    """Whatever the block's forwards do to the buffers (BatchNorm statistics), they are put back: a probe
+    that runs the model as in training leaves no trace on it."""
+    import torch
+
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
+
+
+@contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """``model.eval()`` for the block under the model's lock; afterwards each module regains its mode."""
     with model_lock(model), modes_restored(model):

@@ -823,10 +823,11 @@ def main():
             held = unfreeze(model, optimizer, epoch)
         torch.manual_seed(SEED * 1000 + epoch)  # the same batches and dropout every time
         generator.manual_seed(SEED * 1000 + epoch)
+        size = epoch_size(epoch)
         train_loss, train_acc = train_one_epoch(trained, held, train_loader, optimizer, scaler,
                                                 (epoch - 1) * len(train_loader), total_steps, device, dtype,
-                                                channels_last, weight, epoch_size(epoch))
-        if epoch_size(epoch) is not None:  # validated at the full size: BatchNorm statistics of the full size
+                                                channels_last, weight, size)
+        if size is not None:  # validated at the full size: BatchNorm statistics of the full size
             recalibrate_batchnorm(trained, held, train_loader, device, channels_last)
         val_loss, val_acc = evaluate(trained, val_loader, device, dtype, channels_last)
         if not (math.isfinite(val_loss) and math.isfinite(train_loss)):

@@ -29,7 +29,7 @@ from torch import nn
 
 from engine.core.errors import EngineError
 from engine.core.memory import MemoryBudget, current_rss, format_size
-from engine.core.modes import modes_restored
+from engine.core.modes import buffers_restored, modes_restored
 from engine.freeze.plan import set_train_mode
 
 # On CPU a slice whose saved activations pass ~1 GB gets slower, not only bigger. Measured on 2 cores,
@@ -99,7 +99,6 @@ def slice_cost(model: nn.Module, input_shape: tuple[int, ...], device: torch.dev
     The model runs as in training (frozen parts stay in eval); its BatchNorm statistics and the
     random number generators are put back, so the probe leaves no trace on the run.
     """
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def count(n: int) -> tuple[int, int]:
@@ -131,15 +130,10 @@ def slice_cost(model: nn.Module, input_shape: tuple[int, ...], device: torch.dev
                 h.remove()
         return sum(seen.values()), largest[0]
 
-    try:
-        with modes_restored(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                torch.enable_grad():
-            set_train_mode(model, True)
-            two, four = count(2), count(4)  # not 1: BatchNorm refuses a batch of one in training
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+    with modes_restored(model), buffers_restored(model), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        set_train_mode(model, True)
+        two, four = count(2), count(4)  # not 1: BatchNorm refuses a batch of one in training
     return SliceCost(saved=max(0, (four[0] - two[0]) // 2), working=max(0, (four[1] - two[1]) // 2))
 
 

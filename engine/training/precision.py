@@ -18,7 +18,6 @@ run's RunStarted event (``precision``), and the exported script trains in what t
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.core.modes import modes_restored
+from engine.core.files import atomic_write_json, read_json
+from engine.core.modes import buffers_restored, modes_restored
 
 MIN_GAIN = 1.15  # bf16 must be this much faster than float32 to be chosen
 PROBE_FILE = "precision-probes.json"
@@ -42,28 +42,22 @@ class Precision:
     dtype: torch.dtype | None
     reason: str
 
-    @property
-    def name(self) -> str:
-        return "float32" if self.dtype is None else str(self.dtype).replace("torch.", "")
+
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """This CPU's model name and flags as Linux reports them (("unknown", set()) elsewhere)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return "unknown", set()
+    first = text.split("\n\n", 1)[0]  # the first processor's block: every core reports the same
+    fields = {key.strip(): value for key, value in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    return fields.get("model name", "unknown").strip() or "unknown", set(fields.get("flags", "").split())
 
 
 def cpu_bf16_units(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, ...]:
     """The bf16 instruction sets this CPU reports (Linux); () when none or unknown."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return ()
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = cpu_info(cpuinfo)[1]
     return tuple(flag for flag in BF16_FLAGS if flag in flags)
-
-
-def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                "unknown")
 
 
 def cpu_precision(model: nn.Module, input_shape: tuple[int, ...], slice_images: int, *, channels_last: bool,
@@ -76,13 +70,15 @@ def cpu_precision(model: nn.Module, input_shape: tuple[int, ...], slice_images: 
     if not units:
         return Precision(None, "float32: this CPU has no bf16 units (avx512_bf16 / AMX)")
     cache = cache_dir / PROBE_FILE if cache_dir is not None else None
-    full_key = f"{cpu_name()}|{'+'.join(units)}|torch {torch.__version__}|{key}|{tuple(input_shape)}x{slice_images}"
-    known = _read(cache).get(full_key) if cache is not None else None
+    name = cpu_info()[0]
+    full_key = f"{name}|{'+'.join(units)}|torch {torch.__version__}|{key}|{tuple(input_shape)}x{slice_images}"
+    kept = read_json(cache, {}) if cache is not None else {}
+    known = kept.get(full_key) if isinstance(kept, dict) else None
     if not (isinstance(known, dict) and _finite(known.get("fp32_s")) and _finite(known.get("bf16_s"))):
         fp32_s, bf16_s = probe_step_times(model, input_shape, max(2, slice_images), channels_last=channels_last)
         known = {"fp32_s": fp32_s, "bf16_s": bf16_s}
         if cache is not None and not machine_busy():  # a loaded machine's timings are kept for this run only
-            _write(cache, full_key, known)
+            _keep(cache, full_key, known)
     gain = known["fp32_s"] / max(known["bf16_s"], 1e-9)
     measured = f"a step took {known['bf16_s']:.3f} s in bf16, {known['fp32_s']:.3f} s in float32"
     if gain >= MIN_GAIN:
@@ -103,14 +99,13 @@ def probe_step_times(model: nn.Module, input_shape: tuple[int, ...], images: int
                      channels_last: bool, rounds: int = 2) -> tuple[float, float]:
     """Seconds of one forward + backward of ``images`` in float32 and in bf16 autocast (the best of
     ``rounds`` each, after one warm-up each, alternating so that a load change hits both)."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     grads = {p: p.grad for p in model.parameters()}
     x = torch.rand(images, *input_shape, generator=torch.Generator().manual_seed(0))
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     best = {False: float("inf"), True: float("inf")}
     try:
-        with modes_restored(model), torch.random.fork_rng(devices=[]):
+        with modes_restored(model), buffers_restored(model), torch.random.fork_rng(devices=[]):
             for i in range(2 * (rounds + 1)):
                 bf16 = bool(i % 2)
                 start = time.perf_counter()
@@ -123,9 +118,6 @@ def probe_step_times(model: nn.Module, input_shape: tuple[int, ...], images: int
                 for p in model.parameters():
                     p.grad = None
     finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
         for p, g in grads.items():
             p.grad = g
     return best[False], best[True]
@@ -135,25 +127,11 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and value == value and 0 < value < float("inf")
 
 
-def _read(path: Path | None) -> dict:
-    from engine.core.errors import EngineError
-    from engine.core.files import parse_json
-
-    try:
-        data = parse_json(path.read_text(), "the precision probes file") if path is not None and path.is_file() else {}
-    except (OSError, ValueError, EngineError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write(path: Path, key: str, value: dict) -> None:
-    """Best effort (a read-only lock folder only means probing again next time)."""
+def _keep(path: Path, key: str, value: dict) -> None:
+    """Best effort: a cache folder that cannot be written only means probing again next time."""
+    kept = read_json(path, {})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read(path)
-        data[key] = value
-        tmp = path.with_suffix(f".{time.time_ns()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        atomic_write_json(path, {**(kept if isinstance(kept, dict) else {}), key: value})
     except OSError:
         pass

@@ -95,7 +95,7 @@ class Trainer:
                    stop: Callable[[], bool] = lambda: False, resize: int | None = None) -> EpochStats | None:
         """Training steps over ``batches`` (default: one pass over the training loader) under ``lr``;
         None when ``stop`` said so mid-pass; Diverged on a NaN/inf loss. ``resize``: the images' size in
-        this pass (progressive resizing; never on cached features)."""
+        this pass (progressive resizing; run_epoch never asks it of cached features)."""
         config = self.config
         aug = config.augment_spec()
         mix = None if self.cached else batch_mixer(aug.mixup, aug.cutmix, self.num_classes, config.smoothing())
@@ -105,7 +105,7 @@ class Trainer:
             scaler=self.scaler, channels_last=self.channels_last, micro_batch=self.batches.micro_batch,
             class_weight=self.class_weight, label_smoothing=config.smoothing(), mix=mix, grad_clip=config.grad_clip,
             callbacks=callbacks, should_stop=stop, sync=self.ranks.sum_tensor if self.ranks else None,
-            resize=None if self.cached else resize))
+            resize=resize))
 
     def close_epoch(self, epoch: int, stats: EpochStats, started: float) -> EpochEnded:
         """The epoch's evaluation (every rank's share summed) and its record; Diverged on a NaN/inf loss.
@@ -148,11 +148,11 @@ class Trainer:
                             eta_s=remaining))
 
         schedule = Scheduled(state.step, config.epochs * steps, config.schedule, config.warmup_frac)
-        size = epoch_size(epoch, config.epochs, config.progressive_from, self.image_size)
+        size = None if self.cached else epoch_size(epoch, config.epochs, config.progressive_from, self.image_size)
         stats = self.train_pass(lr=schedule, callbacks=[OnStep(progress)], stop=stop, resize=size)
         if stats is None:
             return None
-        if size is not None and not self.cached:  # validated at the full size: statistics of the full size
+        if size is not None:  # validated at the full size: statistics of the full size
             recalibrate_batchnorm(self.wrapper or self.model, self.train_loader, self.device,
                                   channels_last=self.channels_last, micro_batch=self.batches.micro_batch)
         return self.close_epoch(epoch, stats, started)
