@@ -87,7 +87,7 @@ import json, os, resource, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp())
 from engine.config import TrainConfig
-from engine.lab.race_plans import PLANS
+from engine.freeze.presets import PLANS
 from engine.lab.race_process import train_race
 from engine.lab.race_registry import create_race
 data, runs, budget, seconds = sys.argv[2:6]

@@ -155,9 +155,11 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 
 def _progress_printer(enabled: bool):
     """A one-line progress bar on a terminal; epoch lines always."""
-    from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged
+    from engine.runs.events import EpochEnded, PlanChosen, RunFinished, RunStarted, StepLogged
 
     def emit(event) -> None:
+        if isinstance(event, PlanChosen):
+            sys.stderr.write(f"{event.summary}\n")
         if isinstance(event, RunStarted) and enabled and event.batches:
             sys.stderr.write(f"{event.batches}\n")
         if isinstance(event, RunStarted) and event.skipped:
@@ -186,7 +188,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--weights", default="packaged", help="packaged|hub|none|PATH")
     p.add_argument("--data", default="digits", help="digits | lfw | FOLDER | ZIP")
-    p.add_argument("--strategy", default="full", help="feature-extraction | full | last-n:N")
+    p.add_argument("--strategy", default="full", help="feature-extraction | full | last-n:N | auto (the advisor and "
+                   "a short race on a sample of the training images choose, before the first epoch; --lr, --bn and "
+                   "--unfreeze then do not apply)")
     p.add_argument("--unfreeze", help="gradual unfreezing: EPOCHS:STAGES,... e.g. 2:1,3:3 = after 2 epochs the top backbone stage "
                    "trains too, after 3 epochs the top three")
     p.add_argument("--bn", default="freeze", choices=["freeze", "adapt", "train"])
@@ -227,10 +231,17 @@ def _config_from_args(args: argparse.Namespace):
     from engine.config import TrainConfig
     from engine.freeze.plan import FreezePlan
 
-    plan = FreezePlan.parse(args.strategy, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
-                            bn_policy=args.bn, unfreeze_schedule=_schedule(args.unfreeze))
+    auto = str(args.strategy).strip().lower() == "auto"
+    if auto:  # the plan is chosen on the data before the first epoch (engine/training/auto_plan.py)
+        from engine.training.auto_plan import PENDING
+
+        plan = FreezePlan.default()
+    else:
+        plan = FreezePlan.parse(args.strategy, head_lr=args.lr, backbone_lr_ratio=args.backbone_lr_ratio,
+                                bn_policy=args.bn, unfreeze_schedule=_schedule(args.unfreeze))
     config = TrainConfig(
         model=args.model, weights=args.weights, data=args.data, plan=plan.to_dict(), epochs=args.epochs,
+        auto_plan=dict(PENDING) if auto else None,
         batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, split_seed=args.seed,
         val_fraction=args.val_fraction, max_per_class=args.max_per_class, augment=args.augment,
         device=args.device, feature_cache=args.feature_cache, patience=args.patience,

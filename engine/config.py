@@ -89,6 +89,9 @@ class TrainConfig:
     # measured on digits at 96 px (1 epoch): one LR for all groups beat discriminative ratios there
     plan: dict[str, Any] = field(
         default_factory=lambda: FreezePlan.default().to_dict())
+    # --strategy auto (engine/training/auto_plan.py): {"status": "pending"} until fit chooses the plan before the
+    # first epoch, then how it was chosen ("chosen", the advice, the sample race); ``plan`` holds the pick
+    auto_plan: dict[str, Any] | None = None
     epochs: int = 1
     batch_size: int = 32
     image_size: int | None = 96  # None: the model's own input size
@@ -220,6 +223,8 @@ class TrainConfig:
                 raise ConfigError(name, f"{name} must be text.")
         if not isinstance(self.plan, dict):
             raise ConfigError("plan", "the freeze plan must be a JSON object.")
+        if self.auto_plan is not None and not isinstance(self.auto_plan, dict):
+            raise ConfigError("auto_plan", "auto_plan must be a JSON object or null.")
         try:
             plan = self.freeze_plan()
         except (TypeError, ValueError) as exc:

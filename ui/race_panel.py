@@ -17,8 +17,9 @@ from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from engine.core.paths import runs_root
+from engine.freeze.presets import LABELS, PLANS
 from engine.lab.race_estimate import ESTIMATE_MARGIN, RaceEstimate, check_budget, estimate_race
-from engine.lab.race_plans import LABELS, PLANS, budget_value, rung_sizes
+from engine.lab.race_plans import budget_value, rung_sizes
 from engine.lab.race_process import start_race_background
 from engine.lab.race_registry import (
     create_race,

@@ -71,7 +71,9 @@ def _panel(run: RunDir) -> None:
         if st.button("Cancel (leave the queue)", key=f"cancel-{run.run_id}"):
             request_cancel(run)
     elif status.active:
-        said = progress.describe(epochs) if progress else "preparing data and model..."
+        choosing = not progress and (run.config_or_empty().get("auto_plan") or {}).get("status") == "pending"
+        said = (progress.describe(epochs) if progress else "choosing the plan: the advisor and a short race on a "
+                "sample of the training images..." if choosing else "preparing data and model...")
         st.progress(progress.fraction(epochs) if progress else 0.0, text=md(f"{state}: {said}"))
         if st.button("Cancel training", key=f"cancel-{run.run_id}"):
             request_cancel(run)
@@ -86,6 +88,8 @@ def _panel(run: RunDir) -> None:
         st.error(f"Diverged: {md(status.reason)}")
     elif state == "damaged":
         st.error(f"Damaged: {md(status.reason)}")
+    if status.auto_plan:
+        st.caption(f"Plan chosen for this data ({md(status.auto_plan.removeprefix('auto plan: '))}).")
     if status.batches:
         st.caption(f"Memory: {md(status.batches)}.")
     if metrics:

@@ -30,6 +30,7 @@ from engine.runs.background import start_background
 from engine.runs.locks import device_lock
 from engine.runs.queue import device_queue
 from engine.runs.store import active_runs, create_run, extend_run, list_runs, open_run
+from engine.training.auto_plan import PENDING
 from engine.training.preflight import check_startable
 from engine.training.run import check_resumable
 from engine.training.sizes import AUTO_FROM_PX, auto_start, progressive_caption
@@ -118,6 +119,14 @@ def field(column, key: str, widget, label: str, *args, **kwargs):
     return value
 
 
+choose = field(st.container(), "autoplan", st.toggle, "Let the workbench choose the plan", value=False,
+               help="At Start, before the first epoch: the advisor (data amount x a linear probe of how well the "
+                    "frozen features already separate your classes) names a plan, and a short race on a sample of "
+                    "your training images (two thirds train, one third held out) checks it against its neighbour: "
+                    "feature extraction or the last stage, the last two stages or a full fine-tune. The run trains "
+                    "the pick; its page says which and why. The plan above is then not used.")
+if choose:
+    st.caption("The plan is chosen at Start on your training images (a few seconds before the first epoch).")
 c1, c2, c3, c4 = st.columns(4)
 epochs = field(c1, "epochs", st.number_input, "Epochs", value=1, step=1)
 batch = field(c2, "batch", st.number_input, "Batch size", value=32, step=1)
@@ -213,7 +222,8 @@ def current_config() -> TrainConfig:
                          augment=spec_from_controls(bool(augment), aug_values), patience=int(patience) or None, max_per_class=int(per_class) or None,
                          seed=int(seed), split_seed=int(seed), memory_budget=(budget or "").strip() or None,
                          micro_batch=int(micro) or None, balance=balance_choice, nproc=int(procs),
-                         progressive_from=auto_start(int(size), int(epochs)) if grow else None)
+                         progressive_from=auto_start(int(size), int(epochs)) if grow else None,
+                         auto_plan=dict(PENDING) if choose else None)
     config.check_hosted()
     return config
 

@@ -21,7 +21,8 @@ from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.core.modes import evaluating
 from engine.data.datasets import BUILTIN_FACTS
-from engine.lab.race_plans import ETA, LABELS, MIN_SLICE_S, budget_value, race_plan, rung_sizes
+from engine.freeze.presets import LABELS, named_plan
+from engine.lab.race_plans import ETA, MIN_SLICE_S, budget_value, rung_sizes
 
 
 def check_budget(budget_s: Any, plans: int, eta: int = ETA, estimate: RaceEstimate | None = None) -> float:
@@ -288,7 +289,7 @@ def _plan_cost(name: str, base: TrainConfig, module: torch.nn.Module, stages: li
     from engine.training.feature_cache import uses_feature_cache
     from engine.training.prefix_cache import prefix_cut
 
-    plan = race_plan(name, sum(1 for s in stages if not s.is_head))
+    plan = named_plan(name, sum(1 for s in stages if not s.is_head))
     config = replace(base, plan=plan.to_dict())
     trains = set(plan.trainable_stage_names(stages, 0))
     first = next((i for i, stage in enumerate(stages) if stage.name in trains), len(stages) - 1)

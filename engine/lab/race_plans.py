@@ -1,7 +1,7 @@
 """The plans a race picks from and the budget it is given (engine/lab/race.py races them): their names
 and labels, the rungs of successive halving, and the refusals that need no probe of the set-up.
 
-A plan's name stands for a FreezePlan on the model's backbone (``race_plan``): feature extraction, the
+A plan's name stands for a FreezePlan on the model's backbone (engine/freeze/presets.py): feature extraction, the
 last one or two stages, a full fine-tune, gradual unfreezing. ``budget_value`` refuses a budget that is
 no usable number of seconds before anything is probed; whether it fits the set-up and the first slices
 is ``check_budget``'s question (engine/lab/race_estimate.py).
@@ -13,11 +13,8 @@ from typing import Any
 
 from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
-from engine.freeze.plan import FreezePlan
+from engine.freeze.presets import PLANS
 
-PLANS = ("fe", "last-1", "last-2", "full", "gradual")
-LABELS = {"fe": "feature extraction", "last-1": "last 1 stage", "last-2": "last 2 stages",
-          "full": "full fine-tune", "gradual": "gradual unfreezing"}
 ETA = 2  # each rung keeps 1/ETA of the plans (rounded up)
 MIN_SLICE_S = 0.5  # the least a first-rung slice may be: below it a race ranks plans on noise
 MAX_BUDGET_S = 24 * 3600.0
@@ -64,24 +61,8 @@ def rung_sizes(plans: int, eta: int = ETA) -> list[int]:
     return sizes
 
 
-def race_plan(name: str, backbone_stages: int) -> FreezePlan:
-    """The plan a race name stands for, on a model with ``backbone_stages`` stages (last-n and
-    gradual unfreezing are clamped to it). LRs as the comparison uses them: 1e-2 for a lone head,
-    2e-3 and one LR for every group when the backbone trains."""
-    if name == "fe":
-        return FreezePlan.feature_extraction(head_lr=1e-2)
-    if name in ("last-1", "last-2"):
-        return FreezePlan.last(min(int(name[-1]), backbone_stages), head_lr=2e-3, backbone_lr_ratio=1.0)
-    if name == "full":
-        return FreezePlan.default()
-    if name == "gradual":  # epoch 1 the head, then the top stage, the top two, then everything
-        steps = sorted({(1, min(1, backbone_stages)), (2, min(2, backbone_stages)), (3, backbone_stages)})
-        return FreezePlan.feature_extraction(head_lr=2e-3, backbone_lr_ratio=1.0, unfreeze_schedule=tuple(steps))
-    raise EngineError(f"Unknown plan '{name}': a race picks from {', '.join(PLANS)}.")
-
-
 def backbone_stages(model: str) -> int:
-    """How many stages the backbone of ``model`` has (its head not counted): what ``race_plan`` clamps to."""
+    """How many stages the backbone of ``model`` has (its head not counted): what ``named_plan`` clamps to."""
     from engine.anatomy.stages import model_stages
     from engine.models.factory import create_model
 

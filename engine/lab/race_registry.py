@@ -13,8 +13,9 @@ from typing import Any
 from engine.config import TrainConfig
 from engine.core.errors import EngineError
 from engine.core.files import read_json
+from engine.freeze.presets import LABELS, named_plan
 from engine.lab.race_estimate import RaceEstimate, check_budget, estimate_race
-from engine.lab.race_plans import ETA, LABELS, backbone_stages, budget_value, parse_plans, race_plan
+from engine.lab.race_plans import ETA, backbone_stages, budget_value, parse_plans
 from engine.runs.store import RunDir, create_run, list_runs, new_run_id
 
 
@@ -49,7 +50,7 @@ def _create(runs_root: str | Path, base: TrainConfig, plans: tuple[str, ...], bu
     group = f"{kind}-{secrets.token_hex(3)}"
     spec = {"budget_s": budget_s, "eta": eta, "plans": list(plans),
             "estimate": estimate.to_dict() if estimate is not None else None}
-    configs = [replace(base, plan=race_plan(name, stages).to_dict(), group=group, label=LABELS[name],
+    configs = [replace(base, plan=named_plan(name, stages).to_dict(), group=group, label=LABELS[name],
                        schedule="constant", epochs=1, patience=None) for name in plans]
     runs = []
     for order, (name, config) in enumerate(zip(plans, configs)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from engine.runs.events import EpochEnded, RunFinished, RunStarted, StepLogged, no_emit
+from engine.runs.events import EpochEnded, PlanChosen, RunFinished, RunStarted, StepLogged, no_emit
 from engine.runs.tensorboard import TensorBoardLog
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class RunRecorder:
             self.run.write_status(state="running", epochs=event.epochs, device=event.device,
                                   micro_batch=event.micro_batch or None, batches=event.batches or None,
                                   precision=event.precision or None)
+        elif isinstance(event, PlanChosen):
+            self.run.write_status(auto_plan=event.summary)
         elif isinstance(event, EpochEnded):
             self.run.write_status(epoch=event.epoch, val_acc=event.val_acc, val_loss=event.val_loss)
         elif isinstance(event, RunFinished):

@@ -43,6 +43,7 @@ class RunStatus:
     micro_batch: int | None = None  # images per forward/backward slice (the batch is one step)
     batches: str | None = None  # the same in words, with the predicted peak and the memory budget
     precision: str | None = None  # the training steps' precision and why (engine/training/precision.py)
+    auto_plan: str | None = None  # --strategy auto: the plan it chose and why, one line (engine/training/auto_plan.py)
     pid: int | None = None  # the training process, with its kernel start time and a heartbeat
     pid_start: str | None = None
     heartbeat: float | None = None

@@ -9,15 +9,16 @@ A cancel (or a kill) never leaves a half-written file: each epoch ends in one at
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.device import flush_denormals, seed_everything
 from engine.core.memory import reuse_freed_memory
 from engine.data.overrides import read_overrides
-from engine.runs.events import RunFinished, RunStarted, no_emit
+from engine.runs.events import PlanChosen, RunFinished, RunStarted, no_emit
 from engine.runs.recorder import RunRecorder
+from engine.training.auto_plan import is_pending
 from engine.training.checkpoint import Checkpointer
 from engine.training.epoch import Diverged
 from engine.training.finish import evaluate_finished
@@ -63,6 +64,11 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     if commit and run is not None:  # other ranks get rank 0's weights when DDP wraps the model
         checkpointer.restore(prep.handle, commit)
     record_split(prep, run)
+    if is_pending(config.auto_plan) and not commit:  # --strategy auto: the plan is chosen on this data, now
+        config = _choose_plan(config, prep, run, sink, stop, ranks)
+        if config is None:
+            return RunResult.record(sink, "cancelled", "cancelled while choosing the plan",
+                                    TrainState.start("val_acc", 0.0, None), started, False, run)
     state = TrainState.start(config.monitor, config.min_delta, config.patience, commit)
     runner = set_up(config, prep, state, commit, stop, ranks)
 
@@ -99,6 +105,26 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
         if state.early.should_stop() and epoch < config.epochs:
             return finish("finished", state.early.reason())
     return finish("finished", _completed(prep, run))
+
+
+def _choose_plan(config: TrainConfig, prep: Prepared, run: RunDir | None, sink: Emit, stop: Callable[[], bool],
+                 ranks: Ranks | None) -> TrainConfig | None:
+    """``--strategy auto`` (engine/lab/auto_plan.py): the config with the chosen plan, also in config.json
+    (a resume, an export, the exported script train that plan); None: cancelled. Rank 0 chooses, every
+    rank trains its pick."""
+    from engine.core.files import atomic_write_json
+    from engine.training.auto_plan import choose_plan
+
+    choice = choose_plan(config, prep, stop) if ranks is None or ranks.main else None
+    if ranks is not None:
+        choice = ranks.broadcast(choice)
+    if choice is None:
+        return None
+    config = replace(config, plan=choice.plan, auto_plan=choice.record())
+    if run is not None:
+        atomic_write_json(run.config_path, config.to_dict())
+    sink(PlanChosen(plan=choice.picked, summary=choice.summary()))
+    return config
 
 
 def _completed(prep: Prepared, run: RunDir | None) -> str:

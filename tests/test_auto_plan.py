@@ -1,0 +1,115 @@
+"""``--strategy auto`` (engine/training/auto_plan.py): the advisor and a short race on a sample of the
+training split choose the plan before the first epoch, and the run records the choice as its plan."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.config import TrainConfig
+from engine.freeze.presets import named_plan
+from engine.runs.store import create_run, extend_run
+from engine.training.advice import probe_accuracy, similarity_from_features
+from engine.training.auto_plan import PENDING, TIE, Candidate, pick, sample_split
+from engine.training.loop import fit
+from tests.test_cli import run_cli
+
+
+def test_the_torch_probe_scores_as_scikit_learns_logistic_regression():
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[:300], order[300:900]
+    ours = probe_accuracy(x[train], y[train], x[test], y[test])
+    theirs = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=5000)).fit(
+        x[train], y[train]).score(x[test], y[test])
+    assert ours > 0.85 and abs(ours - theirs) <= 0.01, (ours, theirs)
+    # pixels separate digits well; shuffled labels are at chance
+    assert similarity_from_features(x[:400], y[:400], "pixels").verdict == "similar"
+    shuffled = np.random.default_rng(1).permutation(y[:400])
+    assert similarity_from_features(x[:400], shuffled, "pixels").verdict == "different"
+
+
+def test_the_sample_is_stratified_and_drawn_from_the_training_split_only():
+    labels = [i % 3 for i in range(90)] + [3]  # three classes of 30, one class of a single image
+    indices = list(range(1000, 1091))
+    fit_part, held = sample_split(indices, labels, seed=0, n_classes=4)
+    assert not set(fit_part) & set(held) and set(fit_part) | set(held) <= set(indices)
+    by_label = {i: labels[i - 1000] for i in indices}
+    for label in range(3):
+        assert sum(by_label[i] == label for i in fit_part + held) == 24  # PER_CLASS
+        assert sum(by_label[i] == label for i in held) == 8  # a third held out
+    assert 1090 in fit_part and 1090 not in held  # a lone image trains, none held out
+    assert sample_split(indices, labels, seed=0, n_classes=4) == (fit_part, held)  # seeded
+
+
+def test_the_pick_keeps_the_advisor_within_the_tie_and_never_crowns_the_probe_outside_the_pair():
+    full, last2 = Candidate("full", "full", 0.80), Candidate("last-2", "last 2", 0.80 + TIE / 2)
+    probe = Candidate("fe", "fe", 0.99)
+    assert pick([probe, full, last2], ("full", "last-2"))[0] == "full"  # within TIE: the advisor's
+    better = Candidate("last-2", "last 2", 0.80 + 3 * TIE)
+    picked, why = pick([probe, full, better], ("full", "last-2"))
+    assert picked == "last-2" and "best on the sample" in why
+    assert pick([probe, Candidate("last-1", "last 1", 0.5)], ("fe", "last-1"))[0] == "fe"
+    failed = Candidate("full", "full", None, note="diverged")
+    assert pick([failed], ("full", "last-2")) == ("full", "no candidate finished on the sample: the advisor's plan")
+
+
+def test_a_run_chooses_its_plan_records_it_and_a_resume_keeps_it(tmp_path):
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=18,
+                         epochs=1, num_workers=0, auto_plan=dict(PENDING))
+    run = create_run(tmp_path, config.to_dict())
+    result = fit(config, run)
+    assert result.status == "finished", result.reason
+    saved = run.config()
+    record = saved["auto_plan"]
+    assert record["status"] == "chosen" and record["picked"] in ("fe", "last-1", "last-2", "full")
+    assert saved["plan"] == record["plan"] == named_plan(record["picked"], 4).to_dict()
+    assert record["advice"]["similarity"] in ("similar", "in between", "different")
+    assert record["advice"]["evidence"]["n_images"] == record["sample"]["held_out"]
+    rows = {c["plan"]: c for c in record["candidates"]}
+    assert "fe" in rows and len(rows) >= 2  # the probe's row and at least one trained plan
+    assert all(c["seconds"] > 0 for c in rows.values())
+    trained = [c for c in rows.values() if c["plan"] != "fe"]
+    assert all(0 <= c["val_acc"] <= 1 and c["method"].startswith("2 passes") for c in trained)
+    # the sample comes from the training split: 18 per class, 80/20 -> at most 15 per class train
+    split = json.loads(run.status_path.read_text())["split"]
+    assert record["sample"]["train"] + record["sample"]["held_out"] <= split["train"]
+    events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    chosen = [e for e in events if e["event"] == "PlanChosen"]
+    assert len(chosen) == 1 and chosen[0]["plan"] == record["picked"]
+    assert events.index(chosen[0]) < next(i for i, e in enumerate(events) if e["event"] == "RunStarted")
+    assert run.status().auto_plan.startswith("auto plan: ")
+    # a resume trains the recorded plan: nothing chosen again
+    extend_run(run, 2)
+    resumed = fit(TrainConfig.from_dict(run.config()), run, resume=True)
+    assert resumed.status == "finished", resumed.reason
+    assert run.config()["plan"] == saved["plan"] and run.config()["auto_plan"] == record
+    events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    assert sum(e["event"] == "PlanChosen" for e in events) == 1
+
+
+def test_a_cancel_while_choosing_ends_the_run_cancelled(tmp_path):
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=12,
+                         epochs=1, num_workers=0, auto_plan=dict(PENDING))
+    run = create_run(tmp_path, config.to_dict())
+    result = fit(config, run, should_stop=lambda: True)
+    assert result.status == "cancelled" and result.reason == "cancelled while choosing the plan"
+    assert run.config()["auto_plan"] == PENDING  # nothing chosen: a later resume would choose
+
+
+@pytest.mark.parametrize("strategy", ["auto", "AUTO"])
+def test_the_cli_says_which_plan_it_chose(tmp_path, strategy):
+    proc = run_cli("train", "--model", "timm:test_resnet", "--weights", "none", "--data", "digits",
+                   "--max-per-class", "9", "--image-size", "32", "--epochs", "1", "--strategy", strategy,
+                   "--workers", "0", "--out", str(tmp_path / "runs"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    line = next(text for text in proc.stderr.splitlines() if text.startswith("auto plan: "))
+    assert "sample race" in line and "chosen in" in line
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["auto_plan"]["status"] == "chosen"
