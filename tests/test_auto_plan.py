@@ -9,6 +9,7 @@ import pytest
 
 from engine.config import TrainConfig
 from engine.freeze.presets import named_plan
+from engine.models.factory import create_model
 from engine.runs.store import create_run, extend_run
 from engine.training.advice import probe_accuracy, similarity_from_features
 from engine.training.auto_plan import PENDING, TIE, Candidate, pick, sample_split
@@ -113,3 +114,27 @@ def test_the_cli_says_which_plan_it_chose(tmp_path, strategy):
     assert "sample race" in line and "chosen in" in line
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "config.json").read_text())["auto_plan"]["status"] == "chosen"
+
+
+def test_too_few_images_to_hold_any_out_train_the_advisors_plan_without_a_race(tmp_path):
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=3,
+                         epochs=1, num_workers=0, auto_plan=dict(PENDING))
+    run = create_run(tmp_path, config.to_dict())
+    assert fit(config, run).status == "finished"
+    record = run.config()["auto_plan"]
+    assert record["sample"]["held_out"] == 0 and record["candidates"] == []
+    assert record["why"] == "too few images to hold any out: the advisor's plan, no race"
+    assert record["advice"]["data_amount"] == "little" and record["advice"]["similarity"] == "in between"
+
+
+def test_the_lr_finder_sweeps_the_plan_a_training_would_choose():
+    from engine.lab.lr_find import lr_find
+
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=9,
+                         num_workers=0, auto_plan=dict(PENDING))
+    sweep = lr_find(config, steps=5)
+    assert len(sweep.lrs) == 5, sweep
+    # 7 training images a class is little data: the last stage or two race, never the placeholder full plan
+    full = sum(p.numel() for p in create_model("timm:test_resnet", weights="none", class_names=list("0123456789"))
+               .module.parameters())
+    assert 0 < sweep.trainable_params < full, (sweep.trainable_params, full)  # the full plan trains all

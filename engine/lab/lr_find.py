@@ -18,12 +18,13 @@ the minimum divided by 10 is reported beside it (the older rule of thumb).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from engine.core.device import seed_everything
 from engine.core.errors import EngineError
+from engine.training.auto_plan import choose_plan, is_pending
 from engine.training.epoch import Diverged
 from engine.training.policies import ExponentialSweep, OnStep, Steps
 from engine.training.setup import prepare, set_up
@@ -97,6 +98,13 @@ def lr_find(config: TrainConfig, *, start_lr: float = 1e-7, end_lr: float = 1.0,
     seed_everything(config.seed)
     stop_asked = should_stop or (lambda: False)
     prep = prepare(config)
+    if is_pending(config.auto_plan):  # --strategy auto: the sweep is of the plan a training would choose
+        choice = choose_plan(config, prep, stop_asked)
+        if choice is None:
+            sweep = LRSweep(head_lr=config.freeze_plan().head_lr)
+            sweep.ended = "cancelled while choosing the plan"
+            return sweep
+        config = replace(config, plan=choice.plan, auto_plan=choice.record())
     state = TrainState.start(config.monitor, config.min_delta, config.patience)
     runner = set_up(config, prep, state, None, stop_asked)
     sweep = LRSweep(head_lr=config.freeze_plan().head_lr)

@@ -38,7 +38,7 @@ from engine.freeze.presets import LABELS, named_plan
 from engine.runs.events import no_emit
 from engine.training.advice import probe_accuracy, recommend, similarity_evidence
 from engine.training.epoch import Diverged
-from engine.training.feature_cache import extract_features
+from engine.training.feature_cache import compute_features
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
@@ -105,7 +105,10 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     backbone = sum(1 for s in model_stages(handle.module, handle.spec.head) if not s.is_head)
     say(f"auto plan: a sample of {len(fit_idx) + len(hold_idx)} training images "
         f"({len(fit_idx)} to train, {len(hold_idx)} held out)")
-    feats, y = _sample_features(prep, fit_idx + hold_idx)
+    found = _sample_features(config, prep, fit_idx + hold_idx, stop)
+    if found is None:
+        return None
+    feats, y = found
     probe = _probe_candidate(feats, y, len(fit_idx))  # feature extraction's score, and the similarity evidence
     if probe.val_acc is not None and hold_idx:
         similarity: Any = similarity_evidence(probe.val_acc, y[len(fit_idx):], f"linear probe on frozen "
@@ -180,13 +183,27 @@ def sample_split(indices: list[int], labels: list[int], seed: int, n_classes: in
     return fit, hold
 
 
-def _sample_features(prep: Prepared, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen features (what enters the head) of sample images, at the run's size, evaluation transform."""
-    ds = prep.train_ds.ds
-    source = TransformDataset(ds, indices, prep.val_ds.transform)
-    images = [ds.image(i, target=source.target) for i in indices]
-    feats = extract_features(prep.handle.module, prep.handle.spec.head, images, prep.val_ds.transform)
-    return feats.numpy(), np.asarray([ds.labels[i] for i in indices])
+def _sample_features(config: TrainConfig, prep: Prepared, indices: list[int],
+                     stop: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Frozen features (what enters the head) of sample images, at the run's size, evaluation transform,
+    in the layout and slices the run's own feature pass uses (channels-last: 1.5 s instead of 2.1 s for
+    120 photos at 224 px); None when stopped."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from engine.core.device import resolve_device
+    from engine.core.memory import inference_batch
+    from engine.training.setup import channels_last_for
+
+    module, device = prep.handle.module, resolve_device(config.device)
+    channels_last = channels_last_for(config, module)
+    module.to(device)  # what set_up does to this module next anyway
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    source = TransformDataset(prep.train_ds.ds, indices, prep.val_ds.transform)
+    loader = DataLoader(source, batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
+    found = compute_features(module, prep.handle.spec.head, loader, device, channels_last, stop)
+    return None if found is None else (found[0].numpy(), found[1].numpy())
 
 
 def _probe_candidate(feats: np.ndarray, y: np.ndarray, n_fit: int) -> Candidate:

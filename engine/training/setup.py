@@ -119,8 +119,7 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
     stages = model_stages(module, handle.spec.head)
     plan_epoch = _resumed_plan_epoch(module, stages, plan, state.epoch, optimizer_state, config.weight_decay)
     report = apply_plan(module, stages, plan, epoch=plan_epoch)
-    channels_last = config.channels_last if config.channels_last is not None else any(
-        isinstance(m, nn.Conv2d) for m in module.modules())
+    channels_last = channels_last_for(config, module)
     module.to(device)
     if channels_last:
         module.to(memory_format=torch.channels_last)
@@ -161,6 +160,12 @@ def set_up(config: TrainConfig, prep: Prepared, state: TrainState, optimizer_sta
                    wrapper=wrap(trains.model, ranks) if ranks is not None else None,
                    num_classes=len(handle.spec.class_names), plan_floor=plan_epoch, head=handle.spec.head,
                    image_size=prep.image_size)
+
+
+def channels_last_for(config: TrainConfig, module: nn.Module) -> bool:
+    """Whether the steps run channels-last: as the config says, else for any convolutional network."""
+    return config.channels_last if config.channels_last is not None else any(
+        isinstance(m, nn.Conv2d) for m in module.modules())
 
 
 def _device(config: TrainConfig, prep: Prepared, ranks: Ranks | None) -> torch.device:
