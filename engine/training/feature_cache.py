@@ -20,7 +20,7 @@ from engine.core.modes import evaluating, model_lock
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
     from engine.config import TrainConfig
-    from engine.data.datasets import ImageSet
+    from engine.data.datasets import ImageSet, TransformDataset
     from engine.freeze.plan import FreezePlan
     from engine.models.factory import ModelHandle
 
@@ -122,6 +122,55 @@ def cache_point(handle: ModelHandle, stages: list[Stage]) -> tuple[str, float]:
             handle.spec.source == "torchvision":
         return head_stage.modules[0], 0.0  # e.g. torchvision's classifier = Dropout + Linear
     return handle.spec.head, float(getattr(handle.module, "drop_rate", 0.0) or 0.0)
+
+
+def inputs_of(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What enters each submodule of ``names`` for batch ``x``, from one forward pass (the automatic plan,
+    engine/training/auto_plan.py, takes the head's and each candidate cut's inputs of its sample at once)."""
+    box: dict[str, torch.Tensor] = {}
+    with model_lock(module):
+        hooks = [module.get_submodule(name).register_forward_pre_hook(
+            lambda _m, inputs, name=name: box.setdefault(name, inputs[0])) for name in names]
+        try:
+            module(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    missing = [name for name in names if name not in box]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} never called during forward")
+    return box
+
+
+def known_and_computed(model: nn.Module, point: str, dataset: TransformDataset, known: dict[int, torch.Tensor],
+                       loader_kw: dict, device: torch.device, channels_last: bool, should_stop: Callable[[], bool],
+                       flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``compute_features`` of ``dataset`` where ``known`` (its image index -> what enters ``point``,
+    computed the same way) already holds some rows: only the others run through the model."""
+    from torch.utils.data import Subset
+
+    missing = [pos for pos, index in enumerate(dataset.indices) if index not in known]
+    if len(missing) == len(dataset):
+        return compute_features(model, point, DataLoader(dataset, **loader_kw), device, channels_last, should_stop,
+                                flatten=flatten)
+    computed = None
+    if missing:
+        computed = compute_features(model, point, DataLoader(Subset(dataset, missing), **loader_kw), device,
+                                    channels_last, should_stop, flatten=flatten)
+        if computed is None:
+            return None
+    rows = iter(range(len(missing)))
+    feats, labels = [], []
+    for index in dataset.indices:
+        if index in known:
+            row = known[index]
+            feats.append(row.flatten() if flatten else row)
+            labels.append(dataset.ds.labels[index])
+        else:
+            i = next(rows)
+            feats.append(computed[0][i])
+            labels.append(int(computed[1][i]))
+    return torch.stack(feats), torch.tensor(labels)
 
 
 def compute_features(model: nn.Module, point: str, loader: Iterable, device: torch.device,

@@ -4,7 +4,7 @@ plan, loaders, optimizer and feature cache (``set_up``), handed over as a Traine
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -32,7 +32,14 @@ from engine.training.distributed import (
     sync_batchnorm,
     wrap,
 )
-from engine.training.feature_cache import HeadOnly, cache_point, compute_features, refuse_uncached, uses_feature_cache
+from engine.training.feature_cache import (
+    HeadOnly,
+    cache_point,
+    compute_features,
+    known_and_computed,
+    refuse_uncached,
+    uses_feature_cache,
+)
 from engine.training.micro import BatchPlan, Placement, plan_batches
 from engine.training.precision import Precision, cpu_precision
 from engine.training.prefix_cache import cache_fits, prefix_cut, prefix_view
@@ -58,6 +65,9 @@ class Prepared:
     test_ds: TransformDataset | None = None  # held out: evaluated once, at the end of the run
     layout_note: str = ""  # the data report's sentence on the layout and its split
     overrides: Overrides | None = None  # the decisions about single images it trains with (engine.data.overrides)
+    # module name -> {image index -> what enters that module}, computed in eval mode at the image size without
+    # augmentation (the automatic plan's sample, engine/training/auto_plan.py): the feature pass skips those images
+    known: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None,
@@ -218,8 +228,13 @@ def _what_trains(config: TrainConfig, prep: Prepared, stages: list[Stage], plan:
     def features(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
         return compute_features(module, point, loader, place.device, place.channels_last, stop, flatten=top is None)
 
+    def some_known(dataset: TransformDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return known_and_computed(module, point, dataset, prep.known.get(point, {}), plain, place.device,
+                                  place.channels_last, stop, flatten=top is None)
+
     if ranks is None:
-        tr, va = features(DataLoader(prep.train_ds, **plain)), features(DataLoader(prep.val_ds, **plain))
+        tr = some_known(prep.train_ds)
+        va = some_known(prep.val_ds) if tr is not None else None
     else:  # each rank its shard, once; gathered on every rank
         tr = shared_features(features, prep.train_ds, plain, ranks)
         va = shared_features(features, prep.val_ds, plain, ranks) if tr is not None else None
