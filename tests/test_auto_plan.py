@@ -168,3 +168,14 @@ def test_the_lr_finder_sweeps_the_plan_a_training_would_choose():
     full = sum(p.numel() for p in create_model("timm:test_resnet", weights="none", class_names=list("0123456789"))
                .module.parameters())
     assert 0 < sweep.trainable_params < full, (sweep.trainable_params, full)  # the full plan trains all
+
+
+def test_settings_that_train_every_plan_on_images_get_the_advisors_plan_without_a_race(tmp_path):
+    config = TrainConfig(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=9,
+                         epochs=1, num_workers=0, augment="flip", auto_plan=dict(PENDING))
+    run = create_run(tmp_path, config.to_dict())
+    assert fit(config, run).status == "finished"
+    record = run.config()["auto_plan"]
+    assert record["candidates"] == [] and "train every plan on images" in record["why"]
+    advice = record["advice"]
+    assert record["picked"] == candidates_for(advice["similarity"], advice["data_amount"])[0]

@@ -112,7 +112,8 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     backbone = sum(1 for s in model_stages(handle.module, handle.spec.head) if not s.is_head)
     say(f"auto plan: a sample of {len(fit_idx) + len(hold_idx)} training images "
         f"({len(fit_idx)} to train, {len(hold_idx)} held out)")
-    found = _sample_features(config, prep, fit_idx + hold_idx, CACHED, backbone, stop)
+    cuts = cache_cuts(config, prep, backbone)
+    found = _sample_features(config, prep, fit_idx + hold_idx, [c for c in cuts.values() if c], stop)
     if found is None:
         return None
     feats, y = found
@@ -125,8 +126,10 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     advised = pair[0]
     sample = {"train": len(fit_idx), "held_out": len(hold_idx), "per_class": PER_CLASS}
     no_race = ("too few images to hold any out" if not hold_idx else
-               None if len(pair) > 1 else "a full fine-tune learns slower than the last stages at first and "
-               "catches up later: a race of seconds on a sample would not judge it fairly")
+               "a full fine-tune learns slower than the last stages at first and catches up later: a race of "
+               "seconds on a sample would not judge it fairly" if len(pair) == 1 else
+               "these settings train every plan on images (augmentation, or the feature cache off): a race of a "
+               "few passes would not judge them fairly" if not all(cuts.get(name) for name in pair) else None)
     if no_race:
         return AutoChoice(advised, named_plan(advised, backbone).to_dict(), f"{no_race}: the advisor's plan, no race",
                           advice.to_dict(), sample=sample, seconds=time.perf_counter() - started)
@@ -189,32 +192,38 @@ def sample_split(indices: list[int], labels: list[int], seed: int, n_classes: in
     return fit, hold
 
 
-def _sample_features(config: TrainConfig, prep: Prepared, indices: list[int], plans: tuple[str, ...], backbone: int,
+def cache_cuts(config: TrainConfig, prep: Prepared, backbone: int) -> dict[str, str | None]:
+    """Where each of the CACHED plans' cached inputs enter the model under these settings (None: that
+    plan would train on images: augmentation, the feature cache off, a model the prefix cannot skip)."""
+    from engine.anatomy.stages import model_stages
+    from engine.training.feature_cache import cache_point, uses_feature_cache
+    from engine.training.prefix_cache import prefix_cut
+
+    handle = prep.handle
+    stages = model_stages(handle.module, handle.spec.head)
+    cuts: dict[str, str | None] = {}
+    for name in CACHED:
+        plan = named_plan(name, backbone)
+        cuts[name] = (cache_point(handle, stages)[0] if uses_feature_cache(plan, config)
+                      else prefix_cut(plan, config, stages, handle.module))
+    return cuts
+
+
+def _sample_features(config: TrainConfig, prep: Prepared, indices: list[int], cuts: list[str],
                      stop: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray] | None:
     """Frozen features (what enters the head) of sample images at the run's size, evaluation transform, in
-    the layout and slices of the run's own feature pass; from the same forward, what enters the cut of each
-    race plan that trains on cached inputs, kept in ``prep.known``: the candidates and then the run itself
-    skip those images in their feature passes. None when stopped."""
+    the layout and slices of the run's own feature pass; from the same forward, what enters each of
+    ``cuts`` (where the race plans' cached inputs enter), kept in ``prep.known``: the candidates and then
+    the run itself skip those images in their feature passes. None when stopped."""
     import torch
     from torch.utils.data import DataLoader
 
-    from engine.anatomy.stages import model_stages
     from engine.core.device import resolve_device
     from engine.core.memory import inference_batch
-    from engine.training.feature_cache import cache_point, uses_feature_cache
-    from engine.training.prefix_cache import prefix_cut
     from engine.training.setup import channels_last_for
 
     handle = prep.handle
     module, device = handle.module, resolve_device(config.device)
-    stages = model_stages(module, handle.spec.head)
-    cuts = []  # where each plan's cached inputs enter (none for a plan that trains on images)
-    for name in plans:
-        plan = named_plan(name, backbone)
-        cut = (cache_point(handle, stages)[0] if uses_feature_cache(plan, config)
-               else prefix_cut(plan, config, stages, module))
-        if cut is not None and cut not in cuts:
-            cuts.append(cut)
     points = list(dict.fromkeys([handle.spec.head, *cuts]))
     channels_last = channels_last_for(config, module)
     module.to(device)  # what set_up does to this module next anyway
