@@ -272,3 +272,26 @@ def test_training_page_lists_folders_of_the_data_directory(isolated_dirs):
     assert by_label(at.selectbox, "Dataset").value == "folder:shapes"
     assert any("8 images" in str(c.proto.spec) for c in at.get("plotly_chart"))
     assert not by_label(at.button, "Start training").disabled
+
+
+def test_training_page_lets_the_workbench_choose_the_plan_and_says_which(isolated_dirs):
+    at = page("training.py")
+    at.run()
+    by_label(at.radio, "Data").set_value("lfw faces (built-in)").run()
+    by_label(at.number_input, "Image size").set_value(32)
+    by_label(at.number_input, "Max images per class (0: all)").set_value(12)
+    by_label(at.toggle, "Let the workbench choose the plan").set_value(True).run()
+    assert not at.exception
+    assert any("The plan is chosen at Start" in c.value for c in at.caption)
+    by_label(at.button, "Start training").click().run()
+    assert not at.exception
+    from engine.runs.background import wait_for
+    from engine.runs.store import open_run
+
+    run = open_run(isolated_dirs / "runs", at.session_state["selected_run"])
+    assert wait_for(run, timeout_s=240).state == "finished"
+    record = run.config()["auto_plan"]
+    assert record["status"] == "chosen" and run.config()["plan"] == record["plan"]
+    at.run()
+    line = next(c.value for c in at.caption if c.value.startswith("Plan chosen for this data"))
+    assert record["why"] in line
