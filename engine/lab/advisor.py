@@ -1,15 +1,7 @@
-"""The freezing advisor on images: task similarity probed on a sample's frozen features, and the
-BatchNorm train/eval gap. The matrix itself is engine/training/advice.py (re-exported here).
-
-The matrix (CONCEPTS.md section 3):
-
-|             | similar to pretraining             | different task                          |
-|-------------|------------------------------------|-----------------------------------------|
-| enough data | feature extraction (fine-tune ok)  | fine-tune the whole network             |
-| little data | feature extraction (head only)     | risky: last stages, low LR, gradually   |
-
-Similarity can be said by the user or *estimated*: a linear probe on frozen features of a small
-sample. If frozen ImageNet features already separate the classes, the task is similar.
+"""The freezing advisor on images: task similarity estimated by a linear probe on the frozen features of
+a small labelled sample (if frozen ImageNet features already separate the classes, the task is similar),
+and the BatchNorm train/eval gap. The data amount x similarity matrix itself is engine/training/advice.py
+(CONCEPTS.md section 3), re-exported here for the pages.
 """
 from __future__ import annotations
 

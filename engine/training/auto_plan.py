@@ -38,13 +38,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from engine.core.errors import EngineError
-from engine.core.modes import evaluating
 from engine.data.datasets import TransformDataset
 from engine.freeze.presets import LABELS, named_plan
 from engine.runs.events import no_emit
 from engine.training.advice import recommend, similarity_from_features
 from engine.training.epoch import Diverged
-from engine.training.feature_cache import inputs_of
+from engine.training.feature_cache import compute_inputs
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
@@ -231,20 +230,13 @@ def _sample_features(config: TrainConfig, prep: Prepared, indices: list[int], cu
         module.to(memory_format=torch.channels_last)
     loader = DataLoader(TransformDataset(prep.train_ds.ds, indices, prep.val_ds.transform),
                         batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
-    found: dict[str, list[torch.Tensor]] = {point: [] for point in points}
-    with evaluating(module), torch.inference_mode():
-        for x, _y in loader:
-            if stop():
-                return None
-            x = x.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for point, value in inputs_of(module, points, x).items():
-                found[point].extend(value.float().contiguous().cpu())
+    computed = compute_inputs(module, points, loader, device, channels_last, stop)
+    if computed is None:
+        return None
+    found, labels = computed
     for cut in cuts:
         prep.known.setdefault(cut, {}).update(zip(indices, found[cut]))
-    feats = torch.stack([row.flatten() for row in found[handle.spec.head]]).numpy()
-    return feats, np.asarray([prep.train_ds.ds.labels[i] for i in indices])
+    return found[handle.spec.head].flatten(1).numpy(), labels.numpy()
 
 
 def _trained_candidate(name: str, config: TrainConfig, prep: Prepared, fit_idx: list[int], hold_idx: list[int],

@@ -173,12 +173,13 @@ def known_and_computed(model: nn.Module, point: str, dataset: TransformDataset, 
     return torch.stack(feats), torch.tensor(labels)
 
 
-def compute_features(model: nn.Module, point: str, loader: Iterable, device: torch.device,
-                     channels_last: bool, should_stop: Callable[[], bool],
-                     flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """What enters ``point`` for every image of ``loader`` (one row each when ``flatten``), and the
-    labels; None when stopped."""
-    feats, labels = [], []
+def compute_inputs(model: nn.Module, points: Sequence[str], loader: Iterable, device: torch.device,
+                   channels_last: bool, should_stop: Callable[[], bool]
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """What enters each module of ``points`` for every image of ``loader``, one forward per batch (stopped
+    at the module when there is one), and the labels; None when stopped."""
+    found: dict[str, list[torch.Tensor]] = {point: [] for point in points}
+    labels = []
     with evaluating(model), torch.inference_mode():
         for x, y in loader:
             if should_stop():
@@ -186,10 +187,23 @@ def compute_features(model: nn.Module, point: str, loader: Iterable, device: tor
             x = x.to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            inputs = module_inputs(model, point, x)
-            feats.append((inputs.flatten(1) if flatten else inputs).float().contiguous().cpu())
+            got = {points[0]: module_inputs(model, points[0], x)} if len(points) == 1 else inputs_of(model, points, x)
+            for point, value in got.items():
+                found[point].append(value.float().contiguous().cpu())
             labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return {point: torch.cat(parts) for point, parts in found.items()}, torch.cat(labels)
+
+
+def compute_features(model: nn.Module, point: str, loader: Iterable, device: torch.device,
+                     channels_last: bool, should_stop: Callable[[], bool],
+                     flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What enters ``point`` for every image of ``loader`` (one row each when ``flatten``), and the
+    labels; None when stopped."""
+    got = compute_inputs(model, [point], loader, device, channels_last, should_stop)
+    if got is None:
+        return None
+    inputs = got[0][point]
+    return (inputs.flatten(1) if flatten else inputs), got[1]
 
 
 def embed(handle: ModelHandle, ds: ImageSet, indices: Sequence[int]) -> torch.Tensor:
