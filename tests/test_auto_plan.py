@@ -179,3 +179,33 @@ def test_settings_that_train_every_plan_on_images_get_the_advisors_plan_without_
     assert record["candidates"] == [] and "train every plan on images" in record["why"]
     advice = record["advice"]
     assert record["picked"] == candidates_for(advice["similarity"], advice["data_amount"])[0]
+
+
+def test_a_large_feature_pass_runs_a_compiled_graph_with_the_eager_features(default_handle, monkeypatch):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from engine.data.datasets import TransformDataset, load_source
+    from engine.data.transforms import eval_transform
+    from engine.training import feature_cache
+    from engine.training.feature_cache import compiled_extractor, compute_features
+
+    built = []  # the real builder, watched: the pass below must have run its graph
+    monkeypatch.setattr(feature_cache, "compiled_extractor",
+                        lambda *args: built.append(compiled_extractor(*args)) or built[-1])
+
+    ds = load_source("digits")
+    module, head = default_handle.module, default_handle.spec.head
+    dataset = TransformDataset(ds, list(range(24)), eval_transform(default_handle.spec, 64))
+    cpu = torch.device("cpu")
+    loader = DataLoader(dataset, batch_size=8)
+    eager = compute_features(module, head, loader, cpu, False, lambda: False)
+    compiled = compute_features(module, head, loader, cpu, False, lambda: False, compile_for=10**9)
+    assert len(built) == 1 and built[0] is not None  # the small pass stayed eager, the large one compiled
+    assert torch.equal(eager[1], compiled[1])
+    assert torch.allclose(eager[0], compiled[0], rtol=1e-3, atol=1e-4)
+    example = torch.stack([dataset[i][0] for i in range(3)])
+    graph = compiled_extractor(module, head, example)
+    assert isinstance(graph, torch.jit.ScriptModule)
+    assert compiled_extractor(module, "blocks.6", example) is None  # more runs after it: the eager pass
+    assert compiled_extractor(module, head, example.to("meta")) is None  # not a CPU

@@ -230,7 +230,7 @@ def _what_trains(config: TrainConfig, prep: Prepared, stages: list[Stage], plan:
 
     def some_known(dataset: TransformDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
         return known_and_computed(module, point, dataset, prep.known.get(point, {}), plain, place.device,
-                                  place.channels_last, stop, flatten=top is None)
+                                  place.channels_last, stop, flatten=top is None, pixels=prep.image_size ** 2)
 
     if ranks is None:
         tr = some_known(prep.train_ds)
