@@ -209,3 +209,25 @@ def test_a_large_feature_pass_runs_a_compiled_graph_with_the_eager_features(defa
     assert isinstance(graph, torch.jit.ScriptModule)
     assert compiled_extractor(module, "blocks.6", example) is None  # more runs after it: the eager pass
     assert compiled_extractor(module, head, example.to("meta")) is None  # not a CPU
+
+
+def test_a_choice_made_elsewhere_reaches_the_runs_config_through_its_event(tmp_path):
+    """A Ray cluster's job (or rank 0 of several processes) chooses; the app's copy of the run learns the
+    plan from the PlanChosen event in the job's log, never from a config file sent back."""
+    from engine.cluster.follow import Follower
+    from engine.runs.events import PlanChosen
+
+    config = TrainConfig(data="digits", auto_plan=dict(PENDING))
+    run = create_run(tmp_path, config.to_dict())
+    follower = Follower(run, client=None, job_id="job-1", address="http://127.0.0.1:8265")
+    bad = PlanChosen(plan="full", summary="auto plan: x", record={"status": "chosen", "plan": {"strategy": "nope"}})
+    follower.apply({"type": "event", "event": bad.to_dict()})
+    assert run.config()["auto_plan"] == PENDING  # a malformed record changes nothing
+    plan = named_plan("last-2", 6).to_dict()
+    record = {"status": "chosen", "picked": "last-2", "plan": plan, "why": "best on the sample by 0.050"}
+    good = PlanChosen(plan="last-2", summary="auto plan: last 2 stages (best on the sample by 0.050)", record=record)
+    follower.apply({"type": "event", "event": good.to_dict()})
+    saved = run.config()
+    assert saved["plan"] == plan and saved["auto_plan"] == record and saved["data"] == "digits"
+    assert run.status().auto_plan == good.summary
+    assert TrainConfig.from_dict(saved).freeze_plan().last_n == 2

@@ -21,14 +21,23 @@ from typing import TYPE_CHECKING, Any
 from engine.cluster.client import TERMINAL, job_state
 from engine.cluster.protocol import Reader
 from engine.core.files import atomic_write_bytes
-from engine.runs.events import CheckpointSaved, EpochEnded, RunFinished, RunStarted, StepLogged, no_emit
+from engine.runs.events import (
+    CheckpointSaved,
+    EpochEnded,
+    PlanChosen,
+    RunFinished,
+    RunStarted,
+    StepLogged,
+    no_emit,
+)
 from engine.runs.recorder import RunRecorder
 from engine.runs.store import RunDir
 
 if TYPE_CHECKING:
     from engine.runs.events import Emit, Event
 
-EVENTS = {cls.__name__: cls for cls in (RunStarted, StepLogged, EpochEnded, CheckpointSaved, RunFinished)}
+EVENTS = {cls.__name__: cls for cls in (RunStarted, PlanChosen, StepLogged, EpochEnded, CheckpointSaved,
+                                        RunFinished)}
 NOT_ACCEPTED = {"status.json", "events.jsonl", "metrics.jsonl", "log.txt", "cancel", "config.json"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}")
 POLL_S = 0.5  # how often a cancel of the run is looked for while the job runs

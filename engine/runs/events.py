@@ -41,6 +41,9 @@ class PlanChosen(Event):
 
     plan: str  # a race plan name: fe | last-1 | last-2 | full
     summary: str  # one line: the pick, why, the sample race's scores
+    # config.json's ``auto_plan`` (with the plan it trains): a run folder's recorder writes it into the run's
+    # config, wherever the choice was made (this process, rank 0, a Ray cluster's job)
+    record: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -38,7 +38,7 @@ class RunRecorder:
                                   micro_batch=event.micro_batch or None, batches=event.batches or None,
                                   precision=event.precision or None)
         elif isinstance(event, PlanChosen):
-            self.run.write_status(auto_plan=event.summary)
+            self._adopt_plan(event)
         elif isinstance(event, EpochEnded):
             self.run.write_status(epoch=event.epoch, val_acc=event.val_acc, val_loss=event.val_loss)
         elif isinstance(event, RunFinished):
@@ -47,3 +47,19 @@ class RunRecorder:
         if not isinstance(event, StepLogged):
             self.tensorboard(event)
         self.forward(event)
+
+    def _adopt_plan(self, event: PlanChosen) -> None:
+        """--strategy auto chose: config.json takes the plan and how it was chosen (a resume, an export and
+        the exported script train that plan), only as a valid config (a cluster job's log is read here)."""
+        from engine.config import TrainConfig
+        from engine.core.errors import EngineError
+        from engine.core.files import atomic_write_json
+
+        record = event.record if isinstance(event.record, dict) else {}
+        config = self.run.config_or_empty()
+        try:
+            adopted = TrainConfig.from_dict({**config, "plan": record.get("plan"), "auto_plan": record})
+        except (EngineError, TypeError, ValueError):  # ConfigError included
+            return
+        atomic_write_json(self.run.config_path, {**config, "plan": adopted.plan, "auto_plan": record})
+        self.run.write_status(auto_plan=event.summary)

@@ -112,7 +112,6 @@ def _choose_plan(config: TrainConfig, prep: Prepared, run: RunDir | None, sink: 
     """``--strategy auto`` (engine/lab/auto_plan.py): the config with the chosen plan, also in config.json
     (a resume, an export, the exported script train that plan); None: cancelled. Rank 0 chooses, every
     rank trains its pick."""
-    from engine.core.files import atomic_write_json
     from engine.training.auto_plan import choose_plan
 
     choice = choose_plan(config, prep, stop) if ranks is None or ranks.main else None
@@ -121,9 +120,7 @@ def _choose_plan(config: TrainConfig, prep: Prepared, run: RunDir | None, sink: 
     if choice is None:
         return None
     config = replace(config, plan=choice.plan, auto_plan=choice.record())
-    if run is not None:
-        atomic_write_json(run.config_path, config.to_dict())
-    sink(PlanChosen(plan=choice.picked, summary=choice.summary()))
+    sink(PlanChosen(plan=choice.picked, summary=choice.summary(), record=config.auto_plan))  # into config.json
     return config
 
 
