@@ -7,12 +7,14 @@ requirements-dev.txt installs it).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -296,6 +298,80 @@ class Head:
                 time.sleep(0.2)
 
 
+@contextmanager
+def served_folder(folder: Path):
+    """A plain HTTP server of ``folder`` on 127.0.0.1 (a file server inside the team's network), stopped
+    by the test itself."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _faces_zip(folder: Path, per_class: int = 10) -> Path:
+    """A zip of a folder of 2 classes of real LFW faces (faces / not faces), what a team would name by URL."""
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+    from skimage.data import lfw_subset
+
+    faces = lfw_subset()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "faces.zip"
+    with zipfile.ZipFile(target, "w") as zf:
+        for cls, start in (("face", 0), ("other", 100)):
+            for i in range(per_class):
+                image = Image.fromarray((faces[start + i] * 255).astype(np.uint8)).convert("RGB")
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                zf.writestr(f"faces/{cls}/{i}.png", buffer.getvalue())
+    return target
+
+
+def test_data_by_url_is_fetched_bounded_and_failures_are_one_line(tmp_path):
+    from engine.cluster.fetch import fetch_dataset
+    from engine.core.errors import DataError
+
+    served = tmp_path / "served"
+    zipped = _faces_zip(served)
+    (served / "notes.txt").write_text("not a zip")
+    with served_folder(served) as base:
+        got = fetch_dataset(f"{base}/faces.zip", tmp_path / "fetched")
+        assert got.read_bytes() == zipped.read_bytes() and got.name == "faces.zip"
+        assert plan_data(f"{base}/faces.zip").ships is None  # named: the job fetches it
+        with pytest.raises(DataError, match=r"HTTP 404") as missing:
+            fetch_dataset(f"{base}/none.zip", tmp_path / "f2")
+        assert "\n" not in str(missing.value) and f"{base}/none.zip" in str(missing.value)
+        with pytest.raises(DataError, match="over the 0 MB a cluster job fetches"):
+            fetch_dataset(f"{base}/faces.zip", tmp_path / "f3", limit=1000)
+        with pytest.raises(DataError, match="is not a zip"):
+            fetch_dataset(f"{base}/notes.txt", tmp_path / "f4")
+        assert not any(p.name.endswith(".part") for p in tmp_path.rglob("*"))  # nothing half-written left
+    with pytest.raises(DataError, match="http"):
+        plan_data("file:///etc/passwd")
+    from engine.cluster.fetch import shown
+
+    assert shown("https://user:secret@store.example:8443/sets/a.zip?sig=x") == "https://store.example:8443/sets/a.zip"
+    from engine.data.datasets import load_source
+
+    with pytest.raises(DataError, match="fetched by the Ray cluster"):  # this server never fetches a URL
+        load_source("http://127.0.0.1:9/faces.zip")
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head bound to 127.0.0.1 only, in a short temp folder of its own (its socket paths must be
@@ -443,3 +519,28 @@ def _alive(pid: int) -> bool:
     from engine.runs.process import pid_alive
 
     return pid_alive(pid)
+
+
+def test_data_named_by_url_is_fetched_by_the_job_and_an_auto_plan_comes_back(ray_head, tmp_path):
+    """One Ray Train worker; the data is a zip on a file server the cluster reads (never this machine),
+    and --strategy auto chooses on the cluster: the app's copy of the run gets the plan from the job's
+    log, with the data still named by its URL."""
+    from engine.runs.store import RunDir
+
+    with served_folder(_faces_zip(tmp_path / "served").parent) as base:
+        url = f"{base}/faces.zip"
+        proc = train_cli(tmp_path / "runs", "--model", "timm:test_resnet", "--weights", "none", "--data", url,
+                         "--image-size", "32", "--device", "cpu", "--batch-size", "8", "--epochs", "1",
+                         "--strategy", "auto", "--cluster", ray_head)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        missing = train_cli(tmp_path / "runs", *TINY[:4], "--data", f"{base}/gone.zip", "--epochs", "1",
+                            "--cluster", ray_head)
+    run = RunDir(Path(json.loads(proc.stdout)["run_dir"]))
+    config, status = run.config(), run.status()
+    assert status.state == "finished" and config["data"] == url, status
+    assert config["auto_plan"]["status"] == "chosen" and config["plan"] == config["auto_plan"]["plan"]
+    assert status.auto_plan and status.auto_plan.startswith("auto plan: ")
+    assert "auto plan: " in proc.stderr and run.checkpoint("best").is_file()
+    assert missing.returncode != 0
+    said = [line for line in missing.stderr.splitlines() if "could not fetch the data" in line]
+    assert said and "HTTP 404" in said[0], missing.stderr[-2000:]

@@ -11,7 +11,7 @@ engine looks by default, and the job points WORKBENCH_DATA/WORKBENCH_RUNS at the
 
 The data either ships (a dataset on this machine within ``ship_limit()`` bytes, checked before
 anything is written or submitted) or is named: a path the cluster reads (said in one line by the
-job when it is not there). The built-in sets (digits, lfw) ship inside the cluster's wheels.
+job when it is not there), or an http(s) URL of a zip that the job fetches (engine/cluster/fetch.py). The built-in sets (digits, lfw) ship inside the cluster's wheels.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.cluster.fetch import check_url, is_url
 from engine.core.errors import EngineError
 from engine.core.paths import PROJECT_ROOT
 from engine.data.layouts import BUILTIN, TORCHVISION_SETS
@@ -68,9 +69,9 @@ def plan_data(source: str, limit: int | None = None) -> DataPlan:
     limit = ship_limit() if limit is None else limit
     if source in BUILTIN or source in TORCHVISION_SETS:
         return DataPlan(None, source)  # in the cluster's wheels (digits, lfw), or downloaded there (cifar10)
-    if "://" in source:
-        raise EngineError(f"Data by URL ({source[:80]}) is not read by cluster runs yet: name a path the "
-                          "cluster's machines read, or a dataset on this machine to ship.")
+    if is_url(source):  # fetched by the job, before it trains (engine/cluster/fetch.py)
+        check_url(source)
+        return DataPlan(None, source)
     path = Path(source)
     if not path.exists():
         if not path.is_absolute():

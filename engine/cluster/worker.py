@@ -130,6 +130,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     os.environ["WORKBENCH_DATA"] = str(PROJECT_ROOT / "data")
     os.environ["WORKBENCH_RUNS"] = str(PROJECT_ROOT / "runs")
+    from dataclasses import replace
+
+    from engine.cluster.fetch import fetch_dataset, is_url
     from engine.config import TrainConfig
     from engine.core.errors import EngineError
     from engine.runs.events import no_emit
@@ -147,6 +150,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run = RunDir(_own_copy(PROJECT_ROOT / "runs" / spec["run_id"], spec, ranks.rank))
     relay = Relay(mailbox, run.path) if ranks.main else None
     try:
+        if is_url(config.data):  # named by URL: each worker fetches its own copy (engine/cluster/fetch.py)
+            config = replace(config, data=str(fetch_dataset(config.data, run.path.parent / "data")))
         fit(config, run, emit=relay or no_emit, resume=bool(spec["resume"]), ranks=ranks,
             should_stop=MailboxStop(mailbox) if ranks.main else (lambda: False))
     except EngineError as exc:  # a clear refusal (bad data, a setting the model refuses): said once, by the driver

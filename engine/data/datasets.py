@@ -527,6 +527,10 @@ def _read_source(source: str, work_dir: str | Path | None, verify: bool = True) 
         return load_digits_set() if source == "digits" else load_lfw_set()
     if source == "cifar10":
         return load_cifar10_set()
+    if "://" in source:  # engine/cluster/fetch.py: the job that trains on it fetches it, never this server
+        raise DataError(f"Data named by URL ({printable(source)[:80]}) is fetched by the Ray cluster that trains on "
+                        "it, not by this machine: train with --cluster (Training page: Where to train), or download "
+                        "the zip and choose it here.")
     path = Path(source)
     if work_dir is not None and _imported(work_dir) and not resolves_inside(path, os.path.realpath(data_root())):
         shown = printable(source)[-80:]

@@ -173,7 +173,9 @@ def read_file(path: Path, shown: str | None = None) -> Overrides:
 
 
 def read_overrides(source: str) -> Overrides:
-    """The current decisions about a dataset."""
+    """The current decisions about a dataset (none for data named by URL: no file of it is read here)."""
+    if "://" in str(source):
+        return Overrides()
     return read_file(overrides_path(source))
 
 
