@@ -58,6 +58,7 @@ def test_the_pick_keeps_the_advisor_within_the_tie():
     assert pick([Candidate("fe", "fe", 0.9), Candidate("last-1", "last 1", 0.5)], ("fe", "last-1"))[0] == "fe"
     failed = Candidate("last-1", "last 1", None, note="diverged")
     assert pick([failed], ("last-1", "last-2")) == ("last-1", "no candidate finished on the sample: the advisor's plan")
+    assert pick([failed, last2], ("last-1", "last-2")) == ("last-2", "the advisor's plan did not finish on the sample")
     # the corners: similar -> head vs last stage; little data -> last stage vs two; enough and unlike ImageNet: full
     assert [candidates_for(s, a) for s, a in [("similar", "enough"), ("different", "little"), ("in between", "enough")]] \
         == [("fe", "last-1"), ("last-1", "last-2"), ("full",)]

@@ -257,8 +257,9 @@ def main_and_clean(argv: list[str]) -> int:
 
 def _trainer(spec: dict[str, Any], driver: Driver, mailbox: Any, nproc: int, use_gpu: bool) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from engine.cluster.backend import torch_config
     from engine.cluster.worker import train_worker
 
     scratch = Path(tempfile.mkdtemp(prefix="workbench-train-", suffix=f"-{os.getpid()}"))
@@ -266,7 +267,7 @@ def _trainer(spec: dict[str, Any], driver: Driver, mailbox: Any, nproc: int, use
         train_worker,
         train_loop_config={"spec": spec, "mailbox": mailbox},
         scaling_config=ScalingConfig(num_workers=nproc, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if use_gpu else "gloo"),  # its store bound to the node's address
         run_config=RunConfig(name=f"workbench-{spec['run_id']}-{spec.get('attempt', 1)}", storage_path=str(scratch),
                              failure_config=FailureConfig(max_failures=0)),  # a dead worker ends the run: resume it
     )

@@ -94,10 +94,10 @@ def is_pending(record: dict[str, Any] | None) -> bool:
     return bool(record) and record.get("status") != "chosen"
 
 
-def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = lambda: False,
-                say: Callable[[str], None] = lambda _line: None) -> AutoChoice | None:
-    """The plan for this run's data (module docstring); None when ``stop`` cancelled it. ``prep`` is
-    left as it was: every candidate trains a copy of its model."""
+def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = lambda: False) -> AutoChoice | None:
+    """The plan for this run's data (module docstring); None when ``stop`` cancelled it. Every candidate
+    trains a copy of ``prep``'s model; ``prep`` gains the sample's cached inputs (``known``), and its model
+    sits on the run's device and memory format, as set_up would put it."""
     from engine.anatomy.stages import model_stages
 
     started = time.perf_counter()
@@ -109,8 +109,6 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     fit_idx, hold_idx = sample_split(train_idx, labels, config.seed, n_classes)
     handle = prep.handle
     backbone = sum(1 for s in model_stages(handle.module, handle.spec.head) if not s.is_head)
-    say(f"auto plan: a sample of {len(fit_idx) + len(hold_idx)} training images "
-        f"({len(fit_idx)} to train, {len(hold_idx)} held out)")
     cuts = cache_cuts(config, prep, backbone)
     found = _sample_features(config, prep, fit_idx + hold_idx, [c for c in cuts.values() if c], stop)
     if found is None:
@@ -140,8 +138,6 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
         if candidate is None:
             return None
         candidates.append(candidate)
-        say(f"auto plan: {candidate.label}: " + (f"held-out acc {candidate.val_acc:.3f}" if candidate.val_acc
-                                                 is not None else candidate.note) + f" ({candidate.seconds:.1f}s)")
     picked, why = pick(candidates, pair)
     return AutoChoice(picked, named_plan(picked, backbone).to_dict(), why, advice.to_dict(), candidates,
                       sample, time.perf_counter() - started)
@@ -167,10 +163,12 @@ def pick(candidates: list[Candidate], pair: tuple[str, ...]) -> tuple[str, str]:
         return advised, "no candidate finished on the sample: the advisor's plan"
     best = max(scored, key=lambda c: (c.val_acc, -ORDER.index(c.plan)))
     mine = next((c for c in scored if c.plan == advised), None)
-    if mine is not None and best.val_acc - mine.val_acc <= TIE:
+    if mine is None:
+        return best.plan, "the advisor's plan did not finish on the sample"
+    if best.val_acc - mine.val_acc <= TIE:
         return advised, ("the advisor's plan, best on the sample" if best is mine else
                          f"the advisor's plan, within {TIE:.2f} of the best on the sample")
-    return best.plan, f"best on the sample by {best.val_acc - (mine.val_acc if mine else 0.0):.3f}"
+    return best.plan, f"best on the sample by {best.val_acc - mine.val_acc:.3f}"
 
 
 def sample_split(indices: list[int], labels: list[int], seed: int, n_classes: int) -> tuple[list[int], list[int]]:
