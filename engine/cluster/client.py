@@ -2,8 +2,8 @@
 the few calls of Ray's job API a cluster run makes (submit, status, logs, stop).
 
 Only the dashboard's HTTP port (8265) is used: the job API, and through it the job's log, which is
-the run's return channel (engine/cluster/protocol.py). Ray is imported here, lazily, only when a
-cluster is named: the app without a cluster never loads it.
+the run's return channel (engine/cluster/protocol.py). This machine speaks it over plain HTTP
+(engine/cluster/jobs_http.py): Ray runs on the cluster only, never on the app's server.
 """
 from __future__ import annotations
 
@@ -67,16 +67,11 @@ def check_cluster(address: str, timeout_s: float = 5.0) -> str:
 
 
 def connect(address: str) -> Any:
-    """A JobSubmissionClient for ``address`` (checked first: ``check_cluster``)."""
-    try:
-        from ray.job_submission import JobSubmissionClient
-    except ImportError:
-        raise ClusterError("Training on a Ray cluster needs Ray on this machine too: pip install 'ray[default]' "
-                           "(requirements-dev.txt).") from None
-    try:
-        return JobSubmissionClient(address)
-    except Exception as exc:  # ConnectionError, or its version check
-        raise ClusterError(f"The Ray cluster at {address} refused the job client: {printable(str(exc))[:200]}") from None
+    """The job API of the cluster at ``address`` (checked first: ``check_cluster``), over plain HTTP:
+    Ray is not needed on this machine (engine/cluster/jobs_http.py)."""
+    from engine.cluster.jobs_http import HttpJobClient
+
+    return HttpJobClient(address)
 
 
 def job_env() -> dict[str, str]:
