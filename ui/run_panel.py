@@ -11,6 +11,7 @@ import streamlit as st
 
 from engine.runs.background import request_cancel
 from engine.runs.store import RunDir
+from engine.training.auto_plan import is_pending
 from ui.charts import chart
 from ui.errors import safe_fragment
 from ui.text import code, md
@@ -71,7 +72,7 @@ def _panel(run: RunDir) -> None:
         if st.button("Cancel (leave the queue)", key=f"cancel-{run.run_id}"):
             request_cancel(run)
     elif status.active:
-        choosing = not progress and (run.config_or_empty().get("auto_plan") or {}).get("status") == "pending"
+        choosing = not progress and is_pending(run.config_or_empty().get("auto_plan"))
         said = (progress.describe(epochs) if progress else "choosing the plan: the advisor and a short race on a "
                 "sample of the training images..." if choosing else "preparing data and model...")
         st.progress(progress.fraction(epochs) if progress else 0.0, text=md(f"{state}: {said}"))

@@ -37,7 +37,7 @@ class RunStarted(Event):
 
 @dataclass
 class PlanChosen(Event):
-    """``--strategy auto`` chose the freeze plan (engine/lab/auto_plan.py), before the first epoch."""
+    """``--strategy auto`` chose the freeze plan (engine/training/auto_plan.py), before the first epoch."""
 
     plan: str  # a race plan name: fe | last-1 | last-2 | full
     summary: str  # one line: the pick, why, the sample race's scores

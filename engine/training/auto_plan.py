@@ -90,14 +90,15 @@ class AutoChoice:
                 f"chosen in {self.seconds:.1f}s")
 
 
-def is_pending(record: dict[str, Any] | None) -> bool:
-    return bool(record) and record.get("status") != "chosen"
+def is_pending(record: Any) -> bool:
+    """config.json's ``auto_plan`` asks for a choice not made yet (anything but a dict reads as no)."""
+    return isinstance(record, dict) and bool(record) and record.get("status") != "chosen"
 
 
 def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = lambda: False) -> AutoChoice | None:
     """The plan for this run's data (module docstring); None when ``stop`` cancelled it. Every candidate
-    trains a copy of ``prep``'s model; ``prep`` gains the sample's cached inputs (``known``), and its model
-    sits on the run's device and memory format, as set_up would put it."""
+    trains a copy of ``prep``'s model; ``prep`` keeps the sample's cached inputs that the picked plan reads
+    (``known``), and its model sits on the run's device and memory format, as set_up would put it."""
     from engine.anatomy.stages import model_stages
 
     started = time.perf_counter()
@@ -128,6 +129,7 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
                "these settings train every plan on images (augmentation, or the feature cache off): a race of a "
                "few passes would not judge them fairly" if not all(cuts.get(name) for name in pair) else None)
     if no_race:
+        _keep_for(prep, cuts.get(advised))
         return AutoChoice(advised, named_plan(advised, backbone).to_dict(), f"{no_race}: the advisor's plan, no race",
                           advice.to_dict(), sample=sample, seconds=time.perf_counter() - started)
     candidates = []
@@ -139,6 +141,7 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
             return None
         candidates.append(candidate)
     picked, why = pick(candidates, pair)
+    _keep_for(prep, cuts.get(picked))
     return AutoChoice(picked, named_plan(picked, backbone).to_dict(), why, advice.to_dict(), candidates,
                       sample, time.perf_counter() - started)
 
@@ -235,6 +238,13 @@ def _sample_features(config: TrainConfig, prep: Prepared, indices: list[int], cu
     for cut in cuts:
         prep.known.setdefault(cut, {}).update(zip(indices, found[cut]))
     return found[handle.spec.head].flatten(1).numpy(), labels.numpy()
+
+
+def _keep_for(prep: Prepared, cut: str | None) -> None:
+    """Of the sample's cached inputs, only those the picked plan's run reads (none for a plan that trains on
+    images): the others would be held in memory for the whole training."""
+    for point in [p for p in prep.known if p != cut]:
+        del prep.known[point]
 
 
 def _trained_candidate(name: str, config: TrainConfig, prep: Prepared, fit_idx: list[int], hold_idx: list[int],

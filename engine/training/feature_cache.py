@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class _Captured(Exception):
-    """Raised from the hook to stop the forward once the head input is known."""
+    """Raised from a hook to stop the forward once what it waits for is known."""
 
 
 def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,14 @@ def head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> torch.Tensor:
 
 def module_inputs(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """What enters submodule ``name`` for batch ``x``; the forward stops there."""
-    return _capture(module, name, x, stop=True)[1]
+    return _capture(module, [name], x, stop=True)[1][name]
+
+
+def inputs_of(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What enters each submodule of ``names`` for batch ``x``, from one forward pass that stops once all
+    are entered (the automatic plan, engine/training/auto_plan.py, takes the head's and each candidate
+    cut's inputs of its sample at once)."""
+    return _capture(module, names, x, stop=True)[1]
 
 
 def outputs_and_head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,33 +51,40 @@ def outputs_and_head_inputs(module: nn.Module, head: str, x: torch.Tensor) -> tu
     what needs both (engine.lab.active: uncertainty from the logits, diversity from the features; the
     open-set rule, engine/runs/open_set.py, beside the probabilities) pays for one pass, and the
     features are exactly those ``head_inputs`` gives."""
-    out, feats = _capture(module, head, x, stop=False)
+    out, found = _capture(module, [head], x, stop=False)
     if isinstance(out, (tuple, list)):
         out = out[0]
-    return out, feats.flatten(1)
+    return out, found[head].flatten(1)
 
 
-def _capture(module: nn.Module, name: str, x: torch.Tensor, *, stop: bool) -> tuple[object, torch.Tensor]:
-    """(the forward's output or None when stopped, what entered submodule ``name``)."""
+def _capture(module: nn.Module, names: Sequence[str], x: torch.Tensor, *,
+             stop: bool) -> tuple[object, dict[str, torch.Tensor]]:
+    """(the forward's output or None when stopped, what entered each submodule of ``names``, by name);
+    ``stop``: the forward ends once every one of them was entered."""
     box: dict[str, torch.Tensor] = {}
+    wanted = list(dict.fromkeys(names))
 
-    def grab(_m: nn.Module, inputs: tuple) -> None:
-        box["x"] = inputs[0]
-        if stop:
+    def grab(name: str, inputs: tuple) -> None:
+        box.setdefault(name, inputs[0])
+        if stop and len(box) == len(wanted):
             raise _Captured
 
     out = None
-    with model_lock(module):  # the hook must never meet another thread's forward
-        handle = module.get_submodule(name).register_forward_pre_hook(grab)
+    with model_lock(module):  # the hooks must never meet another thread's forward
+        handles = [module.get_submodule(name).register_forward_pre_hook(
+            lambda _m, inputs, name=name: grab(name, inputs)) for name in wanted]
         try:
             out = module(x)
         except _Captured:
             pass
         finally:
-            handle.remove()
-    if "x" not in box:
-        raise RuntimeError(f"'{name}' was never called during forward")
-    return out, box["x"]
+            for handle in handles:
+                handle.remove()
+    missing = [name for name in wanted if name not in box]
+    if missing:
+        raise RuntimeError(f"{', '.join(repr(n) for n in missing)} {'was' if len(missing) == 1 else 'were'} "
+                           "never called during forward")
+    return out, box
 
 
 def extract_features(
@@ -122,24 +136,6 @@ def cache_point(handle: ModelHandle, stages: list[Stage]) -> tuple[str, float]:
             handle.spec.source == "torchvision":
         return head_stage.modules[0], 0.0  # e.g. torchvision's classifier = Dropout + Linear
     return handle.spec.head, float(getattr(handle.module, "drop_rate", 0.0) or 0.0)
-
-
-def inputs_of(module: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What enters each submodule of ``names`` for batch ``x``, from one forward pass (the automatic plan,
-    engine/training/auto_plan.py, takes the head's and each candidate cut's inputs of its sample at once)."""
-    box: dict[str, torch.Tensor] = {}
-    with model_lock(module):
-        hooks = [module.get_submodule(name).register_forward_pre_hook(
-            lambda _m, inputs, name=name: box.setdefault(name, inputs[0])) for name in names]
-        try:
-            module(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-    missing = [name for name in names if name not in box]
-    if missing:
-        raise RuntimeError(f"{', '.join(missing)} never called during forward")
-    return box
 
 
 def known_and_computed(model: nn.Module, point: str, dataset: TransformDataset, known: dict[int, torch.Tensor],
@@ -211,7 +207,7 @@ def compute_inputs(model: nn.Module, points: Sequence[str], loader: Iterable, de
                    channels_last: bool, should_stop: Callable[[], bool], compile_for: int = 0,
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
     """What enters each module of ``points`` for every image of ``loader``, one forward per batch (stopped
-    at the module when there is one), and the labels; None when stopped. ``compile_for``: images x pixels
+    once all are entered), and the labels; None when stopped. ``compile_for``: images x pixels
     of the pass; from COMPILE_FROM_PIXELS a single point's input comes from ``compiled_extractor``."""
     found: dict[str, list[torch.Tensor]] = {point: [] for point in points}
     labels = []
@@ -226,10 +222,7 @@ def compute_inputs(model: nn.Module, points: Sequence[str], loader: Iterable, de
             if not labels and len(points) == 1 and compile_for >= COMPILE_FROM_PIXELS and len(x) > 1:
                 with torch.inference_mode(False):
                     graph = compiled_extractor(model, points[0], x.clone())
-            if graph is not None:
-                got = {points[0]: graph(x)}
-            else:
-                got = {points[0]: module_inputs(model, points[0], x)} if len(points) == 1 else inputs_of(model, points, x)
+            got = {points[0]: graph(x)} if graph is not None else inputs_of(model, points, x)
             for point, value in got.items():
                 found[point].append(value.float().contiguous().cpu())
             labels.append(y)

@@ -64,12 +64,12 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     if commit and run is not None:  # other ranks get rank 0's weights when DDP wraps the model
         checkpointer.restore(prep.handle, commit)
     record_split(prep, run)
-    if is_pending(config.auto_plan) and not commit:  # --strategy auto: the plan is chosen on this data, now
-        config = _choose_plan(config, prep, run, sink, stop, ranks)
-        if config is None:
-            return RunResult.record(sink, "cancelled", "cancelled while choosing the plan",
-                                    TrainState.start("val_acc", 0.0, None), started, False, run)
     state = TrainState.start(config.monitor, config.min_delta, config.patience, commit)
+    if is_pending(config.auto_plan) and not commit:  # --strategy auto: the plan is chosen on this data, now
+        config = _choose_plan(config, prep, sink, stop, ranks)
+        if config is None:
+            return RunResult.record(sink, "cancelled", "cancelled while choosing the plan", state, started, False,
+                                    run)
     runner = set_up(config, prep, state, commit, stop, ranks)
 
     def finish(status: str, reason: str) -> RunResult:
@@ -107,11 +107,11 @@ def fit(config: TrainConfig, run: RunDir | None = None, *, emit: Emit = no_emit,
     return finish("finished", _completed(prep, run))
 
 
-def _choose_plan(config: TrainConfig, prep: Prepared, run: RunDir | None, sink: Emit, stop: Callable[[], bool],
+def _choose_plan(config: TrainConfig, prep: Prepared, sink: Emit, stop: Callable[[], bool],
                  ranks: Ranks | None) -> TrainConfig | None:
-    """``--strategy auto`` (engine/lab/auto_plan.py): the config with the chosen plan, also in config.json
-    (a resume, an export, the exported script train that plan); None: cancelled. Rank 0 chooses, every
-    rank trains its pick."""
+    """``--strategy auto`` (engine/training/auto_plan.py): the config with the chosen plan; None: cancelled.
+    Rank 0 chooses, every rank trains its pick; the PlanChosen event carries it into the run's config.json
+    (runs/recorder.py: a resume, an export and the exported script train that plan)."""
     from engine.training.auto_plan import choose_plan
 
     choice = choose_plan(config, prep, stop) if ranks is None or ranks.main else None
