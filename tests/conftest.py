@@ -17,6 +17,8 @@ os.environ.setdefault("WORKBENCH_FIRST_CHART_PAUSE_S", "0")
 os.environ.setdefault("WORKBENCH_CPU_BF16", "off")
 # The device lock is machine-wide: tests take it in a folder of their own, not a developer's app's.
 os.environ.setdefault("WORKBENCH_LOCKS", tempfile.mkdtemp(prefix="workbench-test-locks-"))
+# What runs keep per machine (exported feature graphs, probe answers) goes to the suite's own folder.
+os.environ.setdefault("WORKBENCH_CACHE", tempfile.mkdtemp(prefix="workbench-test-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,16 @@ from engine.freeze.presets import named_plan
 from engine.models.factory import create_model
 from engine.runs.store import create_run, extend_run
 from engine.training.advice import probe_accuracy, similarity_from_features
-from engine.training.auto_plan import PASSES, PENDING, TIE, Candidate, candidates_for, pick, sample_split
+from engine.training.auto_plan import (
+    PASSES,
+    PENDING,
+    TIE,
+    Candidate,
+    candidates_for,
+    pick,
+    sample_split,
+    why_no_race,
+)
 from engine.training.loop import fit
 from tests.test_cli import run_cli
 
@@ -62,6 +71,19 @@ def test_the_pick_keeps_the_advisor_within_the_tie():
     # the corners: similar -> head vs last stage; little data -> last stage vs two; enough and unlike ImageNet: full
     assert [candidates_for(s, a) for s, a in [("similar", "enough"), ("different", "little"), ("in between", "enough")]] \
         == [("fe", "last-1"), ("last-1", "last-2"), ("full",)]
+
+
+def test_a_race_runs_only_where_its_result_could_change_the_pick():
+    cuts = {"fe": "classifier", "last-1": "blocks.6", "last-2": "blocks.5"}
+    similar = ("fe", "last-1")
+    assert why_no_race(similar, cuts, held_out=40, probe=1 - 2 * TIE) is None  # the neighbour could win
+    # a probe within TIE of perfect: the neighbour cannot beat feature extraction by more than TIE
+    assert "probe 0.990" in why_no_race(similar, cuts, held_out=40, probe=0.99)
+    assert why_no_race(("last-1", "last-2"), cuts, held_out=40, probe=1.0) is None  # not the advisor's fe
+    assert why_no_race(similar, cuts, held_out=40, probe=None) is None  # no probe (one image a class)
+    assert why_no_race(similar, cuts, held_out=0, probe=0.5) == "too few images to hold any out"
+    assert "full fine-tune" in why_no_race(("full",), cuts, held_out=40, probe=0.5)
+    assert "train every plan on images" in why_no_race(similar, dict(cuts, fe=None), held_out=40, probe=0.5)
 
 
 def test_features_known_for_some_images_are_not_computed_again_and_match_the_pass(default_handle):
@@ -182,15 +204,19 @@ def test_settings_that_train_every_plan_on_images_get_the_advisors_plan_without_
     assert record["picked"] == candidates_for(advice["similarity"], advice["data_amount"])[0]
 
 
-def test_a_large_feature_pass_runs_a_compiled_graph_with_the_eager_features(default_handle, monkeypatch):
+def test_a_large_feature_pass_runs_a_compiled_graph_with_the_eager_features(default_handle, monkeypatch, tmp_path):
+    import copy
+
     import torch
     from torch.utils.data import DataLoader
 
     from engine.data.datasets import TransformDataset, load_source
     from engine.data.transforms import eval_transform
     from engine.training import feature_cache
-    from engine.training.feature_cache import compiled_extractor, compute_features
+    from engine.training.compiled_pass import CompiledPasses, compiled_extractor
+    from engine.training.feature_cache import compute_features, inputs_of
 
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     built = []  # the real builder, watched: the pass below must have run its graph
     monkeypatch.setattr(feature_cache, "compiled_extractor",
                         lambda *args: built.append(compiled_extractor(*args)) or built[-1])
@@ -201,15 +227,41 @@ def test_a_large_feature_pass_runs_a_compiled_graph_with_the_eager_features(defa
     cpu = torch.device("cpu")
     loader = DataLoader(dataset, batch_size=8)
     eager = compute_features(module, head, loader, cpu, False, lambda: False)
-    compiled = compute_features(module, head, loader, cpu, False, lambda: False, compile_for=10**9)
-    assert len(built) == 1 and built[0] is not None  # the small pass stayed eager, the large one compiled
-    assert torch.equal(eager[1], compiled[1])
-    assert torch.allclose(eager[0], compiled[0], rtol=1e-3, atol=1e-4)
+    small = compute_features(module, head, loader, cpu, False, lambda: False, compiled=CompiledPasses(pixels=64 * 64))
+    assert built == [] and torch.equal(small[0], eager[0])  # 24 images of 64 px: not worth a build
+    passes = CompiledPasses(pixels=64 * 64, run_images=10**6)  # a small pass of a large run: worth a build
+    compiled = compute_features(module, head, loader, cpu, False, lambda: False, compiled=passes)
+    again = compute_features(module, head, DataLoader(dataset, batch_size=5), cpu, False, lambda: False,
+                             compiled=passes)
+    assert len(built) == 1 and built[0] is not None  # one build for both passes
+    for got in (compiled, again):
+        assert torch.equal(eager[1], got[1])
+        assert torch.allclose(eager[0], got[0], rtol=1e-3, atol=1e-4)
+    # the exported graph is kept for the next run of the same weights and cut (a new head's weights aside)
+    graphs = sorted((tmp_path / "cache" / "graphs").glob("*.onnx"))
+    assert len(graphs) == 1
+    other = copy.deepcopy(module)
+    other.get_submodule(head).reset_parameters()
+    batch = torch.stack([dataset[i][0] for i in range(8)])
+    reread = compiled_extractor(other, [head], batch, lambda b: inputs_of(other, [head], b))
+    assert sorted((tmp_path / "cache" / "graphs").glob("*.onnx")) == graphs
+    assert torch.allclose(reread(batch)[head].flatten(1), eager[0][:8], rtol=1e-3, atol=1e-4)
+    with torch.no_grad():  # a weight before the cut changed: a graph of its own
+        other.conv_stem.weight.mul_(1.01)
+    assert compiled_extractor(other, [head], batch, lambda b: inputs_of(other, [head], b)) is not None
+    assert len(list((tmp_path / "cache" / "graphs").glob("*.onnx"))) == 2
     example = torch.stack([dataset[i][0] for i in range(3)])
-    graph = compiled_extractor(module, head, example)
-    assert isinstance(graph, torch.jit.ScriptModule)
-    assert compiled_extractor(module, "blocks.6", example) is None  # more runs after it: the eager pass
-    assert compiled_extractor(module, head, example.to("meta")) is None  # not a CPU
+    # a cut inside the network compiles too: what comes after it is dropped from the graph
+    cut = "blocks.5"
+    inside = compiled_extractor(module, [cut, head], example, lambda b: inputs_of(module, [cut, head], b))
+    assert inside is not None
+    got, want = inside(example[:2]), inputs_of(module, [cut, head], example[:2])
+    assert all(torch.allclose(got[k], want[k], rtol=1e-3, atol=1e-4) for k in (cut, head))
+    only_cut = CompiledPasses(pixels=64 * 64, run_images=10**6)
+    only_cut.built[(cut,)] = compiled_extractor(module, [cut], example, lambda b: inputs_of(module, [cut], b))
+    assert only_cut.graph_for([cut]) is not None and only_cut.graph_for([head]) is None  # stops at the cut
+    # not a CPU: the eager pass
+    assert compiled_extractor(module, [head], example.to("meta"), lambda b: inputs_of(module, [head], b)) is None
 
 
 def test_a_choice_made_elsewhere_reaches_the_runs_config_through_its_event(tmp_path):

@@ -20,7 +20,9 @@ Before the first epoch, on the run's own training split (never its validation im
 3. **The race.** Each candidate trains through the engine's own set-up and epochs with the LRs a
    comparison and a race use (engine/freeze/presets.py) and is scored on the held-out third.
 4. **The pick.** The best held-out accuracy wins; within ``TIE`` of the advisor's plan, the advisor's
-   plan (the sample is small: a point or two is noise, and the advisor's reasons hold).
+   plan (the sample is small: a point or two is noise, and the advisor's reasons hold). So where the
+   probe itself is within ``TIE`` of perfect and the advisor says feature extraction, no race is run:
+   nothing could overrule it (about a second saved: the photos of bench/time_to_accuracy.py).
 
 The run then trains the pick on all its data. config.json records the plan as any other run's (so a
 resume, an export and the exported script train exactly it) and ``auto_plan`` says how it was chosen:
@@ -123,11 +125,7 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     pair = candidates_for(advice.similarity, advice.data_amount)
     advised = pair[0]
     sample = {"train": len(fit_idx), "held_out": len(hold_idx), "per_class": PER_CLASS}
-    no_race = ("too few images to hold any out" if not hold_idx else
-               "a full fine-tune learns slower than the last stages at first and catches up later: a race of "
-               "seconds on a sample would not judge it fairly" if len(pair) == 1 else
-               "these settings train every plan on images (augmentation, or the feature cache off): a race of a "
-               "few passes would not judge them fairly" if not all(cuts.get(name) for name in pair) else None)
+    no_race = why_no_race(pair, cuts, len(hold_idx), getattr(similarity, "probe_accuracy", None))
     if no_race:
         _keep_for(prep, cuts.get(advised))
         return AutoChoice(advised, named_plan(advised, backbone).to_dict(), f"{no_race}: the advisor's plan, no race",
@@ -144,6 +142,23 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     _keep_for(prep, cuts.get(picked))
     return AutoChoice(picked, named_plan(picked, backbone).to_dict(), why, advice.to_dict(), candidates,
                       sample, time.perf_counter() - started)
+
+
+def why_no_race(pair: tuple[str, ...], cuts: dict[str, str | None], held_out: int, probe: float | None) -> str | None:
+    """Why the advisor's plan (``pair[0]``) is taken without a race, or None: a race is run. ``probe``: the
+    linear probe's cross-validated accuracy on the sample's frozen features."""
+    if not held_out:
+        return "too few images to hold any out"
+    if len(pair) == 1:
+        return ("a full fine-tune learns slower than the last stages at first and catches up later: a race of "
+                "seconds on a sample would not judge it fairly")
+    if not all(cuts.get(name) for name in pair):
+        return ("these settings train every plan on images (augmentation, or the feature cache off): a race of a "
+                "few passes would not judge them fairly")
+    if pair[0] == "fe" and probe is not None and probe >= 1 - TIE:
+        return (f"the frozen features already tell the sample's classes apart (probe {probe:.3f}): no plan could "
+                f"beat feature extraction by more than {TIE:.2f}")
+    return None
 
 
 def candidates_for(similarity: str, amount: str) -> tuple[str, ...]:
@@ -231,7 +246,7 @@ def _sample_features(config: TrainConfig, prep: Prepared, indices: list[int], cu
         module.to(memory_format=torch.channels_last)
     loader = DataLoader(TransformDataset(prep.train_ds.ds, indices, prep.val_ds.transform),
                         batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
-    computed = compute_inputs(module, points, loader, device, channels_last, stop)
+    computed = compute_inputs(module, points, loader, device, channels_last, stop, compiled=prep.compiled)
     if computed is None:
         return None
     found, labels = computed
@@ -259,7 +274,7 @@ def _trained_candidate(name: str, config: TrainConfig, prep: Prepared, fit_idx: 
     trial = replace(config, plan=plan.to_dict(), epochs=PASSES, progressive_from=None, patience=None, auto_plan=None)
     sample = Prepared(copy.deepcopy(prep.handle), TransformDataset(ds, fit_idx, prep.train_ds.transform),
                       TransformDataset(ds, hold_idx, prep.val_ds.transform), prep.image_size, [],
-                      known=prep.known)
+                      known=prep.known, compiled=prep.compiled)
     state = TrainState.start(trial.monitor, trial.min_delta, None)
     label = LABELS[name]
     try:

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 from engine.core.errors import EngineError
 from engine.core.memory import inference_batch
 from engine.core.modes import evaluating, model_lock
+from engine.data.ahead import read_ahead
+from engine.training.compiled_pass import CompiledPasses, compiled_extractor
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -140,20 +142,21 @@ def cache_point(handle: ModelHandle, stages: list[Stage]) -> tuple[str, float]:
 
 def known_and_computed(model: nn.Module, point: str, dataset: TransformDataset, known: dict[int, torch.Tensor],
                        loader_kw: dict, device: torch.device, channels_last: bool, should_stop: Callable[[], bool],
-                       flatten: bool = True, pixels: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       flatten: bool = True, compiled: CompiledPasses | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``compute_features`` of ``dataset`` where ``known`` (its image index -> what enters ``point``,
-    computed the same way) already holds some rows: only the others run through the model. ``pixels``:
-    of one image, for the choice to compile the pass (compute_inputs)."""
+    computed the same way) already holds some rows: only the others run through the model. ``compiled``:
+    as compute_inputs."""
     from torch.utils.data import Subset
 
     missing = [pos for pos, index in enumerate(dataset.indices) if index not in known]
     if len(missing) == len(dataset):
         return compute_features(model, point, DataLoader(dataset, **loader_kw), device, channels_last, should_stop,
-                                flatten=flatten, compile_for=pixels * len(dataset))
+                                flatten=flatten, compiled=compiled)
     computed = None
     if missing:
         computed = compute_features(model, point, DataLoader(Subset(dataset, missing), **loader_kw), device,
-                                    channels_last, should_stop, flatten=flatten, compile_for=pixels * len(missing))
+                                    channels_last, should_stop, flatten=flatten, compiled=compiled)
         if computed is None:
             return None
     rows = iter(range(len(missing)))
@@ -170,71 +173,45 @@ def known_and_computed(model: nn.Module, point: str, dataset: TransformDataset, 
     return torch.stack(feats), torch.tensor(labels)
 
 
-# images x pixels of one feature pass from which a compiled extractor pays for its build (0.7 s for
-# efficientnet_lite0): ~160 images at 224 px
-COMPILE_FROM_PIXELS = 8_000_000
-
-
-def compiled_extractor(model: nn.Module, point: str, example: torch.Tensor) -> Callable | None:
-    """What enters ``point`` as one TorchScript graph frozen for inference on the CPU (convolutions fused
-    with their BatchNorm and activation, oneDNN layouts: efficientnet_lite0 at 224 px runs 110 images/s
-    instead of 70 on two cores), or None where that does not hold: not a CPU, a model that does not
-    trace, or a point whose input is not what the model returns once the point is an identity (a module
-    with more after it). Checked on ``example`` and on one image of it against the eager model."""
-    import copy
-    import warnings
-
-    if example.device.type != "cpu" or not point:
-        return None
-    try:
-        trunk = copy.deepcopy(model).eval()
-        parent, _, leaf = point.rpartition(".")
-        setattr(trunk.get_submodule(parent) if parent else trunk, leaf, nn.Identity())
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the tracer's notes on timm's Python-side branches
-            graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(trunk, example,
-                                                                                     check_trace=False)))
-            for batch in (example, example[:1]):
-                want, got = module_inputs(model, point, batch), graph(batch)
-                if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
-                    return None
-    except Exception:  # noqa: BLE001 - any model that does not trace keeps the eager pass
-        return None
-    return graph
-
-
 def compute_inputs(model: nn.Module, points: Sequence[str], loader: Iterable, device: torch.device,
-                   channels_last: bool, should_stop: Callable[[], bool], compile_for: int = 0,
+                   channels_last: bool, should_stop: Callable[[], bool], compiled: CompiledPasses | None = None,
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
     """What enters each module of ``points`` for every image of ``loader``, one forward per batch (stopped
-    once all are entered), and the labels; None when stopped. ``compile_for``: images x pixels
-    of the pass; from COMPILE_FROM_PIXELS a single point's input comes from ``compiled_extractor``."""
+    once all are entered), and the labels; None when stopped. With ``compiled`` (the run's graphs,
+    engine/training/compiled_pass.py), a large enough pass runs a compiled graph: one already built that
+    gives these points, or one built now and kept there for the run's other passes."""
     found: dict[str, list[torch.Tensor]] = {point: [] for point in points}
     labels = []
-    graph: Callable | None = None
+    wanted = tuple(points)
+    graph = compiled.graph_for(points) if compiled is not None else None
+    build = (graph is None and compiled is not None and wanted not in compiled.built
+             and compiled.worth(len(getattr(loader, "dataset", ()))))
     with evaluating(model), torch.inference_mode():
-        for x, y in loader:
+        for x, y in read_ahead(loader):
             if should_stop():
                 return None
             x = x.to(device)
-            if channels_last:
+            if channels_last and graph is None:  # a compiled graph takes the loader's layout as it is
                 x = x.contiguous(memory_format=torch.channels_last)
-            if not labels and len(points) == 1 and compile_for >= COMPILE_FROM_PIXELS and len(x) > 1:
+            if build and len(x) > 1:
+                build = False
                 with torch.inference_mode(False):
-                    graph = compiled_extractor(model, points[0], x.clone())
-            got = {points[0]: graph(x)} if graph is not None else inputs_of(model, points, x)
-            for point, value in got.items():
-                found[point].append(value.float().contiguous().cpu())
+                    graph = compiled.built[wanted] = compiled_extractor(model, points, x.clone(),
+                                                                        lambda b: inputs_of(model, points, b))
+            got = graph(x) if graph is not None else inputs_of(model, points, x)
+            for point in points:
+                found[point].append(got[point].float().contiguous().cpu())
             labels.append(y)
     return {point: torch.cat(parts) for point, parts in found.items()}, torch.cat(labels)
 
 
 def compute_features(model: nn.Module, point: str, loader: Iterable, device: torch.device,
                      channels_last: bool, should_stop: Callable[[], bool],
-                     flatten: bool = True, compile_for: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     flatten: bool = True, compiled: CompiledPasses | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What enters ``point`` for every image of ``loader`` (one row each when ``flatten``), and the
-    labels; None when stopped. ``compile_for``: as compute_inputs."""
-    got = compute_inputs(model, [point], loader, device, channels_last, should_stop, compile_for=compile_for)
+    labels; None when stopped. ``compiled``: as compute_inputs."""
+    got = compute_inputs(model, [point], loader, device, channels_last, should_stop, compiled=compiled)
     if got is None:
         return None
     inputs = got[0][point]

@@ -23,6 +23,7 @@ from engine.data.splits import split_all
 from engine.data.transforms import eval_transform, train_transform
 from engine.freeze.plan import apply_plan, build_optimizer, optimizer_for_groups, param_groups
 from engine.models.factory import create_model
+from engine.training.compiled_pass import CompiledPasses
 from engine.training.distributed import (
     Ranks,
     ShardSampler,
@@ -68,6 +69,9 @@ class Prepared:
     # module name -> {image index -> what enters that module}, computed in eval mode at the image size without
     # augmentation (the automatic plan's sample, engine/training/auto_plan.py): the feature pass skips those images
     known: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    # the run's compiled frozen passes (engine/training/compiled_pass.py): a graph built for the sample serves
+    # the feature pass after it
+    compiled: CompiledPasses | None = None
 
 
 def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None,
@@ -95,7 +99,7 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
     test_ds = TransformDataset(ds, test_idx, eval_transform(handle.spec, size)) if test_idx else None
     return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout_note,
-                    applied_overrides(ds))
+                    applied_overrides(ds), compiled=CompiledPasses(size ** 2, run_images=len(train_idx) + len(val_idx)))
 
 
 def record_split(prep: Prepared, run: RunDir | None) -> None:
@@ -225,12 +229,16 @@ def _what_trains(config: TrainConfig, prep: Prepared, stages: list[Stage], plan:
     # one inference pass, in model-sized slices (core/memory.py)
     plain = dict(loader_kw, shuffle=False, batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
 
+    # one build for the sample's and the training and validation passes
+    compiled = prep.compiled or CompiledPasses(prep.image_size ** 2, run_images=len(prep.train_ds) + len(prep.val_ds))
+
     def features(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return compute_features(module, point, loader, place.device, place.channels_last, stop, flatten=top is None)
+        return compute_features(module, point, loader, place.device, place.channels_last, stop, flatten=top is None,
+                                compiled=compiled)
 
     def some_known(dataset: TransformDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
         return known_and_computed(module, point, dataset, prep.known.get(point, {}), plain, place.device,
-                                  place.channels_last, stop, flatten=top is None, pixels=prep.image_size ** 2)
+                                  place.channels_last, stop, flatten=top is None, compiled=compiled)
 
     if ranks is None:
         tr = some_known(prep.train_ds)
