@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.core.errors import EngineError
 from engine.core.modes import evaluating
+from engine.data.ahead import read_ahead
 from engine.data.mixing import Mixer
 from engine.freeze.plan import set_train_mode
 from engine.training.feature_cache import outputs_and_head_inputs
@@ -188,7 +189,7 @@ def evaluate_scores(model: nn.Module, loader: Iterable, device: torch.device, dt
     confusion: torch.Tensor | None = None
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     with evaluating(model), torch.inference_mode():
-        for x, y in loader:
+        for x, y in read_ahead(loader):  # the next batch decoded while this one runs (engine/data/ahead.py)
             x, y = x.to(device), y.to(device)
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
