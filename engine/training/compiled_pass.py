@@ -16,9 +16,11 @@ difference) the pass stays eager.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,10 @@ TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
 # images per call into ONNX Runtime: its CPU arena keeps what the largest call needed (efficientnet_lite0 at
 # 224 px: +800 MB for 64 images, +230 MB for 16 at 193 images/s, +120 MB for 8 at 184)
 SLICE = 8
-KEEP_GRAPHS = 6  # exported graphs kept on disk, the least recently used dropped (efficientnet_lite0's: 13 MB)
+# exported graphs kept on disk, the least recently used dropped past either bound (efficientnet_lite0's: 13 MB;
+# a ViT-B's: 330 MB); the newest is always kept
+KEEP_GRAPHS = 6
+KEEP_BYTES = 1_000_000_000
 
 Extractor = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # a batch -> what enters each of its points
 
@@ -117,11 +122,12 @@ def _onnx_runtime(trunk: UpTo, example: torch.Tensor) -> Extractor:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(_exported(trunk, example)), options, providers=["CPUExecutionProvider"])
 
+    points = list(trunk.points)  # not the trunk: the session has the weights, the model copy can go
+
     def run(batch: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = [session.run(None, {"x": batch[i:i + SLICE].float().contiguous().numpy()})
                  for i in range(0, len(batch), SLICE)]
-        return {point: torch.from_numpy(np.concatenate([part[k] for part in parts]))
-                for k, point in enumerate(trunk.points)}
+        return {point: torch.from_numpy(np.concatenate([part[k] for part in parts])) for k, point in enumerate(points)}
 
     return run
 
@@ -134,9 +140,14 @@ def _exported(trunk: UpTo, example: torch.Tensor) -> Path:
     folder = machine_cache_dir() / "graphs"
     path = folder / f"{_graph_key(trunk, example)}.onnx"
     if path.is_file():
-        path.touch()  # recently used
+        with contextlib.suppress(OSError):
+            path.touch()  # recently used
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a cache that cannot be written: this run's own copy
+        folder = Path(tempfile.mkdtemp(prefix="workbench-graph-"))
+        path = folder / path.name
     partial = path.with_suffix(f".{os.getpid()}.part")
     try:
         # the TorchScript-based exporter: ~1 s where torch.export's takes 7-8 s for the same graph
@@ -146,10 +157,25 @@ def _exported(trunk: UpTo, example: torch.Tensor) -> Path:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    kept = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in kept[KEEP_GRAPHS:]:
-        old.unlink(missing_ok=True)
+    _prune(folder)
     return path
+
+
+def _prune(folder: Path) -> None:
+    """The newest graphs within KEEP_GRAPHS and KEEP_BYTES; another process's pruning at the same time is
+    no error."""
+    sizes = []
+    for graph in folder.glob("*.onnx"):
+        try:
+            info = graph.stat()
+        except OSError:
+            continue
+        sizes.append((info.st_mtime, info.st_size, graph))
+    total = 0
+    for rank, (_mtime, size, graph) in enumerate(sorted(sizes, key=lambda row: row[0], reverse=True)):
+        total += size
+        if rank and (rank >= KEEP_GRAPHS or total > KEEP_BYTES):
+            graph.unlink(missing_ok=True)
 
 
 def _graph_key(trunk: UpTo, example: torch.Tensor) -> str:
@@ -189,4 +215,5 @@ def _state_before(trunk: UpTo, image: torch.Tensor) -> list[tuple[str, torch.Ten
 def _torchscript(trunk: UpTo, example: torch.Tensor) -> Extractor:
     graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(trunk, example, check_trace=False)
                                                                .eval()))
-    return lambda batch: dict(zip(trunk.points, graph(batch)))
+    points = list(trunk.points)
+    return lambda batch: dict(zip(points, graph(batch)))

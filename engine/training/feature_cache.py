@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engine.core.errors import EngineError
-from engine.core.memory import inference_batch
+from engine.core.memory import inference_batch, large_buffers_mapped
 from engine.core.modes import evaluating, model_lock
 from engine.data.ahead import read_ahead
 from engine.training.compiled_pass import CompiledPasses, compiled_extractor
@@ -186,7 +186,7 @@ def compute_inputs(model: nn.Module, points: Sequence[str], loader: Iterable, de
     graph = compiled.graph_for(points) if compiled is not None else None
     build = (graph is None and compiled is not None and wanted not in compiled.built
              and compiled.worth(len(getattr(loader, "dataset", ()))))
-    with evaluating(model), torch.inference_mode():
+    with evaluating(model), torch.inference_mode(), large_buffers_mapped():
         for x, y in read_ahead(loader):
             if should_stop():
                 return None
