@@ -213,7 +213,8 @@ def run_engine(spec: dict, env: dict[str, str], scratch: Path, extra: list[str])
             "created_s": status["created_at"] - out["start"] if "created_at" in status else None,
             # when fit() started its clock (imports and the CLI before it): the first epoch's arrival less its elapsed_s
             "setup_s": first["t"] - first["elapsed_s"] if first and first.get("elapsed_s") is not None else None,
-            # from fit()'s start to the first epoch's start: data, model, the batch plan
+            # from fit()'s start to the first epoch line, less the epoch's steps: data, model, the batch plan (and
+            # the choice of plan), then the epoch's validation, BatchNorm statistics and checkpoint
             "prepare_s": first["elapsed_s"] - first["epoch_s"] if first and first.get("epoch_s") is not None else None,
             "images": f"{split.get('train', '?')} train / {split.get('val', '?')} val",
             "batches": status.get("batches"), "picked": status.get("auto_plan") if auto else None}
@@ -295,7 +296,8 @@ def _breakdown(plain: dict, engine: dict) -> str:
     last_e = engine["epochs"][-1]["t"] if engine["epochs"] else 0.0
     return (f"        plain:  start-up + data + model {p_setup} s, epochs (train+eval) {plain_epochs} s, exit "
             f"{plain['total_s'] - last_p:.1f} s after the last\n"
-            f"        engine: start-up to fit() {e_setup} s{created}, then data + model + batch plan {e_prepare} s, "
+            f"        engine: start-up to fit() {e_setup} s{created}, then outside the first epoch's steps (set-up, its validation "
+            f"and checkpoint) {e_prepare} s, "
             f"epochs {epochs_text(engine, 'epoch_s')} s, "
             f"exit {engine['total_s'] - last_e:.1f} s after the last epoch line; {engine.get('batches') or ''}")
 

@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.errors import EngineError
-from engine.core.memory import large_buffers_mapped
 from engine.core.modes import evaluating
-from engine.data.ahead import read_ahead
 from engine.data.mixing import Mixer
 from engine.freeze.plan import set_train_mode
 from engine.training.feature_cache import outputs_and_head_inputs
@@ -189,9 +187,8 @@ def evaluate_scores(model: nn.Module, loader: Iterable, device: torch.device, dt
     total_loss = correct = seen = 0
     confusion: torch.Tensor | None = None
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-    # the next batch decoded while this one runs (engine/data/ahead.py); decoded batches freed to the kernel
-    with evaluating(model), torch.inference_mode(), large_buffers_mapped():
-        for x, y in read_ahead(loader):
+    with evaluating(model), torch.inference_mode():
+        for x, y in loader:
             x, y = x.to(device), y.to(device)
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
