@@ -283,6 +283,14 @@ def test_training_page_lets_the_workbench_choose_the_plan_and_says_which(isolate
     by_label(at.toggle, "Let the workbench choose the plan").set_value(True).run()
     assert not at.exception
     assert any("The plan is chosen at Start" in c.value for c in at.caption)
+    # progressive resizing is said with what a chosen plan on cached features does instead
+    epochs = by_label(at.number_input, "Epochs").value
+    by_label(at.number_input, "Image size").set_value(224)
+    by_label(at.number_input, "Epochs").set_value(3).run()
+    grows = next(c.value for c in at.caption if c.value.startswith("Progressive resizing:"))
+    assert "train at 128" in grows and "trains on cached features" in grows and "image size" in grows
+    by_label(at.number_input, "Image size").set_value(32)
+    by_label(at.number_input, "Epochs").set_value(epochs).run()
     by_label(at.button, "Start training").click().run()
     assert not at.exception
     from engine.runs.background import wait_for

@@ -161,7 +161,10 @@ grow = field(c12, "grow", st.toggle, "Progressive resizing", value=True,
                   "at the image size. Measured: 5 photo classes at 224 px reached 99% in 16 s instead of 29 s. "
                   "No effect when the frozen layers' features are cached.")
 if grow and isinstance(size, (int, float)) and isinstance(epochs, (int, float)) and 16 <= size <= 4096 and epochs >= 1:
-    st.caption(progressive_caption(int(size), int(epochs)))
+    grows = progressive_caption(int(size), int(epochs))
+    if choose and "train at" in grows:  # the choice is made at Start: say what a cached plan does instead
+        grows += " A chosen plan that trains on cached features (feature extraction, the last stages) trains at the image size."
+    st.caption(grows)
 aug_values: dict[str, object] = {}
 if augment:  # one control per operation of the SPEC (docs/augmentation.md); 0: that one is off
     st.caption("Augmentation: each control is one operation (0: off). The preview below shows 8 versions of one "

@@ -156,7 +156,7 @@ def why_no_race(pair: tuple[str, ...], cuts: dict[str, str | None], held_out: in
         return ("these settings train every plan on images (augmentation, or the feature cache off): a race of a "
                 "few passes would not judge them fairly")
     if pair[0] == "fe" and probe is not None and probe >= 1 - TIE:
-        return (f"the frozen features already tell the sample's classes apart (probe {probe:.3f}): no plan could "
+        return (f"the frozen features already tell the sample's classes apart, probe {probe:.3f}, so no plan could "
                 f"beat feature extraction by more than {TIE:.2f}")
     return None
 
