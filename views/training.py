@@ -162,7 +162,7 @@ grow = field(c12, "grow", st.toggle, "Progressive resizing", value=True,
                   "No effect when the frozen layers' features are cached.")
 if grow and isinstance(size, (int, float)) and isinstance(epochs, (int, float)) and 16 <= size <= 4096 and epochs >= 1:
     grows = progressive_caption(int(size), int(epochs))
-    if choose and "train at" in grows:  # the choice is made at Start: say what a cached plan does instead
+    if choose and auto_start(int(size), int(epochs)) is not None:  # chosen at Start: what a cached plan does
         grows += " A chosen plan that trains on cached features (feature extraction, the last stages) trains at the image size."
     st.caption(grows)
 aug_values: dict[str, object] = {}

@@ -149,6 +149,18 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 TUNED_MMAP_THRESHOLD = 32 * 2**20
 
 
+def _mallopt():
+    """glibc's ``mallopt``, or None where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def reuse_freed_memory() -> bool:
     """Tell glibc's malloc to serve tensors of up to 32 MB from its heap and to keep what a step frees
     for the next step, instead of handing it back to the kernel and faulting it in again.
@@ -163,14 +175,8 @@ def reuse_freed_memory() -> bool:
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     m_trim_threshold, m_top_pad, m_arena_max = -1, -2, -8
     # one heap for every thread: kept as the main heap is, a thread's own heap (glibc gives each thread one
@@ -191,12 +197,10 @@ def large_buffers_mapped(threshold: int = 256 * 2**10) -> Iterator[None]:
     of 2,000 photos at 224 px (efficientnet_lite0, 2 cores): +660-960 MB over the pass with ONNX Runtime or
     a read-ahead thread, +16-80 MB within this; the pass is no slower.
     """
-    if not _ALLOCATOR_TUNED:
+    mallopt = _mallopt() if _ALLOCATOR_TUNED else None
+    if mallopt is None:
         yield
         return
-    import ctypes
-
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
     mallopt(M_MMAP_THRESHOLD, threshold)
     try:
         yield

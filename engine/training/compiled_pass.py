@@ -94,13 +94,17 @@ def compiled_extractor(model: nn.Module, points: Sequence[str], example: torch.T
     if example.device.type != "cpu" or not points or len(example) < 2:
         return None
     checks = (example[:3], example[:1])  # not the export's batch of two: the graph must take any batch
+    try:
+        trunk = UpTo(model, points)  # one copy of the model for either way
+    except Exception:  # noqa: BLE001 - a point the model lacks, a model that does not copy: the eager pass
+        return None
     with torch.no_grad():
         wants = [eager(batch) for batch in checks]
     for build in (_onnx_runtime, _torchscript):
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the exporters' notes on timm's Python-side branches
-                run = build(UpTo(model, points), example)
+                run = build(trunk, example)
                 if all(_same(run(batch), want) for batch, want in zip(checks, wants)):
                     return run
         except Exception:  # noqa: BLE001 - a model that does not export keeps the next way, or the eager pass

@@ -70,8 +70,12 @@ class Prepared:
     # augmentation (the automatic plan's sample, engine/training/auto_plan.py): the feature pass skips those images
     known: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     # the run's compiled frozen passes (engine/training/compiled_pass.py): a graph built for the sample serves
-    # the feature pass after it
+    # the feature pass after it; None: a fresh set for these images (the sample's Prepared shares the run's)
     compiled: CompiledPasses | None = None
+
+    def __post_init__(self) -> None:
+        if self.compiled is None:
+            self.compiled = CompiledPasses(self.image_size ** 2, run_images=len(self.train_ds) + len(self.val_ds))
 
 
 def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | None = None,
@@ -99,7 +103,7 @@ def prepare(config: TrainConfig, work_dir: str | None = None, weights: str | Non
     val_ds = TransformDataset(ds, val_idx, eval_transform(handle.spec, size))
     test_ds = TransformDataset(ds, test_idx, eval_transform(handle.spec, size)) if test_idx else None
     return Prepared(handle, train_ds, val_ds, size, [list(pair) for pair in report.skipped], test_ds, report.layout_note,
-                    applied_overrides(ds), compiled=CompiledPasses(size ** 2, run_images=len(train_idx) + len(val_idx)))
+                    applied_overrides(ds))
 
 
 def record_split(prep: Prepared, run: RunDir | None) -> None:
@@ -229,8 +233,7 @@ def _what_trains(config: TrainConfig, prep: Prepared, stages: list[Stage], plan:
     # one inference pass, in model-sized slices (core/memory.py)
     plain = dict(loader_kw, shuffle=False, batch_size=inference_batch(module, (3, prep.image_size, prep.image_size)))
 
-    # one build for the sample's and the training and validation passes
-    compiled = prep.compiled or CompiledPasses(prep.image_size ** 2, run_images=len(prep.train_ds) + len(prep.val_ds))
+    compiled = prep.compiled  # one build for the sample's and the training and validation passes
 
     def features(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
         return compute_features(module, point, loader, place.device, place.channels_last, stop, flatten=top is None,
