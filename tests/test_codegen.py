@@ -116,10 +116,13 @@ def _imbalanced_digits(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def exported(runs_root, tmp_path_factory):
     """Each case trained by the engine in a run folder, exported by the CLI, and its script started
-    at once in a subprocess (it runs while the next case trains)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    at once in a subprocess (it runs while the next case trains). All on one thread each: two
+    thread pools per core spinning against each other took 56 s, one thread each 30 s."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     started: dict[str, Exported] = {}
     imbalanced = _imbalanced_digits(tmp_path_factory.mktemp("imbalanced"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # engine and scripts on one thread each: they run side by side on 2 cores
     try:
         for name, kw in CASES.items():
             config = TrainConfig(**{**TINY, **kw, **({"data": str(imbalanced)} if kw.get("data") == IMBALANCED else {})})
@@ -130,8 +133,10 @@ def exported(runs_root, tmp_path_factory):
             proc = subprocess.Popen([sys.executable, script.name], cwd=script.parent, env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             started[name] = Exported(config, result.history, result.feature_cache, script, proc)
+        torch.set_num_threads(threads)
         yield started
     finally:
+        torch.set_num_threads(threads)
         for e in started.values():
             if e.proc.poll() is None:
                 e.proc.kill()
