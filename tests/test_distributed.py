@@ -17,6 +17,7 @@ from engine.config import TrainConfig
 from engine.outputs.evaluate import evaluate_run
 from engine.runs.load import load_run_model
 from engine.runs.store import RunDir
+from engine.runs.checkpoint_file import weights_meta
 from engine.training.loop import fit
 from tests.conftest import ROOT
 
@@ -60,6 +61,9 @@ def test_two_processes_train_like_one(tmp_path):
     scored = evaluate_run(run, kind="best", split="val")
     # validation was sharded over the ranks and summed: the one-process definition, exactly
     assert abs(scored.val_acc - result["best_val_acc"]) < 1e-6  # (evaluate_run sums in float32)
+    # with rank 0's BatchNorm statistics on every rank (each rank's last step moved its own): the loss too
+    best = {m["epoch"]: m for m in run.metrics()}[weights_meta(run.checkpoint("best"))["epoch"]]
+    assert abs(scored.val_loss - best["val_loss"]) < 1e-5, (scored.val_loss, best["val_loss"])
 
 
 def test_a_crashed_rank_fails_the_run_clearly_and_it_resumes_across_an_unfreeze(tmp_path):

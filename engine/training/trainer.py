@@ -111,6 +111,8 @@ class Trainer:
         """The epoch's evaluation (every rank's share summed) and its record; Diverged on a NaN/inf loss.
         ``started``: when the run (or race) began, for ``elapsed_s``."""
         keep = not self.cached and self.ranks is None and self.head is not None  # the whole model, one process
+        if self.ranks is not None:
+            self.ranks.share_buffers(self.module)
         scores = evaluate_scores(self.model, self.val_loader, self.device, self.dtype, self.channels_last,
                                  keep=keep, head=self.head if keep else None)
         self.last_val, self.last_val_epoch = scores.outputs, epoch if keep else None
