@@ -274,6 +274,32 @@ def test_training_page_lists_folders_of_the_data_directory(isolated_dirs):
     assert not by_label(at.button, "Start training").disabled
 
 
+def test_with_the_plan_left_to_the_workbench_the_sidebar_and_the_lr_finder_say_so(isolated_dirs):
+    """The toggle makes the session's plan unused at Start: the sidebar says who chooses (on every page)
+    and the LR finder does not sweep a plan that will not train."""
+    from ui.lr_finder import AUTO_NOTE
+
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=180)
+    at.session_state["active_model"] = TINY
+    at.session_state["active_weights"] = "none"
+    at.run()
+    at.switch_page("views/training.py").run()
+    sweep = by_label(at.button, "Start the sweep")
+    assert not sweep.disabled and "chosen at Start" not in " ".join(m.value for m in at.sidebar.markdown)
+    by_label(at.toggle, "Let the workbench choose the plan").set_value(True).run()
+    assert not at.exception
+    assert by_label(at.button, "Start the sweep").disabled
+    assert any(AUTO_NOTE == i.value for i in at.info)
+    assert "chosen at Start" in " ".join(m.value for m in at.sidebar.markdown)
+    assert any(c.value.startswith("yours, used with that toggle off: `") for c in at.sidebar.caption)
+    at.switch_page("views/model_explorer.py").run()  # kept across pages, as the toggle itself is
+    assert not at.exception and "chosen at Start" in " ".join(m.value for m in at.sidebar.markdown)
+    at.switch_page("views/training.py").run()
+    by_label(at.toggle, "Let the workbench choose the plan").set_value(False).run()
+    assert not by_label(at.button, "Start the sweep").disabled
+    assert "chosen at Start" not in " ".join(m.value for m in at.sidebar.markdown)
+
+
 def test_training_page_lets_the_workbench_choose_the_plan_and_says_which(isolated_dirs):
     at = page("training.py")
     at.run()

@@ -100,9 +100,14 @@ def _estimate(make_config: Callable[[], TrainConfig], steps: int) -> str:
     return f" Estimate: {speed.describe(steps * config.batch_size)} after the set-up."
 
 
-def lr_finder(make_config: Callable[[], TrainConfig], enabled: bool) -> None:
+AUTO_NOTE = ("The workbench chooses the plan and its learning rates at Start, so a sweep of your plan's "
+             "LR would not be used: turn off *Let the workbench choose the plan* to sweep it.")
+
+
+def lr_finder(make_config: Callable[[], TrainConfig], enabled: bool, auto_plan: bool = False) -> None:
     """A sweep of the head LR for the config the page would train now (``make_config``). Not in an
-    expander: one collapsed when the sweep started, and nothing moved on screen for its 30 s."""
+    expander: one collapsed when the sweep started, and nothing moved on screen for its 30 s.
+    ``auto_plan``: the run will choose its own plan and LRs, so the sweep is off and says why."""
     from ui.live import live
 
     with st.container(border=True):
@@ -114,7 +119,9 @@ def lr_finder(make_config: Callable[[], TrainConfig], enabled: bool) -> None:
                       "Nothing is saved to a run; it waits for the device like a training."
                       + _estimate(make_config, steps))
         box = st.container()
-        if st.button("Start the sweep", disabled=not enabled):
+        if auto_plan:
+            st.info(AUTO_NOTE, icon=":material/auto_awesome:")
+        if st.button("Start the sweep", disabled=not enabled or auto_plan):
             try:
                 job = start_sweep(make_config(), steps=steps)
             except EngineError as exc:

@@ -25,6 +25,7 @@ PLAN = "freeze_plan"  # FreezePlan.to_dict()
 SELECTED_RUN = "selected_run"  # run id
 DATA = "data_ref"  # the dataset every page's picker starts from (an engine.data.library ref)
 DATA_MODE = "data_mode"  # how the Training page reached it: digits | lfw | build | upload | folder
+AUTO_PLAN = "autoplan"  # the Training page's "Let the workbench choose the plan" toggle (kept across pages)
 _URL_READ = "_url_read"
 URL_WEIGHTS = ("packaged", "hub", "none")  # a file path never travels in a URL
 MAX_URL_VALUE = 2000  # characters: a plan is ~100

@@ -8,7 +8,7 @@ from engine.core.errors import EngineError
 from engine.core.hosting import hosted_limits
 from ui.cache import load_model
 from ui.charts import stop_page
-from ui.state import DATA, DATA_MODE, PLAN, SELECTED_RUN, active, weights_label
+from ui.state import AUTO_PLAN, DATA, DATA_MODE, PLAN, SELECTED_RUN, active, weights_label
 from ui.text import code, md
 
 
@@ -186,8 +186,13 @@ def render_sidebar():
         with choices.container():
             plan = st.session_state[PLAN]
             st.caption("Freeze plan")
-            st.markdown(f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
-                        + f" · BN {plan['bn_policy']} · head LR {plan['head_lr']:g}")
+            shown = (f"`{plan['strategy']}`" + (f" (last {plan['last_n']})" if plan["strategy"] == "last-n" else "")
+                     + f" · BN {plan['bn_policy']} · head LR {plan['head_lr']:g}")
+            if st.session_state.get(AUTO_PLAN):  # the Training page's toggle: a run chooses its own
+                st.markdown("**chosen at Start** by the workbench (Training page)")
+                st.caption(f"yours, used with that toggle off: {shown}")
+            else:
+                st.markdown(shown)
             st.caption("Data")
             st.text(data_label())
             if st.session_state[SELECTED_RUN]:

@@ -44,7 +44,7 @@ from ui.live import device_signature, live
 from ui.lr_finder import lr_finder
 from ui.run_panel import live_panel, run_progress
 from ui.run_table import run_table
-from ui.state import PLAN, SELECTED_RUN, active, share_setup_in_url
+from ui.state import AUTO_PLAN, PLAN, SELECTED_RUN, active, share_setup_in_url
 from ui.text import imbalance_line, md, plot_labels
 from ui.widgets import pick_data_source
 
@@ -119,7 +119,7 @@ def field(column, key: str, widget, label: str, *args, **kwargs):
     return value
 
 
-choose = field(st.container(), "autoplan", st.toggle, "Let the workbench choose the plan", value=False,
+choose = field(st.container(), AUTO_PLAN, st.toggle, "Let the workbench choose the plan", value=False,
                help="At Start, before the first epoch: the advisor (data amount x a linear probe of how well the "
                     "frozen features already separate your classes) names a plan, and a short race on a sample of "
                     "your training images (two thirds train, one third held out) checks it against its neighbour: "
@@ -251,7 +251,7 @@ can_start = bool(overview) and not overview["problems"] and settings_ok
 shown_spec = accepted_spec(bool(augment), aug_values)  # the preview follows the controls, whatever else is wrong
 if shown_spec and overview and not overview["problems"]:
     show_preview(preview_box, source, shown_spec, size, seed, source_stamp(source))
-lr_finder(current_config, enabled=can_start)
+lr_finder(current_config, enabled=can_start, auto_plan=bool(choose))
 
 
 def device_status() -> tuple:
