@@ -19,6 +19,7 @@ from engine.training.auto_plan import (
     Candidate,
     candidates_for,
     pick,
+    race_passes,
     sample_split,
     why_no_race,
 )
@@ -129,7 +130,10 @@ def test_a_run_chooses_its_plan_records_it_and_a_resume_keeps_it(tmp_path):
     # 14 training images a class is little data: two plans that train on cached inputs race
     rows = {c["plan"]: c for c in record["candidates"]}
     assert len(rows) == 2 and record["picked"] in rows and record["advice"]["data_amount"] == "little"
-    assert all(c["seconds"] > 0 and 0 <= c["val_acc"] <= 1 and c["method"] == f"{PASSES} passes over the sample's "
+    # one epoch of ~140 training images against a sample part of ~100: the race makes one pass, as the run
+    sample = record["sample"]
+    assert sample["passes"] == 1 == race_passes(1, split_train(run), sample["train"])
+    assert all(c["seconds"] > 0 and 0 <= c["val_acc"] <= 1 and c["method"] == "1 pass over the sample's "
                "training part" for c in rows.values())
     # the sample comes from the training split: 18 per class, 80/20 -> at most 15 per class train
     split = json.loads(run.status_path.read_text())["split"]
@@ -146,6 +150,17 @@ def test_a_run_chooses_its_plan_records_it_and_a_resume_keeps_it(tmp_path):
     assert run.config()["plan"] == saved["plan"] and run.config()["auto_plan"] == record
     events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
     assert sum(e["event"] == "PlanChosen" for e in events) == 1
+
+
+def split_train(run) -> int:
+    return json.loads(run.status_path.read_text())["split"]["train"]
+
+
+def test_the_race_passes_over_its_sample_no_more_than_the_run_over_its_data():
+    assert race_passes(epochs=3, train_images=1438, sample_images=160) == PASSES  # digits: 6, as always
+    assert race_passes(epochs=1, train_images=24, sample_images=16) == 1  # tiny data, one epoch
+    assert race_passes(epochs=2, train_images=24, sample_images=16) == 3
+    assert race_passes(epochs=1, train_images=10, sample_images=16) == 1  # at least one
 
 
 def test_a_cancel_while_choosing_ends_the_run_cancelled(tmp_path):

@@ -15,9 +15,9 @@ import torch
 
 from engine.config import TrainConfig
 from engine.outputs.evaluate import evaluate_run
+from engine.runs.checkpoint_file import weights_meta
 from engine.runs.load import load_run_model
 from engine.runs.store import RunDir
-from engine.runs.checkpoint_file import weights_meta
 from engine.training.loop import fit
 from tests.conftest import ROOT
 

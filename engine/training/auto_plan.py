@@ -124,7 +124,8 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     advice = recommend(len(labels) / max(1, len(counts)), n_classes, similarity, counts)
     pair = candidates_for(advice.similarity, advice.data_amount)
     advised = pair[0]
-    sample = {"train": len(fit_idx), "held_out": len(hold_idx), "per_class": PER_CLASS}
+    passes = race_passes(config.epochs, len(train_idx), len(fit_idx))
+    sample = {"train": len(fit_idx), "held_out": len(hold_idx), "per_class": PER_CLASS, "passes": passes}
     no_race = why_no_race(pair, cuts, len(hold_idx), getattr(similarity, "probe_accuracy", None))
     if no_race:
         _keep_for(prep, cuts.get(advised))
@@ -134,7 +135,7 @@ def choose_plan(config: TrainConfig, prep: Prepared, stop: Callable[[], bool] = 
     for name in pair:
         if stop():
             return None
-        candidate = _trained_candidate(name, config, prep, fit_idx, hold_idx, backbone, stop)
+        candidate = _trained_candidate(name, config, prep, (fit_idx, hold_idx), backbone, passes, stop)
         if candidate is None:
             return None
         candidates.append(candidate)
@@ -262,16 +263,24 @@ def _keep_for(prep: Prepared, cut: str | None) -> None:
         del prep.known[point]
 
 
-def _trained_candidate(name: str, config: TrainConfig, prep: Prepared, fit_idx: list[int], hold_idx: list[int],
-                       backbone: int, stop: Callable[[], bool]) -> Candidate | None:
-    """A plan trained PASSES passes over the sample's training part, on a copy of the model."""
+def race_passes(epochs: int, train_images: int, sample_images: int) -> int:
+    """Passes over the sample's training part: PASSES, or as many as the run will make over its own data
+    when that is fewer (a tiny dataset for one epoch: 24 images against a sample part of 16 is one pass,
+    not six). A race trained further than the run will train its pick judges a stage the run never reaches."""
+    return max(1, min(PASSES, epochs * train_images // max(1, sample_images)))
+
+
+def _trained_candidate(name: str, config: TrainConfig, prep: Prepared, split: tuple[list[int], list[int]],
+                       backbone: int, passes: int, stop: Callable[[], bool]) -> Candidate | None:
+    """A plan trained ``passes`` passes over the sample's training part, on a copy of the model."""
     from engine.training.setup import Prepared, set_up
     from engine.training.state import TrainState
 
     tick = time.perf_counter()
     ds = prep.train_ds.ds
     plan = named_plan(name, backbone)
-    trial = replace(config, plan=plan.to_dict(), epochs=PASSES, progressive_from=None, patience=None, auto_plan=None)
+    fit_idx, hold_idx = split
+    trial = replace(config, plan=plan.to_dict(), epochs=passes, progressive_from=None, patience=None, auto_plan=None)
     sample = Prepared(copy.deepcopy(prep.handle), TransformDataset(ds, fit_idx, prep.train_ds.transform),
                       TransformDataset(ds, hold_idx, prep.val_ds.transform), prep.image_size, [],
                       known=prep.known, compiled=prep.compiled)
@@ -282,7 +291,7 @@ def _trained_candidate(name: str, config: TrainConfig, prep: Prepared, fit_idx: 
         if runner is None:
             return None
         ended = None
-        for epoch in range(1, PASSES + 1):
+        for epoch in range(1, passes + 1):
             ended = runner.run_epoch(epoch, state, no_emit, tick, stop)
             if ended is None:
                 return None
@@ -290,4 +299,4 @@ def _trained_candidate(name: str, config: TrainConfig, prep: Prepared, fit_idx: 
     except Diverged as exc:
         return Candidate(name, label, None, seconds=time.perf_counter() - tick, note=f"diverged: {exc}")
     return Candidate(name, label, ended.val_acc, ended.val_loss, time.perf_counter() - tick,
-                     method=f"{PASSES} passes over the sample's training part")
+                     method=f"{passes} pass{'es' if passes > 1 else ''} over the sample's training part")
