@@ -57,6 +57,27 @@ def test_fit_temperature_recovers_the_scale():
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
 
 
+def test_a_validation_split_without_a_mistake_leaves_the_temperature_at_1_and_says_why():
+    """All right: the NLL falls all the way to T -> 0 (the fit used to stop at the clamp, 0.05, and every
+    later prediction read ~100% sure). One mistake is enough for a minimum again."""
+    from engine.outputs.calibration import describe_calibration
+    from engine.training.calibration import NO_ERRORS, calibration_record
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    logits = torch.randn(40, 4, generator=gen) + 3.0 * torch.nn.functional.one_hot(labels, 4)
+    logits[torch.arange(40), labels] = logits.max(-1).values + 0.5  # every image right, some barely
+    assert fit_temperature(logits, labels) == 1.0
+    record = calibration_record(logits, labels, epoch=2)
+    assert record["temperature"] == 1.0 and record["note"] == NO_ERRORS
+    assert record["ece_after"] == record["ece_before"]
+    assert clean_calibration(record)["note"] == NO_ERRORS  # a status reader keeps it
+    assert describe_calibration(record).startswith("temperature 1: every validation image is right")
+    wrong = logits.clone()
+    wrong[0] = wrong[0].roll(1)  # one mistake: a temperature is fitted again, without a note
+    assert fit_temperature(wrong, labels) != 1.0 and "note" not in calibration_record(wrong, labels, epoch=2)
+
+
 def test_a_record_from_elsewhere_is_checked():
     good = {"temperature": 1.5, "ece_before": 0.2, "ece_after": 0.05, "images": 10, "epoch": 1}
     assert clean_calibration(good)["temperature"] == 1.5

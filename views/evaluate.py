@@ -120,9 +120,13 @@ with right:
 if report.calibration:
     cal = report.calibration
     chart(st, reliability_figure(cal), key="reliability")
-    st.caption(f"Calibrated on its validation split: the logits are divided by the temperature "
-               f"{cal['temperature']:.3g} (temperature scaling). Every confidence on this page is the calibrated one. "
-               "The after curve is measured on the same images the temperature was fitted on.")
+    if cal.get("note"):
+        st.caption(f"Not rescaled: {md(cal['note'])}. The confidences on this page are the model's own softmax; "
+                   "a validation split with a few mistakes would let a temperature be fitted.")
+    else:
+        st.caption(f"Calibrated on its validation split: the logits are divided by the temperature "
+                   f"{cal['temperature']:.3g} (temperature scaling). Every confidence on this page is the calibrated "
+                   "one. The after curve is measured on the same images the temperature was fitted on.")
 else:
     st.caption("This run's probabilities are not calibrated (it ended before calibration existed, or calibrating "
                "it failed): its confidences are the raw softmax.")

@@ -64,7 +64,9 @@ except EngineError as exc:
     show_error(exc)
     stop_page()
 st.caption(f"{md(handle.spec.name)} · {handle.spec.num_classes} classes · input {handle.spec.input_size[-1]} px"
-           + (f" · probabilities calibrated on its validation split (temperature {temperature:.3g})"
+           + (" · probabilities as the model gives them (its validation split left nothing to calibrate)"
+              if temperature == 1.0 else
+              f" · probabilities calibrated on its validation split (temperature {temperature:.3g})"
               if temperature is not None else ""))
 
 files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], accept_multiple_files=True)

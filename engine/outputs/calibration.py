@@ -49,6 +49,8 @@ def describe_calibration(record: dict[str, Any]) -> str:
     if "error" in record:
         return f"not calibrated: {record['error']}"
     epoch = f" (epoch {record['epoch']})" if record.get("epoch") is not None else ""
+    if record.get("note"):  # nothing fitted: say why instead of a "before -> after" that did not happen
+        return f"temperature 1: {record['note']}, on {record.get('images', 0)} images{epoch}" + _unknown_line(record)
     return (f"temperature {record['temperature']:.3f}: ECE {record['ece_before']:.4f} -> {record['ece_after']:.4f} "
             f"on {record.get('images', 0)} validation images{epoch}" + _unknown_line(record))
 

@@ -256,14 +256,16 @@ def _calibrated(run: RunDir, kind: str, probs: torch.Tensor, labels: torch.Tenso
     checkpoint is calibrated) and the reliability before and after; ``probs`` and None otherwise. The
     log-probabilities stand for the logits (the same softmax at every temperature); with TTA those of
     the averaged probabilities."""
-    from engine.runs.calibration import run_temperature
+    from engine.runs.calibration import run_calibration
     from engine.training.calibration import expected_calibration_error, reliability
 
-    temperature = run_temperature(run) if kind == "best" else None
-    if temperature is None:
+    record = run_calibration(run) if kind == "best" else None
+    if record is None:
         return probs, None
+    temperature = record["temperature"]
     calibrated = (probs.clamp_min(torch.finfo(torch.float32).tiny).log() / temperature).softmax(-1)
     return calibrated, {"temperature": temperature,
                         "ece_before": expected_calibration_error(probs, labels),
                         "ece_after": expected_calibration_error(calibrated, labels),
-                        "before": reliability(probs, labels), "after": reliability(calibrated, labels)}
+                        "before": reliability(probs, labels), "after": reliability(calibrated, labels),
+                        **({"note": record["note"]} if record.get("note") else {})}

@@ -167,6 +167,8 @@ def clean_calibration(value: Any) -> dict[str, Any] | None:
     clean: dict[str, Any] = {k: float(value[k]) for k in _NUMBERS if _number(value.get(k))}
     clean.update({k: int(value[k]) for k in _COUNTS if _number(value.get(k)) and int(value[k]) == value[k]})
     clean["method"] = value["method"][:200] if isinstance(value.get("method"), str) else METHOD
+    if isinstance(value.get("note"), str):  # why the temperature was not fitted (every image right)
+        clean["note"] = value["note"][:300]
     threshold, rule = value.get("unknown_threshold"), value.get("open_set")
     if _number(threshold) and 0.0 <= threshold <= MAX_DISTANCE and isinstance(rule, dict):
         clean["unknown_threshold"] = float(threshold)

@@ -68,10 +68,20 @@ def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -
     return float(F.cross_entropy(logits / temperature, labels))
 
 
+NO_ERRORS = ("every validation image is right, so the likelihood only grows as T falls to 0: there is no "
+             "temperature to fit and T stays 1")
+
+
+def all_right(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    return bool(labels.numel()) and bool((logits.argmax(-1) == labels.to(logits.device)).all())
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 minimising the NLL of softmax(logits / T): LBFGS on log T from T = 1, in float64
-    (deterministic), clamped to ``T_RANGE``; 1.0 when there are no logits or the fit goes nowhere."""
-    if not logits.numel() or not labels.numel():
+    (deterministic), clamped to ``T_RANGE``; 1.0 when there are no logits or the fit goes nowhere.
+    1.0 too when every image is right: the NLL then has no minimum, the fit ran to the clamp (T = 0.05)
+    and made every later prediction read ~100% sure, a new image's as much as a known one's."""
+    if not logits.numel() or not labels.numel() or all_right(logits, labels):
         return 1.0
     with torch.inference_mode(False), torch.enable_grad():
         z = logits.detach().to("cpu", torch.float64).clone()
@@ -104,7 +114,8 @@ def calibration_record(logits: torch.Tensor, labels: torch.Tensor, epoch: int | 
             "ece_after": expected_calibration_error((logits / temperature).softmax(-1), labels),
             "nll_before": 0.0 if empty else _nll(logits.double(), labels),
             "nll_after": 0.0 if empty else _nll(logits.double(), labels, temperature),
-            "method": METHOD, "bins": BINS, "images": int(labels.numel()), "epoch": epoch}
+            "method": METHOD, "bins": BINS, "images": int(labels.numel()), "epoch": epoch,
+            **({"note": NO_ERRORS} if all_right(logits, labels) else {})}
 
 
 def calibrate_best(prep: Prepared, runner: Trainer, run: RunDir | None, epoch: int | None) -> dict[str, Any] | None:
