@@ -203,6 +203,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="progressive resizing: the first epoch trains at PX, each later one larger, the last at "
                    "--image-size (validation always at --image-size); auto (default): from 192 px on, the first "
                    "epoch at 4/7 of the size (128 of 224) when there are 2 or more epochs; off: every epoch at the size")
+    p.add_argument("--bn-recalibrate", default="auto", choices=["auto", "on", "off"],
+                   help="measure the training BatchNorm layers' running statistics again from 256 training images "
+                   "at an epoch's end: auto (default) when the epoch ends at half the peak LR or more, where the "
+                   "running averages lag the weights; on: every epoch; off: never")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-per-class", type=int)
     p.add_argument("--augment", nargs="?", const="default", default=False, metavar="SPEC",
@@ -248,7 +252,7 @@ def _config_from_args(args: argparse.Namespace):
         monitor=args.monitor, num_workers=args.workers, memory_budget=args.memory_budget,
         micro_batch=args.micro_batch, balance=args.balance, nproc=getattr(args, "nproc", 1),
         progressive_from=_progressive_from(args.progressive_from, args.image_size, args.epochs),
-        sync_bn=getattr(args, "sync_bn", False),
+        sync_bn=getattr(args, "sync_bn", False), bn_recalibrate=args.bn_recalibrate,
     )
     config.check_hosted()  # on a shared server: refused before anything is on disk
     return config

@@ -98,6 +98,10 @@ class TrainConfig:
     # progressive resizing: the first epoch trains at this size, each later one larger, the last at the image
     # size (validation always at the image size); None: every epoch at the image size (engine/training/sizes.py)
     progressive_from: int | None = None
+    # BatchNorm running statistics measured again at an epoch's end, from training images (engine/training/
+    # sizes.py): auto = after an epoch that ends at half the peak LR or more (the running averages lag weights
+    # that still move fast), on = after every epoch, off = never (a small-size epoch always is: it must be)
+    bn_recalibrate: str = "auto"
     crop_pct: float | None = 1.0  # 1.0: whole image resized, nothing cropped away; None: the model's
     val_fraction: float = 0.2
     test_fraction: float = 0.0
@@ -213,6 +217,7 @@ class TrainConfig:
         _choice(self, "schedule", SCHEDULES)
         _choice(self, "amp", ("auto", "off", "bf16", "fp16"))
         _choice(self, "feature_cache", ("auto", "on", "off"))
+        _choice(self, "bn_recalibrate", ("auto", "on", "off"))
         _choice(self, "monitor", ("val_acc", "val_loss"))
         _choice(self, "balance", BALANCE_CHOICES)
         self._validate_augment()

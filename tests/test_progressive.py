@@ -96,3 +96,27 @@ def test_the_page_says_what_auto_does_at_the_size():
                                            "validation at 224 px.")
     assert progressive_caption(96, 3) == "Progressive resizing: every epoch at 96 px here (it pays from 192 px)."
     assert "one epoch" in progressive_caption(224, 1)
+
+
+def test_batchnorm_statistics_measured_again_change_what_validation_sees_never_the_training():
+    """``bn_recalibrate``: on/off/auto over the same seeded full fine-tune. A training forward normalises with
+    its own batch, so the training losses are equal to the bit; validation normalises with the running
+    statistics, so it differs. Under cosine, auto measures after the first of 2 epochs (ending at ~0.6 of
+    the peak LR) and not after the last (0.01)."""
+    from engine.freeze.plan import FreezePlan
+    from engine.training.policies import lr_factor
+    from engine.training.sizes import recalibrates
+
+    base = dict(model="timm:test_resnet", weights="none", data="digits", image_size=32, max_per_class=20, epochs=2,
+                batch_size=16, num_workers=0, plan=FreezePlan.full(head_lr=1e-2, backbone_lr_ratio=1.0).to_dict())
+    runs = {s: fit(TrainConfig(**base, bn_recalibrate=s)).history for s in ("on", "off", "auto")}
+    for row in zip(*runs.values()):
+        assert len({r["train_loss"] for r in row}) == 1, row
+    assert all(on["val_loss"] != off["val_loss"] for on, off in zip(runs["on"], runs["off"]))
+    assert runs["auto"][0]["val_loss"] == runs["on"][0]["val_loss"]
+    steps = 10  # 160 training images, 16 a step
+    assert lr_factor(steps - 1, 2 * steps, "cosine", 0.1) > 0.5 > lr_factor(2 * steps - 1, 2 * steps, "cosine", 0.1)
+    assert [recalibrates("auto", False, share) for share in (0.6, 0.01)] == [True, False]
+    assert recalibrates("off", True, 0.0) and recalibrates("on", False, 0.0) and not recalibrates("off", False, 1.0)
+    with pytest.raises(ConfigError, match="bn_recalibrate"):
+        TrainConfig(**base, bn_recalibrate="sometimes").validate()

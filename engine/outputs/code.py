@@ -69,6 +69,8 @@ NOTES: dict[str, str] = {
     "CHANNELS_LAST": "None: channels-last memory format for nets with convolutions",
     "PROGRESSIVE_FROM": "progressive resizing: the first epoch trains at this size, later ones larger, the last at the "
                         "image size (validation always at the image size); None: every epoch at the image size",
+    "BN_RECALIBRATE": "BatchNorm statistics measured again from 256 training images at an epoch's end: 'auto' (when "
+                      "it ends at half the peak LR or more) | 'on' | 'off' (always after a small-size epoch)",
     "NUM_WORKERS": "DataLoader worker processes (None: as many as the workbench would use on this machine)",
 }
 
@@ -218,6 +220,7 @@ def _optimisation_settings(config: TrainConfig, micro_batch: int | None,
         ("WARMUP_FRAC", config.warmup_frac),
         ("EPOCHS", config.epochs),
         ("PROGRESSIVE_FROM", config.progressive_from),
+        ("BN_RECALIBRATE", config.bn_recalibrate),
         ("BATCH_SIZE", config.batch_size),
         ("MICRO_BATCH", _slice(micro_batch or config.micro_batch, config.batch_size)),
         ("SEED", config.seed),

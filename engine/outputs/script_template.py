@@ -104,6 +104,8 @@ WARMUP_FRAC = 0.1
 EPOCHS = 2
 # progressive resizing: the first epoch trains at this size, later ones larger, the last at the image size (validation always at the image size); None: every epoch at the image size
 PROGRESSIVE_FROM = None
+# BatchNorm statistics measured again from 256 training images at an epoch's end: 'auto' (when it ends at half the peak LR or more) | 'on' | 'off' (always after a small-size epoch)
+BN_RECALIBRATE = 'auto'
 BATCH_SIZE = 16
 # images per forward/backward slice; their gradients add up to one step of BATCH_SIZE (None: whole batch)
 MICRO_BATCH = None
@@ -669,9 +671,15 @@ def epoch_size(epoch):
     return size if size < final else None
 
 
+def recalibrates(small_size, lr_share):
+    """After a small-size epoch always (validated at the full size); else per BN_RECALIBRATE, 'auto' when the
+    epoch ended at half the peak LR or more (the running averages lag weights that still move fast)."""
+    return small_size or BN_RECALIBRATE == "on" or (BN_RECALIBRATE == "auto" and lr_share >= 0.5)
+
+
 def recalibrate_batchnorm(model, held, loader, device, channels_last, images=256):
-    """After an epoch at a smaller size: the training BatchNorm layers' running statistics measured again at
-    the full size (a plain average over forwards of up to 256 training images, no gradients)."""
+    """The training BatchNorm layers' running statistics measured again (a plain average over forwards of
+    up to 256 training images, no gradients): after a small-size epoch, at the full size."""
     train_mode(model, held)
     layers = [m for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
@@ -830,7 +838,7 @@ def main():
         train_loss, train_acc = train_one_epoch(trained, held, train_loader, optimizer, scaler,
                                                 (epoch - 1) * len(train_loader), total_steps, device, dtype,
                                                 channels_last, weight, size)
-        if size is not None:  # validated at the full size: BatchNorm statistics of the full size
+        if recalibrates(size is not None, lr_factor(epoch * len(train_loader) - 1, total_steps)):
             recalibrate_batchnorm(trained, held, train_loader, device, channels_last)
         val_loss, val_acc = evaluate(trained, val_loader, device, dtype, channels_last)
         if not (math.isfinite(val_loss) and math.isfinite(train_loss)):

@@ -25,8 +25,8 @@ from engine.freeze.plan import unfreeze_for_epoch
 from engine.runs.events import EpochEnded, StepLogged
 from engine.training.distributed import Ranks, combine_scores, wrap
 from engine.training.epoch import Diverged, EpochStats, Outputs, StepContext, evaluate_scores, train_steps
-from engine.training.policies import LRPolicy, OnStep, Scheduled, StepCallback
-from engine.training.sizes import epoch_size, recalibrate_batchnorm
+from engine.training.policies import LRPolicy, OnStep, Scheduled, StepCallback, lr_factor
+from engine.training.sizes import epoch_size, recalibrate_batchnorm, recalibrates
 
 if TYPE_CHECKING:
     from engine.anatomy.stages import Stage
@@ -154,7 +154,8 @@ class Trainer:
         stats = self.train_pass(lr=schedule, callbacks=[OnStep(progress)], stop=stop, resize=size)
         if stats is None:
             return None
-        if size is not None:  # validated at the full size: statistics of the full size
+        end_lr = lr_factor(epoch * steps - 1, config.epochs * steps, config.schedule, config.warmup_frac)
+        if recalibrates(config.bn_recalibrate, size is not None, end_lr):  # on cached inputs too: the same numbers
             recalibrate_batchnorm(self.wrapper or self.model, self.train_loader, self.device,
                                   channels_last=self.channels_last, micro_batch=self.batches.micro_batch)
         return self.close_epoch(epoch, stats, started)
