@@ -600,12 +600,9 @@ def param_groups(model, only=None):
 
 
 def make_optimizer(groups):
-    # fused: one kernel for the whole update (float tensors on CPU or CUDA), as the engine does
-    fused = {"fused": True} if all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                   for g in groups for p in g["params"]) else {}
     if OPTIMIZER == "adamw":
-        return torch.optim.AdamW(groups, **fused)
-    return torch.optim.SGD(groups, momentum=MOMENTUM, nesterov=True, **fused)
+        return torch.optim.AdamW(groups)
+    return torch.optim.SGD(groups, momentum=MOMENTUM, nesterov=True)
 
 
 def unfreeze(model, optimizer, epoch):
