@@ -54,8 +54,12 @@ class Scheduled:
     schedule: str
     warmup_frac: float
 
+    def factor_at(self, step: int) -> float:
+        """The share of the planned LR at this pass's step ``step``."""
+        return lr_factor(self.step0 + step, self.total, self.schedule, self.warmup_frac)
+
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        _scale_planned(optimizer, lr_factor(self.step0 + step, self.total, self.schedule, self.warmup_frac))
+        _scale_planned(optimizer, self.factor_at(step))
 
 
 class ByClock:

@@ -72,9 +72,9 @@ def recalibrates(setting: str, small_size: bool, lr_share: float) -> bool:
     running averages (momentum 0.1, about the last ten steps) lag weights that still move fast, and
     validation normalises with them. Digits at 96 px, full fine-tune, 3 epochs, seeds 0-3: the first
     epoch validated at 0.908-0.950 (mean 0.928) with the running averages and 0.958-0.975 (mean 0.964)
-    with the statistics measured again (with the fused AdamW step tried that day; with the looped one, as it
-stands: 0.950-0.969, mean 0.958, loss 0.133-0.164, against 0.961-0.975, mean 0.968, loss 0.096-0.134); the training itself is the same (a training forward normalises
-    with its batch). At the end of a cosine schedule they no longer lag: the last epochs validated the
+    with the statistics measured again (with the fused AdamW step tried that day; with the looped one, as
+    it stands: 0.950-0.969, mean 0.958, loss 0.133-0.164, against 0.961-0.975, mean 0.968, loss
+    0.096-0.134); the training itself is the same (a training forward normalises with its batch). At the end of a cosine schedule they no longer lag: the last epochs validated the
     same either way (0.986-0.994 against 0.983-0.992), so ``auto`` spends the forwards only where they pay."""
     return small_size or setting == "on" or (setting == "auto" and lr_share >= RECALIBRATE_ABOVE)
 

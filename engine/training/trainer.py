@@ -25,7 +25,7 @@ from engine.freeze.plan import unfreeze_for_epoch
 from engine.runs.events import EpochEnded, StepLogged
 from engine.training.distributed import Ranks, combine_scores, wrap
 from engine.training.epoch import Diverged, EpochStats, Outputs, StepContext, evaluate_scores, train_steps
-from engine.training.policies import LRPolicy, OnStep, Scheduled, StepCallback, lr_factor
+from engine.training.policies import LRPolicy, OnStep, Scheduled, StepCallback
 from engine.training.sizes import epoch_size, recalibrate_batchnorm, recalibrates
 
 if TYPE_CHECKING:
@@ -154,8 +154,8 @@ class Trainer:
         stats = self.train_pass(lr=schedule, callbacks=[OnStep(progress)], stop=stop, resize=size)
         if stats is None:
             return None
-        end_lr = lr_factor(epoch * steps - 1, config.epochs * steps, config.schedule, config.warmup_frac)
-        if recalibrates(config.bn_recalibrate, size is not None, end_lr):  # on cached inputs too: the same numbers
+        # on cached inputs too: a cached run keeps the numbers of its run on images
+        if recalibrates(config.bn_recalibrate, size is not None, schedule.factor_at(steps - 1)):
             recalibrate_batchnorm(self.wrapper or self.model, self.train_loader, self.device,
                                   channels_last=self.channels_last, micro_batch=self.batches.micro_batch)
         return self.close_epoch(epoch, stats, started)
